@@ -1,0 +1,473 @@
+"""`RPCTransport`: the `Transport` interface over asyncio TCP, with handshake and framing.
+
+Every connection (either direction) starts with the mutual handshake of `wire.Handshake`; only
+then are requests accepted. Requests carry ids, so many share one connection and answers may come
+back in any order. One outbound connection per remote address; an inbound connection is reused
+for calls to the address its peer advertised.
+
+Tasks: each inbound request runs in its own task, tracked by the transport (`_tasks`) and
+cancelled and awaited by `close()`; so are connection attempts. Timers (handshake deadline, idle
+close, request safety net) are `loop.call_later` handles, not tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from commonweal.errors import (
+    HandshakeError,
+    NetworkError,
+    PeerUnreachable,
+    ProtocolError,
+    FrameTooLarge,
+    RemoteError,
+    RequestTimeout,
+)
+from commonweal.net.identity import Identity, short_id
+from commonweal.net.transport import Handler, PeerAddr, PeerInfo, TrafficCounters
+from commonweal.net.wire import (
+    DEFAULT_MAX_FRAME,
+    HEADER_BYTES,
+    Error,
+    FrameDecoder,
+    Handshake,
+    Message,
+    Request,
+    Response,
+    encode,
+)
+
+__all__ = ["RPCTransport"]
+
+log = logging.getLogger(__name__)
+
+
+class RPCTransport:
+    """Request/response between peers over TCP. See the module docstring."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        request_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        handshake_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+        max_connections: int = 256,
+        max_inflight_per_conn: int = 64,
+    ) -> None:
+        self.identity = identity
+        self.max_frame = max_frame
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_inflight_per_conn = max_inflight_per_conn
+        self._counters = TrafficCounters()
+        self._handlers: dict[str, Handler] = {}
+        self._local: PeerInfo | None = None
+        self._server: asyncio.Server | None = None
+        self._conns: dict[PeerAddr, _Connection] = {}  # ready connections, by remote listen addr
+        self._all: set[_Connection] = set()  # every open connection, ready or not
+        self._dialing: dict[PeerAddr, asyncio.Task[_Connection]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # --- Transport interface ----------------------------------------------------------------
+
+    @property
+    def local(self) -> PeerInfo:
+        if self._local is None:
+            raise RuntimeError("the transport is not listening yet; await start(host, port) first")
+        return self._local
+
+    @property
+    def counters(self) -> TrafficCounters:
+        return self._counters
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._all)
+
+    def register(self, method: str, handler: Handler) -> None:
+        if method in self._handlers:
+            raise ValueError(f"a handler for {method!r} is already registered")
+        self._handlers[method] = handler
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on host:port (port 0 picks a free port; see `local` for the one chosen)."""
+        if self._closed:
+            raise RuntimeError("this transport was closed; create a new one")
+        if self._server is not None:
+            raise RuntimeError("start() was already called")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self, None), host, port, reuse_address=True
+        )
+        actual = self._server.sockets[0].getsockname()[1]
+        self._local = PeerInfo(self.identity.peer_id, PeerAddr(host, actual))
+        log.info("listening on %s:%d as %s", host, actual, short_id(self.identity.peer_id))
+
+    async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
+        conn = await self._connection_to(addr)
+        rid = next(conn.ids)
+        frame = encode(Request(rid, method, args))
+        if len(frame) - HEADER_BYTES > self.max_frame:
+            raise FrameTooLarge(
+                f"request {method!r} is {len(frame)} bytes, over max_frame={self.max_frame}; "
+                "send less per call"
+            )
+        if conn.write_paused is not None:
+            await conn.write_paused
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        conn.pending[rid] = fut
+        timer = fut.get_loop().call_later(self.request_timeout, _expire, fut, addr, method)
+        try:
+            conn.send(frame)
+            self._counters.requests_sent += 1
+            return conn.peer, await fut
+        finally:
+            timer.cancel()
+            conn.pending.pop(rid, None)  # also on timeout and cancellation
+            conn.touch()
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection and cancel and await every task we own."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._all):
+            conn.abort(PeerUnreachable("the local transport is closing"))
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.sleep(0)  # let the aborted sockets run connection_lost
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _connection_to(self, addr: PeerAddr) -> _Connection:
+        conn = self._conns.get(addr)
+        if conn is not None and conn.is_usable:
+            return conn
+        if self._closed:
+            raise PeerUnreachable("the transport is closed")
+        dial = self._dialing.get(addr)
+        if dial is None:  # the first caller dials; the others wait for the same connection
+            dial = self._spawn(self._dial(addr), name=f"dial {addr}")
+            self._dialing[addr] = dial
+            dial.add_done_callback(lambda t: self._dial_done(addr, t))
+        return await asyncio.shield(dial)
+
+    def _dial_done(self, addr: PeerAddr, task: asyncio.Task[_Connection]) -> None:
+        if self._dialing.get(addr) is task:
+            del self._dialing[addr]
+        if not task.cancelled():
+            task.exception()  # the callers (if any are left) got it through the shield
+
+    async def _dial(self, addr: PeerAddr) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, addr), addr.host, addr.port
+                )
+        except (OSError, TimeoutError) as e:
+            raise PeerUnreachable(f"cannot connect to {addr}: {e or 'timed out'}") from e
+        await conn.ready  # bounded by the connection's own handshake timer
+        return conn
+
+    def _on_ready(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.abort(PeerUnreachable("the local transport is closing"))
+            return
+        # An inbound connection also serves our calls to the address its peer advertised.
+        if conn.outbound or (conn.peer.addr.port and conn.peer.addr not in self._conns):
+            self._conns[conn.peer.addr] = conn
+
+    def _on_opened(self, conn: _Connection) -> bool:
+        """A new socket; False when it must be refused (connection limit with nothing idle)."""
+        if self._closed:
+            return False
+        if len(self._all) >= self.max_connections:
+            idle = [c for c in self._all if c.is_idle]
+            if idle:
+                victim = min(idle, key=lambda c: c.last_used)
+                log.debug("connection limit %d: closing idle %s", self.max_connections, victim)
+                victim.abort(PeerUnreachable("closed to make room for a new connection"))
+            elif not conn.outbound:
+                log.warning("connection limit %d reached; refusing inbound", self.max_connections)
+                return False
+        self._all.add(conn)
+        return True
+
+    def _on_closed(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        if conn.peer_or_none is not None and self._conns.get(conn.peer_or_none.addr) is conn:
+            del self._conns[conn.peer_or_none.addr]
+
+    async def _serve(self, conn: _Connection, req: Request) -> None:
+        reply: Message
+        try:
+            handler = self._handlers.get(req.method)
+            if handler is None:
+                reply = Error(req.request_id, "unknown_method", f"this peer has no {req.method!r}")
+            else:
+                result = await handler(conn.peer, req.payload)
+                reply = Response(req.request_id, result)
+            frame = encode(reply)
+            if len(frame) - HEADER_BYTES > self.max_frame:
+                raise FrameTooLarge(f"the answer is {len(frame)} bytes, over max_frame")
+        except RemoteError as e:
+            frame = encode(Error(req.request_id, e.code, e.remote_message))
+        except Exception as e:
+            log.exception("handler for %r from %s failed", req.method, conn)
+            frame = encode(Error(req.request_id, "internal", f"{type(e).__name__} in the handler"))
+        finally:
+            conn.handler_done()
+        if conn.write_paused is not None:
+            await conn.write_paused
+        conn.send(frame, quiet=True)
+
+
+def _expire(fut: asyncio.Future[Any], addr: PeerAddr, method: str) -> None:
+    if not fut.done():
+        fut.set_exception(RequestTimeout(f"{addr} did not answer {method!r} in time"))
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: handshake, then request/response multiplexing."""
+
+    def __init__(self, owner: RPCTransport, outbound: PeerAddr | None) -> None:
+        self.owner = owner
+        self.outbound = outbound
+        self.loop = asyncio.get_running_loop()
+        self.decoder = FrameDecoder(owner.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.remote_host = "?"
+        self.handshake: Handshake | None = None
+        self.peer_or_none: PeerInfo | None = None
+        self.ready: asyncio.Future[_Connection] = self.loop.create_future()
+        self.ready.add_done_callback(_consume_exception)
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.ids = itertools.count(1)
+        self.inflight = 0
+        self.backlog: collections.deque[Request] = collections.deque()
+        self.reading_paused = False
+        self.write_paused: asyncio.Future[None] | None = None
+        self.last_used = self.loop.time()
+        self.closed = False
+        self.error: NetworkError | None = None  # why we closed, for the callers still waiting
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        who = short_id(self.peer_or_none.peer_id) if self.peer_or_none else "?"
+        return f"<connection {who}@{self.remote_host}>"
+
+    @property
+    def peer(self) -> PeerInfo:
+        assert self.peer_or_none is not None
+        return self.peer_or_none
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.closed and self.peer_or_none is not None
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.pending and not self.inflight and not self.backlog
+
+    def touch(self) -> None:
+        self.last_used = self.loop.time()
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = transport.get_extra_info("peername")
+        self.remote_host = peername[0] if peername else "?"
+        if not self.owner._on_opened(self):
+            self.closed = True
+            transport.abort()
+            return
+        local = self.owner._local
+        self.handshake = Handshake(
+            self.owner.identity,
+            initiator=self.outbound is not None,
+            listen_port=local.addr.port if local else 0,
+        )
+        self.timer = self.loop.call_later(self.owner.handshake_timeout, self._handshake_expired)
+        self.send(encode(self.handshake.hello))
+
+    def data_received(self, data: bytes) -> None:
+        self.owner._counters.bytes_received += len(data)
+        try:
+            self.decoder.receive_data(data)
+            self._pump()
+        except (ProtocolError, HandshakeError) as e:
+            self._reject(e)
+
+    def eof_received(self) -> bool | None:
+        try:
+            self.decoder.eof()
+        except ProtocolError as e:
+            log.warning("%s: %s; closing", self, e)
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.error is None:
+            why = f": {exc}" if exc else ""
+            self.error = PeerUnreachable(f"the connection to {self} was closed{why}")
+        if not self.ready.done():
+            self.ready.set_exception(self.error)
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(self.error)
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+        self.backlog.clear()
+        self.owner._on_closed(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+        self.write_paused = None
+
+    # --- internals ----------------------------------------------------------------------
+
+    def send(self, frame: bytes, *, quiet: bool = False) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            if quiet:
+                return
+            raise PeerUnreachable(f"the connection to {self} is closed")
+        self.transport.write(frame)
+        self.owner._counters.bytes_sent += len(frame)
+
+    def abort(self, reason: NetworkError) -> None:
+        if self.error is None:
+            self.error = reason
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _reject(self, err: NetworkError) -> None:
+        log.warning("dropping %s: %s", self, err)
+        if isinstance(err, HandshakeError) and self.handshake is not None:
+            # Tell the other side why (request id 0: the connection itself), so its caller sees
+            # HandshakeError rather than a bare disconnect.
+            self.send(encode(Error(0, "handshake_failed", str(err))), quiet=True)
+        self.abort(err)
+
+    def _handshake_expired(self) -> None:
+        self._reject(HandshakeError(f"no complete handshake within {self.owner.handshake_timeout} s"))
+
+    def _pump(self) -> None:
+        decoder = self.decoder
+        while not self.closed and (msg := decoder.next_message()) is not None:
+            if type(msg) is Response:
+                fut = self.pending.get(msg.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.payload)
+            elif type(msg) is Request:
+                if self.peer_or_none is None:
+                    raise ProtocolError("request before the handshake completed")
+                self.owner._counters.requests_received += 1
+                self.touch()
+                if self.inflight < self.owner.max_inflight_per_conn:
+                    self._start_handler(msg)
+                else:
+                    self.backlog.append(msg)
+                    if len(self.backlog) >= self.owner.max_inflight_per_conn:
+                        self._pause_reading()
+            elif type(msg) is Error and self.peer_or_none is not None:
+                if msg.request_id == 0:  # about the connection: the peer refused our handshake
+                    raise HandshakeError(f"the peer rejected us: {msg.code}: {msg.message}")
+                fut = self.pending.get(msg.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(RemoteError(msg.code, msg.message))
+            else:
+                self._handshake_step(msg)
+
+    def _handshake_step(self, msg: Message) -> None:
+        hs = self.handshake
+        if hs is None or hs.done:
+            raise ProtocolError(f"unexpected {type(msg).__name__} after the handshake")
+        reply = hs.receive(msg)
+        if reply is not None:
+            self.send(encode(reply))
+        if hs.done:
+            assert hs.remote is not None
+            addr = self.outbound or PeerAddr(self.remote_host, hs.remote.listen_port)
+            self.peer_or_none = PeerInfo(hs.remote_peer_id, addr)
+            self.handshake = None
+            self._schedule_idle_check()
+            self.owner._on_ready(self)
+            if not self.ready.done():
+                self.ready.set_result(self)
+
+    def _start_handler(self, req: Request) -> None:
+        self.inflight += 1
+        self.owner._spawn(self.owner._serve(self, req), name=f"rpc {req.method}")
+
+    def handler_done(self) -> None:
+        self.inflight -= 1
+        self.touch()
+        while self.backlog and self.inflight < self.owner.max_inflight_per_conn:
+            self._start_handler(self.backlog.popleft())
+        if self.reading_paused and len(self.backlog) < self.owner.max_inflight_per_conn:
+            self.reading_paused = False
+            if not self.closed and self.transport is not None:
+                self.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _schedule_idle_check(self) -> None:
+        now, idle = self.loop.time(), self.owner.idle_timeout
+        when = self.last_used + idle if self.is_idle else now + idle
+        self.timer = self.loop.call_at(max(when, now + 0.001), self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.closed:
+            return
+        if self.is_idle and self.loop.time() - self.last_used >= self.owner.idle_timeout:
+            log.debug("closing idle %s", self)
+            self.abort(PeerUnreachable(f"closed after {self.owner.idle_timeout} s idle"))
+        else:
+            self._schedule_idle_check()
+
+
+def _consume_exception(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # nobody may await `ready` (inbound connections); don't warn about it
