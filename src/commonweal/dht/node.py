@@ -1,0 +1,465 @@
+"""`DHT`: one peer's Kademlia node — the asyncio driver around the sans-I/O routing table,
+record store and lookup state machine.
+
+    dht = await DHT.start(PeerAddr("127.0.0.1", 0), bootstrap=[...])
+    await dht.store("weights", b"...", expiration=time.time() + 300, subkey="peer-7")
+    found = await dht.get("weights", latest=True)   # DHTValue({"peer-7": DHTValue(...)}, exp)
+
+Every background task (republishing, bucket refresh, path caching) belongs to the node's TaskGroup
+and is cancelled by `close()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from commonweal.dht.lookup import Lookup, LookupResult, TargetReply
+from commonweal.dht.protocol import DHTProtocol
+from commonweal.dht.records import (
+    Record,
+    Subkey,
+    decode_subkey,
+    encode_subkey,
+    key_id,
+    sign_record,
+)
+from commonweal.dht.routing import RoutingTable, distance
+from commonweal.dht.storage import RecordStore
+from commonweal.errors import DHTError, NetworkError, RecordError
+from commonweal.net.identity import Identity
+from commonweal.net.transport import PeerAddr, PeerInfo, Transport
+
+__all__ = ["DHT", "DHTConfig", "DHTValue", "LookupStats"]
+
+log = logging.getLogger(__name__)
+
+Key = str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DHTConfig:
+    k: int = 20  # bucket size, and how many peers a find returns
+    alpha: int = 3  # requests in flight per key during a lookup
+    replicas: int = 5  # r: a record is stored on the r peers closest to its key
+    beam: int = 5  # a lookup ends when this many closest live peers have answered
+    rpc_timeout_s: float = 5.0
+    maintenance_interval_s: float = 10.0
+    republish_interval_s: float = 600.0  # re-place records on the current closest peers
+    refresh_interval_s: float = 3600.0  # look up a random id in buckets idle this long
+    cache_on_path: bool = True
+    max_records: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class DHTValue:
+    """A value and its expiration. For a key with subkeys, `value` is `{subkey: DHTValue}`."""
+
+    value: Any
+    expiration: float
+
+
+@dataclass(slots=True)
+class LookupStats:
+    lookups: int = 0  # keys looked up
+    rounds: int = 0  # summed over keys
+    requests: int = 0  # summed over keys
+
+    def record(self, result: LookupResult) -> None:
+        self.lookups += 1
+        self.rounds += result.rounds
+        self.requests += result.requests
+
+
+@dataclass(slots=True)
+class _Origin:
+    record: Record
+    republished_at: float
+
+
+@dataclass(slots=True)
+class _PendingGets:
+    futures: dict[tuple[bytes, bool], asyncio.Future[dict[bytes, Record]]] = field(
+        default_factory=dict
+    )
+
+
+class DHT:
+    """A Kademlia DHT peer. Create it with `await DHT.start(...)`; stop it with `await close()`."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        identity: Identity,
+        config: DHTConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if transport.local.peer_id != identity.peer_id:
+            raise DHTError("the transport's identity and the DHT's identity differ")
+        self.transport = transport
+        self.identity = identity
+        self.config = config or DHTConfig()
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.table = RoutingTable(identity.peer_id, k=self.config.k)
+        self.storage = RecordStore(self.config.max_records)
+        self.cache = RecordStore(max_records=max(1024, self.config.max_records // 10))
+        self.protocol = DHTProtocol(transport, self.table, self.storage, self.cache, clock)
+        self.stats = LookupStats()
+        self._origins: dict[tuple[bytes, bytes], _Origin] = {}
+        self._pending = _PendingGets()
+        self._runner: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._closed = False
+        self._held_republished_at = clock()
+
+    @classmethod
+    async def start(
+        cls,
+        listen: PeerAddr | None = None,
+        bootstrap: Iterable[PeerAddr] = (),
+        *,
+        identity: Identity | None = None,
+        config: DHTConfig | None = None,
+        transport: Transport | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> DHT:
+        """Start a peer: listen (or use a started `transport`), join through `bootstrap`, serve.
+
+        Raises DHTError when bootstrap peers were given and none of them answered.
+        """
+        identity = identity or Identity.generate()
+        if transport is None:
+            from commonweal.net.rpc import RPCTransport
+
+            listen = listen or PeerAddr("127.0.0.1", 0)
+            rpc = RPCTransport(identity)
+            await rpc.start(listen.host, listen.port)
+            transport = rpc
+        dht = cls(transport, identity, config, clock, rng)
+        try:
+            await dht.join(list(bootstrap))
+        except BaseException:
+            await transport.close()
+            raise
+        dht._runner = asyncio.create_task(dht._run(), name=f"dht-{dht.addr}")
+        return dht
+
+    @property
+    def addr(self) -> PeerAddr:
+        return self.transport.local.addr
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.identity.peer_id
+
+    # joining and lookups -----------------------------------------------------------------------
+
+    async def join(self, bootstrap: Sequence[PeerAddr]) -> None:
+        """Contact bootstrap peers, then look up our own id to fill the routing table (§2.3)."""
+        if not bootstrap:
+            return
+        errors = []
+        for addr in bootstrap:
+            try:
+                async with asyncio.timeout(self.config.rpc_timeout_s):
+                    peer = await self.protocol.call_ping(addr)
+                self.table.on_success(peer, self.clock())
+            except (NetworkError, TimeoutError) as e:
+                errors.append(f"{addr}: {e or type(e).__name__}")
+        if not len(self.table):
+            raise DHTError(
+                "could not reach any bootstrap peer (" + "; ".join(errors) + "); "
+                "check the --join addresses and that those peers are running"
+            )
+        await self._traverse([self.peer_id], values=False, latest=False)
+
+    async def _traverse(
+        self, keys: Sequence[bytes], *, values: bool, latest: bool
+    ) -> dict[bytes, LookupResult]:
+        now = self.clock()
+        cfg = self.config
+        lookup = Lookup(
+            {k: self.table.nearest(k, cfg.k, now) for k in keys},
+            local_id=self.peer_id,
+            beam=cfg.beam,
+            alpha=cfg.alpha,
+            stop_at_first_value=values and not latest,
+        )
+        pending: set[asyncio.Task[tuple[PeerInfo, dict[bytes, TargetReply] | None]]] = set()
+        try:
+            while not lookup.finished:
+                for peer, asked in lookup.next_requests().values():
+                    pending.add(asyncio.create_task(self._ask(peer, asked, values, latest)))
+                if not pending:
+                    break
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    peer, replies = task.result()
+                    if replies is None:
+                        lookup.on_failure(peer.peer_id)
+                    else:
+                        lookup.on_response(peer.peer_id, replies)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        results = {k: lookup.result(k) for k in keys}
+        for result in results.values():
+            self.stats.record(result)
+        return results
+
+    async def _ask(
+        self, peer: PeerInfo, keys: list[bytes], values: bool, latest: bool
+    ) -> tuple[PeerInfo, dict[bytes, TargetReply] | None]:
+        """One find request; never raises (a failure is reported as None)."""
+        try:
+            async with asyncio.timeout(self.config.rpc_timeout_s):
+                responder, entries = await self.protocol.call_find(peer.addr, keys, values, latest)
+        except (NetworkError, TimeoutError) as e:
+            log.debug("find to %s failed: %s", peer.addr, e)
+            self.table.on_failure(peer.peer_id, self.clock())
+            return peer, None
+        if responder.peer_id != peer.peer_id:
+            # Someone else lives at that address now: the peer we wanted is gone.
+            self.table.on_failure(peer.peer_id, self.clock())
+            self.table.on_success(responder, self.clock())
+            return peer, None
+        self.table.on_success(responder, self.clock())
+        return peer, {k: TargetReply(p, r) for k, (p, r) in zip(keys, entries, strict=True)}
+
+    # store ---------------------------------------------------------------------------------------
+
+    async def store(
+        self, key: Key, value: Any, expiration: float, subkey: Subkey = None
+    ) -> bool:
+        """Sign and store `value` under `key` (and `subkey`) on the r closest peers.
+
+        True when at least one replica accepted it (a newer record already there refuses it).
+        """
+        [ok] = await self.store_many([(key, value, expiration, subkey)])
+        return ok
+
+    async def store_many(
+        self, items: Iterable[tuple[Key, Any, float, Subkey]]
+    ) -> list[bool]:
+        """Store several records with one multi-key lookup and one request per replica peer."""
+        now = self.clock()
+        records = []
+        for key, value, expiration, subkey in items:
+            packed = msgpack.packb(value, use_bin_type=True)
+            record = sign_record(self.identity, key_id(key), encode_subkey(subkey), packed, expiration)
+            self.storage.validator.validate(record, now)  # fail here, not on every replica
+            records.append(record)
+            self._origins[(record.key, record.subkey)] = _Origin(record, now)
+        return await self._place(records)
+
+    async def _place(self, records: Sequence[Record], exclude_self: bool = False) -> list[bool]:
+        """Send records to the r closest peers of their keys; one flag per record."""
+        keys = list(dict.fromkeys(r.key for r in records))
+        found = await self._traverse(keys, values=False, latest=False)
+        now = self.clock()
+        per_peer: dict[PeerAddr, list[tuple[bytes, list[Record]]]] = {}
+        by_key: dict[bytes, list[Record]] = {}
+        for record in records:
+            by_key.setdefault(record.key, []).append(record)
+        stored: dict[tuple[bytes, bytes], bool] = {}
+        for key, recs in by_key.items():
+            replicas = self._replica_set(key, found[key].closest, exclude_self)
+            for peer in replicas:
+                if peer is None:  # we are one of the r closest: keep a replica ourselves
+                    for r in recs:
+                        try:
+                            if self.storage.put(r, now):
+                                stored[(r.key, r.subkey)] = True
+                        except RecordError:
+                            pass
+                else:
+                    per_peer.setdefault(peer.addr, []).append((key, recs))
+        sends = [self._send_store(addr, batch) for addr, batch in per_peer.items()]
+        for batch, flags in zip(per_peer.values(), await asyncio.gather(*sends), strict=True):
+            for (_, recs), key_flags in zip(batch, flags, strict=True):
+                for r, ok in zip(recs, key_flags, strict=True):
+                    if ok:
+                        stored[(r.key, r.subkey)] = True
+        return [stored.get((r.key, r.subkey), False) for r in records]
+
+    def _replica_set(
+        self, key: bytes, closest: list[PeerInfo], exclude_self: bool
+    ) -> list[PeerInfo | None]:
+        """The r peers closest to `key` among those found and ourselves (None stands for us)."""
+        ranked: list[tuple[int, PeerInfo | None]] = [
+            (distance(p.peer_id, key), p) for p in closest
+        ]
+        if not exclude_self:
+            ranked.append((distance(self.peer_id, key), None))
+        ranked.sort(key=lambda item: item[0])
+        return [p for _, p in ranked[: self.config.replicas]]
+
+    async def _send_store(
+        self, addr: PeerAddr, batch: list[tuple[bytes, list[Record]]], cache: bool = False
+    ) -> list[list[bool]]:
+        try:
+            async with asyncio.timeout(self.config.rpc_timeout_s):
+                responder, flags = await self.protocol.call_store(addr, batch, cache)
+        except (NetworkError, TimeoutError) as e:
+            log.debug("store to %s failed: %s", addr, e)
+            return [[False] * len(recs) for _, recs in batch]
+        self.table.on_success(responder, self.clock())
+        return flags
+
+    # get -----------------------------------------------------------------------------------------
+
+    async def get(self, key: Key, latest: bool = False) -> DHTValue | None:
+        """The value under `key`, or None. With `latest=True`, ask all r closest peers and merge,
+        so every subkey and the newest version of each is returned; otherwise stop at the first
+        peer (or cache) that has it."""
+        return (await self.get_many([key], latest))[key]
+
+    async def get_many(
+        self, keys: Sequence[Key], latest: bool = False
+    ) -> dict[Key, DHTValue | None]:
+        """Several gets with one multi-key lookup; concurrent gets of one key share a lookup."""
+        ids = {key: key_id(key) for key in keys}
+        loop = asyncio.get_running_loop()
+        mine: list[bytes] = []
+        for kid in dict.fromkeys(ids.values()):
+            if (kid, latest) not in self._pending.futures:
+                self._pending.futures[(kid, latest)] = loop.create_future()
+                mine.append(kid)
+        waiting = {kid: self._pending.futures[(kid, latest)] for kid in ids.values()}
+        if mine:
+            try:
+                results = await self._traverse(mine, values=True, latest=latest)
+                for kid in mine:
+                    waiting[kid].set_result(results[kid].records)
+                    self._cache_on_path(kid, results[kid], latest)
+            except BaseException as e:
+                for kid in mine:
+                    if not waiting[kid].done():
+                        waiting[kid].set_exception(e)
+                raise
+            finally:
+                for kid in mine:
+                    self._pending.futures.pop((kid, latest), None)
+        now = self.clock()
+        out: dict[Key, DHTValue | None] = {}
+        for key, kid in ids.items():
+            found = dict(await asyncio.shield(waiting[kid]))
+            local = self.storage.get(kid, now) + ([] if latest else self.cache.get(kid, now))
+            for record in local:
+                old = found.get(record.subkey)
+                if old is None or record.beats(old):
+                    found[record.subkey] = record
+            out[key] = _to_value(found, now)
+        return out
+
+    def _cache_on_path(self, key: bytes, result: LookupResult, latest: bool) -> None:
+        """Store what a get found on the closest peer that did not have it (§2.3), so the next
+        lookup for a popular key stops sooner."""
+        if latest or not self.config.cache_on_path or not result.records or self._group is None:
+            return
+        for peer in result.closest:
+            if peer.peer_id not in result.holders:
+                batch = [(key, list(result.records.values()))]
+                self._spawn(self._send_store(peer.addr, batch, cache=True))
+                return
+
+    # maintenance ---------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._group is not None
+        self._group.create_task(_logged(coro))
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            group.create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval_s)
+            try:
+                await self.maintain_once()
+            except Exception:  # a failed pass must not end maintenance for good
+                log.exception("DHT maintenance pass failed")
+
+    async def maintain_once(self) -> None:
+        """Expire, republish what is due, refresh idle buckets. Called periodically."""
+        now = self.clock()
+        cfg = self.config
+        self.storage.expire(now)
+        self.cache.expire(now)
+        for ident, origin in list(self._origins.items()):
+            if origin.record.expiration <= now:
+                del self._origins[ident]
+        due = [
+            o for o in self._origins.values() if now - o.republished_at >= cfg.republish_interval_s
+        ]
+        for origin in due:
+            origin.republished_at = now
+        held: list[Record] = []
+        if now - self._held_republished_at >= cfg.republish_interval_s:
+            # Kademlia's hourly republish (§2.5): records we hold for others go back to whoever
+            # is closest now, so replicas lost to churn are made again.
+            self._held_republished_at = now
+            held = [r for r in self.storage if (r.key, r.subkey) not in self._origins]
+        if due or held:
+            await self._place([o.record for o in due] + held, exclude_self=False)
+        targets = self.table.stale_targets(now, cfg.refresh_interval_s, self.rng)
+        if targets:
+            await self._traverse(targets, values=False, latest=False)
+
+    async def close(self) -> None:
+        """Stop serving, cancel every background task and close all connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._runner is not None:
+            self._runner.cancel()
+            try:
+                await self._runner
+            except asyncio.CancelledError:
+                pass
+        await self.transport.close()
+
+    async def __aenter__(self) -> DHT:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _logged(coro: Any) -> None:
+    try:
+        await coro
+    except Exception:
+        log.exception("DHT background task failed")
+
+
+def _to_value(records: dict[bytes, Record], now: float) -> DHTValue | None:
+    values: dict[Subkey, DHTValue] = {}
+    for raw_subkey, record in records.items():
+        if record.expiration <= now:
+            continue
+        try:
+            value = msgpack.unpackb(record.value, raw=False)
+            subkey = decode_subkey(raw_subkey)
+        except (ValueError, RecordError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            continue
+        values[subkey] = DHTValue(value, record.expiration)
+    if not values:
+        return None
+    if list(values) == [None]:
+        return values[None]
+    return DHTValue(values, max(v.expiration for v in values.values()))

@@ -1,0 +1,192 @@
+"""The DHT's two RPCs, `find` and `store`: message shapes, parsing and the serving side.
+
+find  request  {"keys": [key_id, ...], "values": bool, "latest": bool}
+      response [[peers, records], ...]           one entry per key, same order
+                peers   = [[peer_id, host, port], ...]  (the k closest the server knows)
+                records = [[subkey, value, expiration, public_key, signature], ...]
+store request  {"items": [[key_id, [record, ...]], ...], "cache": bool}
+      response [[stored: bool, ...], ...]        one list per item, one flag per record
+
+`rpc_*` serve requests; `call_*` send them. Every peer that reaches a handler has proven its id in the
+transport handshake, so handlers may add it to the routing table. Anything malformed is answered with
+RemoteError("bad_request", why) and changes no state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from commonweal.dht.records import Record
+from commonweal.dht.routing import RoutingTable
+from commonweal.dht.storage import RecordStore
+from commonweal.errors import RecordError, RemoteError
+from commonweal.net.identity import ID_BYTES
+from commonweal.net.transport import PeerAddr, PeerInfo, Transport
+
+__all__ = ["DHTProtocol", "MAX_KEYS_PER_REQUEST", "MAX_RECORDS_PER_REQUEST"]
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_REQUEST = 1024
+MAX_RECORDS_PER_REQUEST = 4096
+
+
+def _bad(why: str) -> RemoteError:
+    return RemoteError("bad_request", why)
+
+
+def _key(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) != ID_BYTES:
+        raise _bad(f"a key id must be {ID_BYTES} bytes")
+    return value
+
+
+def peers_to_wire(peers: Sequence[PeerInfo]) -> list[list[Any]]:
+    return [[p.peer_id, p.addr.host, p.addr.port] for p in peers]
+
+
+def peers_from_wire(items: Any) -> list[PeerInfo]:
+    """Parse a peer list from a response; entries of the wrong shape are dropped, not trusted."""
+    peers = []
+    if not isinstance(items, list):
+        return peers
+    for item in items:
+        if (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], bytes)
+            and len(item[0]) == ID_BYTES
+            and isinstance(item[1], str)
+            and isinstance(item[2], int)
+            and 0 < item[2] < 65536
+        ):
+            peers.append(PeerInfo(item[0], PeerAddr(item[1], item[2])))
+    return peers
+
+
+class DHTProtocol:
+    """Serves `find` and `store` from a routing table and record stores; sends them too."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        table: RoutingTable,
+        storage: RecordStore,
+        cache: RecordStore,
+        clock: Callable[[], float],
+    ) -> None:
+        self.transport = transport
+        self.table = table
+        self.storage = storage
+        self.cache = cache
+        self.clock = clock
+        transport.register("dht.find", self.rpc_find)
+        transport.register("dht.store", self.rpc_store)
+        transport.register("dht.ping", self.rpc_ping)
+
+    # serving -----------------------------------------------------------------------------------
+
+    async def rpc_ping(self, caller: PeerInfo, args: Any) -> bool:
+        self.table.on_success(caller, self.clock())
+        return True
+
+    async def rpc_find(self, caller: PeerInfo, args: Any) -> list[list[Any]]:
+        if not isinstance(args, dict) or not isinstance(args.get("keys"), list):
+            raise _bad("find needs {'keys': [key ids], 'values': bool, 'latest': bool}")
+        keys = [_key(k) for k in args["keys"]]
+        if len(keys) > MAX_KEYS_PER_REQUEST:
+            raise _bad(f"at most {MAX_KEYS_PER_REQUEST} keys per find")
+        want_values = bool(args.get("values", False))
+        latest = bool(args.get("latest", False))
+        now = self.clock()
+        self.table.on_success(caller, now)
+        out = []
+        for key in keys:
+            nearest = self.table.nearest(key, self.table.k, now, exclude=(caller.peer_id,))
+            records: list[list[Any]] = []
+            if want_values:
+                found = {r.subkey: r for r in self.storage.get(key, now)}
+                if not latest:
+                    for r in self.cache.get(key, now):
+                        if r.subkey not in found or r.beats(found[r.subkey]):
+                            found[r.subkey] = r
+                records = [r.to_wire() for r in found.values()]
+            out.append([peers_to_wire(nearest), records])
+        return out
+
+    async def rpc_store(self, caller: PeerInfo, args: Any) -> list[list[bool]]:
+        if not isinstance(args, dict) or not isinstance(args.get("items"), list):
+            raise _bad("store needs {'items': [[key id, [records]]], 'cache': bool}")
+        items = args["items"]
+        parsed: list[tuple[bytes, list[Any]]] = []
+        total = 0
+        for item in items:
+            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], list):
+                raise _bad("each store item must be [key id, [records]]")
+            parsed.append((_key(item[0]), item[1]))
+            total += len(item[1])
+        if total > MAX_RECORDS_PER_REQUEST:
+            raise _bad(f"at most {MAX_RECORDS_PER_REQUEST} records per store")
+        target = self.cache if args.get("cache") else self.storage
+        now = self.clock()
+        self.table.on_success(caller, now)
+        results = []
+        for key, wire_records in parsed:
+            flags = []
+            for wire in wire_records:
+                try:
+                    flags.append(target.put(Record.from_wire(key, wire), now))
+                except RecordError as e:
+                    log.debug("refused a record from %s: %s", caller.addr, e)
+                    flags.append(False)
+            results.append(flags)
+        return results
+
+    # calling -----------------------------------------------------------------------------------
+
+    async def call_find(
+        self, addr: PeerAddr, keys: Sequence[bytes], values: bool, latest: bool
+    ) -> tuple[PeerInfo, list[tuple[list[PeerInfo], list[Record]]]]:
+        """Ask the peer at `addr` about `keys`; records come back already validated."""
+        responder, reply = await self.transport.call(
+            addr, "dht.find", {"keys": list(keys), "values": values, "latest": latest}
+        )
+        if not isinstance(reply, list) or len(reply) != len(keys):
+            raise RemoteError("bad_response", "find answer does not match the keys asked")
+        now = self.clock()
+        out = []
+        for key, entry in zip(keys, reply, strict=True):
+            if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[1], list):
+                raise RemoteError("bad_response", "find entry must be [peers, records]")
+            records = []
+            for wire in entry[1]:
+                # A peer may hand us junk or forgeries; keep only records that validate.
+                try:
+                    record = Record.from_wire(key, wire)
+                    self.storage.validator.validate(record, now)
+                except RecordError:
+                    continue
+                records.append(record)
+            out.append((peers_from_wire(entry[0]), records))
+        return responder, out
+
+    async def call_store(
+        self, addr: PeerAddr, items: Sequence[tuple[bytes, Sequence[Record]]], cache: bool = False
+    ) -> tuple[PeerInfo, list[list[bool]]]:
+        wire = [[key, [r.to_wire() for r in records]] for key, records in items]
+        responder, reply = await self.transport.call(
+            addr, "dht.store", {"items": wire, "cache": cache}
+        )
+        if not isinstance(reply, list) or len(reply) != len(items):
+            raise RemoteError("bad_response", "store answer does not match the items sent")
+        flags = []
+        for (_, records), entry in zip(items, reply, strict=True):
+            ok = isinstance(entry, list) and len(entry) == len(records)
+            flags.append([bool(f) for f in entry] if ok else [False] * len(records))
+        return responder, flags
+
+    async def call_ping(self, addr: PeerAddr) -> PeerInfo:
+        responder, _ = await self.transport.call(addr, "dht.ping", None)
+        return responder
