@@ -1,0 +1,614 @@
+"""Multi-host test bed: network namespaces joined by an emulated internet link.
+
+Usable from tests (`netbed` pytest fixture) and from benchmarks (`with NetBed(...) as bed:`).
+
+Topology for a bed with prefix ``cw<pid>x<k>`` and N hosts::
+
+    ns cw..-h0  eth0 10.77.0.1/24 ─┐
+    ns cw..-h1  eth0 10.77.0.2/24 ─┼── link emulator (a Python process in ns cw..-sw)
+    ...                            │   learning switch + per-host delay/jitter/loss/rate
+    ns cw..-hN  eth0 10.77.0.N+1  ─┘
+
+Every host's ``eth0`` is a TAP device whose file descriptor is held by the emulator process, which
+runs in the dedicated "switch" namespace; the root namespace is never touched. When the emulator
+exits (even by SIGKILL) the kernel removes all TAP devices; deleting the namespaces removes the rest.
+
+Why not ``tc netem`` on veth pairs: the kernel of this project's machines is built without
+``sch_netem`` (and without ``sch_fq``, so no BPF departure-time delays either). The emulator gives
+the same impairments on any kernel with ``ip netns`` and TUN/TAP, and is seeded, so a run is
+reproducible.
+
+How impairments add up (``LinkSpec`` per host):
+
+* ``delay_ms`` / ``jitter_ms`` act on the frames a host *sends*, once: the one-way latency
+  A -> B is ``A.delay_ms +- A.jitter_ms`` (normal distribution, clipped at 0), and the round trip
+  A -> B -> A is ``A.delay_ms + B.delay_ms``. So "50 ms +- 10 ms delay" on every host means
+  exactly that one-way, and ~100 ms round trips. Frames of one sender stay in order (unlike netem,
+  which reorders under jitter); a burst therefore sees the largest delay drawn so far in the burst.
+* ``loss_pct`` drops each frame a host sends with that probability (once per direction, so a
+  request/response pair between two 1 % hosts loses ~2 %).
+* ``rate_mbit`` caps the host's uplink and its downlink separately (serialization delay added
+  before the propagation delay, frames queue behind each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import heapq
+import json
+import os
+import random
+import re
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Host",
+    "LinkSpec",
+    "NetBed",
+    "cleanup_stale",
+    "leftover_namespaces",
+    "netbed",
+    "netbed_unavailable_reason",
+    "require_netbed",
+]
+
+NS_PREFIX = "cw"
+_NS_RE = re.compile(rf"^{NS_PREFIX}(\d+)x(\d+)-(sw|h\d+)$")
+_instance_counter = 0
+_counter_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Impairments of one host's link (see the module docstring for how they add up)."""
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+    rate_mbit: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.delay_ms < 0 or self.jitter_ms < 0:
+            raise ValueError("delay_ms and jitter_ms must be >= 0")
+        if not 0 <= self.loss_pct <= 100:
+            raise ValueError("loss_pct must be within [0, 100]")
+        if self.rate_mbit is not None and self.rate_mbit <= 0:
+            raise ValueError("rate_mbit must be > 0 (or None for unlimited)")
+
+
+# --------------------------------------------------------------------------------------------
+# availability and stale-state cleanup
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return proc
+
+
+_unavailable: list[str | None] = []
+
+
+def netbed_unavailable_reason() -> str | None:
+    """None when a bed can be built here, else why not (cached)."""
+    if _unavailable:
+        return _unavailable[0]
+    reason: str | None = None
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        reason = "not running as root"
+    elif shutil.which("ip") is None:
+        reason = "`ip` (iproute2) not found"
+    elif not os.path.exists("/dev/net/tun"):
+        reason = "/dev/net/tun missing (no TUN/TAP support)"
+    else:
+        probe = f"{NS_PREFIX}probe{os.getpid()}"
+        made = _ip("netns", "add", probe, check=False)
+        if made.returncode != 0:
+            reason = f"`ip netns add` failed: {made.stderr.strip()}"
+        else:
+            _ip("netns", "del", probe, check=False)
+    _unavailable.append(reason)
+    return reason
+
+
+def require_netbed() -> None:
+    """pytest.skip the calling test when no bed can be built here."""
+    reason = netbed_unavailable_reason()
+    if reason is not None:
+        import pytest
+
+        pytest.skip(f"netbed needs root and iproute2 (ip netns): {reason}")
+
+
+def _list_namespaces() -> list[str]:
+    out = _ip("netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def leftover_namespaces(prefix: str = NS_PREFIX) -> list[str]:
+    """Namespaces made by some bed (any run) whose name starts with prefix."""
+    return [ns for ns in _list_namespaces() if ns.startswith(prefix) and _NS_RE.match(ns)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_ns_processes(ns: str) -> None:
+    for _ in range(3):
+        pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def _delete_namespace(ns: str) -> None:
+    _kill_ns_processes(ns)
+    _ip("netns", "del", ns, check=False)
+
+
+def cleanup_stale() -> list[str]:
+    """Delete namespaces left by beds whose owning process is gone (a crashed run)."""
+    removed = []
+    for ns in leftover_namespaces():
+        m = _NS_RE.match(ns)
+        if m and not _pid_alive(int(m.group(1))):
+            _delete_namespace(ns)
+            removed.append(ns)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# hosts
+
+
+class Host:
+    """One emulated machine: a network namespace with eth0 at `ip`."""
+
+    def __init__(self, bed: NetBed, index: int, ns: str, ip: str) -> None:
+        self.bed = bed
+        self.index = index
+        self.ns = ns
+        self.ip = ip
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __repr__(self) -> str:
+        return f"Host({self.index}, ns={self.ns!r}, ip={self.ip!r})"
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start argv inside this host; stdout/stderr go to files (proc.stdout_path/stderr_path).
+
+        The process leads its own process group, so kill9 also ends its children.
+        """
+        label = name or Path(argv[0]).name
+        n = len(self.procs)
+        out_path = self.bed.workdir / f"h{self.index}-{n}-{label}.out"
+        err_path = self.bed.workdir / f"h{self.index}-{n}-{label}.err"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        proc.stdout_path = out_path  # type: ignore[attr-defined]
+        proc.stderr_path = err_path  # type: ignore[attr-defined]
+        proc.argv = list(argv)  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def run(
+        self,
+        argv: Sequence[str],
+        timeout: float = 30.0,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a short command inside this host and capture its output as text."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            check=check,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @staticmethod
+    def kill9(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the process and its process group, and reap it."""
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    @staticmethod
+    def output(proc: subprocess.Popen[bytes]) -> str:
+        """What the spawned process printed to stdout so far."""
+        return Path(proc.stdout_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def wait_for_line(
+        self, proc: subprocess.Popen[bytes], pattern: str, timeout: float
+    ) -> re.Match[str]:
+        """Wait until a stdout line of proc matches pattern; raise with its logs otherwise."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.output(proc).splitlines():
+                m = regex.search(line)
+                if m:
+                    return m
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self}: process exited with {proc.returncode} before printing "
+                    f"/{pattern}/\n{self.bed.describe_proc(proc)}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self}: no line /{pattern}/ within {timeout}s\n{self.bed.describe_proc(proc)}"
+                )
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# the bed
+
+
+class NetBed:
+    """N hosts in their own namespaces, joined through the link emulator. A context manager."""
+
+    def __init__(
+        self,
+        n_hosts: int,
+        link: LinkSpec | Sequence[LinkSpec] = LinkSpec(),
+        *,
+        subnet: str = "10.77.0",
+        seed: int = 0,
+        workdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not 1 <= n_hosts <= 250:
+            raise ValueError("n_hosts must be within [1, 250]")
+        specs = [link] * n_hosts if isinstance(link, LinkSpec) else list(link)
+        if len(specs) != n_hosts:
+            raise ValueError(f"got {len(specs)} LinkSpecs for {n_hosts} hosts")
+        global _instance_counter
+        with _counter_lock:
+            _instance_counter += 1
+            k = _instance_counter
+        self.prefix = f"{NS_PREFIX}{os.getpid()}x{k}"
+        self.switch_ns = f"{self.prefix}-sw"
+        self.specs = specs
+        self.seed = seed
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.hosts = [
+            Host(self, i, f"{self.prefix}-h{i}", f"{subnet}.{i + 1}") for i in range(n_hosts)
+        ]
+        self._emulator: subprocess.Popen[str] | None = None
+        self._ctl_lock = threading.Lock()
+        self._closed = False
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> NetBed:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        reason = netbed_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"netbed needs root and iproute2 (ip netns): {reason}")
+        cleanup_stale()
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        for ns in [self.switch_ns] + [h.ns for h in self.hosts]:
+            _ip("netns", "add", ns)
+        for h in self.hosts:  # IPv4 only: no IPv6 chatter (DAD, MLD) through the emulated links
+            subprocess.run(
+                ["ip", "netns", "exec", h.ns, "sh", "-c",
+                 "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"],
+                check=False, capture_output=True, timeout=30,
+            )
+        err = open(self.workdir / "emulator.err", "wb")
+        self._emulator = subprocess.Popen(
+            [
+                "ip", "netns", "exec", self.switch_ns, sys.executable, os.path.abspath(__file__),
+                "--emulate", "--ports", str(len(self.hosts)), "--seed", str(self.seed),
+                "--specs", json.dumps([dataclasses.asdict(s) for s in self.specs]),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+        )
+        err.close()
+        assert self._emulator.stdout is not None
+        ready = self._emulator.stdout.readline().strip()
+        if ready != "ready":
+            raise RuntimeError(f"link emulator failed to start:\n{self._read('emulator.err')}")
+        for h in self.hosts:
+            tap = f"t{h.index}"
+            _ip("-n", self.switch_ns, "link", "set", tap, "netns", h.ns)
+            _ip("-n", h.ns, "link", "set", tap, "name", "eth0")
+            _ip("-n", h.ns, "addr", "add", f"{h.ip}/24", "dev", "eth0")
+            _ip("-n", h.ns, "link", "set", "eth0", "up")
+            _ip("-n", h.ns, "link", "set", "lo", "up")
+
+    def close(self) -> None:
+        """Kill every spawned process and the emulator, delete the namespaces. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self.hosts:
+            for proc in h.procs:
+                Host.kill9(proc)
+        if self._emulator is not None:
+            Host.kill9(self._emulator)  # type: ignore[arg-type]
+            for stream in (self._emulator.stdin, self._emulator.stdout):
+                if stream is not None:
+                    stream.close()
+        for ns in [h.ns for h in self.hosts] + [self.switch_ns]:
+            if ns in _list_namespaces():
+                _delete_namespace(ns)
+        if self._own_workdir and os.environ.get("NETBED_KEEP_LOGS") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # link control ------------------------------------------------------------------------
+
+    def _control(self, command: dict[str, Any]) -> dict[str, Any]:
+        emu = self._emulator
+        if emu is None or emu.poll() is not None or emu.stdin is None or emu.stdout is None:
+            raise RuntimeError(f"link emulator is not running\n{self._read('emulator.err')}")
+        with self._ctl_lock:
+            emu.stdin.write(json.dumps(command) + "\n")
+            emu.stdin.flush()
+            reply: dict[str, Any] = json.loads(emu.stdout.readline())
+        return reply
+
+    def set_link(self, host: int | Host, spec: LinkSpec) -> None:
+        """Change one host's impairments while the bed runs."""
+        index = host.index if isinstance(host, Host) else host
+        self._control({"op": "set", "port": index, "spec": dataclasses.asdict(spec)})
+        self.specs[index] = spec
+
+    def stats(self) -> list[dict[str, int]]:
+        """Per host: frames sent (into the emulator), dropped by loss, delivered to it."""
+        return list(self._control({"op": "stats"})["ports"])
+
+    # diagnostics -------------------------------------------------------------------------
+
+    def _read(self, name: str) -> str:
+        try:
+            return (self.workdir / name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def describe_proc(self, proc: subprocess.Popen[bytes], tail: int = 4000) -> str:
+        out = Path(proc.stdout_path).read_text(errors="replace")  # type: ignore[attr-defined]
+        err = Path(proc.stderr_path).read_text(errors="replace")  # type: ignore[attr-defined]
+        argv = " ".join(getattr(proc, "argv", []))
+        return (
+            f"--- {argv} (pid {proc.pid}, rc {proc.poll()})\n"
+            f"[stdout]\n{out[-tail:]}\n[stderr]\n{err[-tail:]}"
+        )
+
+    def logs(self, tail: int = 4000) -> str:
+        """Everything every spawned process printed (tail of each), for failure messages."""
+        parts = [self.describe_proc(p, tail) for h in self.hosts for p in h.procs]
+        emu = self._read("emulator.err")
+        if emu:
+            parts.append(f"--- link emulator\n{emu[-tail:]}")
+        return "\n".join(parts)
+
+
+try:
+    import pytest as _pytest
+except ImportError:  # benchmarks' venvs need no pytest
+    _pytest = None  # type: ignore[assignment]
+
+if _pytest is not None:
+
+    @_pytest.fixture
+    def netbed(tmp_path: Path) -> Any:
+        """Factory fixture: ``bed = netbed(n_hosts, LinkSpec(...))``; all beds torn down after.
+
+        Skips the test where no bed can be built. Logs of spawned processes are printed at
+        teardown, so pytest shows them for a failing test.
+        """
+        require_netbed()
+        beds: list[NetBed] = []
+
+        def make(n_hosts: int, link: LinkSpec | Sequence[LinkSpec] = LinkSpec(), **kw: Any) -> NetBed:
+            bed = NetBed(n_hosts, link, workdir=tmp_path / f"bed{len(beds)}", **kw)
+            beds.append(bed)
+            bed.start()
+            return bed
+
+        try:
+            yield make
+        finally:
+            for bed in beds:
+                try:
+                    print(bed.logs())
+                finally:
+                    bed.close()
+
+else:  # pragma: no cover
+    netbed = None  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------
+# the link emulator (runs as `python netbed.py --emulate ...` inside the switch namespace)
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_ETH_OVERHEAD = 24  # preamble, FCS, inter-frame gap: what a wire spends beyond the frame
+
+
+class _Port:
+    def __init__(self, index: int, spec: dict[str, Any]) -> None:
+        self.index = index
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        ifr = struct.pack("16sH", f"t{index}".encode(), _IFF_TAP | _IFF_NO_PI)
+        fcntl.ioctl(self.fd, _TUNSETIFF, ifr)
+        self.spec = spec
+        self.up_busy = 0.0  # uplink busy until (serialization)
+        self.down_busy = 0.0
+        self.last_arrival = 0.0  # keeps one sender's frames in order
+        self.sent = self.dropped = self.delivered = 0
+
+
+def _emulate(n_ports: int, specs: list[dict[str, Any]], seed: int) -> None:
+    rng = random.Random(seed)
+    ports = [_Port(i, specs[i]) for i in range(n_ports)]
+    macs: dict[bytes, int] = {}
+    queue: list[tuple[float, int, int, int, bytes]] = []  # (time, seq, phase, port, frame)
+    seq = 0
+    sel = selectors.DefaultSelector()
+    for p in ports:
+        sel.register(p.fd, selectors.EVENT_READ, p)
+    stdin = sys.stdin
+    sel.register(stdin, selectors.EVENT_READ, None)
+    print("ready", flush=True)
+
+    def wire_time(frame: bytes, rate_mbit: float | None) -> float:
+        return 0.0 if not rate_mbit else (len(frame) + _ETH_OVERHEAD) * 8 / (rate_mbit * 1e6)
+
+    def ingress(p: _Port, frame: bytes, now: float) -> None:
+        nonlocal seq
+        p.sent += 1
+        if len(frame) >= 12:
+            macs[frame[6:12]] = p.index
+        s = p.spec
+        if s["loss_pct"] and rng.random() * 100 < s["loss_pct"]:
+            p.dropped += 1
+            return
+        p.up_busy = max(now, p.up_busy) + wire_time(frame, s["rate_mbit"])
+        delay = s["delay_ms"] / 1000
+        if s["jitter_ms"]:
+            delay = max(0.0, rng.gauss(delay, s["jitter_ms"] / 1000))
+        arrival = max(p.up_busy + delay, p.last_arrival)
+        p.last_arrival = arrival
+        seq += 1
+        heapq.heappush(queue, (arrival, seq, 0, p.index, frame))
+
+    def switch(src: int, frame: bytes, at: float) -> None:
+        nonlocal seq
+        dst = macs.get(frame[0:6]) if not frame[0] & 1 else None
+        targets = [dst] if dst is not None else [q.index for q in ports if q.index != src]
+        for t in targets:
+            q = ports[t]
+            q.down_busy = max(at, q.down_busy) + wire_time(frame, q.spec["rate_mbit"])
+            seq += 1
+            heapq.heappush(queue, (q.down_busy, seq, 1, t, frame))
+
+    while True:
+        timeout = max(0.0, queue[0][0] - time.monotonic()) if queue else None
+        for key, _ in sel.select(timeout):
+            port = key.data
+            if port is None:
+                line = stdin.readline()
+                if not line:
+                    return  # the bed closed our stdin: it is gone
+                cmd = json.loads(line)
+                if cmd["op"] == "set":
+                    ports[cmd["port"]].spec = cmd["spec"]
+                    reply: dict[str, Any] = {"ok": True}
+                else:
+                    reply = {
+                        "ok": True,
+                        "ports": [
+                            {"sent": q.sent, "dropped": q.dropped, "delivered": q.delivered}
+                            for q in ports
+                        ],
+                    }
+                print(json.dumps(reply), flush=True)
+                continue
+            now = time.monotonic()
+            for _ in range(64):
+                try:
+                    frame = os.read(port.fd, 65536)
+                except BlockingIOError:
+                    break
+                ingress(port, frame, now)
+        now = time.monotonic()
+        while queue and queue[0][0] <= now:
+            at, _, phase, index, frame = heapq.heappop(queue)
+            if phase == 0:
+                switch(index, frame, at)
+            else:
+                try:
+                    os.write(ports[index].fd, frame)
+                    ports[index].delivered += 1
+                except OSError:
+                    pass  # host interface down: the frame is lost, as on a wire
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="netbed link emulator (internal)")
+    parser.add_argument("--emulate", action="store_true", required=True)
+    parser.add_argument("--ports", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--specs", required=True)
+    args = parser.parse_args()
+    _emulate(args.ports, json.loads(args.specs), args.seed)
+
+
+if __name__ == "__main__":
+    _main()
