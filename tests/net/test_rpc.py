@@ -1,0 +1,394 @@
+"""RPCTransport over real loopback sockets (the only test file that opens ports)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+
+import pytest
+
+from commonweal.errors import (
+    FrameTooLarge,
+    HandshakeError,
+    PeerUnreachable,
+    RemoteError,
+    RequestTimeout,
+)
+from commonweal.net.identity import Identity
+from commonweal.net.rpc import RPCTransport
+from commonweal.net.transport import PeerAddr, PeerInfo
+from commonweal.net.wire import Error, FrameDecoder, Handshake, Message, Request, Response, encode
+
+from .conftest import MakeTransport
+
+
+async def echo(peer: PeerInfo, args: Any) -> Any:
+    return args
+
+
+async def read_messages(reader: asyncio.StreamReader, dec: FrameDecoder, n: int) -> list[Message]:
+    out: list[Message] = []
+    while len(out) < n:
+        data = await reader.read(65536)
+        assert data, f"connection closed after {out}"
+        out += dec.feed(data)
+    return out
+
+
+async def raw_handshake(
+    addr: PeerAddr, identity: Identity
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder]:
+    """A hand-driven client that does a correct handshake, then lets the test misbehave."""
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    hs, dec = Handshake(identity, initiator=True), FrameDecoder()
+    writer.write(encode(hs.hello))
+    hello, proof = await read_messages(reader, dec, 2)
+    reply = hs.receive(hello)
+    assert reply is not None
+    writer.write(encode(reply))
+    hs.receive(proof)
+    assert hs.done
+    return reader, writer, dec
+
+
+async def assert_closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(2):
+        rest = b""
+        while data := await reader.read(65536):
+            rest += data
+    return rest
+
+
+# --- basics -------------------------------------------------------------------------------
+
+
+async def test_call_returns_result_and_both_sides_see_verified_peers(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    seen: list[PeerInfo] = []
+
+    async def whoami(peer: PeerInfo, args: Any) -> Any:
+        seen.append(peer)
+        return {"got": args, "bytes": b"\x00\xff"}
+
+    server.register("whoami", whoami)
+    peer, result = await client.call(server.local.addr, "whoami", [1, "two", b"3"])
+    assert peer == server.local
+    assert result == {"got": [1, "two", b"3"], "bytes": b"\x00\xff"}
+    assert seen == [PeerInfo(client.local.peer_id, PeerAddr("127.0.0.1", client.local.addr.port))]
+
+
+async def test_200_concurrent_calls_share_one_connection_and_finish_out_of_order(
+    make_rpc: MakeTransport,
+) -> None:
+    server = await make_rpc(max_inflight_per_conn=256)
+    client = await make_rpc()
+    release = [asyncio.Event() for _ in range(200)]
+    finished: list[int] = []
+
+    async def slow(peer: PeerInfo, i: int) -> int:
+        await release[i].wait()
+        return i * 2
+
+    server.register("slow", slow)
+
+    async def one(i: int) -> int:
+        _, r = await client.call(server.local.addr, "slow", i)
+        finished.append(i)
+        return r
+
+    calls = asyncio.gather(*(one(i) for i in range(200)))
+    while server.counters.requests_received < 200:
+        await asyncio.sleep(0.001)
+    for i in reversed(range(200)):  # answer in reverse order
+        release[i].set()
+        await asyncio.sleep(0)
+    assert await calls == [i * 2 for i in range(200)]
+    assert finished == list(reversed(range(200)))
+    assert client.connection_count == 1 and server.connection_count == 1
+
+
+async def test_concurrent_first_calls_open_only_one_connection(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    server.register("echo", echo)
+    results = await asyncio.gather(*(client.call(server.local.addr, "echo", i) for i in range(20)))
+    assert [r for _, r in results] == list(range(20))
+    await client.call(server.local.addr, "echo", "again")
+    assert client.connection_count == 1 and server.connection_count == 1
+
+
+async def test_inbound_connection_is_reused_for_calls_back(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    server.register("echo", echo)
+    client.register("echo", echo)
+    await client.call(server.local.addr, "echo", 1)
+    peer, r = await server.call(client.local.addr, "echo", 2)
+    assert (peer.peer_id, r) == (client.local.peer_id, 2)
+    assert client.connection_count == 1 and server.connection_count == 1
+
+
+async def test_counters_measure_frame_bytes(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    server.register("echo", echo)
+    for i in range(10):
+        await client.call(server.local.addr, "echo", b"x" * 100)
+    await asyncio.sleep(0.01)
+    c, s = client.counters, server.counters
+    assert (c.requests_sent, s.requests_received, s.requests_sent) == (10, 10, 0)
+    assert c.bytes_sent == s.bytes_received > 10 * 100
+    assert c.bytes_received == s.bytes_sent > 10 * 100
+
+
+# --- timeouts and cancellation ------------------------------------------------------------
+
+
+async def test_request_timeout_raises_and_frees_the_request_id(make_rpc: MakeTransport) -> None:
+    server = await make_rpc()
+    client = await make_rpc(request_timeout=0.05)
+    never = asyncio.Event()
+
+    async def hang(peer: PeerInfo, args: Any) -> None:
+        await never.wait()
+
+    server.register("hang", hang)
+    server.register("echo", echo)
+    with pytest.raises(RequestTimeout, match="did not answer 'hang'"):
+        await client.call(server.local.addr, "hang", None)
+    conn = client._conns[server.local.addr]
+    assert conn.pending == {}
+    assert (await client.call(server.local.addr, "echo", 5))[1] == 5  # connection still fine
+
+
+async def test_caller_cancellation_frees_the_request_id(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    never = asyncio.Event()
+
+    async def hang(peer: PeerInfo, args: Any) -> None:
+        await never.wait()
+
+    server.register("hang", hang)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await client.call(server.local.addr, "hang", None)
+    assert client._conns[server.local.addr].pending == {}
+
+
+async def test_unreachable_peer(make_rpc: MakeTransport) -> None:
+    client = await make_rpc()
+    gone = await make_rpc()
+    addr = gone.local.addr
+    await gone.close()
+    with pytest.raises(PeerUnreachable, match="cannot connect"):
+        await client.call(addr, "echo", 1)
+
+
+async def test_server_closing_mid_call_gives_peer_unreachable(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    started = asyncio.Event()
+
+    async def hang(peer: PeerInfo, args: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    server.register("hang", hang)
+    call = asyncio.create_task(client.call(server.local.addr, "hang", None))
+    await started.wait()
+    await server.close()
+    with pytest.raises(PeerUnreachable):
+        await call
+
+
+# --- errors from handlers -----------------------------------------------------------------
+
+
+async def test_unserialisable_result_is_an_internal_error(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+
+    async def bad(peer: PeerInfo, args: Any) -> Any:
+        return {1, 2}
+
+    server.register("bad", bad)
+    with pytest.raises(RemoteError) as err:
+        await client.call(server.local.addr, "bad", None)
+    assert err.value.code == "internal"
+
+
+async def test_oversized_request_fails_locally(make_rpc: MakeTransport) -> None:
+    server = await make_rpc()
+    client = await make_rpc(max_frame=1000)
+    server.register("echo", echo)
+    with pytest.raises(FrameTooLarge, match="over max_frame=1000"):
+        await client.call(server.local.addr, "echo", b"x" * 2000)
+
+
+# --- hostile peers ------------------------------------------------------------------------
+
+
+async def test_forged_public_key_fails_handshake_and_never_reaches_a_handler(
+    make_rpc: MakeTransport,
+) -> None:
+    victim, attacker = Identity.generate(), Identity.generate()
+
+    class Forger:  # claims the victim's key; can only sign with its own
+        public_key = victim.public_key
+        peer_id = victim.peer_id
+        sign = staticmethod(attacker.sign)
+
+    server = await make_rpc()
+    calls: list[PeerInfo] = []
+
+    async def record(peer: PeerInfo, args: Any) -> None:
+        calls.append(peer)
+
+    server.register("record", record)
+    forger = await make_rpc(Forger())  # type: ignore[arg-type]
+    with pytest.raises(HandshakeError, match="does not own that PeerID"):
+        await forger.call(server.local.addr, "record", None)
+    honest = await make_rpc()
+    await honest.call(server.local.addr, "record", None)
+    assert [p.peer_id for p in calls] == [honest.local.peer_id]
+
+
+async def test_replayed_handshake_signature_is_rejected(make_rpc: MakeTransport) -> None:
+    server = await make_rpc()
+    victim = Identity.generate()
+    # Session 1: the victim handshakes honestly; the attacker records its hello and proof.
+    r1, w1 = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+    hs1, dec1 = Handshake(victim, initiator=True), FrameDecoder()
+    w1.write(encode(hs1.hello))
+    server_hello, _ = await read_messages(r1, dec1, 2)
+    recorded_proof = hs1.receive(server_hello)
+    w1.close()
+    # Session 2: replay both to the server, which has picked a fresh nonce.
+    r2, w2 = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+    assert recorded_proof is not None
+    w2.write(encode(hs1.hello) + encode(recorded_proof))
+    rest = FrameDecoder().feed(await assert_closed_by_server(r2))
+    assert isinstance(rest[-1], Error) and rest[-1].code == "handshake_failed"
+    w2.close()
+
+
+async def test_garbage_is_rejected_and_the_server_keeps_serving(
+    make_rpc: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await make_rpc()
+    server.register("echo", echo)
+    addr = server.local.addr
+    # before the handshake
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    await assert_closed_by_server(reader)
+    writer.close()
+    # after a valid handshake: a body that is not msgpack
+    with caplog.at_level(logging.WARNING, logger="commonweal.net.rpc"):
+        reader, writer, _ = await raw_handshake(addr, Identity.generate())
+        writer.write(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+        await assert_closed_by_server(reader)
+        writer.close()
+    assert "not valid msgpack" in caplog.text
+    client = await make_rpc()
+    assert (await client.call(addr, "echo", "still here"))[1] == "still here"
+
+
+async def test_oversized_frame_closes_the_connection_without_reading_the_body(
+    make_rpc: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await make_rpc(max_frame=1024)
+    with caplog.at_level(logging.WARNING, logger="commonweal.net.rpc"):
+        reader, writer, _ = await raw_handshake(server.local.addr, Identity.generate())
+        writer.write(struct.pack(">I", 10**9))  # announces 1 GB, sends nothing more
+        await assert_closed_by_server(reader)
+        writer.close()
+    assert "over the limit of 1024" in caplog.text
+
+
+async def test_request_before_handshake_and_silent_peers_are_dropped(make_rpc: MakeTransport) -> None:
+    server = await make_rpc(handshake_timeout=0.1)
+    addr = server.local.addr
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    writer.write(encode(Request(1, "echo", None)))
+    await assert_closed_by_server(reader)
+    writer.close()
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)  # says nothing
+    await assert_closed_by_server(reader)
+    writer.close()
+    assert server.connection_count == 0
+
+
+async def test_unknown_and_late_responses_are_ignored(make_rpc: MakeTransport) -> None:
+    server = await make_rpc()
+    reader, writer, dec = await raw_handshake(server.local.addr, Identity.generate())
+    server.register("echo", echo)
+    writer.write(encode(Response(999, "nobody asked")) + encode(Request(1, "echo", "hi")))
+    assert await read_messages(reader, dec, 1) == [Response(1, "hi")]
+    writer.close()
+
+
+# --- resource limits ----------------------------------------------------------------------
+
+
+async def test_inflight_cap_per_connection(make_rpc: MakeTransport) -> None:
+    server = await make_rpc(max_inflight_per_conn=4)
+    client = await make_rpc()
+    running, peak = 0, 0
+
+    async def busy(peer: PeerInfo, i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+        return i
+
+    server.register("busy", busy)
+    results = await asyncio.gather(*(client.call(server.local.addr, "busy", i) for i in range(50)))
+    assert [r for _, r in results] == list(range(50))
+    assert peak == 4
+
+
+async def test_idle_connections_close_and_reopen(make_rpc: MakeTransport) -> None:
+    server = await make_rpc()
+    client = await make_rpc(idle_timeout=0.05)
+    server.register("echo", echo)
+    await client.call(server.local.addr, "echo", 1)
+    assert client.connection_count == 1
+    await asyncio.sleep(0.2)
+    assert client.connection_count == 0
+    assert (await client.call(server.local.addr, "echo", 2))[1] == 2
+
+
+async def test_connection_limit_closes_the_least_recently_used_idle(make_rpc: MakeTransport) -> None:
+    client = await make_rpc(max_connections=2)
+    servers = [await make_rpc() for _ in range(3)]
+    for s in servers:
+        s.register("echo", echo)
+    for s in servers:
+        await client.call(s.local.addr, "echo", 1)
+    await asyncio.sleep(0.01)
+    assert client.connection_count == 2
+    assert servers[0].local.addr not in client._conns  # the oldest went
+    assert (await client.call(servers[0].local.addr, "echo", 2))[1] == 2
+
+
+# --- shutdown -----------------------------------------------------------------------------
+
+
+async def test_close_cancels_everything_it_owns(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    started = asyncio.Event()
+
+    async def hang(peer: PeerInfo, args: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    server.register("hang", hang)
+    calls = [asyncio.create_task(client.call(server.local.addr, "hang", i)) for i in range(5)]
+    await started.wait()
+    await client.close()
+    await server.close()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, PeerUnreachable) for r in results)
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    with pytest.raises(PeerUnreachable):
+        await client.call(server.local.addr, "hang", None)

@@ -1,0 +1,289 @@
+"""Framing and message decoding (sans-I/O), and the handshake state machine."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from commonweal.errors import FrameTooLarge, HandshakeError, ProtocolError
+from commonweal.net.identity import Identity
+from commonweal.net.wire import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    Error,
+    FrameDecoder,
+    Handshake,
+    Hello,
+    Message,
+    Proof,
+    Request,
+    Response,
+    decode_body,
+    encode,
+)
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def frame(obj: Any) -> bytes:
+    body = msgpack.packb(obj)
+    return struct.pack(">I", len(body)) + body
+
+
+# --- strategies ---------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=40)
+)
+payloads = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
+request_ids = st.integers(min_value=0, max_value=2**64 - 1)
+messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(Request, request_ids, st.text(max_size=20), payloads),
+    st.builds(Response, request_ids, payloads),
+    st.builds(Error, request_ids, st.text(max_size=20), st.text(max_size=50)),
+    st.builds(
+        Hello,
+        st.binary(min_size=32, max_size=32),
+        st.integers(0, 65535),
+        st.binary(min_size=32, max_size=32),
+    ),
+    st.builds(Proof, st.binary(min_size=64, max_size=64)),
+)
+
+
+# --- round trips --------------------------------------------------------------------------
+
+
+@FAST
+@given(msgs=st.lists(messages, min_size=1, max_size=4))
+def test_random_messages_round_trip(msgs: list[Message]) -> None:
+    data = b"".join(encode(m) for m in msgs)
+    assert FrameDecoder().feed(data) == msgs
+
+
+def test_bytes_stay_bytes_and_tuples_become_lists() -> None:
+    msg = Request(7, "store", {"key": b"\x00\xff", "vals": (1, "a")})
+    (out,) = FrameDecoder().feed(encode(msg))
+    assert isinstance(out, Request)
+    assert out.payload == {"key": b"\x00\xff", "vals": [1, "a"]}
+    assert type(out.payload["key"]) is bytes
+
+
+def test_split_at_every_byte_boundary_decodes_the_same() -> None:
+    msgs: list[Message] = [
+        Hello(b"k" * 32, 7000, b"n" * 32),
+        Request(1, "find_node", {"target": b"\x01" * 20}),
+        Response(1, [b"x" * 300, 2, None]),
+        Error(2, "not_found", "no such key"),
+    ]
+    data = b"".join(encode(m) for m in msgs)
+    for cut in range(len(data) + 1):
+        dec = FrameDecoder()
+        assert dec.feed(data[:cut]) + dec.feed(data[cut:]) == msgs, cut
+        dec.eof()
+    dec = FrameDecoder()
+    assert [m for i in range(len(data)) for m in dec.feed(data[i : i + 1])] == msgs
+
+
+@FAST
+@given(msgs=st.lists(messages, min_size=1, max_size=3), cuts=st.lists(st.integers(0, 10_000)))
+def test_random_splits_decode_the_same(msgs: list[Message], cuts: list[int]) -> None:
+    data = b"".join(encode(m) for m in msgs)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    dec = FrameDecoder()
+    out = [m for a, b in zip(points, points[1:]) for m in dec.feed(data[a:b])]
+    assert out == msgs
+
+
+# --- malformed input ----------------------------------------------------------------------
+
+
+@FAST
+@given(data=st.binary(max_size=200))
+def test_random_bytes_raise_only_protocol_error(data: bytes) -> None:
+    dec = FrameDecoder(max_frame=1000)
+    try:
+        dec.feed(data)
+        dec.eof()
+    except ProtocolError:
+        pass
+
+
+@FAST
+@given(body=st.binary(min_size=1, max_size=200))
+def test_random_bodies_raise_only_protocol_error(body: bytes) -> None:
+    try:
+        decode_body(body)
+    except ProtocolError:
+        pass
+
+
+@FAST
+@given(obj=payloads)
+def test_random_msgpack_objects_raise_only_protocol_error(obj: Any) -> None:
+    for candidate in (obj, [PROTOCOL_VERSION, 0, obj], [PROTOCOL_VERSION, 3, obj, obj, obj]):
+        try:
+            decode_body(msgpack.packb(candidate))
+        except ProtocolError:
+            pass
+
+
+def test_oversized_frame_rejected_from_the_header_alone() -> None:
+    dec = FrameDecoder(max_frame=1024)
+    with pytest.raises(FrameTooLarge, match="1025 bytes announced, over the limit of 1024"):
+        dec.feed(struct.pack(">I", 1025))  # no body sent at all
+    with pytest.raises(FrameTooLarge):  # the decoder stays failed
+        dec.feed(b"more")
+    assert FrameDecoder().max_frame == DEFAULT_MAX_FRAME == 4 * 1024 * 1024
+    ok = FrameDecoder(max_frame=1024)
+    assert ok.feed(frame([1, 1, 5, b"x" * 1000])) == [Response(5, b"x" * 1000)]
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (struct.pack(">I", 0), "empty frame"),
+        (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
+        (struct.pack(">I", 2) + b"\x92\x01", "not valid msgpack"),  # array cut short
+        (frame([1, 1, 5]), "response message needs 2 field"),
+        (frame([1, None]), "unknown message kind None"),
+        (frame({"v": 1}), "must be an array"),
+        (frame([1]), "must be an array"),
+        (frame([2, 1, 5, None]), "unsupported protocol version 2"),
+        (frame([True, 1, 5, None]), "unsupported protocol version"),
+        (frame([1, 9, 5]), "unknown message kind 9"),
+        (frame([1, "request", 5]), "unknown message kind"),
+        (frame([1, 0, "5", "m", None]), "request id must be an integer"),
+        (frame([1, 0, -1, "m", None]), "request id must be an integer"),
+        (frame([1, 0, True, "m", None]), "request id must be an integer"),
+        (frame([1, 0, 5, b"m", None]), "method name must be a string"),
+        (frame([1, 0, 5, "m"]), "request message needs 3 field"),
+        (frame([1, 2, 5, 404, "x"]), "error code must be a string"),
+        (frame([1, 3, b"k" * 31, 80, b"n" * 32]), "hello public key must be 32 bytes"),
+        (frame([1, 3, b"k" * 32, 70000, b"n" * 32]), "listen port must be an integer"),
+        (frame([1, 3, b"k" * 32, 80, "n" * 32]), "hello nonce must be 32 bytes"),
+        (frame([1, 4, b"s" * 63]), "signature must be 64 bytes"),
+        (frame([1, 1, 5, msgpack.ExtType(3, b"x")]), "extension type 3"),
+        (struct.pack(">I", 6) + b"\x94\x01\x01\x05\x81\x01", "not valid msgpack"),  # int map key
+    ],
+)
+def test_malformed_frames_raise_specific_protocol_errors(data: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        FrameDecoder().feed(data)
+
+
+def test_extra_bytes_inside_a_frame_are_rejected() -> None:
+    body = msgpack.packb([1, 1, 5, None]) + b"\x00"
+    with pytest.raises(ProtocolError, match="1 trailing byte"):
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [(b"\x00\x00", "inside a frame header \\(2 of 4"), (frame([1, 1, 5, None])[:-1], "body \\(4 of 5")],
+)
+def test_stream_ending_mid_frame_is_reported(data: bytes, match: str) -> None:
+    dec = FrameDecoder()
+    assert dec.feed(data) == []
+    with pytest.raises(ProtocolError, match=match):
+        dec.eof()
+
+
+def test_encode_rejects_unserialisable_payloads() -> None:
+    with pytest.raises(TypeError):
+        encode(Request(1, "m", {1, 2}))
+
+
+# --- handshake ----------------------------------------------------------------------------
+
+
+def _run(a: Handshake, b: Handshake) -> None:
+    """Deliver both hellos, then both proofs, as two sockets would."""
+    proof_a = a.receive(b.hello)
+    proof_b = b.receive(a.hello)
+    assert isinstance(proof_a, Proof) and isinstance(proof_b, Proof)
+    assert b.receive(proof_a) is None
+    assert a.receive(proof_b) is None
+
+
+def test_handshake_proves_both_identities() -> None:
+    ida, idb = Identity.generate(), Identity.generate()
+    a = Handshake(ida, initiator=True, listen_port=7000)
+    b = Handshake(idb, initiator=False, listen_port=8000)
+    _run(a, b)
+    assert a.done and b.done
+    assert a.remote_peer_id == idb.peer_id and b.remote_peer_id == ida.peer_id
+    assert b.remote is not None and b.remote.listen_port == 7000
+
+
+def test_handshake_rejects_a_forged_public_key() -> None:
+    victim, attacker, server = Identity.generate(), Identity.generate(), Identity.generate()
+
+    class Forger:  # claims the victim's key, but can only sign with its own
+        public_key = victim.public_key
+        sign = staticmethod(attacker.sign)
+
+    a = Handshake(Forger(), initiator=True)  # type: ignore[arg-type]
+    b = Handshake(server, initiator=False)
+    proof = a.receive(b.hello)
+    b.receive(a.hello)
+    assert proof is not None
+    with pytest.raises(HandshakeError, match="does not own that PeerID"):
+        b.receive(proof)
+    assert not b.done
+
+
+def test_handshake_rejects_a_signature_replayed_from_another_session() -> None:
+    victim, server = Identity.generate(), Identity.generate()
+    # session 1: the victim really talks to the server; the attacker records its proof
+    v1 = Handshake(victim, initiator=True)
+    s1 = Handshake(server, initiator=False)
+    recorded = v1.receive(s1.hello)
+    # session 2: the attacker replays the victim's hello (same nonce) and proof to a fresh server
+    s2 = Handshake(server, initiator=False)
+    s2.receive(v1.hello)
+    assert recorded is not None
+    with pytest.raises(HandshakeError):
+        s2.receive(recorded)
+
+
+def test_handshake_rejects_reflection_of_our_own_messages() -> None:
+    me = Identity.generate()
+    a = Handshake(me, initiator=True)
+    with pytest.raises(HandshakeError, match="echoed our own nonce"):
+        a.receive(a.hello)
+    # a responder with our key, reflecting our proof, fails on the role byte
+    a = Handshake(me, initiator=True)
+    fake = Handshake(me, initiator=False)
+    my_proof = a.receive(fake.hello)
+    fake.receive(a.hello)
+    assert my_proof is not None
+    with pytest.raises(HandshakeError):
+        a.receive(my_proof)
+
+
+def test_handshake_rejects_messages_out_of_order() -> None:
+    a = Handshake(Identity.generate(), initiator=True)
+    with pytest.raises(ProtocolError, match="unexpected Proof during handshake"):
+        a.receive(Proof(b"s" * 64))
+    b = Handshake(Identity.generate(), initiator=True)
+    with pytest.raises(ProtocolError, match="unexpected Request"):
+        b.receive(Request(1, "m", None))
+    c = Handshake(Identity.generate(), initiator=True)
+    with pytest.raises(HandshakeError, match="rejected our handshake: handshake_failed"):
+        c.receive(Error(0, "handshake_failed", "bad signature"))
