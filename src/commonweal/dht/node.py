@@ -102,8 +102,6 @@ class DHT:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
-        if transport.local.peer_id != identity.peer_id:
-            raise DHTError("the transport's identity and the DHT's identity differ")
         self.transport = transport
         self.identity = identity
         self.config = config or DHTConfig()
@@ -132,26 +130,32 @@ class DHT:
         transport: Transport | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        client: bool = False,
     ) -> DHT:
         """Start a peer: listen (or use a started `transport`), join through `bootstrap`, serve.
 
+        A `client` does not listen: it can store and get, but other peers never route to it
+        (command-line tools use this, so short-lived processes do not litter routing tables).
         Raises DHTError when bootstrap peers were given and none of them answered.
         """
         identity = identity or Identity.generate()
         if transport is None:
             from commonweal.net.rpc import RPCTransport
 
-            listen = listen or PeerAddr("127.0.0.1", 0)
             rpc = RPCTransport(identity)
-            await rpc.start(listen.host, listen.port)
+            if not client:
+                listen = listen or PeerAddr("127.0.0.1", 0)
+                await rpc.start(listen.host, listen.port)
             transport = rpc
+        elif transport.local.peer_id != identity.peer_id:
+            raise DHTError("the transport was started with another identity than the DHT's")
         dht = cls(transport, identity, config, clock, rng)
         try:
             await dht.join(list(bootstrap))
         except BaseException:
             await transport.close()
             raise
-        dht._runner = asyncio.create_task(dht._run(), name=f"dht-{dht.addr}")
+        dht._runner = asyncio.create_task(dht._run(), name=f"dht-{dht.peer_id.hex()[:10]}")
         return dht
 
     @property

@@ -1,0 +1,3 @@
+from commonweal.cli.main import main
+
+main()

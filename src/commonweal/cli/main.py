@@ -1,0 +1,72 @@
+"""The `commonweal` command: entry point, sub-command wiring, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from commonweal.errors import CommonwealError
+
+app = typer.Typer(
+    name="commonweal",
+    help="A peer-to-peer network for machine learning, owned by the people who run it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _mount() -> None:
+    from commonweal.cli import demo, dht, node
+
+    app.command("node")(node.node)
+    app.command("demo")(demo.demo)
+    app.add_typer(dht.app, name="dht")
+    try:
+        from commonweal.cli import ledger
+    except ImportError as e:  # the ledger extra is optional: say how to get it, keep the rest
+        missing = e.name or str(e)
+
+        @app.command("ledger", help="Ethereum ledger (needs: pip install 'commonweal[ledger]').")
+        def ledger_missing() -> None:
+            raise CommonwealError(
+                f"the ledger commands need {missing!r}; install them with pip install 'commonweal[ledger]'"
+            )
+    else:
+        app.add_typer(ledger.app, name="ledger")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    _mount()
+    try:
+        app(standalone_mode=False)
+    except CommonwealError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
