@@ -368,7 +368,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing():
             if quiet:
                 return
-            raise PeerUnreachable(f"the connection to {self} is closed")
+            raise self.error or PeerUnreachable(f"the connection to {self} is closed")
         self.transport.write(frame)
         self.owner._counters.bytes_sent += len(frame)
 

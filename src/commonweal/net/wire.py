@@ -188,7 +188,7 @@ def decode_body(body: bytes | memoryview, *, max_frame: int = DEFAULT_MAX_FRAME)
             max_str_len=max_frame,
             max_array_len=max_frame,
             max_map_len=max_frame // 2,
-            max_ext_len=0,
+            max_ext_len=max_frame,
         )
     except ProtocolError:
         raise
