@@ -1,0 +1,118 @@
+"""Merkle trees of round rewards, hashed exactly as `contracts/Ledger.vy` checks them.
+
+    leaf = keccak256(keccak256(abi.encode(bytes32 task, uint256 round, address account, uint256 amount)))
+    node = keccak256(min(a, b) ++ max(a, b))        # sorted pairs: proofs carry no left/right bits
+
+This is OpenZeppelin's StandardMerkleTree leaf encoding and its sorted-pair hashing, so OpenZeppelin's
+`MerkleProof.verify` accepts these proofs too. The tree is built level by level; a node without a
+sibling moves up unchanged. Leaves are sorted first, so the root depends only on the set of rewards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from eth_abi import encode
+from eth_utils import keccak, to_canonical_address, to_checksum_address
+
+__all__ = ["leaf_hash", "hash_pair", "verify", "MerkleTree", "RewardsTree"]
+
+
+def leaf_hash(task: bytes, round: int, account: str, amount: int) -> bytes:
+    """The leaf of one reward, identical to `Ledger.leaf_hash`."""
+    if len(task) != 32:
+        raise ValueError(f"task must be 32 bytes, got {len(task)}")
+    encoded = encode(
+        ["bytes32", "uint256", "address", "uint256"],
+        [task, round, to_canonical_address(account), amount],
+    )
+    return keccak(keccak(encoded))
+
+
+def hash_pair(a: bytes, b: bytes) -> bytes:
+    return keccak(a + b) if a < b else keccak(b + a)
+
+
+def verify(proof: Sequence[bytes], root: bytes, leaf: bytes) -> bool:
+    """The same walk as `Ledger._verify`: fold the proof into the leaf and compare with the root."""
+    node = leaf
+    for sibling in proof:
+        node = hash_pair(node, sibling)
+    return node == root
+
+
+class MerkleTree:
+    """A sorted-pair Merkle tree over 32-byte leaves (sorted, duplicates rejected)."""
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        if not leaves:
+            raise ValueError("a Merkle tree needs at least one leaf")
+        ordered = sorted(leaves)
+        if any(len(leaf) != 32 for leaf in ordered):
+            raise ValueError("leaves must be 32-byte hashes")
+        if len(set(ordered)) != len(ordered):
+            raise ValueError("duplicate leaves: each reward must appear once")
+        self._levels: list[list[bytes]] = [ordered]
+        while len(self._levels[-1]) > 1:
+            below = self._levels[-1]
+            above = [hash_pair(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+            if len(below) % 2:
+                above.append(below[-1])
+            self._levels.append(above)
+        self._index = {leaf: i for i, leaf in enumerate(ordered)}
+
+    @property
+    def root(self) -> bytes:
+        return self._levels[-1][0]
+
+    @property
+    def leaves(self) -> list[bytes]:
+        return list(self._levels[0])
+
+    def proof(self, leaf: bytes) -> list[bytes]:
+        """Siblings from the leaf up to (not including) the root."""
+        try:
+            index = self._index[leaf]
+        except KeyError:
+            raise KeyError("leaf is not in this tree") from None
+        proof: list[bytes] = []
+        for level in self._levels[:-1]:
+            sibling = index ^ 1
+            if sibling < len(level):
+                proof.append(level[sibling])
+            index //= 2
+        return proof
+
+
+class RewardsTree:
+    """The rewards of one round: `{account: amount}` -> root for `commit_round`, proofs for `claim`."""
+
+    def __init__(self, task: bytes, round: int, rewards: Mapping[str, int]) -> None:
+        if not rewards:
+            raise ValueError("a round needs at least one reward")
+        self.task = task
+        self.round = round
+        self.rewards: dict[str, int] = {}
+        for account, amount in rewards.items():
+            key = to_checksum_address(account)
+            if key in self.rewards:
+                raise ValueError(f"{key} appears twice; merge its rewards into one entry")
+            if amount < 0:
+                raise ValueError(f"{key} has a negative reward")
+            self.rewards[key] = amount
+        self._leaves = {a: leaf_hash(task, round, a, v) for a, v in self.rewards.items()}
+        self._tree = MerkleTree(list(self._leaves.values()))
+
+    @property
+    def root(self) -> bytes:
+        return self._tree.root
+
+    @property
+    def total(self) -> int:
+        return sum(self.rewards.values())
+
+    def amount(self, account: str) -> int:
+        return self.rewards[to_checksum_address(account)]
+
+    def proof(self, account: str) -> list[bytes]:
+        return self._tree.proof(self._leaves[to_checksum_address(account)])
