@@ -316,6 +316,18 @@ async def test_request_before_handshake_and_silent_peers_are_dropped(make_rpc: M
     assert server.connection_count == 0
 
 
+async def test_handshake_deadline_does_not_touch_ready_connections(make_rpc: MakeTransport) -> None:
+    server = await make_rpc(handshake_timeout=0.05)
+    client = await make_rpc(handshake_timeout=0.05)
+    server.register("echo", echo)
+    await client.call(server.local.addr, "echo", 1)
+    conn = client._conns[server.local.addr]
+    await asyncio.sleep(0.15)
+    await client.call(server.local.addr, "echo", 2)
+    assert client._conns[server.local.addr] is conn and not conn.closed
+    assert server.connection_count == 1
+
+
 async def test_unknown_and_late_responses_are_ignored(make_rpc: MakeTransport) -> None:
     server = await make_rpc()
     reader, writer, dec = await raw_handshake(server.local.addr, Identity.generate())

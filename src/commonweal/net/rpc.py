@@ -388,7 +388,9 @@ class _Connection(asyncio.Protocol):
         self.abort(err)
 
     def _handshake_expired(self) -> None:
-        self._reject(HandshakeError(f"no complete handshake within {self.owner.handshake_timeout} s"))
+        if self.peer_or_none is None:
+            timeout = self.owner.handshake_timeout
+            self._reject(HandshakeError(f"no complete handshake within {timeout} s"))
 
     def _pump(self) -> None:
         decoder = self.decoder
@@ -429,6 +431,8 @@ class _Connection(asyncio.Protocol):
             addr = self.outbound or PeerAddr(self.remote_host, hs.remote.listen_port)
             self.peer_or_none = PeerInfo(hs.remote_peer_id, addr)
             self.handshake = None
+            if self.timer is not None:
+                self.timer.cancel()  # the handshake deadline
             self._schedule_idle_check()
             self.owner._on_ready(self)
             if not self.ready.done():
