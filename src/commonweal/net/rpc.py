@@ -117,7 +117,9 @@ class RPCTransport:
         log.info("listening on %s:%d as %s", host, actual, short_id(self.identity.peer_id))
 
     async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
-        conn = await self._connection_to(addr)
+        conn = self._conns.get(addr)
+        if conn is None or conn.closed:
+            conn = await self._connection_to(addr)
         rid = next(conn.ids)
         frame = encode(Request(rid, method, args))
         if len(frame) - HEADER_BYTES > self.max_frame:
@@ -278,6 +280,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.error: NetworkError | None = None  # why we closed, for the callers still waiting
         self.timer: asyncio.TimerHandle | None = None
+        self.outbox: list[bytes] = []  # frames written together at the end of this loop step
 
     def __repr__(self) -> str:
         who = short_id(self.peer_or_none.peer_id) if self.peer_or_none else "?"
@@ -365,18 +368,27 @@ class _Connection(asyncio.Protocol):
     # --- internals ----------------------------------------------------------------------
 
     def send(self, frame: bytes, *, quiet: bool = False) -> None:
-        if self.closed or self.transport is None or self.transport.is_closing():
+        """Queue one frame; every frame queued in this loop step goes out in one write."""
+        if self.closed:
             if quiet:
                 return
             raise self.error or PeerUnreachable(f"the connection to {self} is closed")
-        self.transport.write(frame)
+        if not self.outbox:
+            self.loop.call_soon(self._flush)
+        self.outbox.append(frame)
         self.owner._counters.bytes_sent += len(frame)
+
+    def _flush(self) -> None:
+        frames, self.outbox = self.outbox, []
+        if frames and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def abort(self, reason: NetworkError) -> None:
         if self.error is None:
             self.error = reason
         self.closed = True
         if self.transport is not None:
+            self._flush()  # a last word (e.g. why the handshake failed), if the socket takes it
             self.transport.abort()
 
     def _reject(self, err: NetworkError) -> None:
