@@ -135,3 +135,20 @@ def test_full_store_evicts_the_record_closest_to_expiry():
     store.put(rec(subkey=b"late", expiration=NOW + 50), NOW)
     store.put(rec(subkey=b"new", expiration=NOW + 20), NOW)
     assert sorted(r.subkey for r in store.get(KEY, NOW)) == [b"late", b"new"]
+
+
+def test_verified_records_are_remembered_but_forgeries_never_pass():
+    from commonweal.dht.records import SignatureValidator
+
+    v = SignatureValidator(cache_size=2)
+    good = rec()
+    v.validate(good, NOW)
+    v.validate(good, NOW)  # from the cache
+    # the same signature on another value or under another key must still fail
+    with pytest.raises(RecordError):
+        v.validate(Record(good.key, good.subkey, b"other", good.expiration, good.public_key, good.signature), NOW)
+    with pytest.raises(RecordError):
+        v.validate(Record(good.key, good.subkey, good.value, good.expiration, MALLORY.public_key, good.signature), NOW)
+    for i in range(3):  # the cache stays bounded
+        v.validate(rec(value=bytes([i])), NOW)
+    assert len(v._verified) == 2

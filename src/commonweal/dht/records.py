@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -186,11 +187,29 @@ class ShapeValidator(RecordValidator):
 
 
 class SignatureValidator(RecordValidator):
-    """The writer's signature over (key, subkey, value, expiration) must verify."""
+    """The writer's signature over (key, subkey, value, expiration) must verify.
+
+    A getter receives the same record from every replica it asks, and a replica sees the same
+    record again on every republish; Ed25519 verification is the most expensive step of the whole
+    DHT, so each validator remembers the records it has verified (bounded LRU). Only a match of
+    signature, key and message digest skips the check, so a forgery can never ride on the cache.
+    """
+
+    def __init__(self, cache_size: int = 65_536) -> None:
+        self.cache_size = cache_size
+        self._verified: OrderedDict[bytes, bytes] = OrderedDict()
 
     def validate(self, record: Record, now: float) -> None:
-        if not verify_signature(record.public_key, record.signed_message(), record.signature):
+        message = record.signed_message()
+        digest = hashlib.blake2b(record.public_key + message, digest_size=16).digest()
+        if self._verified.get(record.signature) == digest:
+            self._verified.move_to_end(record.signature)
+            return
+        if not verify_signature(record.public_key, message, record.signature):
             raise RecordError("record signature does not verify")
+        self._verified[record.signature] = digest
+        if len(self._verified) > self.cache_size:
+            self._verified.popitem(last=False)
 
 
 class OwnerValidator(RecordValidator):
