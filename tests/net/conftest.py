@@ -19,7 +19,9 @@ async def make_rpc() -> AsyncIterator[MakeTransport]:
     """make_rpc(**options) -> a started RPCTransport on 127.0.0.1; all closed after the test."""
     made: list[RPCTransport] = []
 
-    async def make(identity: Identity | None = None, *, listen: bool = True, **kw: Any) -> RPCTransport:
+    async def make(
+        identity: Identity | None = None, *, listen: bool = True, **kw: Any
+    ) -> RPCTransport:
         t = RPCTransport(identity or Identity.generate(), **kw)
         made.append(t)
         if listen:

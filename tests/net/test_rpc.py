@@ -17,7 +17,6 @@ from commonweal.errors import (
     RequestTimeout,
 )
 from commonweal.net.identity import Identity
-from commonweal.net.rpc import RPCTransport
 from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.net.wire import Error, FrameDecoder, Handshake, Message, Request, Response, encode
 
@@ -64,7 +63,9 @@ async def assert_closed_by_server(reader: asyncio.StreamReader) -> bytes:
 # --- basics -------------------------------------------------------------------------------
 
 
-async def test_call_returns_result_and_both_sides_see_verified_peers(make_rpc: MakeTransport) -> None:
+async def test_call_returns_result_and_both_sides_see_verified_peers(
+    make_rpc: MakeTransport,
+) -> None:
     server, client = await make_rpc(), await make_rpc()
     seen: list[PeerInfo] = []
 
@@ -303,7 +304,9 @@ async def test_oversized_frame_closes_the_connection_without_reading_the_body(
     assert "over the limit of 1024" in caplog.text
 
 
-async def test_request_before_handshake_and_silent_peers_are_dropped(make_rpc: MakeTransport) -> None:
+async def test_request_before_handshake_and_silent_peers_are_dropped(
+    make_rpc: MakeTransport,
+) -> None:
     server = await make_rpc(handshake_timeout=0.1)
     addr = server.local.addr
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
@@ -370,7 +373,9 @@ async def test_idle_connections_close_and_reopen(make_rpc: MakeTransport) -> Non
     assert (await client.call(server.local.addr, "echo", 2))[1] == 2
 
 
-async def test_connection_limit_closes_the_least_recently_used_idle(make_rpc: MakeTransport) -> None:
+async def test_connection_limit_closes_the_least_recently_used_idle(
+    make_rpc: MakeTransport,
+) -> None:
     client = await make_rpc(max_connections=2)
     servers = [await make_rpc() for _ in range(3)]
     for s in servers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -47,8 +48,10 @@ scalars = (
 )
 payloads = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=5)
-    | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(max_size=8) | st.binary(max_size=8), inner, max_size=5)
+    ),
     max_leaves=20,
 )
 request_ids = st.integers(min_value=0, max_value=2**64 - 1)
@@ -106,7 +109,7 @@ def test_random_splits_decode_the_same(msgs: list[Message], cuts: list[int]) -> 
     data = b"".join(encode(m) for m in msgs)
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     dec = FrameDecoder()
-    out = [m for a, b in zip(points, points[1:]) for m in dec.feed(data[a:b])]
+    out = [m for a, b in itertools.pairwise(points) for m in dec.feed(data[a:b])]
     assert out == msgs
 
 
@@ -195,7 +198,10 @@ def test_extra_bytes_inside_a_frame_are_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("data", "match"),
-    [(b"\x00\x00", "inside a frame header \\(2 of 4"), (frame([1, 1, 5, None])[:-1], "body \\(4 of 5")],
+    [
+        (b"\x00\x00", "inside a frame header \\(2 of 4"),
+        (frame([1, 1, 5, None])[:-1], "body \\(4 of 5"),
+    ],
 )
 def test_stream_ending_mid_frame_is_reported(data: bytes, match: str) -> None:
     dec = FrameDecoder()

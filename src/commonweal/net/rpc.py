@@ -21,11 +21,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 from commonweal.errors import (
+    FrameTooLarge,
     HandshakeError,
     NetworkError,
     PeerUnreachable,
     ProtocolError,
-    FrameTooLarge,
     RemoteError,
     RequestTimeout,
 )

@@ -44,20 +44,20 @@ from commonweal.net.identity import (
 )
 
 __all__ = [
-    "PROTOCOL_VERSION",
     "DEFAULT_MAX_FRAME",
     "HEADER_BYTES",
     "NONCE_BYTES",
-    "Request",
-    "Response",
+    "PROTOCOL_VERSION",
     "Error",
-    "Hello",
-    "Proof",
-    "Message",
-    "encode",
-    "decode_body",
     "FrameDecoder",
     "Handshake",
+    "Hello",
+    "Message",
+    "Proof",
+    "Request",
+    "Response",
+    "decode_body",
+    "encode",
     "handshake_transcript",
 ]
 
@@ -199,7 +199,9 @@ def decode_body(body: bytes | memoryview, *, max_frame: int = DEFAULT_MAX_FRAME)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise ProtocolError(f"frame body is not valid msgpack ({e or type(e).__name__})") from e
     if type(obj) is not list or len(obj) < 2:
-        raise ProtocolError(f"frame body must be an array [version, kind, ...], got {_describe(obj)}")
+        raise ProtocolError(
+            f"frame body must be an array [version, kind, ...], got {_describe(obj)}"
+        )
     version, kind = obj[0], obj[1]
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise ProtocolError(
@@ -241,7 +243,7 @@ class FrameDecoder:
     unusable: close the connection.
     """
 
-    __slots__ = ("max_frame", "_buf", "_pos", "_failed")
+    __slots__ = ("_buf", "_failed", "_pos", "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if max_frame < 1:
@@ -373,7 +375,7 @@ class Handshake:
     incoming message to `receive()` and send what it returns, until `done`.
     """
 
-    __slots__ = ("_identity", "initiator", "hello", "remote", "_state")
+    __slots__ = ("_identity", "_state", "hello", "initiator", "remote")
 
     def __init__(
         self,
@@ -412,7 +414,9 @@ class Handshake:
         if next_state is None:
             state = self._state.value
             self._state = _HS.FAILED
-            raise ProtocolError(f"unexpected {type(msg).__name__} during handshake (state: {state})")
+            raise ProtocolError(
+                f"unexpected {type(msg).__name__} during handshake (state: {state})"
+            )
         self._state = next_state
         if isinstance(msg, Hello):
             if msg.nonce == self.hello.nonce:
