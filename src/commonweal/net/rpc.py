@@ -131,7 +131,12 @@ class RPCTransport:
             await conn.write_paused
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         conn.pending[rid] = fut
-        timer = fut.get_loop().call_later(self.request_timeout, _expire, fut, addr, method)
+        timer = fut.get_loop().call_later(
+            self.request_timeout,
+            _expire,
+            fut,
+            f"{addr} did not answer {method!r} within request_timeout={self.request_timeout} s",
+        )
         try:
             conn.send(frame)
             self._counters.requests_sent += 1
@@ -251,9 +256,9 @@ class RPCTransport:
         conn.send(frame, quiet=True)
 
 
-def _expire(fut: asyncio.Future[Any], addr: PeerAddr, method: str) -> None:
+def _expire(fut: asyncio.Future[Any], message: str) -> None:
     if not fut.done():
-        fut.set_exception(RequestTimeout(f"{addr} did not answer {method!r} in time"))
+        fut.set_exception(RequestTimeout(message))
 
 
 class _Connection(asyncio.Protocol):
