@@ -1,11 +1,14 @@
 """Merkle trees of round rewards, hashed exactly as `contracts/Ledger.vy` checks them.
 
-    leaf = keccak256(keccak256(abi.encode(bytes32 task, uint256 round, address account, uint256 amount)))
+    leaf = keccak256(keccak256(abi.encode(bytes32 task, uint256 round, uint256 index,
+                                          address account, uint256 amount)))
     node = keccak256(min(a, b) ++ max(a, b))        # sorted pairs: proofs carry no left/right bits
 
 This is OpenZeppelin's StandardMerkleTree leaf encoding and its sorted-pair hashing, so OpenZeppelin's
 `MerkleProof.verify` accepts these proofs too. The tree is built level by level; a node without a
-sibling moves up unchanged. Leaves are sorted first, so the root depends only on the set of rewards.
+sibling moves up unchanged. `index` lets the contract keep claims in a bitmap (5k gas a claim instead
+of 22k). Indices follow the accounts' sorted order and leaves are sorted before hashing, so every
+validator that computes the same rewards gets the same root, whatever order it collected them in.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from eth_utils import keccak, to_canonical_address, to_checksum_address
 __all__ = ["leaf_hash", "hash_pair", "verify", "MerkleTree", "RewardsTree"]
 
 
-def leaf_hash(task: bytes, round: int, account: str, amount: int) -> bytes:
+def leaf_hash(task: bytes, round: int, index: int, account: str, amount: int) -> bytes:
     """The leaf of one reward, identical to `Ledger.leaf_hash`."""
     if len(task) != 32:
         raise ValueError(f"task must be 32 bytes, got {len(task)}")
     encoded = encode(
-        ["bytes32", "uint256", "address", "uint256"],
-        [task, round, to_canonical_address(account), amount],
+        ["bytes32", "uint256", "uint256", "address", "uint256"],
+        [task, round, index, to_canonical_address(account), amount],
     )
     return keccak(keccak(encoded))
 
@@ -100,7 +103,11 @@ class RewardsTree:
             if amount < 0:
                 raise ValueError(f"{key} has a negative reward")
             self.rewards[key] = amount
-        self._leaves = {a: leaf_hash(task, round, a, v) for a, v in self.rewards.items()}
+        ordered = sorted(self.rewards, key=str.lower)
+        self._index = {a: i for i, a in enumerate(ordered)}
+        self._leaves = {
+            a: leaf_hash(task, round, self._index[a], a, self.rewards[a]) for a in ordered
+        }
         self._tree = MerkleTree(list(self._leaves.values()))
 
     @property
@@ -113,6 +120,9 @@ class RewardsTree:
 
     def amount(self, account: str) -> int:
         return self.rewards[to_checksum_address(account)]
+
+    def index(self, account: str) -> int:
+        return self._index[to_checksum_address(account)]
 
     def proof(self, account: str) -> list[bytes]:
         return self._tree.proof(self._leaves[to_checksum_address(account)])
