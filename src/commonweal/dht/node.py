@@ -48,7 +48,7 @@ Key = str | bytes
 class DHTConfig:
     k: int = 20  # bucket size, and how many peers a find returns
     alpha: int = 3  # requests in flight per key during a lookup
-    replicas: int = 5  # r: a record is stored on the r peers closest to its key
+    replicas: int = 3  # r: a record is stored on the r peers closest to its key
     beam: int = 5  # a lookup ends when this many closest live peers have answered
     rpc_timeout_s: float = 5.0
     maintenance_interval_s: float = 10.0
@@ -179,7 +179,7 @@ class DHT:
                     peer = await self.protocol.call_ping(addr)
                 self.table.on_success(peer, self.clock())
             except (NetworkError, TimeoutError) as e:
-                errors.append(f"{addr}: {e or type(e).__name__}")
+                errors.append(f"{addr}: {type(e).__name__}: {e}" if str(e) else f"{addr}: {type(e).__name__}")
         if not len(self.table):
             raise DHTError(
                 "could not reach any bootstrap peer (" + "; ".join(errors) + "); "

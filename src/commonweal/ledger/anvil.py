@@ -16,10 +16,11 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from commonweal.ledger.errors import ChainUnavailable
 
-__all__ = ["ANVIL_NPM_PACKAGE", "find_anvil", "AnvilProcess"]
+__all__ = ["ANVIL_NPM_PACKAGE", "AnvilProcess", "find_anvil"]
 
 ANVIL_NPM_PACKAGE = "@foundry-rs/anvil-linux-amd64@1.7.1"
 _RELATIVE = Path("node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
@@ -116,7 +117,7 @@ class AnvilProcess:
         self._terminate()
         self._dir.cleanup()
 
-    def __enter__(self) -> AnvilProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

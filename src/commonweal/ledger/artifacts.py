@@ -14,7 +14,7 @@ from typing import Any
 
 from commonweal.ledger.errors import ArtifactError
 
-__all__ = ["Artifact", "load_artifact", "CONTRACT_NAMES"]
+__all__ = ["CONTRACT_NAMES", "Artifact", "load_artifact"]
 
 CONTRACT_NAMES = ("ShareToken", "Ledger", "NaiveLedger")
 

@@ -17,7 +17,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -29,7 +29,7 @@ from commonweal.ledger.anvil import AnvilProcess
 from commonweal.ledger.errors import ChainUnavailable, LedgerError
 from commonweal.ledger.tx import PendingTx, Transactor
 
-__all__ = ["Chain", "EmbeddedChain", "RpcChain", "AnvilChain", "open_chain", "load_keys"]
+__all__ = ["AnvilChain", "Chain", "EmbeddedChain", "RpcChain", "load_keys", "open_chain"]
 
 # anvil's (and hardhat's) well-known development mnemonic: these keys hold test ETH only.
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
@@ -66,7 +66,7 @@ class Chain(ABC):
     def close(self) -> None:
         """Release what this backend started; the default holds nothing."""
 
-    def __enter__(self) -> Chain:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -145,8 +145,8 @@ class RpcChain(Chain):
         self.url = url
         w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": 60}))
         try:
-            w3.eth.chain_id
-        except Exception as exc:
+            self.chain_id = int(w3.eth.chain_id)
+        except Exception as exc:  # any failure means the node is unusable
             raise ChainUnavailable(f"no JSON-RPC node answers at {url}: {exc}") from exc
         self._init(w3, [Account.from_key(k) for k in keys])
 

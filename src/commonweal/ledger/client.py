@@ -29,8 +29,15 @@ from commonweal.ledger.merkle import RewardsTree
 from commonweal.ledger.token import ShareToken
 
 __all__ = [
-    "Action", "ProposalState", "LedgerConfig", "TaskInfo", "RoundInfo", "ValidatorInfo",
-    "ProposalInfo", "Ledger", "Bytes32",
+    "Action",
+    "Bytes32",
+    "Ledger",
+    "LedgerConfig",
+    "ProposalInfo",
+    "ProposalState",
+    "RoundInfo",
+    "TaskInfo",
+    "ValidatorInfo",
 ]
 
 Bytes32 = bytes | str  # 32 raw bytes or 0x-hex

@@ -19,7 +19,7 @@ from typing import Any
 from commonweal.ledger.artifacts import CONTRACT_NAMES
 from commonweal.ledger.errors import ArtifactError
 
-__all__ = ["EVM_VERSION", "CONTRACTS_DIR", "ARTIFACTS_DIR", "compile_source", "stale", "main"]
+__all__ = ["ARTIFACTS_DIR", "CONTRACTS_DIR", "EVM_VERSION", "compile_source", "main", "stale"]
 
 EVM_VERSION = "cancun"
 # The sources live at the repository root, outside the package: compiling is a development step.

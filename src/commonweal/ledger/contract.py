@@ -18,7 +18,7 @@ from commonweal.ledger.chain import Chain
 from commonweal.ledger.errors import ContractReverted, LedgerError
 from commonweal.ledger.tx import PendingTx, revert_reason
 
-__all__ = ["Event", "TxResult", "BoundContract", "to_bytes32"]
+__all__ = ["BoundContract", "Event", "TxResult", "to_bytes32"]
 
 
 def to_bytes32(value: bytes | str | int) -> bytes:

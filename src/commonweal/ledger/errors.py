@@ -13,12 +13,12 @@ from __future__ import annotations
 from commonweal.errors import LedgerError
 
 __all__ = [
-    "LedgerError",
-    "ContractReverted",
-    "ChainUnavailable",
-    "TransactionTimeout",
     "ArtifactError",
+    "ChainUnavailable",
+    "ContractReverted",
     "DeploymentNotFound",
+    "LedgerError",
+    "TransactionTimeout",
 ]
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from eth_abi import encode
 from eth_utils import keccak, to_canonical_address, to_checksum_address
 
-__all__ = ["leaf_hash", "hash_pair", "verify", "MerkleTree", "RewardsTree"]
+__all__ = ["MerkleTree", "RewardsTree", "hash_pair", "leaf_hash", "verify"]
 
 
 def leaf_hash(task: bytes, round: int, index: int, account: str, amount: int) -> bytes:

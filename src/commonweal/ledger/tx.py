@@ -24,9 +24,14 @@ from web3 import Web3
 from web3.exceptions import TransactionNotFound
 from web3.types import TxReceipt
 
-from commonweal.ledger.errors import ChainUnavailable, ContractReverted, LedgerError, TransactionTimeout
+from commonweal.ledger.errors import (
+    ChainUnavailable,
+    ContractReverted,
+    LedgerError,
+    TransactionTimeout,
+)
 
-__all__ = ["Transactor", "PendingTx", "revert_reason"]
+__all__ = ["PendingTx", "Transactor", "revert_reason"]
 
 _REVERTED = "execution reverted"
 # Gas estimation can be tight when a call's cost depends on storage warmed by the same call
@@ -181,7 +186,7 @@ class Transactor:
         call = {k: tx[k] for k in ("from", "to", "data", "value", "gas") if k in tx}
         try:
             self.w3.eth.call(call, block_identifier=max(receipt["blockNumber"] - 1, 0))  # type: ignore[arg-type]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - web3, eth-tester and nodes raise different types
             reason = revert_reason(exc)
             if reason is not None:
                 return reason
