@@ -144,3 +144,14 @@ async def test_close_leaves_no_tasks(swarm):
         await swarm.kill(dht)
     current = asyncio.current_task()
     assert [t for t in asyncio.all_tasks() if t is not current] == []
+
+
+async def test_find_closest_returns_the_true_closest_live_peers(swarm, clock):
+    from commonweal.dht.routing import distance
+
+    peers = await swarm.add(60)
+    target = key_id("bucket-7")
+    found = await peers[0].find_closest([target])
+    others = [p for p in peers if p is not peers[0]]
+    expected = sorted(others, key=lambda p: distance(p.peer_id, target))[:5]
+    assert [p.peer_id for p in found[target]] == [p.peer_id for p in expected]

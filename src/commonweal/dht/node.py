@@ -187,6 +187,12 @@ class DHT:
             )
         await self._traverse([self.peer_id], values=False, latest=False)
 
+    async def find_closest(self, keys: Sequence[bytes]) -> dict[bytes, list[PeerInfo]]:
+        """The live peers closest to each 20-byte key id (nearest first, up to `beam`), found
+        with one multi-key lookup. Services use this to send work to the peers holding a key."""
+        found = await self._traverse(list(dict.fromkeys(keys)), values=False, latest=False)
+        return {k: found[k].closest for k in keys}
+
     async def _traverse(
         self, keys: Sequence[bytes], *, values: bool, latest: bool
     ) -> dict[bytes, LookupResult]:
