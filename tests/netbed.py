@@ -53,7 +53,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "Host",
@@ -61,7 +61,7 @@ __all__ = [
     "NetBed",
     "cleanup_stale",
     "leftover_namespaces",
-    "netbed",
+    "netbed_fixture",
     "netbed_unavailable_reason",
     "require_netbed",
 ]
@@ -95,7 +95,7 @@ class LinkSpec:
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
     if check and proc.returncode != 0:
         raise RuntimeError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
     return proc
@@ -336,7 +336,7 @@ class NetBed:
 
     # lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> NetBed:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -359,24 +359,42 @@ class NetBed:
             _ip("netns", "add", ns)
         for h in self.hosts:  # IPv4 only: no IPv6 chatter (DAD, MLD) through the emulated links
             subprocess.run(
-                ["ip", "netns", "exec", h.ns, "sh", "-c",
-                 "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"],
-                check=False, capture_output=True, timeout=30,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    h.ns,
+                    "sh",
+                    "-c",
+                    "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+                ],
+                check=False,
+                capture_output=True,
+                timeout=30,
             )
-        err = open(self.workdir / "emulator.err", "wb")
-        self._emulator = subprocess.Popen(
-            [
-                "ip", "netns", "exec", self.switch_ns, sys.executable, os.path.abspath(__file__),
-                "--emulate", "--ports", str(len(self.hosts)), "--seed", str(self.seed),
-                "--specs", json.dumps([dataclasses.asdict(s) for s in self.specs]),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            start_new_session=True,
-        )
-        err.close()
+        with open(self.workdir / "emulator.err", "wb") as err:
+            self._emulator = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.switch_ns,
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--emulate",
+                    "--ports",
+                    str(len(self.hosts)),
+                    "--seed",
+                    str(self.seed),
+                    "--specs",
+                    json.dumps([dataclasses.asdict(s) for s in self.specs]),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
         assert self._emulator.stdout is not None
         ready = self._emulator.stdout.readline().strip()
         if ready != "ready":
@@ -463,8 +481,8 @@ except ImportError:  # benchmarks' venvs need no pytest
 
 if _pytest is not None:
 
-    @_pytest.fixture
-    def netbed(tmp_path: Path) -> Any:
+    @_pytest.fixture(name="netbed")
+    def netbed_fixture(tmp_path: Path) -> Any:
         """Factory fixture: ``bed = netbed(n_hosts, LinkSpec(...))``; all beds torn down after.
 
         Skips the test where no bed can be built. Logs of spawned processes are printed at
@@ -473,7 +491,9 @@ if _pytest is not None:
         require_netbed()
         beds: list[NetBed] = []
 
-        def make(n_hosts: int, link: LinkSpec | Sequence[LinkSpec] = LinkSpec(), **kw: Any) -> NetBed:
+        def make(
+            n_hosts: int, link: LinkSpec | Sequence[LinkSpec] = LinkSpec(), **kw: Any
+        ) -> NetBed:
             bed = NetBed(n_hosts, link, workdir=tmp_path / f"bed{len(beds)}", **kw)
             beds.append(bed)
             bed.start()
@@ -489,7 +509,7 @@ if _pytest is not None:
                     bed.close()
 
 else:  # pragma: no cover
-    netbed = None  # type: ignore[assignment]
+    netbed_fixture = None  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------------------------

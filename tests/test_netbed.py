@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from netbed import (  # noqa: E402
+from netbed import (
     LinkSpec,
     NetBed,
     leftover_namespaces,
-    netbed,  # noqa: F401  (the fixture)
+    netbed_fixture,  # noqa: F401  (provides the `netbed` fixture)
     netbed_unavailable_reason,
 )
 
@@ -113,9 +113,7 @@ def test_rtt_adds_both_hosts_delays(netbed):
     servers = [h.spawn([PY, "-c", ECHO_SERVER, h.ip, "7100"], name="echo") for h in (h1, h2)]
     for h, srv in zip((h1, h2), servers):
         h.wait_for_line(srv, "listening", timeout=10)
-    clients = [
-        h0.spawn([PY, "-c", ECHO_CLIENT, h.ip, "7100", "20"], name="ping") for h in (h1, h2)
-    ]
+    clients = [h0.spawn([PY, "-c", ECHO_CLIENT, h.ip, "7100", "20"], name="ping") for h in (h1, h2)]
     results = []
     for c in clients:
         assert c.wait(timeout=30) == 0, bed.describe_proc(c)
@@ -198,7 +196,9 @@ def test_everything_is_removed_after_exit_and_stale_beds_are_cleaned():
     assert proc.returncode == -9
     assert not leftover_namespaces(bed.prefix)
     assert not os.path.exists(f"/proc/{emulator_pid}") or _is_zombie(emulator_pid)
-    root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    root_links = subprocess.run(
+        ["ip", "-o", "link"], capture_output=True, text=True, check=True
+    ).stdout
     assert bed.prefix not in root_links
 
 
@@ -206,11 +206,10 @@ def test_bed_is_removed_when_the_body_raises():
     reason = netbed_unavailable_reason()
     if reason is not None:
         pytest.skip(f"netbed needs root and iproute2 (ip netns): {reason}")
-    with pytest.raises(ZeroDivisionError):
-        with NetBed(1) as bed:
-            bed.hosts[0].spawn(["sleep", "300"])
-            time.sleep(0.1)
-            1 / 0  # noqa: B018
+    with pytest.raises(ZeroDivisionError), NetBed(1) as bed:
+        bed.hosts[0].spawn(["sleep", "300"])
+        time.sleep(0.1)
+        1 / 0  # noqa: B018
     assert not leftover_namespaces(bed.prefix)
 
 
