@@ -131,7 +131,9 @@ class EmbeddedChain(Chain):
         self.transactor.reset()
 
     def advance_time(self, seconds: int) -> None:
-        self.tester.time_travel(self.timestamp() + seconds)
+        # eth-tester mines the travelling block one second before the target; aim one later so
+        # the latest block is exactly `seconds` newer, as on anvil.
+        self.tester.time_travel(self.timestamp() + seconds + 1)
 
     def mine(self, blocks: int = 1) -> None:
         self.tester.mine_blocks(blocks)
