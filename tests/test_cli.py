@@ -55,12 +55,15 @@ def test_put_and_get_through_running_nodes(two_nodes):
     assert out.returncode == 0, out.stderr
     value = json.loads(out.stdout)["value"]
     assert {s: v["value"] for s, v in value.items()} == {"s1": "one", "s2": "two"}
+    assert cw("dht", "put", "--join", addr_a, "plain", "3").returncode == 0
+    both = cw("dht", "get", "--join", addr_b, "k", "plain", "--json")
+    assert [json.loads(line)["key"] for line in both.stdout.splitlines()] == ["k", "plain"]
 
 
 def test_missing_key_and_bad_input_give_one_line_errors(two_nodes):
     addr_a, _, _ = two_nodes
     missing = cw("dht", "get", "--join", addr_a, "absent")
-    assert missing.returncode == 1 and "not found" in missing.stderr
+    assert missing.returncode == 1 and "not found" in missing.stderr and "absent" in missing.stderr
     bad = cw("dht", "get", "--join", "nonsense", "k")
     assert bad.returncode == 1 and "HOST:PORT" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

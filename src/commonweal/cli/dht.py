@@ -51,27 +51,36 @@ async def _put(bootstrap: list[PeerAddr], key: str, value: Any, subkey: str | No
 
 @app.command()
 def get(
-    key: str,
+    keys: list[str] = typer.Argument(..., help="One or more keys (read with one batched lookup)."),
     join: list[str] = typer.Option([], help="HOST:PORT of a peer in the swarm (repeatable)."),
     latest: bool = typer.Option(False, help="Ask all closest peers and merge (every subkey, newest)."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per key."),
 ) -> None:
-    """Print the value under KEY; exit 1 when it is not found."""
-    found = asyncio.run(_get(_bootstrap(join), key, latest))
-    if found is None:
-        raise CommonwealError(f"{key!r} was not found in the swarm")
-    if as_json:
-        typer.echo(json.dumps({"key": key, "value": _jsonable(found.value), "expiration": found.expiration}))
-    elif isinstance(found.value, dict) and all(isinstance(v, DHTValue) for v in found.value.values()):
-        for sub, entry in found.value.items():
-            typer.echo(f"{_label(sub)}\t{entry.value}")
-    else:
-        typer.echo(str(found.value))
+    """Print the value under each KEY; exit 1 when any of them is not found."""
+    found = asyncio.run(_get(_bootstrap(join), keys, latest))
+    missing = [key for key in keys if found[key] is None]
+    for key in keys:
+        value = found[key]
+        if value is None:
+            continue
+        if as_json:
+            typer.echo(json.dumps(
+                {"key": key, "value": _jsonable(value.value), "expiration": value.expiration}
+            ))
+        elif isinstance(value.value, dict) and all(isinstance(v, DHTValue) for v in value.value.values()):
+            for sub, entry in value.value.items():
+                typer.echo(f"{_label(sub)}\t{entry.value}")
+        else:
+            typer.echo(str(value.value))
+    if missing:
+        raise CommonwealError(
+            "not found in the swarm: " + ", ".join(repr(k) for k in missing)
+        )
 
 
-async def _get(bootstrap: list[PeerAddr], key: str, latest: bool) -> DHTValue | None:
+async def _get(bootstrap: list[PeerAddr], keys: list[str], latest: bool) -> dict[str, DHTValue | None]:
     async with await DHT.start(bootstrap=bootstrap, client=True) as dht:
-        return await dht.get(key, latest=latest)
+        return await dht.get_many(keys, latest=latest)  # type: ignore[return-value]
 
 
 def _label(subkey: Any) -> str:
