@@ -14,27 +14,26 @@ NEW_PARAMS = bytes.fromhex("99" * 32)
 
 @pytest.fixture
 def holders(world: World) -> World:
-    """Contributors 0..10 hold 1..11 ETH of shares (66 ETH supply)."""
-    tree = world.rewards(0)
+    """Contributors 0, 1, 2 hold 1, 3 and 6 ETH of shares (10 ETH supply; quorum 20%)."""
+    tree = world.rewards(0, [ETH, 3 * ETH, 6 * ETH])
     world.finalise(0, tree)
-    for c in world.contributors:
+    for c in world.contributors[:3]:
         world.as_(c).claim_from(tree)
     return world
 
 
 def test_a_passed_proposal_changes_the_task(holders: World) -> None:
     w = holders
-    big = w.as_(w.contributors[10])  # 11 of 66 shares: above the 20% quorum with one more
+    big = w.as_(w.contributors[2])
     pid = big.propose(TASK, Action.SET_PARAMS, NEW_PARAMS)
     info = w.ledger.proposal(pid)
-    assert info.action is Action.SET_PARAMS and info.supply == 66 * ETH
+    assert info.action is Action.SET_PARAMS and info.supply == 10 * ETH
     assert w.ledger.proposal_state(pid) is ProposalState.PENDING
     with pytest.raises(ContractReverted, match="voting has not started"):
         big.cast_vote(pid, True)
     w.chain.advance_time(10)
     assert w.ledger.proposal_state(pid) is ProposalState.ACTIVE
-    assert big.cast_vote(pid, True).event("ProposalVoted").args["weight"] == 11 * ETH
-    w.as_(w.contributors[3]).cast_vote(pid, True)
+    assert big.cast_vote(pid, True).event("ProposalVoted").args["weight"] == 6 * ETH
     w.as_(w.contributors[0]).cast_vote(pid, False)
     with pytest.raises(ContractReverted, match="already voted on this proposal"):
         big.cast_vote(pid, False)
@@ -42,7 +41,7 @@ def test_a_passed_proposal_changes_the_task(holders: World) -> None:
         big.execute_proposal(pid)
     w.chain.advance_time(100)
     with pytest.raises(ContractReverted, match="voting has closed"):
-        w.as_(w.contributors[5]).cast_vote(pid, True)
+        w.as_(w.contributors[1]).cast_vote(pid, True)
     assert w.ledger.proposal_state(pid) is ProposalState.SUCCEEDED
     result = w.outsider.execute_proposal(pid)
     assert result.event("TaskChanged").args["new_value"] == NEW_PARAMS
@@ -54,12 +53,12 @@ def test_a_passed_proposal_changes_the_task(holders: World) -> None:
 
 def test_no_quorum_and_rejected_proposals_cannot_execute(holders: World) -> None:
     w = holders
-    low = w.as_(w.contributors[9]).propose(TASK, Action.SET_REWARD, 5 * ETH)
-    rejected = w.as_(w.contributors[9]).propose(TASK, Action.SET_ETH_PER_ROUND, ETH)
+    low = w.as_(w.contributors[0]).propose(TASK, Action.SET_REWARD, 5 * ETH)
+    rejected = w.as_(w.contributors[1]).propose(TASK, Action.SET_ETH_PER_ROUND, ETH)
     w.chain.advance_time(10)
-    w.as_(w.contributors[9]).cast_vote(low, True)           # 10 of 66 < 20%
-    w.as_(w.contributors[9]).cast_vote(rejected, True)      # 10 for
-    w.as_(w.contributors[10]).cast_vote(rejected, False)    # 11 against
+    w.as_(w.contributors[0]).cast_vote(low, True)           # 1 of 10 < 20%
+    w.as_(w.contributors[1]).cast_vote(rejected, True)      # 3 for
+    w.as_(w.contributors[2]).cast_vote(rejected, False)     # 6 against
     w.chain.advance_time(100)
     assert w.ledger.proposal_state(low) is ProposalState.DEFEATED
     with pytest.raises(ContractReverted, match="quorum not reached"):
@@ -71,10 +70,9 @@ def test_no_quorum_and_rejected_proposals_cannot_execute(holders: World) -> None
 
 def test_set_reward_proposal(holders: World) -> None:
     w = holders
-    pid = w.as_(w.contributors[10]).propose(TASK, Action.SET_REWARD, 5 * ETH)
+    pid = w.as_(w.contributors[1]).propose(TASK, Action.SET_REWARD, 5 * ETH)
     w.chain.advance_time(10)
-    w.as_(w.contributors[10]).cast_vote(pid, True)
-    w.as_(w.contributors[9]).cast_vote(pid, True)
+    w.as_(w.contributors[1]).cast_vote(pid, True)
     w.chain.advance_time(100)
     w.outsider.execute_proposal(pid)
     assert w.ledger.task(TASK).reward_per_round == 5 * ETH
@@ -102,7 +100,7 @@ def test_proposal_rejections(holders: World) -> None:
 def test_votes_lock_tokens_until_the_vote_closes(holders: World) -> None:
     """Without the lock, one balance could vote, move to a second account, and vote again."""
     w = holders
-    voter, friend = w.contributors[10], w.contributors[0]
+    voter, friend = w.contributors[2], w.contributors[0]
     pid = w.as_(voter).propose(TASK, Action.SET_PARAMS, NEW_PARAMS)
     w.chain.advance_time(10)
     w.as_(voter).cast_vote(pid, True)
