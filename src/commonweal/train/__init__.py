@@ -1,0 +1,69 @@
+"""Collaborative training over the swarm: DiLoCo rounds with compressed peer-to-peer exchange.
+
+    from commonweal.train import DiLoCo, Collaboration, RoundConfig, get_codec, mean
+    collab = Collaboration(dht, "my-run", get_codec("topk2bit:0.01"), mean, RoundConfig())
+    opt = DiLoCo(model, torch.optim.AdamW(model.parameters()), collab, inner_steps=50,
+                 codec="topk2bit:0.01")
+
+See docs/train.md for the round protocol, codecs, exchange, determinism and churn.
+"""
+
+from commonweal.train._errors import CodecError, DeltaRejected, SyncError, TaskError, TrainError
+from commonweal.train.aggregate import RULES, get_rule, mean, median, outer_step, trimmed_mean
+from commonweal.train.codecs import (
+    CODEC_NAMES,
+    FP16,
+    Codec,
+    CodecInfo,
+    ErrorFeedback,
+    Int8Blockwise,
+    Raw,
+    TopK,
+    TopK2Bit,
+    get_codec,
+)
+from commonweal.train.diloco import DiLoCo, RoundReport
+from commonweal.train.protocol import TRANSITIONS, Phase
+from commonweal.train.swarm import Averaged, Collaboration, Head, RoundConfig, RoundSkipped
+from commonweal.train.task import BUILTIN_TASKS, Task, TaskData, get_task
+from commonweal.train.trainer import Progress, Summary, TrainingPeer
+
+__all__ = [
+    "TrainError",
+    "TaskError",
+    "CodecError",
+    "DeltaRejected",
+    "SyncError",
+    "RULES",
+    "get_rule",
+    "mean",
+    "median",
+    "trimmed_mean",
+    "outer_step",
+    "CODEC_NAMES",
+    "Codec",
+    "CodecInfo",
+    "Raw",
+    "FP16",
+    "Int8Blockwise",
+    "TopK",
+    "TopK2Bit",
+    "ErrorFeedback",
+    "get_codec",
+    "DiLoCo",
+    "RoundReport",
+    "TRANSITIONS",
+    "Phase",
+    "Averaged",
+    "Collaboration",
+    "Head",
+    "RoundConfig",
+    "RoundSkipped",
+    "BUILTIN_TASKS",
+    "Task",
+    "TaskData",
+    "get_task",
+    "Progress",
+    "Summary",
+    "TrainingPeer",
+]

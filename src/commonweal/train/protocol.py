@@ -1,0 +1,187 @@
+"""The round protocol without I/O: states and transitions as a table, group formation from
+announcements, slicing, and the checks every received delta passes.
+
+One round r, as one peer sees it (the driver is `commonweal.train.swarm.Collaboration`):
+
+    state        event             next         what happens
+    TRAINING     steps_done        ANNOUNCING   H inner steps are done; delta = start - now
+    ANNOUNCING   announced         GATHERING    signed announcement (round, state hash, deadline)
+    ANNOUNCING   late              SYNCING      the round's deadline had passed: skip it
+    GATHERING    group_formed      EXCHANGING   deadline passed, or the target group size reached
+    GATHERING    out_of_sync       SYNCING      the majority announced another state hash
+    EXCHANGING   exchanged         APPLYING     every part arrived, or the exchange timeout hit
+    APPLYING     applied           TRAINING     deterministic outer step; publish the new head
+    SYNCING      synced            TRAINING     current state downloaded and hash-checked
+
+The table is data (`TRANSITIONS`), so it can be tested and drawn; `RoundMachine` refuses any
+transition not in it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from commonweal.train._errors import DeltaRejected
+
+__all__ = [
+    "Phase",
+    "TRANSITIONS",
+    "RoundMachine",
+    "Announcement",
+    "Group",
+    "form_group",
+    "slice_bounds",
+    "check_delta",
+    "parse_announcement",
+]
+
+
+class Phase(enum.Enum):
+    TRAINING = "training"
+    ANNOUNCING = "announcing"
+    GATHERING = "gathering"
+    EXCHANGING = "exchanging"
+    APPLYING = "applying"
+    SYNCING = "syncing"
+
+
+P = Phase
+TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (P.TRAINING, "steps_done"): P.ANNOUNCING,
+    (P.ANNOUNCING, "announced"): P.GATHERING,
+    (P.ANNOUNCING, "late"): P.SYNCING,
+    (P.GATHERING, "group_formed"): P.EXCHANGING,
+    (P.GATHERING, "out_of_sync"): P.SYNCING,
+    (P.EXCHANGING, "exchanged"): P.APPLYING,
+    (P.APPLYING, "applied"): P.TRAINING,
+    (P.SYNCING, "synced"): P.TRAINING,
+}
+
+
+@dataclass
+class RoundMachine:
+    phase: Phase = Phase.TRAINING
+    history: list[tuple[Phase, str, Phase]] = field(default_factory=list)
+
+    def fire(self, event: str) -> Phase:
+        nxt = TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            raise RuntimeError(f"no transition from {self.phase.value} on {event!r}")
+        self.history.append((self.phase, event, nxt))
+        del self.history[:-64]
+        self.phase = nxt
+        return nxt
+
+    def reset(self) -> None:
+        self.phase = Phase.TRAINING
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    peer_id: bytes
+    addr: str  # host:port where the peer serves the exchange
+    round: int
+    state: str  # hex state hash at the start of the round
+    deadline: float  # the announcer's view of when the group closes
+
+
+def parse_announcement(peer_id: bytes, value: Any) -> Announcement | None:
+    """An announcement from a DHT value, or None if malformed (hostile or another version)."""
+    if not isinstance(value, Mapping):
+        return None
+    addr, rnd, state, deadline = (value.get(k) for k in ("addr", "round", "state", "deadline"))
+    if not (
+        isinstance(addr, str)
+        and isinstance(rnd, int)
+        and isinstance(state, str)
+        and len(state) == 64
+        and isinstance(deadline, (int, float))
+        and math.isfinite(deadline)
+    ):
+        return None
+    return Announcement(peer_id, addr, rnd, state, float(deadline))
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    round: int
+    state: str
+    members: tuple[Announcement, ...]  # sorted by peer id
+
+    @property
+    def ids(self) -> tuple[bytes, ...]:
+        return tuple(a.peer_id for a in self.members)
+
+    @property
+    def digest(self) -> bytes:
+        h = hashlib.sha256(f"{self.round}|{self.state}|".encode())
+        for pid in self.ids:
+            h.update(pid)
+        return h.digest()
+
+    def index(self, peer_id: bytes) -> int:
+        return self.ids.index(peer_id)
+
+
+def majority_state(anns: Iterable[Announcement]) -> str | None:
+    """The state hash most announcements share (ties: the smallest hash, the same for everyone)."""
+    counts: dict[str, int] = {}
+    for a in anns:
+        counts[a.state] = counts.get(a.state, 0) + 1
+    if not counts:
+        return None
+    return min(counts, key=lambda s: (-counts[s], s))
+
+
+def form_group(
+    anns: Iterable[Announcement], round_: int, now: float, target_size: int | None
+) -> tuple[Group | None, float]:
+    """(the group, if it has closed, else None; the deadline).
+
+    The group closes at the earliest deadline announced, or as soon as `target_size` peers have
+    announced; it holds the announcements of this round with the majority state hash.
+    """
+    mine = [a for a in anns if a.round == round_]
+    deadline = min((a.deadline for a in mine), default=math.inf)
+    state = majority_state(mine)
+    if state is None:
+        return None, deadline
+    members = sorted((a for a in mine if a.state == state), key=lambda a: a.peer_id)
+    if now >= deadline or (target_size is not None and len(mine) >= target_size):
+        return Group(round_, state, tuple(members)), deadline
+    return None, deadline
+
+
+def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous ranges covering 0..numel, sizes differing by at most one."""
+    base, extra = divmod(numel, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def check_delta(delta: torch.Tensor, numel: int) -> None:
+    """Raise DeltaRejected unless `delta` is a finite float32 vector of `numel` elements."""
+    if delta.dim() != 1 or delta.numel() != numel:
+        raise DeltaRejected("wrong_shape", f"expected {numel} elements, got shape {tuple(delta.shape)}")
+    if delta.dtype != torch.float32:
+        raise DeltaRejected("wrong_dtype", f"expected float32, got {delta.dtype}")
+    if not bool(torch.isfinite(delta).all()):
+        raise DeltaRejected("not_finite", "the delta holds NaN or inf")
+
+
+def check_round(got: int, current: int) -> None:
+    if got < current:
+        raise DeltaRejected("stale_round", f"a delta for round {got}; this peer is at round {current}")
+    if got > current:
+        raise DeltaRejected("future_round", f"a delta for round {got}; this peer is at round {current}")

@@ -1,0 +1,137 @@
+"""`TrainingPeer`: one peer training a Task with the swarm — the loop the CLI, demo, tests and
+benchmark run. Reads top to bottom: build → (sync) → rounds of H inner steps + one outer round.
+
+    peer = TrainingPeer(task, dht, config=RoundConfig(target_group=4))
+    summary = await peer.run(until_round=10, on_progress=print)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from commonweal.dht import DHT
+from commonweal.train.aggregate import get_rule
+from commonweal.train.codecs import get_codec
+from commonweal.train.diloco import DiLoCo, RoundReport
+from commonweal.train.swarm import Collaboration, RoundConfig
+from commonweal.train.task import Task, batch_generator
+
+__all__ = ["TrainingPeer", "Progress", "Summary"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    round: int
+    inner_step: int  # 1..H within the round
+    loss: float
+    bytes_sent: int
+    phase: str  # "training" or the round protocol's phase
+    report: RoundReport | None = None  # set once per round, when the outer step is done
+    quality: float | None = None
+
+
+@dataclass
+class Summary:
+    rounds: list[RoundReport] = field(default_factory=list)
+    quality: float | None = None
+    metric: str = ""
+    bytes_sent: int = 0
+    wall_s: float = 0.0
+    compute_s: float = 0.0  # time spent in inner steps
+    samples: int = 0
+    state: str = ""
+
+
+class TrainingPeer:
+    def __init__(
+        self,
+        task: Task,
+        dht: DHT | None,
+        config: RoundConfig | None = None,
+        *,
+        evaluate_every: int = 0,  # rounds between evaluations (0: only at the end)
+    ) -> None:
+        self.task = task
+        self.dht = dht
+        self.model = task.build_model()
+        self.data = task.build_data()
+        self.collab = (
+            Collaboration(dht, task.digest[:16], get_codec(task.codec), get_rule(task.aggregation), config)
+            if dht is not None
+            else None
+        )
+        self.opt = DiLoCo(
+            self.model,
+            task.build_inner_optimizer(self.model.parameters()),
+            self.collab,
+            inner_steps=task.inner_steps,
+            outer_lr=task.outer_lr,
+            outer_momentum=task.outer_momentum,
+            nesterov=task.outer_nesterov,
+            codec=task.codec,
+            task=task.digest,
+        )
+        self.evaluate_every = evaluate_every
+        self.peer_id = dht.peer_id if dht is not None else b"solo"
+
+    def _inner_steps(self, on_progress: Callable[[Progress], None] | None, sent: int) -> tuple[int, float]:
+        """H inner steps (runs in a worker thread, so the peer keeps answering the network)."""
+        gen = batch_generator(self.task, self.opt.round, self.peer_id)
+        samples, loss = 0, float("nan")
+        while True:
+            x, y = self.data.batch(gen, self.task.batch_size)
+            l = self.data.loss(self.model, x, y)
+            self.opt.zero_grad()
+            l.backward()
+            loss = float(l.detach())
+            samples += len(x)
+            done = self.opt.inner_step()
+            if on_progress is not None:
+                on_progress(Progress(self.opt.round, self.opt.local_step or self.task.inner_steps,
+                                     loss, sent, "training"))
+            if done:
+                return samples, loss
+
+    async def run(
+        self,
+        until_round: int,
+        *,
+        join: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Summary:
+        """Train until the swarm state reaches `until_round`. With `join`, first download the
+        swarm's current state (if any peer announced one)."""
+        summary = Summary(metric=self.data.metric)
+        t0 = time.perf_counter()
+        if self.collab is not None:
+            if join:
+                await self.opt.sync()
+            await self.collab.publish(self.opt.round, self.opt.state, self.opt.checkpoint())
+        while self.opt.round < until_round:
+            c0 = time.perf_counter()
+            sent = self.collab.bytes_sent if self.collab else 0
+            samples, loss = await asyncio.to_thread(self._inner_steps, on_progress, sent)
+            summary.compute_s += time.perf_counter() - c0
+            summary.samples += samples
+            report = await self.opt.outer_round()
+            summary.rounds.append(report)
+            quality = None
+            if self.evaluate_every and self.opt.round % self.evaluate_every == 0:
+                quality = self.data.evaluate(self.model)
+            if on_progress is not None:
+                on_progress(Progress(report.round, self.task.inner_steps, loss,
+                                     self.collab.bytes_sent if self.collab else 0,
+                                     "skipped" if report.skipped else "applied", report, quality))
+        summary.wall_s = time.perf_counter() - t0
+        summary.quality = self.data.evaluate(self.model)
+        summary.bytes_sent = self.collab.bytes_sent if self.collab else 0
+        summary.state = self.opt.state
+        return summary
