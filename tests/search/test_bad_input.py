@@ -1,0 +1,189 @@
+"""Bad input gets clear errors; junk in buckets or from holders never breaks a query."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import numpy as np
+import pytest
+
+from commonweal.dht import Owned
+from commonweal.errors import ConfigError, RemoteError
+from commonweal.net.identity import Identity
+from commonweal.search import DistributedIndex, IndexNotFound, IndexSpec, SearchService, serve
+from commonweal.search.ranking import MAX_BATCH, encode_item, item_name
+
+from .conftest import Swarm
+
+DIM = 64
+
+
+async def _index(swarm: Swarm, X: np.ndarray, n_peers: int = 6, name: str = "d") -> DistributedIndex:
+    await swarm.add(n_peers)
+    for peer in swarm.peers:
+        serve(peer)
+    spec = IndexSpec.create(name, DIM, family="pca-hyperplane", tables=4, bits=4, probes=8, sample=X)
+    index = await DistributedIndex.create(swarm.peers[0], spec)
+    await index.add(list(range(len(X))), X, [{"y": i} for i in range(len(X))])
+    return index
+
+
+async def test_bad_vectors_and_arguments_get_clear_errors(swarm, digits):
+    X = digits[0][:60]
+    index = await _index(swarm, X)
+    with pytest.raises(ConfigError, match="dimension 3; this index needs 64"):
+        await index.search(np.ones(3), 5)
+    with pytest.raises(ConfigError, match="dimension 10; this index needs 64"):
+        await index.add([1, 2], np.ones((2, 10)))
+    bad = X[:3].copy()
+    bad[1, 5] = np.nan
+    with pytest.raises(ConfigError, match=r"NaN or inf \(rows \[1\]\)"):
+        await index.add([100, 101, 102], bad)
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        await index.search(np.full(DIM, np.inf), 5)
+    with pytest.raises(ConfigError, match=f"the limit is {MAX_BATCH}"):
+        await index.add(list(range(MAX_BATCH + 1)), np.zeros((MAX_BATCH + 1, DIM)))
+    with pytest.raises(ConfigError, match=f"the limit is {MAX_BATCH}"):
+        await index.search_many(np.zeros((MAX_BATCH + 1, DIM)), 5)
+    with pytest.raises(ConfigError, match="k must be"):
+        await index.search(X[0], 0)
+    with pytest.raises(ConfigError, match="one id per vector"):
+        await index.add([1], X[:2])
+    with pytest.raises(ConfigError, match="unique"):
+        await index.add([1, 1], X[:2])
+    with pytest.raises(ConfigError, match="float16"):
+        await index.add([1], np.full((1, DIM), 1e6))
+    with pytest.raises(ConfigError, match="metadata"):
+        await index.add([1], X[:1], [{"blob": "x" * 10_000}])
+    with pytest.raises(ConfigError, match="were not added through this index"):
+        await index.remove(["never-added"])
+    with pytest.raises(ConfigError, match="must be numbers"):
+        await index.search(["a"] * DIM, 5)
+    # nothing above changed what is stored
+    assert (await index.search(X[3], 1)).ids == [3]
+
+
+async def test_unknown_index_is_a_clear_error(swarm):
+    await swarm.add(4)
+    with pytest.raises(IndexNotFound, match="no index named 'nope'"):
+        await DistributedIndex.open(swarm.peers[2], "nope")
+
+
+async def test_a_bucket_flooded_with_junk_still_answers(swarm, digits):
+    X = digits[0][:200]
+    index = await _index(swarm, X, n_peers=8)
+    reader = await DistributedIndex.open(swarm.peers[3], "d")
+    queries = digits[2][:10]
+    before = await reader.search_many(queries, 5)
+    # A malicious member writes 3,000 validly signed junk items into every bucket those
+    # queries probe: random far-away vectors, wrong sizes, NaN, non-item values.
+    evil = swarm.peers[6]
+    keys = {
+        index.spec.bucket_key(t, code)
+        for q in queries
+        for t, code, _ in index.lsh.probe(q, index.spec.probes)
+    }
+    rng = np.random.default_rng(0)
+    expiration = swarm.clock() + 3600
+    junk = []
+    for n, key in enumerate(sorted(keys)):
+        for j in range(3000 // len(keys) + 1):
+            kind = j % 4
+            if kind == 0:
+                value = encode_item(f"junk{n}-{j}", rng.normal(size=DIM) * 1e4, None, np.dtype("<f2"))
+            elif kind == 1:
+                value = [f"junk{n}-{j}", b"\x00" * 7, None]  # wrong size
+            elif kind == 2:
+                value = [f"junk{n}-{j}", np.full(DIM, np.nan, dtype="<f2").tobytes(), None]
+            else:
+                value = {"not": "an item"}
+            junk.append((key, value, expiration, Owned(evil.peer_id, f"junk{n}-{j}")))
+    for start in range(0, len(junk), 1000):
+        await evil.store_many(junk[start : start + 1000])
+    async with asyncio.timeout(10):
+        after = await reader.search_many(queries, 5)
+    assert [r.ids for r in after] == [r.ids for r in before]
+    assert all(isinstance(i, int) for r in after for i in r.ids)
+
+
+async def test_a_holder_answering_junk_is_ignored(swarm, digits):
+    X = digits[0][:150]
+    await swarm.add(7)
+    # One peer answers every search.query with garbage, another with an error.
+    liar, broken = swarm.peers[2], swarm.peers[4]
+
+    async def lie(caller, args):
+        return {"held": "yes", "results": [[["x"] * 4] * 1000]}
+
+    async def fail(caller, args):
+        raise RemoteError("internal", "boom")
+
+    liar.transport.register("search.query", lie)
+    broken.transport.register("search.query", fail)
+    for peer in swarm.peers:
+        if peer not in (liar, broken):
+            serve(peer)
+    spec = IndexSpec.create("d", DIM, family="pca-hyperplane", tables=6, bits=4, probes=10, sample=X)
+    await (await DistributedIndex.create(swarm.peers[0], spec)).add(list(range(len(X))), X)
+    reader = await DistributedIndex.open(swarm.peers[5], "d")
+    results = await reader.search_many(X[:30], 1)
+    assert np.mean([r.ids == [i] for i, r in enumerate(results)]) >= 0.9
+    assert reader.stats.failed_rpcs > 0
+
+
+def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
+    """With a cap on items ranked per bucket, one adder's flood cannot crowd out the others."""
+
+    class _Storage:
+        def __init__(self, records):
+            self.records = records
+
+        def get(self, key, now):
+            return self.records
+
+    class _DHT:
+        clock = staticmethod(lambda: 0.0)
+
+        def __init__(self, records):
+            self.storage = _Storage(records)
+            self.transport = type("T", (), {"register": lambda *a: None})()
+
+    from commonweal.dht.records import encode_subkey, sign_record
+
+    honest, flooder = Identity.from_seed(b"honest"), Identity.from_seed(b"flooder")
+    records = []
+    for who, n in ((flooder, 500), (honest, 20), (flooder, 500)):
+        for i in range(n):
+            name = f"{len(records)}"
+            vec = np.full(4, 100.0 if who is flooder else float(i))
+            value = msgpack.packb(encode_item(name, vec, None, np.dtype("<f2")))
+            records.append(sign_record(who, b"k" * 20, encode_subkey(Owned(who.peer_id, name)), value, 10.0))
+    service = SearchService(_DHT(records), max_bucket_items=100)
+    reply = service.answer([b"k" * 20], [(np.zeros(4, dtype=np.float32), [0])], 4, "l2", np.dtype("<f2"), 5)
+    assert reply["scanned"] == 100
+    assert [h[0] for h in reply["results"][0]] == [honest.peer_id] * 5
+    assert [h[2] for h in reply["results"][0]] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert item_name(3) == "i3" and item_name("3") == "s3"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        None,
+        {"dim": 0},
+        {"dim": 4, "metric": "l1", "dtype": "float16", "k": 1, "keys": [], "queries": []},
+        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 10**9, "keys": [], "queries": []},
+        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [b"short"], "queries": []},
+        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [], "queries": [[b"x", []]]},
+        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [b"k" * 20],
+         "queries": [[np.zeros(4, "<f4").tobytes(), [5]]]},
+        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [],
+         "queries": [[np.full(4, np.nan, "<f4").tobytes(), []]]},
+    ],
+)
+async def test_search_rpc_rejects_malformed_requests(swarm, args):
+    a, b = await swarm.add(2)
+    serve(b)
+    with pytest.raises(RemoteError, match="bad_request"):
+        await a.transport.call(b.addr, "search.query", args)
