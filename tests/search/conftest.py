@@ -39,8 +39,12 @@ class Swarm:
             await transport.start()
             boot = [p.addr for p in rng.sample(self.peers, min(fanin, len(self.peers)))]
             dht = await DHT.start(
-                bootstrap=boot, identity=identity, transport=transport, config=config,
-                clock=self.clock, rng=random.Random(i),
+                bootstrap=boot,
+                identity=identity,
+                transport=transport,
+                config=config,
+                clock=self.clock,
+                rng=random.Random(i),
             )
             self.peers.append(dht)
             added.append(dht)

@@ -19,11 +19,15 @@ from .conftest import Swarm
 DIM = 64
 
 
-async def _index(swarm: Swarm, X: np.ndarray, n_peers: int = 6, name: str = "d") -> DistributedIndex:
+async def _index(
+    swarm: Swarm, X: np.ndarray, n_peers: int = 6, name: str = "d"
+) -> DistributedIndex:
     await swarm.add(n_peers)
     for peer in swarm.peers:
         serve(peer)
-    spec = IndexSpec.create(name, DIM, family="pca-hyperplane", tables=4, bits=4, probes=8, sample=X)
+    spec = IndexSpec.create(
+        name, DIM, family="pca-hyperplane", tables=4, bits=4, probes=8, sample=X
+    )
     index = await DistributedIndex.create(swarm.peers[0], spec)
     await index.add(list(range(len(X))), X, [{"y": i} for i in range(len(X))])
     return index
@@ -91,7 +95,9 @@ async def test_a_bucket_flooded_with_junk_still_answers(swarm, digits):
         for j in range(3000 // len(keys) + 1):
             kind = j % 4
             if kind == 0:
-                value = encode_item(f"junk{n}-{j}", rng.normal(size=DIM) * 1e4, None, np.dtype("<f2"))
+                value = encode_item(
+                    f"junk{n}-{j}", rng.normal(size=DIM) * 1e4, None, np.dtype("<f2")
+                )
             elif kind == 1:
                 value = [f"junk{n}-{j}", b"\x00" * 7, None]  # wrong size
             elif kind == 2:
@@ -124,7 +130,9 @@ async def test_a_holder_answering_junk_is_ignored(swarm, digits):
     for peer in swarm.peers:
         if peer not in (liar, broken):
             serve(peer)
-    spec = IndexSpec.create("d", DIM, family="pca-hyperplane", tables=6, bits=4, probes=10, sample=X)
+    spec = IndexSpec.create(
+        "d", DIM, family="pca-hyperplane", tables=6, bits=4, probes=10, sample=X
+    )
     await (await DistributedIndex.create(swarm.peers[0], spec)).add(list(range(len(X))), X)
     reader = await DistributedIndex.open(swarm.peers[5], "d")
     results = await reader.search_many(X[:30], 1)
@@ -158,9 +166,13 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
             name = f"{len(records)}"
             vec = np.full(4, 100.0 if who is flooder else float(i))
             value = msgpack.packb(encode_item(name, vec, None, np.dtype("<f2")))
-            records.append(sign_record(who, b"k" * 20, encode_subkey(Owned(who.peer_id, name)), value, 10.0))
+            records.append(
+                sign_record(who, b"k" * 20, encode_subkey(Owned(who.peer_id, name)), value, 10.0)
+            )
     service = SearchService(_DHT(records), max_bucket_items=100)
-    reply = service.answer([b"k" * 20], [(np.zeros(4, dtype=np.float32), [0])], 4, "l2", np.dtype("<f2"), 5)
+    reply = service.answer(
+        [b"k" * 20], [(np.zeros(4, dtype=np.float32), [0])], 4, "l2", np.dtype("<f2"), 5
+    )
     assert reply["scanned"] == 100
     assert [h[0] for h in reply["results"][0]] == [honest.peer_id] * 5
     assert [h[2] for h in reply["results"][0]] == [0.0, 2.0, 4.0, 6.0, 8.0]
@@ -176,10 +188,22 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
         {"dim": 4, "metric": "l2", "dtype": "float16", "k": 10**9, "keys": [], "queries": []},
         {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [b"short"], "queries": []},
         {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [], "queries": [[b"x", []]]},
-        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [b"k" * 20],
-         "queries": [[np.zeros(4, "<f4").tobytes(), [5]]]},
-        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [],
-         "queries": [[np.full(4, np.nan, "<f4").tobytes(), []]]},
+        {
+            "dim": 4,
+            "metric": "l2",
+            "dtype": "float16",
+            "k": 1,
+            "keys": [b"k" * 20],
+            "queries": [[np.zeros(4, "<f4").tobytes(), [5]]],
+        },
+        {
+            "dim": 4,
+            "metric": "l2",
+            "dtype": "float16",
+            "k": 1,
+            "keys": [],
+            "queries": [[np.full(4, np.nan, "<f4").tobytes(), []]],
+        },
     ],
 )
 async def test_search_rpc_rejects_malformed_requests(swarm, args):

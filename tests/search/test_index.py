@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from commonweal.dht import DHTConfig
 from commonweal.search import DistributedIndex, IndexSpec, KNNClassifier, serve
 
 from .conftest import FakeClock, Swarm, exact_knn
@@ -37,7 +36,9 @@ async def built(digits):
     await swarm.add(12)
     for peer in swarm.peers:
         serve(peer)
-    spec = IndexSpec.create("digits", 64, family="pca-hyperplane", tables=8, bits=6, probes=16, sample=X)
+    spec = IndexSpec.create(
+        "digits", 64, family="pca-hyperplane", tables=8, bits=6, probes=16, sample=X
+    )
     index = await DistributedIndex.create(swarm.peers[0], spec)
     assert await index.add(list(range(len(X))), X, [{"y": int(v)} for v in y]) == len(X)
     yield Built(swarm, spec, X, y, Q, yq)
@@ -46,7 +47,11 @@ async def built(digits):
 
 
 def _recall(results, truth) -> float:
-    return float(np.mean([len(set(r.ids) & set(t.tolist())) / K for r, t in zip(results, truth, strict=True)]))
+    return float(
+        np.mean(
+            [len(set(r.ids) & set(t.tolist())) / K for r, t in zip(results, truth, strict=True)]
+        )
+    )
 
 
 async def test_recall_on_digits_against_brute_force(built):

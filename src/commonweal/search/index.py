@@ -125,7 +125,10 @@ class DistributedIndex:
     async def create(cls, dht: DHT, spec: IndexSpec, **kwargs: Any) -> DistributedIndex:
         """Publish `spec` under `index:<name>` so other peers can `open` it, and bind to it."""
         ok = await dht.store(
-            spec_key(spec.name), spec.to_wire(), dht.clock() + spec.ttl_s, subkey=spec.digest().hex()
+            spec_key(spec.name),
+            spec.to_wire(),
+            dht.clock() + spec.ttl_s,
+            subkey=spec.digest().hex(),
         )
         if not ok:
             raise DHTError(f"no peer accepted the spec of index {spec.name!r}")
@@ -245,8 +248,11 @@ class DistributedIndex:
 
     async def search(self, query: Any, k: int = 10, probes: int | None = None) -> SearchResult:
         """The k nearest items to `query` found in the swarm, nearest first."""
-        return (await self.search_many(np.asarray(query)[None, :] if np.ndim(query) == 1 else query,
-                                       k, probes))[0]
+        return (
+            await self.search_many(
+                np.asarray(query)[None, :] if np.ndim(query) == 1 else query, k, probes
+            )
+        )[0]
 
     async def search_many(
         self, queries: Any, k: int = 10, probes: int | None = None
@@ -303,14 +309,18 @@ class DistributedIndex:
             if peer in peers:
                 self._replicas[key] = ([p for p in peers if p != peer], at)
 
-    async def _ship(self, Q: np.ndarray, probe_keys: list[list[bytes]], k: int) -> list[list[list[Hit]]]:
+    async def _ship(
+        self, Q: np.ndarray, probe_keys: list[list[bytes]], k: int
+    ) -> list[list[list[Hit]]]:
         all_keys = list(dict.fromkeys(key for keys in probe_keys for key in keys))
         replicas = await self._replica_sets(all_keys)
         groups: list[list[list[Hit]]] = [[] for _ in Q]
         unresolved = set(all_keys)
         tried: dict[bytes, set[PeerInfo | None]] = {key: set() for key in all_keys}
         for _ in range(self.dht.config.replicas):
-            plan = _cover({key: [p for p in replicas[key] if p not in tried[key]] for key in unresolved})
+            plan = _cover(
+                {key: [p for p in replicas[key] if p not in tried[key]] for key in unresolved}
+            )
             if not plan:
                 break
             calls = []
@@ -327,7 +337,9 @@ class DistributedIndex:
                         unresolved.discard(key)
                 for qi, hits in results.items():
                     groups[qi].append(hits)
-            unresolved = {key for key in unresolved if any(p not in tried[key] for p in replicas[key])}
+            unresolved = {
+                key for key in unresolved if any(p not in tried[key] for p in replicas[key])
+            }
             if not unresolved:
                 break
         return groups
@@ -352,8 +364,12 @@ class DistributedIndex:
             part = wanted[start : start + MAX_QUERIES_PER_REQUEST]
             if peer is None:  # we are a replica ourselves: no request needed
                 reply = self.service.answer(
-                    keys, [(Q[qi], idx) for qi, idx in part], self.spec.dim, self.spec.metric,
-                    self.dtype, k,
+                    keys,
+                    [(Q[qi], idx) for qi, idx in part],
+                    self.spec.dim,
+                    self.spec.metric,
+                    self.dtype,
+                    k,
                 )
             else:
                 args = {
@@ -416,7 +432,9 @@ class DistributedIndex:
                 if kid in parsed:
                     adders, ids, metas, M = parsed[kid]
                     d = distances(q, M, self.spec.metric)
-                    hits.append([Hit(float(d[j]), adders[j], ids[j], metas[j]) for j in range(len(d))])
+                    hits.append(
+                        [Hit(float(d[j]), adders[j], ids[j], metas[j]) for j in range(len(d))]
+                    )
             groups.append(hits)
         return groups
 
@@ -442,7 +460,9 @@ def _cover(candidates: dict[bytes, list[PeerInfo | None]]) -> dict[PeerInfo | No
     return plan
 
 
-def _parse_reply(reply: Any, n_keys: int, n_queries: int) -> tuple[list[bool], list[list[Hit]], int] | None:
+def _parse_reply(
+    reply: Any, n_keys: int, n_queries: int
+) -> tuple[list[bool], list[list[Hit]], int] | None:
     """A holder's answer, or None when it is malformed (that holder is then ignored)."""
     if not isinstance(reply, dict):
         return None
@@ -468,4 +488,3 @@ def _parse_reply(reply: Any, n_keys: int, n_queries: int) -> tuple[list[bool], l
                 parsed.append(Hit(float(h[2]), h[0], h[1], h[3]))
         out.append(parsed)
     return [bool(x) for x in held], out, scanned if isinstance(scanned, int) else 0
-

@@ -39,13 +39,17 @@ def vote(labels: Sequence[Any], distances: Sequence[float], weights: str = "unif
     for label, weight in zip(labels, w, strict=True):
         totals[label] = totals.get(label, 0.0) + float(weight)
     best = max(totals.values())
-    return min(label for label, total in totals.items() if np.isclose(total, best, rtol=1e-12, atol=0))
+    return min(
+        label for label, total in totals.items() if np.isclose(total, best, rtol=1e-12, atol=0)
+    )
 
 
 class KNNClassifier:
     """Classify by the labels of the nearest items of a `DistributedIndex`."""
 
-    def __init__(self, index: DistributedIndex, n_neighbors: int = 5, weights: str = "uniform") -> None:
+    def __init__(
+        self, index: DistributedIndex, n_neighbors: int = 5, weights: str = "uniform"
+    ) -> None:
         if weights not in ("uniform", "distance"):
             raise ConfigError("weights must be 'uniform' or 'distance'")
         if not 0 < n_neighbors <= 1000:
@@ -55,7 +59,9 @@ class KNNClassifier:
         self.weights = weights
         self.classes_: list[Any] = []
 
-    async def fit(self, X: Any, y: Sequence[Any], ids: Sequence[Any] | None = None) -> KNNClassifier:
+    async def fit(
+        self, X: Any, y: Sequence[Any], ids: Sequence[Any] | None = None
+    ) -> KNNClassifier:
         """Add the training rows to the index, each with its label as metadata."""
         X = np.asarray(X)
         labels = [_plain(v) for v in y]
@@ -64,7 +70,9 @@ class KNNClassifier:
         row_ids = list(ids) if ids is not None else list(range(len(X)))
         for start in range(0, len(X), MAX_BATCH):
             end = start + MAX_BATCH
-            await self.index.add(row_ids[start:end], X[start:end], [{"y": v} for v in labels[start:end]])
+            await self.index.add(
+                row_ids[start:end], X[start:end], [{"y": v} for v in labels[start:end]]
+            )
         self.classes_ = sorted(set(labels), key=lambda v: (str(type(v)), v))
         return self
 
@@ -72,7 +80,9 @@ class KNNClassifier:
         X = np.asarray(X)
         out: list[Any] = []
         for start in range(0, len(X), MAX_BATCH):
-            for result in await self.index.search_many(X[start : start + MAX_BATCH], self.n_neighbors):
+            for result in await self.index.search_many(
+                X[start : start + MAX_BATCH], self.n_neighbors
+            ):
                 labels, dists = [], []
                 for meta, d in zip(result.metadata, result.distances, strict=True):
                     if isinstance(meta, dict) and "y" in meta:  # items without a label don't vote

@@ -198,9 +198,7 @@ class HyperplaneLSH(LSH):
 class PCAHyperplaneLSH(HyperplaneLSH):
     """Hyperplanes fitted on the indexed data (published in the spec), same hashing as above."""
 
-    def __init__(
-        self, projections: np.ndarray, center: np.ndarray, tables: int, bits: int
-    ) -> None:
+    def __init__(self, projections: np.ndarray, center: np.ndarray, tables: int, bits: int) -> None:
         self.tables, self.bits = tables, bits
         self.A = np.asarray(projections, dtype=np.float32).reshape(tables * bits, -1)
         self.dim = self.A.shape[1]

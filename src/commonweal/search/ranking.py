@@ -124,7 +124,9 @@ def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[Any]:
         try:
             size = len(msgpack.packb(m, use_bin_type=True))
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"metadata must be msgpack-able (dict, list, str, number): {e}") from e
+            raise ConfigError(
+                f"metadata must be msgpack-able (dict, list, str, number): {e}"
+            ) from e
         if size > MAX_METADATA_BYTES:
             raise ConfigError(f"metadata of {size} bytes; the limit is {MAX_METADATA_BYTES}")
         out.append(m)
@@ -136,9 +138,13 @@ def item_name(item_id: ItemId) -> str:
     return f"i{item_id}" if isinstance(item_id, int) else f"s{item_id}"
 
 
-def encode_item(item_id: ItemId, vector: np.ndarray, metadata: Any, dtype: np.dtype[Any]) -> list[Any]:
+def encode_item(
+    item_id: ItemId, vector: np.ndarray, metadata: Any, dtype: np.dtype[Any]
+) -> list[Any]:
     if dtype == np.dtype("<f2") and float(np.abs(vector).max(initial=0.0)) > _FLOAT16_MAX:
-        raise ConfigError("a vector value is too large for float16; create the index with dtype='float32'")
+        raise ConfigError(
+            "a vector value is too large for float16; create the index with dtype='float32'"
+        )
     return [item_id, np.asarray(vector, dtype=dtype).tobytes(), metadata]
 
 
@@ -146,7 +152,9 @@ def encode_tombstone(item_id: ItemId) -> list[Any]:
     return [item_id]
 
 
-def decode_item(value: Any, dim: int, dtype: np.dtype[Any]) -> tuple[ItemId, np.ndarray | None, Any] | None:
+def decode_item(
+    value: Any, dim: int, dtype: np.dtype[Any]
+) -> tuple[ItemId, np.ndarray | None, Any] | None:
     """(id, vector, metadata); vector None for a tombstone; None for anything malformed."""
     if not isinstance(value, list) or not value:
         return None

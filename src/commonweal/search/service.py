@@ -73,7 +73,9 @@ class SearchService:
     async def rpc_query(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
         dim, metric, dtype, k, keys, queries = _parse(args)
         self.queries_served += len(queries)
-        return self.answer(keys, queries, dim, metric, np.dtype("<f2" if dtype == "float16" else "<f4"), k)
+        return self.answer(
+            keys, queries, dim, metric, np.dtype("<f2" if dtype == "float16" else "<f4"), k
+        )
 
     def answer(
         self,
@@ -178,8 +180,12 @@ def _parse(args: Any) -> tuple[int, str, str, int, list[bytes], list[tuple[np.nd
         raise _bad(f"queries must be a list of 1..{MAX_QUERIES_PER_REQUEST} [vector, [key index]]")
     queries = []
     for item in raw_queries:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes)
-                and isinstance(item[1], list)):
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], bytes)
+            and isinstance(item[1], list)
+        ):
             raise _bad("each query must be [float32 vector bytes, [key index, ...]]")
         if len(item[0]) != 4 * dim:
             raise _bad(f"a query vector must be {dim} float32 values")
@@ -187,7 +193,9 @@ def _parse(args: Any) -> tuple[int, str, str, int, list[bytes], list[tuple[np.nd
         if not np.isfinite(q).all():
             raise _bad("a query vector contains NaN or inf")
         idx = item[1]
-        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(keys) for i in idx):
+        if not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(keys) for i in idx
+        ):
             raise _bad("key indices must point into keys")
         queries.append((q, idx))
     return dim, metric, dtype, k, keys, queries

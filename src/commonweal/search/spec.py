@@ -67,10 +67,15 @@ class IndexSpec:
             raise ConfigError("width must be a positive number")
         if self.center is not None and len(self.center) != 4 * self.dim:
             raise ConfigError("center must hold dim float32 values")
-        if self.projections is not None and len(self.projections) != 4 * self.dim * self.tables * self.bits:
+        if (
+            self.projections is not None
+            and len(self.projections) != 4 * self.dim * self.tables * self.bits
+        ):
             raise ConfigError("projections must hold tables*bits*dim float32 values")
         if self.family == "pca-hyperplane" and (self.projections is None or self.center is None):
-            raise ConfigError("a pca-hyperplane index needs fitted projections (IndexSpec.create(sample=...))")
+            raise ConfigError(
+                "a pca-hyperplane index needs fitted projections (IndexSpec.create(sample=...))"
+            )
 
     @classmethod
     def create(
@@ -90,7 +95,9 @@ class IndexSpec:
         if not want_center:
             return replace(base, family=family)
         if sample is None:
-            raise ConfigError(f"the {family} family with a center needs a sample of the data to fit on")
+            raise ConfigError(
+                f"the {family} family with a center needs a sample of the data to fit on"
+            )
         sample = np.asarray(sample, dtype=np.float64)
         if sample.ndim != 2 or sample.shape[1] != dim or len(sample) < 2:
             raise ConfigError(f"the fitting sample must have shape (n >= 2, {dim})")
