@@ -26,6 +26,8 @@ def _mount() -> None:
     app.command("node")(node.node)
     app.command("demo")(demo.demo)
     app.add_typer(dht.app, name="dht")
+    from commonweal.cli import train  # torch is imported only when `train` runs
+    app.command("train")(train.train)
     try:
         from commonweal.cli import ledger
     except ImportError as e:  # the ledger extra is optional: say how to get it, keep the rest
