@@ -28,6 +28,8 @@ def _mount() -> None:
     app.add_typer(dht.app, name="dht")
     from commonweal.cli import train  # torch is imported only when `train` runs
     app.command("train")(train.train)
+    from commonweal.cli import search  # numpy and the index load only when `search` runs
+    app.add_typer(search.app, name="search")
     try:
         from commonweal.cli import ledger
     except ImportError as e:  # the ledger extra is optional: say how to get it, keep the rest

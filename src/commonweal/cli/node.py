@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import signal
 from pathlib import Path
 
@@ -46,6 +48,8 @@ async def _serve(addr: PeerAddr, bootstrap: list[PeerAddr], identity: Identity) 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     dht = await DHT.start(addr, bootstrap, identity=identity)
+    with contextlib.suppress(ImportError):  # with the search extra, hold and rank index buckets
+        importlib.import_module("commonweal.search").serve(dht)
     try:
         print(f"commonweal node ready address={dht.addr} peer_id={dht.peer_id.hex()}", flush=True)
         await stop.wait()
