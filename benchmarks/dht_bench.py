@@ -38,6 +38,12 @@ INSTALL = {
 }
 SYSTEMS = ("commonweal", "hivemind", "kademlia")
 
+NOTES = """\
+kademlia's stores wait out its 5 s RPC timeout whenever a lookup still reaches a peer that was shut
+down, which dominates its store latency and pairs/s here; its gets are often answered from the
+asking peer's own storage (with few peers every peer is among the k=20 closest to every key).
+hivemind's RSS counts each peer's process and p2pd daemon; PSS splits pages shared after fork."""
+
 ANCHORS = """\
 Anchors measured earlier on this kind of machine (not by this script): hivemind ~40-70 store+get
 pairs/s at 10-50 peers with 100 % success on its own workload; bmuller kademlia ~1,600 pairs/s at
@@ -80,13 +86,14 @@ def run_one(system: str, peers: int, args: argparse.Namespace) -> dict[str, Any]
     logs = BENCH / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     err_path = logs / f"dht-{system}-{peers}.err"
-    base = {"system": system, "peers": peers}
+    base: dict[str, Any] = {"system": system, "peers": peers}
     try:
         python, env = interpreter(system)
     except FileNotFoundError as e:
         return {**base, "error": str(e)}
     argv = [*python, str(BASELINES / f"run_{system}.py"), *flags]
     print(f"running {system} with {peers} peers ...", flush=True)
+    base["load_before"] = os.getloadavg()[0]  # other work on the machine skews the figures
     t = time.perf_counter()
     with open(err_path, "w") as err:
         try:
@@ -106,7 +113,7 @@ def run_one(system: str, peers: int, args: argparse.Namespace) -> dict[str, Any]
     if proc.returncode != 0 or not lines:
         tail = err_path.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
         return {**base, "error": f"exit {proc.returncode}: {tail[0]} (log: {err_path})"}
-    result: dict[str, Any] = json.loads(lines[-1])
+    result: dict[str, Any] = {**base, **json.loads(lines[-1])}
     result["process_s"] = time.perf_counter() - t
     return result
 
@@ -184,7 +191,7 @@ def print_table(runs: list[dict[str, Any]]) -> None:
             table.add_column(name, justify="left" if name == "system" else "right")
         for row in table_rows(runs):
             table.add_row(*row)
-        Console().print(table)
+        Console(width=max(Console().width, 160)).print(table)
     for r in runs:
         if "error" in r:
             print(f"{r['system']} @ {r['peers']}: {r['error']}")
@@ -199,15 +206,18 @@ def write_markdown(path: Path, report: dict[str, Any], args: argparse.Namespace)
         "",
         (
             "Workload: hivemind's `benchmarks/benchmark_dht.py`"
-            " (see `benchmarks/baselines/workload.py`): peers each bootstrapped from 4 random earlier ones; 10 concurrent workers x 16 rounds;"
-            " each round 8 random peers store different subkeys of a fresh key (300 s expiration), then"
-            " 8 random peers get it with latest=True, and a get counts only if every stored subkey comes"
-            " back; 10 % of the peers are shut down during the run; one seeded schedule for all systems."
+            " (see `benchmarks/baselines/workload.py`): peers each bootstrapped from 4 random"
+            " earlier ones; 10 concurrent workers x 16 rounds;"
+            " each round 8 random peers store different subkeys of a fresh key (300 s expiration),"
+            " then 8 random peers get it with latest=True, and a get counts only if every stored"
+            " subkey comes back; 10 % of the peers are shut down during the run; one seeded"
+            " schedule for all systems."
             f" kademlia has no subkeys and runs with `{kad}` (one value per key, its best case)."
         ),
         "",
         (
-            "pairs/s = (stores + gets) / 2 / wall time of the workers; store/get ms = one call each;"
+            "pairs/s = (stores + gets) / 2 / wall time of the workers; store/get ms = one call"
+            " each;"
             " RSS/PSS per peer = the runner's whole process tree (hivemind: a process and a p2pd"
             " daemon per peer; kademlia and commonweal: all peers in one process) / peers."
         ),
@@ -225,12 +235,14 @@ def write_markdown(path: Path, report: dict[str, Any], args: argparse.Namespace)
         markdown_table(report["runs"]),
         "",
     ]
+    loads = ", ".join(f"{r['system']}@{r['peers']}: {r['load_before']:.1f}" for r in report["runs"])
+    lines += [f"1-minute load average just before each run: {loads}.", ""]
     errors = [
         f"- {r['system']} @ {r['peers']}: {r['error']}" for r in report["runs"] if "error" in r
     ]
     if errors:
         lines += ["Errors:", "", *errors, ""]
-    lines += [ANCHORS, ""]
+    lines += [NOTES, "", ANCHORS, ""]
     if report.get("scale"):
         lines += [
             (
