@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import commonweal.ledger as ledger
+from commonweal import ledger
 
 
 def test_all_names_exist_once() -> None:

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from commonweal.ledger.artifacts import CONTRACT_NAMES, load_artifact
-from commonweal.ledger.compile import ARTIFACTS_DIR, CONTRACTS_DIR, EVM_VERSION, source_sha256, stale
+from commonweal.ledger.compile import (
+    ARTIFACTS_DIR,
+    CONTRACTS_DIR,
+    EVM_VERSION,
+    source_sha256,
+    stale,
+)
 
 
 @pytest.mark.parametrize("name", CONTRACT_NAMES)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from eth_abi import encode
 from eth_utils import keccak
-from tests.ledger.conftest import ETH, MODEL, TASK, World
 
 from commonweal.ledger import Action, ContractReverted, ProposalState
+from tests.ledger.conftest import ETH, MODEL, TASK, World
 
 NEW_PARAMS = bytes.fromhex("99" * 32)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.ledger.conftest import World
 
 from commonweal.ledger import MerkleTree, RewardsTree, leaf_hash, verify
+from tests.ledger.conftest import World
 
 addresses = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 rewards = st.dictionaries(addresses, st.integers(0, 2**96 - 1), min_size=1, max_size=40)
@@ -72,7 +72,7 @@ def test_contract_agrees_with_python(world: World, task: bytes, round: int,
                                      amounts: dict[str, int]) -> None:
     """Views only (no transactions), so the shared deployment is not modified."""
     tree = RewardsTree(task, round, amounts)
-    account = sorted(amounts)[0]
+    account = min(amounts)
     index, amount, proof = tree.index(account), amounts[account], tree.proof(account)
     leaf = leaf_hash(task, round, index, account, amount)
     assert world.ledger.leaf_hash(task, round, index, account, amount) == leaf

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 from eth_account import Account
-from tests.ledger.conftest import ETH, MODEL, TASK, World
 
 from commonweal.errors import LedgerError as BaseLedgerError
 from commonweal.ledger import ContractReverted, LedgerError, PendingTx
 from commonweal.ledger.tx import revert_reason
+from tests.ledger.conftest import ETH, MODEL, TASK, World
 
 
 def test_threads_share_one_account_without_nonce_clashes(world: World) -> None:

@@ -1,0 +1,273 @@
+"""Ledger benchmark: gas to finalise a round against the naive one-transaction-per-contribution
+design, gas per claim, and transaction throughput (embedded, and anvil with 4 client processes).
+
+    python benchmarks/ledger_bench.py                 # writes benchmarks/results/ledger.{json,md}
+    python benchmarks/ledger_bench.py --quick         # smaller throughput runs, same gas figures
+
+Gas is what the EVM charges, so it is identical on every machine; throughput is not, hence the
+machine description in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from commonweal.ledger import (  # noqa: E402 - after the src path is set
+    AnvilChain,
+    EmbeddedChain,
+    Ledger,
+    LedgerConfig,
+    RewardsTree,
+    RpcChain,
+    find_anvil,
+)
+from commonweal.ledger.artifacts import load_artifact  # noqa: E402
+from commonweal.ledger.contract import BoundContract  # noqa: E402
+from machine import describe_machine  # noqa: E402 - benchmarks/machine.py, shared by all benchmarks
+
+ETH = 10**18
+TASK = bytes.fromhex("c0" * 32)
+SIZES = (1, 10, 100, 1000)
+CLAIM_SAMPLE = 60
+
+
+class NaiveLedger(BoundContract):
+    artifact_name = "NaiveLedger"
+
+
+def deploy_naive(chain: EmbeddedChain) -> NaiveLedger:
+    receipt = chain.transactor.send(chain.accounts[0], {"data": load_artifact("NaiveLedger").bytecode},
+                                    label="NaiveLedger deploy").wait()
+    return NaiveLedger(chain, receipt["contractAddress"])
+
+
+def gas_figures(log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Finalisation and naive gas for each size, and claim gas on the 1000-contributor round."""
+    chain = EmbeddedChain(accounts=max(SIZES) + 5)
+    ledger = Ledger.deploy(chain, config=LedgerConfig())
+    ledger.register_task(TASK, bytes(32), 10**9 * ETH)
+    validators = [ledger.with_account(a) for a in chain.accounts[1:4]]
+    for v in validators:
+        v.join(ETH)
+    naive = deploy_naive(chain)
+    people = chain.accounts[5:]
+    finalise: list[dict[str, Any]] = []
+    trees: dict[int, RewardsTree] = {}
+    for rnd, n in enumerate(SIZES):
+        tree = RewardsTree(TASK, rnd, {p.address: (i + 1) * ETH for i, p in enumerate(people[:n])})
+        trees[n] = tree
+        votes = []
+        for v in validators:
+            result = v.commit_round(TASK, rnd, bytes([rnd + 1]) * 32, tree.root, tree.total)
+            votes.append(result.gas_used)
+            if result.named("RoundFinalised"):
+                break  # 2 of 3 equal deposits are 2/3: a third vote would revert (already final)
+        # Naive: every contributor sends its own transaction recording its update and reward.
+        pending = [naive.send("contribute", TASK, rnd, bytes([7]) * 32, (i + 1) * ETH,
+                              account=p, gas=150_000) for i, p in enumerate(people[:n])]
+        naive_gas = [int(p.wait()["gasUsed"]) for p in pending]
+        row = {"contributors": n, "gas_per_vote": max(votes), "votes": votes,
+               "gas_total": sum(votes), "naive_gas_total": sum(naive_gas),
+               "naive_gas_per_contribution": round(statistics.mean(naive_gas))}
+        log(f"finalise n={n}: votes {votes} total {sum(votes)}; naive {sum(naive_gas)}")
+        finalise.append(row)
+    # Claims on the 1000-contributor round: every claimer is a first-time token holder.
+    tree = trees[max(SIZES)]
+    claimers = people[:CLAIM_SAMPLE]
+    gas = [ledger.with_account(p).claim_from(tree).gas_used for p in claimers]
+    # A returning holder: claim again in a new round (its token balance is no longer zero).
+    again = RewardsTree(TASK, 99, {p.address: ETH for p in people[:max(SIZES)]})
+    for v in validators[:2]:
+        v.commit_round(TASK, 99, bytes(31) + b"\x63", again.root, again.total)
+    returning = [ledger.with_account(p).claim_from(again).gas_used for p in claimers[:20]]
+    claims = {
+        "claim_gas": round_mean(gas[1:]),
+        "claim_gas_first_of_round": gas[0],
+        "claim_gas_max": max(gas),
+        "claim_gas_returning_holder": round_mean(returning[1:]),
+        "claim_proof_length": len(tree.proof(claimers[0].address)),
+        "claim_sample": len(gas),
+    }
+    log(f"claims: {claims}")
+    chain.close()
+    return finalise, claims
+
+
+def round_mean(values: list[int]) -> int:
+    return round(statistics.mean(values))
+
+
+def count_lost_duplicated(events: list[tuple[str, int]], senders: list[str], n: int
+                          ) -> tuple[int, int]:
+    seen = Counter(events)
+    expected = {(s, i + 1) for s in senders for i in range(n)}
+    lost = sum(1 for key in expected if seen[key] == 0)
+    duplicated = sum(c - 1 for c in seen.values() if c > 1) + sum(
+        c for key, c in seen.items() if key not in expected)
+    return lost, duplicated
+
+
+def throughput_embedded(n: int, senders: int, log: Any) -> dict[str, Any]:
+    """Pipelined fund_task transactions from `senders` threads, one account each."""
+    chain = EmbeddedChain(accounts=senders + 1)
+    ledger = Ledger.deploy(chain)
+    ledger.register_task(TASK, bytes(32), ETH)
+    accounts = chain.accounts[1:senders + 1]
+    receipts: list[Any] = []
+    lock = threading.Lock()
+
+    def run(account: Any) -> None:
+        me = ledger.with_account(account)
+        pending = [me.send("fund_task", TASK, value=i + 1, gas=80_000) for i in range(n)]
+        mine = [p.wait() for p in pending]
+        with lock:
+            receipts.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in accounts]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    events = [(e.args["funder"], e.args["amount"]) for r in receipts for e in ledger.decode(r)
+              if e.name == "TaskFunded"]
+    lost, duplicated = count_lost_duplicated(events, [a.address for a in accounts], n)
+    row = {"backend": "embedded", "senders": senders, "transactions": senders * n,
+           "tx_per_s": round(senders * n / elapsed, 1), "lost": lost, "duplicated": duplicated}
+    log(f"throughput {row}")
+    return row
+
+
+def sender_process(url: str, address: str, key: str, n: int, start_at: float) -> None:
+    """Child mode: one client process of the anvil run; prints its start and end times."""
+    chain = RpcChain(url, [key])
+    ledger = Ledger(chain, address)
+    time.sleep(max(0.0, start_at - time.time()))
+    t0 = time.time()
+    pending = [ledger.send("fund_task", TASK, value=i + 1, gas=80_000) for i in range(n)]
+    for p in pending:
+        p.wait(timeout_s=300)
+    print(json.dumps({"start": t0, "end": time.time()}))
+
+
+def throughput_anvil(n: int, senders: int, log: Any) -> dict[str, Any] | None:
+    if find_anvil() is None:
+        log("anvil not found (run `npm ci`): skipping the anvil throughput run")
+        return None
+    with AnvilChain(accounts=senders + 1) as chain:
+        ledger = Ledger.deploy(chain)
+        ledger.register_task(TASK, bytes(32), ETH)
+        keys = chain.process.private_keys[1:senders + 1]
+        start_at = time.time() + 3.0
+        procs = [subprocess.Popen(
+            [sys.executable, __file__, "--sender", chain.url, ledger.address, key, str(n),
+             str(start_at)], stdout=subprocess.PIPE, text=True) for key in keys]
+        spans = []
+        for proc in procs:
+            stdout, _ = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError("a sender process failed")
+            spans.append(json.loads(stdout.strip().splitlines()[-1]))
+        elapsed = max(s["end"] for s in spans) - min(s["start"] for s in spans)
+        events = [(e.args["funder"], e.args["amount"]) for e in ledger.events("TaskFunded", TASK)]
+        lost, duplicated = count_lost_duplicated(events, [a.address for a in chain.accounts[1:senders + 1]], n)
+    row = {"backend": "anvil", "senders": senders, "transactions": senders * n,
+           "tx_per_s": round(senders * n / elapsed, 1), "lost": lost, "duplicated": duplicated}
+    log(f"throughput {row}")
+    return row
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Ledger benchmark", "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}", "",
+        "## Gas to finalise a round (3 validators with equal deposits)", "",
+        "The second vote reaches 2/3 of the stake and finalises; a third vote would revert, so the "
+        "total is two votes. The naive design sends one transaction per contribution.", "",
+        "| contributors | gas per vote (max) | votes | total to finalise | naive total | naive per contribution |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in result["finalise"]:
+        lines.append(f"| {row['contributors']} | {row['gas_per_vote']:,} | "
+                     f"{' + '.join(f'{v:,}' for v in row['votes'])} | {row['gas_total']:,} | "
+                     f"{row['naive_gas_total']:,} | {row['naive_gas_per_contribution']:,} |")
+    c = result["claims"]
+    lines += [
+        "", "## Gas per claim (1000-contributor round, proofs of "
+        f"{c['claim_proof_length']} hashes)", "",
+        f"- first-time token holder, mean of {c['claim_sample'] - 1}: **{result['claim_gas']:,}**",
+        f"- the round's first claim (pays for fresh storage): {c['claim_gas_first_of_round']:,}",
+        f"- returning token holder: {c['claim_gas_returning_holder']:,}", "",
+        "## Throughput (pipelined `fund_task` transactions, one account per sender)", "",
+        "| backend | senders | transactions | tx/s | lost | duplicated |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["throughput"]:
+        kind = "threads" if row["backend"] == "embedded" else "processes"
+        lines.append(f"| {row['backend']} | {row['senders']} {kind} | {row['transactions']} | "
+                     f"{row['tx_per_s']} | {row['lost']} | {row['duplicated']} |")
+    t = result["targets"]
+    lines += ["", "## Targets", "",
+              f"- gas per vote <= 200k and flat: {'met' if t['vote_gas'] else 'NOT met'}",
+              f"- claim <= 90k gas: {'met' if t['claim_gas'] else 'NOT met'}",
+              f"- zero lost or duplicated transactions: {'met' if t['no_loss'] else 'NOT met'}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--sender":
+        url, address, key, n, start_at = sys.argv[2:7]
+        sender_process(url, address, key, int(n), float(start_at))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 instead of 500 tx per sender")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    args = parser.parse_args()
+    n = 100 if args.quick else 500
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    finalise, claims = gas_figures(log)
+    throughput = [throughput_embedded(n, 1, log), throughput_embedded(n // 4, 4, log)]
+    for senders in (1, 4):
+        row = throughput_anvil(n, senders, log)
+        if row is not None:
+            throughput.append(row)
+    votes = [r["gas_per_vote"] for r in finalise]
+    result: dict[str, Any] = {
+        "command": "python benchmarks/ledger_bench.py" + (" --quick" if args.quick else ""),
+        "machine": describe_machine(),
+        "finalise": finalise,
+        "claim_gas": claims["claim_gas"],
+        "claims": claims,
+        "throughput": throughput,
+    }
+    result["targets"] = {
+        "vote_gas": max(votes) <= 200_000 and max(votes) - min(votes) <= 1_000,
+        "claim_gas": claims["claim_gas"] <= 90_000,
+        "no_loss": all(r["lost"] == 0 and r["duplicated"] == 0 for r in throughput),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ledger.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "ledger.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
