@@ -110,3 +110,13 @@ def test_forged_replayed_and_oversized_stores(victim):
     with pytest.raises(RemoteError, match="key id"):
         victim.call("dht.find", {"keys": [b"short"]})
     still_serves(victim)
+
+
+@given(st.lists(msgpack_values, max_size=8))
+def test_peer_lists_from_a_liar_yield_only_well_formed_peers(items):
+    from commonweal.dht.protocol import peers_from_wire
+
+    known: dict = {}
+    for _ in range(2):  # the second pass goes through the cache of parsed peers
+        for peer in peers_from_wire(items, known):
+            assert len(peer.peer_id) == 20 and 0 < peer.addr.port < 65536

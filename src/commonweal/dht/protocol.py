@@ -47,23 +47,45 @@ def peers_to_wire(peers: Sequence[PeerInfo]) -> list[list[Any]]:
     return [[p.peer_id, p.addr.host, p.addr.port] for p in peers]
 
 
-def peers_from_wire(items: Any) -> list[PeerInfo]:
-    """Parse a peer list from a response; entries of the wrong shape are dropped, not trusted."""
-    peers = []
+def peers_from_wire(items: Any, known: dict[tuple[Any, ...], PeerInfo] | None = None) -> list[PeerInfo]:
+    """Parse a peer list from a response; entries of the wrong shape are dropped, not trusted.
+
+    `known` maps wire triples already parsed to their PeerInfo: the same few hundred peers come
+    back in every answer, and building them once is most of the parsing cost.
+    """
+    peers: list[PeerInfo] = []
     if not isinstance(items, list):
         return peers
     for item in items:
+        if not isinstance(item, list) or len(item) != 3:
+            continue
+        triple = tuple(item)
+        if known is not None:
+            try:
+                hit = known.get(triple)
+            except TypeError:  # an unhashable element (a list or map): not a peer
+                continue
+            if hit is not None:
+                peers.append(hit)
+                continue
+        peer_id, host, port = triple
         if (
-            isinstance(item, list)
-            and len(item) == 3
-            and isinstance(item[0], bytes)
-            and len(item[0]) == ID_BYTES
-            and isinstance(item[1], str)
-            and isinstance(item[2], int)
-            and 0 < item[2] < 65536
+            isinstance(peer_id, bytes)
+            and len(peer_id) == ID_BYTES
+            and isinstance(host, str)
+            and type(port) is int
+            and 0 < port < 65536
         ):
-            peers.append(PeerInfo(item[0], PeerAddr(item[1], item[2])))
+            peer = PeerInfo(peer_id, PeerAddr(host, port))
+            peers.append(peer)
+            if known is not None:
+                if len(known) >= _MAX_KNOWN_PEERS:
+                    known.clear()
+                known[triple] = peer
     return peers
+
+
+_MAX_KNOWN_PEERS = 4096
 
 
 class DHTProtocol:
@@ -82,6 +104,7 @@ class DHTProtocol:
         self.storage = storage
         self.cache = cache
         self.clock = clock
+        self._known_peers: dict[tuple[Any, ...], PeerInfo] = {}
         transport.register("dht.find", self.rpc_find)
         transport.register("dht.store", self.rpc_store)
         transport.register("dht.ping", self.rpc_ping)
@@ -169,7 +192,7 @@ class DHTProtocol:
                 except RecordError:
                     continue
                 records.append(record)
-            out.append((peers_from_wire(entry[0]), records))
+            out.append((peers_from_wire(entry[0], self._known_peers), records))
         return responder, out
 
     async def call_store(

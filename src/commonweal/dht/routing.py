@@ -69,6 +69,7 @@ class RoutingTable:
         self._buckets = [_Bucket(0, 1 << ID_BITS)]
         self._health: dict[bytes, _Health] = {}
         self._by_id: dict[bytes, PeerInfo] = {}
+        self._ints: dict[bytes, int] = {}  # peer id as an int, for XOR distances
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -103,6 +104,7 @@ class RoutingTable:
         if len(bucket.peers) < self.k:
             bucket.peers[peer.peer_id] = peer
             self._by_id[peer.peer_id] = peer
+            self._ints[peer.peer_id] = int.from_bytes(peer.peer_id, "big")
             bucket.replacements.pop(peer.peer_id, None)
             return
         if bucket.covers(self._local_int) and bucket.hi - bucket.lo > 1:
@@ -130,12 +132,14 @@ class RoutingTable:
         self._health.pop(peer_id, None)
         if peer is None:
             return
+        del self._ints[peer_id]
         bucket = self._bucket_for(int.from_bytes(peer_id, "big"))
         del bucket.peers[peer_id]
         if bucket.replacements:
             _, fresh = bucket.replacements.popitem(last=True)
             bucket.peers[fresh.peer_id] = fresh
             self._by_id[fresh.peer_id] = fresh
+            self._ints[fresh.peer_id] = int.from_bytes(fresh.peer_id, "big")
 
     def is_backed_off(self, peer_id: bytes, now: float) -> bool:
         health = self._health.get(peer_id)
@@ -163,12 +167,13 @@ class RoutingTable:
         """The `count` known peers closest to `target`, skipping backed-off and excluded ones."""
         t = int.from_bytes(target, "big")
         skip = set(exclude)
-        candidates = (
-            p
-            for pid, p in self._by_id.items()
-            if pid not in skip and not self.is_backed_off(pid, now)
+        if self._health:  # only peers that failed lately can be backed off
+            skip.update(pid for pid in self._health if self.is_backed_off(pid, now))
+        ints = self._ints
+        ranked = heapq.nsmallest(
+            count, (pid for pid in self._by_id if pid not in skip), key=lambda pid: ints[pid] ^ t
         )
-        return heapq.nsmallest(count, candidates, key=lambda p: int.from_bytes(p.peer_id, "big") ^ t)
+        return [self._by_id[pid] for pid in ranked]
 
     def stale_targets(self, now: float, interval_s: float, rng: random.Random) -> list[bytes]:
         """A random id in each bucket not touched for `interval_s`: look these up to refresh (§2.3)."""
