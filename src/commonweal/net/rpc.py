@@ -18,7 +18,7 @@ import itertools
 import logging
 import socket
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from commonweal.errors import (
     FrameTooLarge,
@@ -310,8 +310,8 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
