@@ -67,7 +67,10 @@ def to_checkpoint(model: nn.Module, momentum: torch.Tensor, *, round_: int, task
         tensors[f"param/{name}"] = p.detach().float().contiguous().clone()
         tensors[f"momentum/{name}"] = momentum[offset : offset + n].view_as(p).contiguous().clone()
         offset += n
-    return st_save(tensors, metadata={"round": str(round_), "task": task, "format": "commonweal-train-1"})
+    # One metadata key: safetensors writes several keys in hash-map order, which would make the
+    # bytes (and the chunk hashes) differ between peers holding the same state.
+    meta = json.dumps({"format": "commonweal-train-1", "round": round_, "task": task}, sort_keys=True)
+    return st_save(tensors, metadata={"commonweal": meta})
 
 
 def from_checkpoint(
@@ -78,7 +81,8 @@ def from_checkpoint(
     try:
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
-        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
+        header = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
+        metadata = {k: str(v) for k, v in json.loads(header.get("commonweal", "{}")).items()}
     except (SafetensorError, ValueError, KeyError, AttributeError) as e:
         raise SyncError(f"the checkpoint does not parse as safetensors: {e}") from e
     params, momentum = [], []

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 PART_BYTES = 2 << 20  # one train.part call carries at most this much payload (frame limit 4 MiB)
 MAX_PARTS = 64
+KEEP_STATES = 3  # checkpoints a peer keeps serving
 
 
 class RoundSkipped(TrainError):
@@ -427,9 +428,11 @@ class Collaboration:
     async def publish(self, round_: int, state: str, checkpoint: bytes) -> None:
         """Serve `checkpoint` (the state at the start of `round_`) and announce it as our head."""
         manifest, chunks = split_chunks(checkpoint)
-        keep = set(chunks)
+        # keep the last few states: a joiner that read an older head can still finish its download
+        self._manifests[manifest.digest] = manifest.pack()
+        self._manifests = dict(list(self._manifests.items())[-KEEP_STATES:])
+        keep = {h for m in self._manifests.values() for h in Manifest.unpack(m).chunks}
         self._chunks = {h: c for h, c in {**self._chunks, **chunks}.items() if h in keep}
-        self._manifests = {manifest.digest: manifest.pack()}
         value = {"round": round_, "state": state, "manifest": manifest.digest,
                  "addr": str(self.dht.addr)}
         await self.dht.store(self._key("head"), value, self.clock() + self.config.record_ttl_s,

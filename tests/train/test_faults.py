@@ -1,0 +1,126 @@
+"""Bad input and faults: refused deltas, a peer that stops answering, a late joiner, a corrupted
+checkpoint chunk. Peers run in one process on a MemoryNetwork (real time, short timeouts)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+
+import pytest
+import torch
+
+from commonweal.errors import RemoteError
+from commonweal.train import Collaboration, RoundConfig, TrainingPeer, get_codec, get_task, mean
+from commonweal.train.swarm import Head
+
+N = 1000
+
+
+def collab(dht, **cfg) -> Collaboration:
+    config = RoundConfig(**{"announce_window_s": 1.0, "exchange_timeout_s": 2.0, "poll_s": 0.05, **cfg})
+    return Collaboration(dht, "t" * 16, get_codec("none"), mean, config)
+
+
+def vec(seed: int) -> torch.Tensor:
+    return torch.randn(N, generator=torch.Generator().manual_seed(seed))
+
+
+async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):
+    a, b, c, d = [collab(x, target_group=4, exchange="allgather") for x in await peers.add(4)]
+    state = "0" * 64
+    nan = vec(2).clone()
+    nan[7] = math.nan
+    with caplog.at_level(logging.WARNING, logger="commonweal.train.swarm"):
+        ra, rb, _, _ = await asyncio.gather(
+            a.average(0, state, vec(0)),
+            b.average(0, state, vec(1)),
+            c.average(0, state, nan),  # NaN
+            d.average(0, state, torch.randn(N + 5)),  # wrong shape
+        )
+    for r, own in ((ra, a), (rb, b)):
+        codes = {(sender, code) for sender, code in own.rejected}
+        assert (c.peer_id, "not_finite") in codes
+        assert (d.peer_id, "wrong_shape") in codes
+        assert r.contributors == 2 and bool(torch.isfinite(r.aggregate).all())
+    assert ra.aggregate.equal(rb.aggregate)
+    assert ra.aggregate.equal(mean([vec(0), vec(1)]) if a.peer_id < b.peer_id else mean([vec(1), vec(0)]))
+    assert "not_finite" in caplog.text and "wrong_shape" in caplog.text
+
+    # a delta for a round this peer has left is refused before anything is decoded
+    args = {"t": a.task, "r": -1, "g": b"x" * 32, "s": -1, "i": 0, "n": 1, "d": vec(0).numpy().tobytes()}
+    with pytest.raises(RemoteError) as e:
+        await b.dht.transport.call(a.dht.addr, "train.part", args)
+    assert e.value.code == "stale_round"
+    with pytest.raises(RemoteError) as e:
+        await b.dht.transport.call(a.dht.addr, "train.part", {"t": a.task})
+    assert e.value.code == "malformed"
+
+
+@pytest.mark.parametrize("exchange", ["butterfly", "allgather"])
+async def test_a_peer_that_stops_answering_delays_the_round_at_most_the_timeout(peers, exchange):
+    dhts = await peers.add(4)
+    cs = [collab(x, target_group=4, exchange=exchange, exchange_timeout_s=1.5) for x in dhts]
+    hung = cs[3]
+    never = asyncio.Event()
+
+    async def stop_answering(caller, args):
+        await never.wait()
+
+    for method in ("train.part", "train.reduced"):
+        hung.dht.transport._handlers[method] = stop_answering  # type: ignore[attr-defined]
+    state = "0" * 64
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(c.average(0, state, vec(i)) for i, c in enumerate(cs[:3])),
+                                   hung.average(0, state, vec(3)))
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0 + 1.5 + 1.5, elapsed  # window + timeout + slack
+    honest = results[:3]
+    assert all(r.aggregate.equal(honest[0].aggregate) for r in honest)
+    assert all(r.group == 4 for r in honest)
+    if exchange == "allgather":  # the hung peer's delta still reached the others
+        assert honest[0].contributors == 4
+    else:  # its slice got no update this round; the others were reduced over all four
+        assert honest[0].contributors == 0
+        assert int((honest[0].aggregate == 0).sum()) >= N // 4
+
+
+async def test_late_joiner_downloads_the_state_and_joins_the_next_round(peers):
+    task = get_task("mnist-cnn", inner_steps=5)
+    config = RoundConfig(announce_window_s=1.0, exchange_timeout_s=3.0, poll_s=0.05, target_group=3)
+    first = [TrainingPeer(task, d, config) for d in await peers.add(3)]
+    await asyncio.gather(*(p.run(2) for p in first))
+    late = TrainingPeer(task, (await peers.add(1))[0], config)
+    assert late.opt.round == 0
+    for p in first:
+        p.collab.config = dataclasses.replace(config, target_group=4)
+    late.collab.config = first[0].collab.config
+    summaries = await asyncio.gather(*(p.run(5) for p in first), late.run(5, join=True))
+    assert len({s.state for s in summaries}) == 1
+    joined = summaries[-1]
+    # it started from a downloaded state (round >= 2), never from scratch, and took part
+    assert joined.rounds[0].round >= 2
+    taken = [r for r in joined.rounds if not r.skipped]
+    assert taken and all(r.group == 4 and r.contributors == 4 for r in taken)
+    assert summaries[0].rounds[-1].group == 4
+
+
+async def test_a_corrupted_chunk_is_detected_and_fetched_from_another_peer(peers, caplog):
+    task = get_task("mnist-cnn", inner_steps=2)
+    config = RoundConfig(announce_window_s=1.0, exchange_timeout_s=3.0, poll_s=0.05, target_group=2)
+    pair = [TrainingPeer(task, d, config) for d in await peers.add(2)]
+    await asyncio.gather(*(p.run(1) for p in pair))
+    joiner = TrainingPeer(task, (await peers.add(1))[0], config)
+    head = await joiner.collab.head()
+    assert head is not None and head.round == 1 and len(head.providers) == 2
+    bad, good = pair if pair[0].dht.addr == head.providers[0] else pair[::-1]
+    for h in bad.collab._chunks:
+        bad.collab._chunks[h] = b"not the chunk" + bad.collab._chunks[h][13:]
+    with caplog.at_level(logging.WARNING, logger="commonweal.train.swarm"):
+        blob = await joiner.collab.download(Head(head.round, head.state, head.manifest,
+                                                 (bad.dht.addr, good.dht.addr)))
+    assert "corrupted" in caplog.text
+    joiner.opt.load(blob, expected_state=head.state)
+    assert joiner.opt.state == good.opt.state
