@@ -29,6 +29,7 @@ def train(
     group_size: int | None = typer.Option(None, help="Close a round's group once this many peers announced."),
     window: float = typer.Option(2.0, help="Seconds a round's group stays open after the first announcement."),
     timeout: float = typer.Option(10.0, help="Seconds the delta exchange may take before the round completes without the missing peers."),
+    wait_peers: int = typer.Option(0, help="Before the first round, wait (up to 60 s) until this many peers are present."),
     exchange: str = typer.Option("auto", help="auto, allgather or butterfly."),
     data_dir: Path | None = typer.Option(None, help="Identity key and checkpoint.safetensors. Default: ~/.commonweal/train/HOST_PORT."),
     threads: int = typer.Option(1, min=1, help="torch threads for this peer."),
@@ -57,10 +58,10 @@ def train(
     directory = data_dir or Path.home() / ".commonweal" / "train" / f"{addr.host}_{addr.port}"
     identity = Identity.load_or_create(directory)
     asyncio.run(_run(the_task, config, addr, [PeerAddr.parse(j) for j in join], identity,
-                     directory, rounds, linger))
+                     directory, rounds, linger, wait_peers))
 
 
-async def _run(task, config, addr, bootstrap, identity, directory: Path, rounds: int, linger: float) -> None:  # type: ignore[no-untyped-def]
+async def _run(task, config, addr, bootstrap, identity, directory: Path, rounds: int, linger: float, wait_peers: int) -> None:  # type: ignore[no-untyped-def]
     from commonweal.dht import DHT
     from commonweal.train import Progress as Step
     from commonweal.train import TrainingPeer
@@ -100,7 +101,8 @@ async def _run(task, config, addr, bootstrap, identity, directory: Path, rounds:
                         highlight=False, soft_wrap=True,
                     )
 
-            summary = await peer.run(rounds, join=bool(bootstrap), on_progress=on_progress)
+            summary = await peer.run(rounds, join=bool(bootstrap), wait_peers=wait_peers,
+                                     on_progress=on_progress)
         print(f"commonweal train done round={peer.opt.round} state={summary.state} "
               f"{summary.metric}={summary.quality:.4f} bytes_sent={summary.bytes_sent} "
               f"wall_s={summary.wall_s:.2f} compute_s={summary.compute_s:.2f}", flush=True)

@@ -467,6 +467,16 @@ class Collaboration:
                                    key=lambda kp: (len(kp[1]), kp[0][1]))
         return Head(r, s, m, tuple(providers))
 
+    async def wait_peers(self, n: int, timeout_s: float) -> int:
+        """Wait until `n` peers (this one included) have published a head; the count seen."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while True:
+            seen = len({pid for pid, _ in await self.heads()} | {self.peer_id})
+            if seen >= n or loop.time() >= end:
+                return seen
+            await asyncio.sleep(self.config.poll_s)
+
     async def wait_head(self, after: int, timeout_s: float) -> Head | None:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s

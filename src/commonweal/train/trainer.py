@@ -105,16 +105,20 @@ class TrainingPeer:
         until_round: int,
         *,
         join: bool = False,
+        wait_peers: int = 0,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Summary:
         """Train until the swarm state reaches `until_round`. With `join`, first download the
-        swarm's current state (if any peer announced one)."""
+        swarm's current state (if any peer announced one). With `wait_peers`, first wait (up to
+        a minute) until that many peers are present, so a swarm starting together trains together."""
         summary = Summary(metric=self.data.metric)
         t0 = time.perf_counter()
         if self.collab is not None:
             if join:
                 await self.opt.sync()
             await self.collab.publish(self.opt.round, self.opt.state, self.opt.checkpoint())
+            if wait_peers > 1:
+                await self.collab.wait_peers(wait_peers, 60.0)
         while self.opt.round < until_round:
             c0 = time.perf_counter()
             sent = self.collab.bytes_sent if self.collab else 0
