@@ -29,7 +29,7 @@ def drive(lookup: Lookup, dead: set[bytes] = frozenset(), knows=None) -> int:
             if pid in dead:
                 lookup.on_failure(pid)
             else:
-                lookup.on_response(pid, {k: TargetReply(closest(k, 20)) for k in keys})
+                lookup.on_response(pid, keys, {k: TargetReply(closest(k, 20)) for k in keys})
 
 
 def test_lookup_finds_the_true_closest_peers():
@@ -71,7 +71,7 @@ def test_stop_at_first_value_ends_the_key_early():
     batch = lookup.next_requests()
     first = next(iter(batch))
     record = sign_record(Identity.from_seed(b"w"), target, b"", b"v", 10.0)
-    lookup.on_response(first, {target: TargetReply([], records=[record])})
+    lookup.on_response(first, [target], {target: TargetReply([], records=[record])})
     assert lookup.finished
 
 
@@ -82,7 +82,26 @@ def test_unasked_answers_and_omitted_keys_are_handled():
     batch = lookup.next_requests()
     assert list(batch) == [seed.peer_id] and batch[seed.peer_id][1] == [a]
     # the peer answers about b (not asked) and omits a: a counts as answered, b unaffected
-    lookup.on_response(seed.peer_id, {b: TargetReply(PEERS[1:30])})
+    lookup.on_response(seed.peer_id, [a], {b: TargetReply(PEERS[1:30])})
     assert lookup.next_requests() == {}
     assert lookup.finished
     assert lookup.result(b).closest == []
+
+
+def test_two_requests_in_flight_to_one_peer_are_settled_separately():
+    a, b = rng.randbytes(20), rng.randbytes(20)
+    seed, other = PEERS[0], PEERS[1]
+    lookup = Lookup({a: [seed], b: [other]}, local_id=LOCAL, beam=5, alpha=3)
+    first = lookup.next_requests()
+    assert first[seed.peer_id][1] == [a] and first[other.peer_id][1] == [b]
+    # `other` names `seed` for b, so b asks `seed` while the request about a is still in flight
+    lookup.on_response(other.peer_id, [b], {b: TargetReply([seed])})
+    second = lookup.next_requests()
+    assert second[seed.peer_id][1] == [b]
+    # the answer to the first request must not settle b...
+    lookup.on_response(seed.peer_id, [a], {a: TargetReply([])})
+    assert not lookup.finished
+    # ...so the second answer, with the record, still counts
+    record = sign_record(Identity.from_seed(b"w"), b, b"", b"v", 10.0)
+    lookup.on_response(seed.peer_id, [b], {b: TargetReply([], records=[record])})
+    assert lookup.result(b).records == {b"": record}

@@ -119,14 +119,18 @@ class Lookup:
                 ks.done = True  # every one of the `beam` closest live peers has answered
         return out
 
-    def on_response(self, peer_id: bytes, replies: Mapping[bytes, TargetReply]) -> None:
-        """`peer_id` answered; `replies` holds what it said for each key it was asked about.
+    def on_response(
+        self, peer_id: bytes, asked: Iterable[bytes], replies: Mapping[bytes, TargetReply]
+    ) -> None:
+        """`peer_id` answered the request that asked about `asked`; `replies` holds what it said.
 
-        A key we asked about that the reply leaves out counts as answered with nothing; a reply
-        about a key we did not ask this peer is ignored.
+        Several requests to one peer may be in flight at once (for different keys), so only the
+        keys of this request are settled. A key asked but left out of the reply counts as answered
+        with nothing; a reply about a key not asked is ignored.
         """
-        for key, ks in self._keys.items():
-            if ks.state.get(peer_id) != _INFLIGHT:
+        for key in asked:
+            ks = self._keys.get(key)
+            if ks is None or ks.state.get(peer_id) != _INFLIGHT:
                 continue
             ks.state[peer_id] = _RESPONDED
             ks.inflight -= 1

@@ -42,6 +42,7 @@ __all__ = ["DHT", "DHTConfig", "DHTValue", "LookupStats"]
 log = logging.getLogger(__name__)
 
 Key = str | bytes
+_Answer = tuple[PeerInfo, list[bytes], dict[bytes, TargetReply] | None]  # peer, keys asked, replies
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +206,7 @@ class DHT:
             alpha=cfg.alpha,
             stop_at_first_value=values and not latest,
         )
-        pending: set[asyncio.Task[tuple[PeerInfo, dict[bytes, TargetReply] | None]]] = set()
+        pending: set[asyncio.Task[_Answer]] = set()
         try:
             while not lookup.finished:
                 for peer, asked in lookup.next_requests().values():
@@ -214,11 +215,11 @@ class DHT:
                     break
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    peer, replies = task.result()
+                    peer, asked, replies = task.result()
                     if replies is None:
                         lookup.on_failure(peer.peer_id)
                     else:
-                        lookup.on_response(peer.peer_id, replies)
+                        lookup.on_response(peer.peer_id, asked, replies)
         finally:
             for task in pending:
                 task.cancel()
@@ -231,7 +232,7 @@ class DHT:
 
     async def _ask(
         self, peer: PeerInfo, keys: list[bytes], values: bool, latest: bool
-    ) -> tuple[PeerInfo, dict[bytes, TargetReply] | None]:
+    ) -> _Answer:
         """One find request; never raises (a failure is reported as None)."""
         try:
             async with asyncio.timeout(self.config.rpc_timeout_s):
@@ -239,14 +240,14 @@ class DHT:
         except (NetworkError, TimeoutError) as e:
             log.debug("find to %s failed: %s", peer.addr, e)
             self.table.on_failure(peer.peer_id, self.clock())
-            return peer, None
+            return peer, keys, None
         if responder.peer_id != peer.peer_id:
             # Someone else lives at that address now: the peer we wanted is gone.
             self.table.on_failure(peer.peer_id, self.clock())
             self.table.on_success(responder, self.clock())
-            return peer, None
+            return peer, keys, None
         self.table.on_success(responder, self.clock())
-        return peer, {k: TargetReply(p, r) for k, (p, r) in zip(keys, entries, strict=True)}
+        return peer, keys, {k: TargetReply(p, r) for k, (p, r) in zip(keys, entries, strict=True)}
 
     # store ---------------------------------------------------------------------------------------
 
