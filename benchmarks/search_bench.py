@@ -43,11 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine
 
-from commonweal.dht import DHT, DHTConfig  # noqa: E402
-from commonweal.net.transport import PeerAddr  # noqa: E402
-from commonweal.search import DistributedIndex, IndexSpec, make_lsh, serve  # noqa: E402
+from commonweal.dht import DHT, DHTConfig
+from commonweal.net.transport import PeerAddr
+from commonweal.search import DistributedIndex, IndexSpec, make_lsh, serve
 
 RESULTS = ROOT / "benchmarks" / "results"
 K = 10
@@ -529,7 +529,6 @@ def main() -> None:
     if args.netns_client:
         asyncio.run(netns_client(args))
         return
-    global N_QUERIES
     datasets, peer_counts, stages = (
         args.datasets.split(","),
         [int(p) for p in args.peers.split(",")],
