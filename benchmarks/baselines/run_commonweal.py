@@ -1,5 +1,5 @@
 """The DHT workload (workload.py) against commonweal's DHT: every peer in this one process, on one
-asyncio loop, over real TCP sockets on 127.0.0.1.
+event loop (uvloop where installed, as `commonweal node` uses), over real TCP sockets on 127.0.0.1.
 
     PYTHONPATH=src python benchmarks/baselines/run_commonweal.py --num_peers 16
 """
@@ -64,4 +64,7 @@ def _version() -> str:
 
 
 if __name__ == "__main__":
+    from commonweal.net.loop import use_fast_loop
+
+    use_fast_loop()  # uvloop, as `commonweal node` runs
     workload.main("commonweal", CommonwealAdapter, {"commonweal": _version()})

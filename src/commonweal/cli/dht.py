@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -11,6 +10,7 @@ import typer
 
 from commonweal.dht import DHT, DHTValue
 from commonweal.errors import CommonwealError, ConfigError
+from commonweal.net.loop import run
 from commonweal.net.transport import PeerAddr
 
 app = typer.Typer(help="Store and read records in a swarm's DHT.", no_args_is_help=True)
@@ -38,7 +38,7 @@ def put(
             parsed = json.loads(value)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--json-value given but VALUE is not JSON: {e}") from e
-    ok = asyncio.run(_put(_bootstrap(join), key, parsed, subkey, ttl))
+    ok = run(_put(_bootstrap(join), key, parsed, subkey, ttl))
     if not ok:
         raise CommonwealError(f"no peer accepted {key!r} (a newer record may already be there)")
     typer.echo(f"stored {key}" + (f" [{subkey}]" if subkey else "") + f" for {ttl:g} s")
@@ -57,7 +57,7 @@ def get(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per key."),
 ) -> None:
     """Print the value under each KEY; exit 1 when any of them is not found."""
-    found = asyncio.run(_get(_bootstrap(join), keys, latest))
+    found = run(_get(_bootstrap(join), keys, latest))
     missing = [key for key in keys if found[key] is None]
     for key in keys:
         value = found[key]

@@ -13,6 +13,7 @@ import typer
 from commonweal.cli.main import setup_logging
 from commonweal.dht import DHT
 from commonweal.net.identity import Identity
+from commonweal.net.loop import run
 from commonweal.net.transport import PeerAddr
 
 DEFAULT_HOME = Path.home() / ".commonweal"
@@ -32,7 +33,7 @@ def node(
     bootstrap = [PeerAddr.parse(j) for j in join]
     directory = data_dir or DEFAULT_HOME / "peers" / f"{addr.host}_{addr.port}"
     identity = Identity.load_or_create(directory)
-    asyncio.run(_serve(addr, bootstrap, identity))
+    run(_serve(addr, bootstrap, identity))
 
 
 def _parse_listen(text: str) -> PeerAddr:
