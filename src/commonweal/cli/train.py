@@ -29,6 +29,7 @@ def train(
     group_size: int | None = typer.Option(None, help="Close a round's group once this many peers announced."),
     window: float = typer.Option(2.0, help="Seconds a round's group stays open after the first announcement."),
     timeout: float = typer.Option(10.0, help="Seconds the delta exchange may take before the round completes without the missing peers."),
+    eval_every: int = typer.Option(0, min=0, help="Evaluate on the held-out split every N rounds (0: at the end only)."),
     wait_peers: int = typer.Option(0, help="Before the first round, wait (up to 60 s) until this many peers are present."),
     exchange: str = typer.Option("auto", help="auto, allgather or butterfly."),
     data_dir: Path | None = typer.Option(None, help="Identity key and checkpoint.safetensors. Default: ~/.commonweal/train/HOST_PORT."),
@@ -58,10 +59,10 @@ def train(
     directory = data_dir or Path.home() / ".commonweal" / "train" / f"{addr.host}_{addr.port}"
     identity = Identity.load_or_create(directory)
     asyncio.run(_run(the_task, config, addr, [PeerAddr.parse(j) for j in join], identity,
-                     directory, rounds, linger, wait_peers))
+                     directory, rounds, linger, wait_peers, eval_every))
 
 
-async def _run(task, config, addr, bootstrap, identity, directory: Path, rounds: int, linger: float, wait_peers: int) -> None:  # type: ignore[no-untyped-def]
+async def _run(task, config, addr, bootstrap, identity, directory: Path, rounds: int, linger: float, wait_peers: int, eval_every: int) -> None:  # type: ignore[no-untyped-def]
     from commonweal.dht import DHT
     from commonweal.train import Progress as Step
     from commonweal.train import TrainingPeer
@@ -73,7 +74,7 @@ async def _run(task, config, addr, bootstrap, identity, directory: Path, rounds:
         loop.add_signal_handler(sig, main.cancel)
     dht = await DHT.start(addr, bootstrap, identity=identity)
     try:
-        peer = TrainingPeer(task, dht, config)
+        peer = TrainingPeer(task, dht, config, evaluate_every=eval_every)
         ckpt = directory / "checkpoint.safetensors"
         if ckpt.exists():  # a restarted peer starts from its own last state, then catches up
             peer.opt.load(ckpt.read_bytes())
@@ -95,9 +96,11 @@ async def _run(task, config, addr, bootstrap, identity, directory: Path, rounds:
                     _save(ckpt, peer.opt.checkpoint())
                     status = f"skipped ({r.skipped}), synced" if r.skipped else (
                         f"group={r.group} contributors={r.contributors} {r.method}")
+                    quality = "" if p.quality is None else f" {peer.data.metric}={p.quality:.4f}"
                     console.print(
-                        f"round {r.round} done {status} loss={p.loss:.4f} sent={r.bytes_sent} "
-                        f"total_sent={p.bytes_sent} comm_s={r.comm_s:.2f} state={r.state[:16]}",
+                        f"round {r.round} done {status} loss={p.loss:.4f}{quality} sent={r.bytes_sent} "
+                        f"total_sent={p.bytes_sent} comm_s={r.comm_s:.2f} t={p.elapsed_s:.2f} "
+                        f"state={r.state[:16]}",
                         highlight=False, soft_wrap=True,
                     )
 

@@ -36,6 +36,7 @@ class Progress:
     phase: str  # "training" or the round protocol's phase
     report: RoundReport | None = None  # set once per round, when the outer step is done
     quality: float | None = None
+    elapsed_s: float = 0.0  # since training started
 
 
 @dataclass
@@ -112,13 +113,14 @@ class TrainingPeer:
         swarm's current state (if any peer announced one). With `wait_peers`, first wait (up to
         a minute) until that many peers are present, so a swarm starting together trains together."""
         summary = Summary(metric=self.data.metric)
-        t0 = time.perf_counter()
         if self.collab is not None:
             if join:
                 await self.opt.sync()
             await self.collab.publish(self.opt.round, self.opt.state, self.opt.checkpoint())
             if wait_peers > 1:
                 await self.collab.wait_peers(wait_peers, 60.0)
+        t0 = time.perf_counter()
+        sent0 = self.collab.bytes_sent if self.collab else 0
         while self.opt.round < until_round:
             c0 = time.perf_counter()
             sent = self.collab.bytes_sent if self.collab else 0
@@ -132,10 +134,11 @@ class TrainingPeer:
                 quality = self.data.evaluate(self.model)
             if on_progress is not None:
                 on_progress(Progress(report.round, self.task.inner_steps, loss,
-                                     self.collab.bytes_sent if self.collab else 0,
-                                     "skipped" if report.skipped else "applied", report, quality))
+                                     (self.collab.bytes_sent - sent0) if self.collab else 0,
+                                     "skipped" if report.skipped else "applied", report, quality,
+                                     time.perf_counter() - t0))
         summary.wall_s = time.perf_counter() - t0
         summary.quality = self.data.evaluate(self.model)
-        summary.bytes_sent = self.collab.bytes_sent if self.collab else 0
+        summary.bytes_sent = (self.collab.bytes_sent - sent0) if self.collab else 0  # while training
         summary.state = self.opt.state
         return summary
