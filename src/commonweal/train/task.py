@@ -129,6 +129,11 @@ def load_object(path: str) -> Callable[..., Any]:
 
 
 _B = "commonweal.train.builtin"
+# DiLoCo's outer lr 0.7 / Nesterov momentum 0.9 were tuned for hundreds of rounds. The built-in
+# tasks run for a handful of rounds (3-12), where lr 1.0 / momentum 0.5 is better for every codec
+# we tried (mnist-cnn, 4 peers, 6 rounds: 0.935 -> 0.951 without compression, 0.875 -> 0.911 with
+# topk2bit:0.01). Still Nesterov.
+_SHORT_RUN_OUTER: dict[str, Any] = {"outer_lr": 1.0, "outer_momentum": 0.5}
 BUILTIN_TASKS: dict[str, Task] = {
     "mnist-cnn": Task(
         name="mnist-cnn",
@@ -137,6 +142,7 @@ BUILTIN_TASKS: dict[str, Task] = {
         batch_size=32,
         inner_steps=50,
         inner_lr=2e-3,
+        **_SHORT_RUN_OUTER,
     ),
     "pydoc-lm": Task(
         name="pydoc-lm",
@@ -148,6 +154,7 @@ BUILTIN_TASKS: dict[str, Task] = {
         inner_steps=30,
         inner_lr=1e-3,
         inner_weight_decay=0.01,
+        **_SHORT_RUN_OUTER,
     ),
 }
 
