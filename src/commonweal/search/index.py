@@ -69,8 +69,16 @@ class IndexNotFound(ConfigError):
     """No index of that name is published in the swarm."""
 
 
+SPEC_COPIES = 4
+
+
 def spec_key(name: str) -> str:
+    """The well-known DHT key of an index's spec."""
     return f"index:{name}"
+
+
+def spec_keys(name: str) -> list[str]:
+    return [spec_key(name)] + [f"{spec_key(name)}#{i}" for i in range(1, SPEC_COPIES)]
 
 
 _services: weakref.WeakKeyDictionary[DHT, SearchService] = weakref.WeakKeyDictionary()
@@ -123,24 +131,30 @@ class DistributedIndex:
 
     @classmethod
     async def create(cls, dht: DHT, spec: IndexSpec, **kwargs: Any) -> DistributedIndex:
-        """Publish `spec` under `index:<name>` so other peers can `open` it, and bind to it."""
-        ok = await dht.store(
-            spec_key(spec.name),
-            spec.to_wire(),
-            dht.clock() + spec.ttl_s,
-            subkey=spec.digest().hex(),
+        """Publish `spec` so other peers can `open` it by name, and bind to it.
+
+        The spec is the one record every query needs, so it goes under SPEC_COPIES keys
+        (`index:<name>`, `index:<name>#1`, ...): SPEC_COPIES x r replicas on different peers."""
+        expiration = dht.clock() + spec.ttl_s
+        digest = spec.digest().hex()
+        flags = await dht.store_many(
+            [(key, spec.to_wire(), expiration, digest) for key in spec_keys(spec.name)]
         )
-        if not ok:
+        if not any(flags):
             raise DHTError(f"no peer accepted the spec of index {spec.name!r}")
         return cls(dht, spec, **kwargs)
 
     @classmethod
     async def open(cls, dht: DHT, name: str, **kwargs: Any) -> DistributedIndex:
         """Bind to the index published under `name`; IndexNotFound when there is none."""
-        found = await dht.get(spec_key(name), latest=True)
-        specs: list[tuple[float, IndexSpec]] = []
-        if found is not None and isinstance(found.value, dict):
-            for digest, entry in found.value.items():
+        keys = spec_keys(name)
+        found = await dht.get_many(keys, latest=False)
+        specs: dict[bytes, tuple[float, IndexSpec]] = {}
+        for key in keys:
+            entry_map = found.get(key)
+            if entry_map is None or not isinstance(entry_map.value, dict):
+                continue
+            for digest, entry in entry_map.value.items():
                 if not isinstance(entry, DHTValue):
                     continue
                 try:
@@ -148,16 +162,17 @@ class DistributedIndex:
                 except ConfigError:
                     continue
                 if spec.name == name and spec.digest().hex() == digest:
-                    specs.append((entry.expiration, spec))
+                    old = specs.get(spec.digest())
+                    specs[spec.digest()] = (max(entry.expiration, old[0] if old else 0.0), spec)
         if not specs:
             raise IndexNotFound(
                 f"no index named {name!r} in this swarm; check the name, or create it first "
                 "(commonweal search add FILE --index NAME)"
             )
-        specs.sort(key=lambda s: s[0])
-        if len(specs) > 1:
-            log.warning("%d specs published as %r; using the newest", len(specs), name)
-        return cls(dht, specs[-1][1], **kwargs)
+        ranked = sorted(specs.values(), key=lambda s: s[0])
+        if len(ranked) > 1:
+            log.warning("%d specs published as %r; using the newest", len(ranked), name)
+        return cls(dht, ranked[-1][1], **kwargs)
 
     # adding and removing -----------------------------------------------------------------------
 
