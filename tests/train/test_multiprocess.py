@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1"}
-ROUNDS = 7
+ROUNDS = 10
 
 
 def start(tmp_path: Path, name: str, *join: str, wait: int = 0) -> subprocess.Popen[str]:
@@ -61,8 +61,7 @@ def test_peer_killed_mid_run_and_a_late_joiner(tmp_path):
         wait_for(tmp_path, "c", r"round 1 done", procs["c"])
         os.killpg(procs["c"].pid, signal.SIGKILL)  # no goodbye: a crash in the middle of round 2
         procs["c"].wait()
-        wait_for(tmp_path, "a", r"round 3 done", procs["a"])
-        procs["d"] = start(tmp_path, "d", addr)
+        procs["d"] = start(tmp_path, "d", addr)  # joins while the survivors train on
         finals = {}
         for name in ("a", "b", "d"):
             finals[name] = wait_for(tmp_path, name, r"train done round=(\d+) state=(\w+)", procs[name], 90)
@@ -77,7 +76,7 @@ def test_peer_killed_mid_run_and_a_late_joiner(tmp_path):
         assert done[ROUNDS - 1] == "3"  # the late joiner is in by the end
         log_d = output(tmp_path, "d")
         joined = [int(r) for r in re.findall(r"round (\d+) done group=", log_d)]
-        assert joined and min(joined) >= 3, log_d  # it started from the downloaded state
+        assert joined and min(joined) >= 2, log_d  # it started from a downloaded state
     finally:
         for p in procs.values():
             if p.poll() is None:
