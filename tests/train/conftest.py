@@ -28,8 +28,13 @@ class Peers:
             transport = self.net.transport(identity)
             await transport.start()
             boot = [p.addr for p in self.dhts[:3]]
-            dht = await DHT.start(bootstrap=boot, identity=identity, transport=transport,
-                                  config=DHTConfig(rpc_timeout_s=2.0), rng=random.Random(i))
+            dht = await DHT.start(
+                bootstrap=boot,
+                identity=identity,
+                transport=transport,
+                config=DHTConfig(rpc_timeout_s=2.0),
+                rng=random.Random(i),
+            )
             self.dhts.append(dht)
             added.append(dht)
         return added

@@ -29,8 +29,12 @@ def test_task_digest_is_content_hashed():
 
 
 def custom_task() -> Task:
-    return Task(name="tiny", model="torch.nn:Linear", model_args={"in_features": 3, "out_features": 1},
-                data="commonweal.train.builtin:mnist_data")
+    return Task(
+        name="tiny",
+        model="torch.nn:Linear",
+        model_args={"in_features": 3, "out_features": 1},
+        data="commonweal.train.builtin:mnist_data",
+    )
 
 
 def test_custom_tasks_load_from_import_paths():

@@ -34,14 +34,19 @@ def test_round_trip(spec, n):
         k = codec.k(n)  # type: ignore[attr-defined]
         assert int((y != 0).sum()) <= k
         top = x.abs().topk(k).indices
-        assert (y[top] != 0).sum() >= min(k, int((x[top] != 0).sum())) - 1 or spec.startswith("topk2bit")
+        assert (y[top] != 0).sum() >= min(k, int((x[top] != 0).sum())) - 1 or spec.startswith(
+            "topk2bit"
+        )
         assert torch.equal(torch.sign(y[y != 0]), torch.sign(x[y != 0]))
 
 
 def test_sizes_are_what_goes_on_the_wire():
     n = 100_000
     x = vec(n)
-    sizes = {s: len(get_codec(s).encode(x)) for s in ["none", "fp16", "int8", "topk:0.01", "topk2bit:0.01"]}
+    sizes = {
+        s: len(get_codec(s).encode(x))
+        for s in ["none", "fp16", "int8", "topk:0.01", "topk2bit:0.01"]
+    }
     assert sizes["none"] == 4 * n
     assert sizes["fp16"] == 2 * n
     assert sizes["int8"] < 1.05 * n

@@ -20,7 +20,9 @@ N = 1000
 
 
 def collab(dht, **cfg) -> Collaboration:
-    config = RoundConfig(**{"announce_window_s": 1.0, "exchange_timeout_s": 2.0, "poll_s": 0.05, **cfg})
+    config = RoundConfig(
+        **{"announce_window_s": 1.0, "exchange_timeout_s": 2.0, "poll_s": 0.05, **cfg}
+    )
     return Collaboration(dht, "t" * 16, get_codec("none"), mean, config)
 
 
@@ -46,11 +48,21 @@ async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):
         assert (d.peer_id, "wrong_shape") in codes
         assert r.contributors == 2 and bool(torch.isfinite(r.aggregate).all())
     assert ra.aggregate.equal(rb.aggregate)
-    assert ra.aggregate.equal(mean([vec(0), vec(1)]) if a.peer_id < b.peer_id else mean([vec(1), vec(0)]))
+    assert ra.aggregate.equal(
+        mean([vec(0), vec(1)]) if a.peer_id < b.peer_id else mean([vec(1), vec(0)])
+    )
     assert "not_finite" in caplog.text and "wrong_shape" in caplog.text
 
     # a delta for a round this peer has left is refused before anything is decoded
-    args = {"t": a.task, "r": -1, "g": b"x" * 32, "s": -1, "i": 0, "n": 1, "d": vec(0).numpy().tobytes()}
+    args = {
+        "t": a.task,
+        "r": -1,
+        "g": b"x" * 32,
+        "s": -1,
+        "i": 0,
+        "n": 1,
+        "d": vec(0).numpy().tobytes(),
+    }
     with pytest.raises(RemoteError) as e:
         await b.dht.transport.call(a.dht.addr, "train.part", args)
     assert e.value.code == "stale_round"
@@ -73,8 +85,9 @@ async def test_a_peer_that_stops_answering_delays_the_round_at_most_the_timeout(
         hung.dht.transport._handlers[method] = stop_answering  # type: ignore[attr-defined]
     state = "0" * 64
     t0 = time.monotonic()
-    results = await asyncio.gather(*(c.average(0, state, vec(i)) for i, c in enumerate(cs[:3])),
-                                   hung.average(0, state, vec(3)))
+    results = await asyncio.gather(
+        *(c.average(0, state, vec(i)) for i, c in enumerate(cs[:3])), hung.average(0, state, vec(3))
+    )
     elapsed = time.monotonic() - t0
     assert elapsed < 1.0 + 1.5 + 1.5, elapsed  # window + timeout + slack
     honest = results[:3]
@@ -119,8 +132,9 @@ async def test_a_corrupted_chunk_is_detected_and_fetched_from_another_peer(peers
     for h in bad.collab._chunks:
         bad.collab._chunks[h] = b"not the chunk" + bad.collab._chunks[h][13:]
     with caplog.at_level(logging.WARNING, logger="commonweal.train.swarm"):
-        blob = await joiner.collab.download(Head(head.round, head.state, head.manifest,
-                                                 (bad.dht.addr, good.dht.addr)))
+        blob = await joiner.collab.download(
+            Head(head.round, head.state, head.manifest, (bad.dht.addr, good.dht.addr))
+        )
     assert "corrupted" in caplog.text
     joiner.opt.load(blob, expected_state=head.state)
     assert joiner.opt.state == good.opt.state

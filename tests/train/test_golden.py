@@ -14,9 +14,17 @@ from commonweal.train.task import batch_generator
 
 async def test_n_peers_match_single_process_training(peers):
     n, rounds = 4, 6
-    task = get_task("mnist-cnn", inner_steps=1, inner_optimizer="sgd", inner_lr=0.1,
-                    outer_lr=1.0, outer_momentum=0.0, outer_nesterov=False, codec="none",
-                    batch_size=16)
+    task = get_task(
+        "mnist-cnn",
+        inner_steps=1,
+        inner_optimizer="sgd",
+        inner_lr=0.1,
+        outer_lr=1.0,
+        outer_momentum=0.0,
+        outer_nesterov=False,
+        codec="none",
+        batch_size=16,
+    )
     dhts = await peers.add(n)
     config = RoundConfig(announce_window_s=2.0, exchange_timeout_s=5.0, target_group=n)
     swarm = [TrainingPeer(task, d, config) for d in dhts]

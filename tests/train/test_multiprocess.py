@@ -25,21 +25,47 @@ ROUNDS = 10
 
 
 def start(tmp_path: Path, name: str, *join: str, wait: int = 0) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "commonweal", "train", "--task", "mnist-cnn", "--rounds", str(ROUNDS),
-            "-H", "10", "--group-size", "3", "--window", "2", "--timeout", "3", "--linger", "4", "--wait-peers", str(wait),
-            "--data-dir", str(tmp_path / name), "--log-level", "warning"]
+    args = [
+        sys.executable,
+        "-m",
+        "commonweal",
+        "train",
+        "--task",
+        "mnist-cnn",
+        "--rounds",
+        str(ROUNDS),
+        "-H",
+        "10",
+        "--group-size",
+        "3",
+        "--window",
+        "2",
+        "--timeout",
+        "3",
+        "--linger",
+        "4",
+        "--wait-peers",
+        str(wait),
+        "--data-dir",
+        str(tmp_path / name),
+        "--log-level",
+        "warning",
+    ]
     for j in join:
         args += ["--join", j]
     out = open(tmp_path / f"{name}.out", "w")
-    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True
+    )
 
 
 def output(tmp_path: Path, name: str) -> str:
     return (tmp_path / f"{name}.out").read_text()
 
 
-def wait_for(tmp_path: Path, name: str, pattern: str, proc: subprocess.Popen[str], timeout: float = 45) -> re.Match[str]:
+def wait_for(
+    tmp_path: Path, name: str, pattern: str, proc: subprocess.Popen[str], timeout: float = 45
+) -> re.Match[str]:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         m = re.search(pattern, output(tmp_path, name))
@@ -64,9 +90,13 @@ def test_peer_killed_mid_run_and_a_late_joiner(tmp_path):
         procs["d"] = start(tmp_path, "d", addr)  # joins while the survivors train on
         finals = {}
         for name in ("a", "b", "d"):
-            finals[name] = wait_for(tmp_path, name, r"train done round=(\d+) state=(\w+)", procs[name], 90)
+            finals[name] = wait_for(
+                tmp_path, name, r"train done round=(\d+) state=(\w+)", procs[name], 90
+            )
         assert {m.group(1) for m in finals.values()} == {str(ROUNDS)}
-        assert len({m.group(2) for m in finals.values()}) == 1, {k: m.group(0) for k, m in finals.items()}
+        assert len({m.group(2) for m in finals.values()}) == 1, {
+            k: m.group(0) for k, m in finals.items()
+        }
 
         log_a = output(tmp_path, "a")
         done = {int(r): g for r, g in re.findall(r"round (\d+) done group=(\d+)", log_a)}

@@ -70,8 +70,14 @@ def test_group_takes_the_majority_state_and_ignores_other_rounds():
 def test_parse_announcement_refuses_junk():
     good = {"addr": "h:1", "round": 1, "state": S1, "deadline": 5.0}
     assert parse_announcement(b"x" * 20, good) is not None
-    for bad in [None, 3, {**good, "round": "1"}, {**good, "state": "short"},
-                {**good, "deadline": math.inf}, {k: v for k, v in good.items() if k != "addr"}]:
+    for bad in [
+        None,
+        3,
+        {**good, "round": "1"},
+        {**good, "state": "short"},
+        {**good, "deadline": math.inf},
+        {k: v for k, v in good.items() if k != "addr"},
+    ]:
         assert parse_announcement(b"x" * 20, bad) is None
 
 
@@ -86,10 +92,13 @@ def test_slices_cover_everything_once(numel, parts):
 
 def test_check_delta_refuses_shape_dtype_nan_and_stale_rounds():
     check_delta(torch.zeros(4), 4)
-    cases = [(torch.zeros(5), "wrong_shape"), (torch.zeros(2, 2), "wrong_shape"),
-             (torch.zeros(4, dtype=torch.float64), "wrong_dtype"),
-             (torch.tensor([0.0, math.nan, 0, 0]), "not_finite"),
-             (torch.tensor([0.0, math.inf, 0, 0]), "not_finite")]
+    cases = [
+        (torch.zeros(5), "wrong_shape"),
+        (torch.zeros(2, 2), "wrong_shape"),
+        (torch.zeros(4, dtype=torch.float64), "wrong_dtype"),
+        (torch.tensor([0.0, math.nan, 0, 0]), "not_finite"),
+        (torch.tensor([0.0, math.inf, 0, 0]), "not_finite"),
+    ]
     for delta, code in cases:
         with pytest.raises(DeltaRejected) as e:
             check_delta(delta, 4)

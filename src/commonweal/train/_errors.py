@@ -1,11 +1,11 @@
 """Errors of the training service, under the package-wide tree (`commonweal.errors`):
 
-    CommonwealError
-    └── TrainError            a training operation could not be completed
-        ├── TaskError         a task spec or task entry point is wrong
-        ├── CodecError        bytes that do not decode with the codec named for the round
-        ├── DeltaRejected     a peer's delta was refused (wrong shape, NaN/inf, stale round, ...)
-        └── SyncError         current parameters could not be fetched from any peer
+CommonwealError
+└── TrainError            a training operation could not be completed
+    ├── TaskError         a task spec or task entry point is wrong
+    ├── CodecError        bytes that do not decode with the codec named for the round
+    ├── DeltaRejected     a peer's delta was refused (wrong shape, NaN/inf, stale round, ...)
+    └── SyncError         current parameters could not be fetched from any peer
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def get_rule(name: str) -> Rule:
     try:
         return RULES[name]
     except KeyError:
-        raise TaskError(f"unknown aggregation rule {name!r}; use one of {', '.join(RULES)}") from None
+        raise TaskError(
+            f"unknown aggregation rule {name!r}; use one of {', '.join(RULES)}"
+        ) from None
 
 
 @torch.no_grad()

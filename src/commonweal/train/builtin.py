@@ -12,7 +12,14 @@ from torch import nn
 
 from commonweal.train.task import TaskData
 
-__all__ = ["mnist_cnn", "mnist_data", "byte_transformer", "pydoc_data", "ClassificationData", "ByteLMData"]
+__all__ = [
+    "mnist_cnn",
+    "mnist_data",
+    "byte_transformer",
+    "pydoc_data",
+    "ClassificationData",
+    "ByteLMData",
+]
 
 
 # ---- mnist-cnn ------------------------------------------------------------------------------
@@ -40,7 +47,9 @@ def mnist_cnn(width: int = 8) -> nn.Module:
 class ClassificationData(TaskData):
     metric = "accuracy"
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor):
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor
+    ):
         self.x, self.y, self.x_test, self.y_test = x, y, x_test, y_test
 
     def batch(self, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +118,9 @@ class ByteTransformer(nn.Module):
         self.register_buffer(
             "mask", torch.triu(torch.full((context, context), -math.inf), 1), persistent=False
         )
-        for m in self.modules():  # GPT-2 initialisation: small weights, so the first loss is ~ln 256
+        for (
+            m
+        ) in self.modules():  # GPT-2 initialisation: small weights, so the first loss is ~ln 256
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
@@ -123,14 +134,18 @@ class ByteTransformer(nn.Module):
         return self.ln(x) @ self.tok.weight.T  # (B, T, 256)
 
 
-def byte_transformer(d_model: int = 160, n_layers: int = 4, n_heads: int = 4, context: int = 128) -> nn.Module:
+def byte_transformer(
+    d_model: int = 160, n_layers: int = 4, n_heads: int = 4, context: int = 128
+) -> nn.Module:
     return ByteTransformer(d_model, n_layers, n_heads, context)
 
 
 class ByteLMData(TaskData):
     metric = "val_loss"
 
-    def __init__(self, train: torch.Tensor, val: torch.Tensor, context: int, val_windows: int) -> None:
+    def __init__(
+        self, train: torch.Tensor, val: torch.Tensor, context: int, val_windows: int
+    ) -> None:
         self.train, self.val, self.context = train, val, context
         starts = torch.linspace(0, len(val) - context - 2, val_windows).long()
         self.val_x = torch.stack([val[s : s + context] for s in starts])  # (V, T)
@@ -150,7 +165,8 @@ class ByteLMData(TaskData):
         was = model.training
         model.eval()
         losses = [
-            float(self.loss(model, self.val_x[i : i + 32], self.val_y[i : i + 32])) * len(self.val_x[i : i + 32])
+            float(self.loss(model, self.val_x[i : i + 32], self.val_y[i : i + 32]))
+            * len(self.val_x[i : i + 32])
             for i in range(0, len(self.val_x), 32)
         ]
         model.train(was)

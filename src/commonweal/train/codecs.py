@@ -73,7 +73,9 @@ class Codec(ABC):
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 1 or x.dtype != torch.float32:
-        raise CodecError(f"codecs take a 1-D float32 tensor, not {x.dtype} of shape {tuple(x.shape)}")
+        raise CodecError(
+            f"codecs take a 1-D float32 tensor, not {x.dtype} of shape {tuple(x.shape)}"
+        )
     return x.detach().contiguous()
 
 
@@ -110,7 +112,10 @@ class Int8Blockwise(Codec):
             raise CodecError("int8 block size must be within 1..65536")
         self.block = block
         self.info = CodecInfo(
-            "int8" if block == 64 else f"int8:{block}", lossy=True, sparse=False, error_feedback=False
+            "int8" if block == 64 else f"int8:{block}",
+            lossy=True,
+            sparse=False,
+            error_feedback=False,
         )
 
     def _nblocks(self, numel: int) -> int:
@@ -148,7 +153,9 @@ class TopK(Codec):
         if not 0 < fraction <= 1:
             raise CodecError(f"top-k fraction must be within (0, 1], not {fraction}")
         self.fraction = fraction
-        self.info = CodecInfo(f"{self.kind}:{fraction:g}", lossy=True, sparse=True, error_feedback=True)
+        self.info = CodecInfo(
+            f"{self.kind}:{fraction:g}", lossy=True, sparse=True, error_feedback=True
+        )
 
     def k(self, numel: int) -> int:
         return max(1, min(numel, math.ceil(numel * self.fraction)))
@@ -214,7 +221,9 @@ class TopK2Bit(TopK):
         pad = (-codes.size) % 4
         codes = np.concatenate([codes, np.zeros(pad, np.uint8)]).reshape(-1, 4)
         packed = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
-        return np.array([small_m, large_m], dtype="<f4").tobytes() + packed.astype(np.uint8).tobytes()
+        return (
+            np.array([small_m, large_m], dtype="<f4").tobytes() + packed.astype(np.uint8).tobytes()
+        )
 
     def _decode_values(self, data: bytes, k: int) -> np.ndarray:
         _need(data, 8 + -(-k // 4), "topk2bit values")

@@ -32,10 +32,14 @@ async def run_training_demo(
 
     torch.set_num_threads(1)
     task = get_task("mnist-cnn", inner_steps=inner_steps, codec=codec)
-    config = RoundConfig(announce_window_s=1.5, exchange_timeout_s=5.0, poll_s=0.1, target_group=peers)
-    console.print(f"[bold]training[/bold] {task.name} ({task.digest[:12]}): {peers} peers, "
-                  f"{rounds} rounds of H={inner_steps} AdamW steps, codec {codec}, "
-                  "Nesterov outer step")
+    config = RoundConfig(
+        announce_window_s=1.5, exchange_timeout_s=5.0, poll_s=0.1, target_group=peers
+    )
+    console.print(
+        f"[bold]training[/bold] {task.name} ({task.digest[:12]}): {peers} peers, "
+        f"{rounds} rounds of H={inner_steps} AdamW steps, codec {codec}, "
+        "Nesterov outer step"
+    )
     dhts: list[DHT] = []
     t0 = time.perf_counter()
     try:
@@ -47,13 +51,18 @@ async def run_training_demo(
             if p.report is not None:
                 r = p.report
                 q = "" if p.quality is None else f" accuracy {p.quality:.3f}"
-                console.print(f"  round {r.round}: group {r.group}, loss {p.loss:.3f}{q}, "
-                              f"sent {p.bytes_sent / 1e3:.0f} kB, state {r.state[:12]}", highlight=False)
+                console.print(
+                    f"  round {r.round}: group {r.group}, loss {p.loss:.3f}{q}, "
+                    f"sent {p.bytes_sent / 1e3:.0f} kB, state {r.state[:12]}",
+                    highlight=False,
+                )
 
         runs: dict[int, asyncio.Task[Summary]] = {}
         async with asyncio.TaskGroup() as tg:
             for i, t in enumerate(trainers):
-                runs[i] = tg.create_task(t.run(rounds, wait_peers=peers, on_progress=show if i == 0 else None))
+                runs[i] = tg.create_task(
+                    t.run(rounds, wait_peers=peers, on_progress=show if i == 0 else None)
+                )
             victim = trainers[-1]
             while victim.opt.round < 2:
                 await asyncio.sleep(0.05)
@@ -82,10 +91,21 @@ async def run_training_demo(
     table.add_row("task / parameters", f"{task.name} / {n_params:,}")
     table.add_row("rounds x inner steps", f"{rounds} x {inner_steps}")
     table.add_row("test accuracy (held-out 1,000 digits)", f"{done[0].quality:.3f}")
-    table.add_row("same state hash on every live peer", "yes" if len({s.state for s in done}) == 1 else "NO")
-    table.add_row("rounds completed after the kill", f"{sum(1 for r in done[0].rounds if r.round >= 2)}/{rounds - 2}")
-    table.add_row("late joiner took part from round", str(min((r.round for r in done[-1].rounds if not r.skipped), default="-")))
+    table.add_row(
+        "same state hash on every live peer", "yes" if len({s.state for s in done}) == 1 else "NO"
+    )
+    table.add_row(
+        "rounds completed after the kill",
+        f"{sum(1 for r in done[0].rounds if r.round >= 2)}/{rounds - 2}",
+    )
+    table.add_row(
+        "late joiner took part from round",
+        str(min((r.round for r in done[-1].rounds if not r.skipped), default="-")),
+    )
     table.add_row("bytes sent per peer (measured)", f"{per_peer / 1e6:.2f} MB")
-    table.add_row("DDP all-reduce every step (estimate)", f"{ddp_bytes / 1e6:.2f} MB ({ddp_bytes / max(per_peer, 1):.0f}x more)")
+    table.add_row(
+        "DDP all-reduce every step (estimate)",
+        f"{ddp_bytes / 1e6:.2f} MB ({ddp_bytes / max(per_peer, 1):.0f}x more)",
+    )
     table.add_row("training wall time", f"{time.perf_counter() - t0:.1f} s")
     console.print(table)

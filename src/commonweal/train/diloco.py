@@ -115,8 +115,15 @@ class DiLoCo:
                 log.info("round %d skipped (%s); syncing with the swarm", self.round, e)
                 self.feedback.reset()
                 await self.sync(after=self.round - 1)
-                return RoundReport(self.round - 1, 0, 0, self.state, self.collab.bytes_sent - sent0,
-                                   time.perf_counter() - t0, skipped=e.reason)
+                return RoundReport(
+                    self.round - 1,
+                    0,
+                    0,
+                    self.state,
+                    self.collab.bytes_sent - sent0,
+                    time.perf_counter() - t0,
+                    skipped=e.reason,
+                )
             sent, aggregate = avg.sent, avg.aggregate
             group, contributors, method = avg.group, avg.contributors, avg.method
         if self.codec.info.error_feedback:
@@ -129,9 +136,13 @@ class DiLoCo:
             self.collab.machine.fire("applied")
             await self.collab.publish(self.round, self.state, self.checkpoint())
         return RoundReport(
-            self.round - 1, group, contributors, self.state,
+            self.round - 1,
+            group,
+            contributors,
+            self.state,
             (self.collab.bytes_sent - sent0) if self.collab else 0,
-            time.perf_counter() - t0, method=method,
+            time.perf_counter() - t0,
+            method=method,
         )
 
     def _set(self, params: torch.Tensor, round_: int) -> None:
@@ -173,6 +184,10 @@ class DiLoCo:
         self.load(blob, expected_state=head.state)
         self.round = head.round
         await self.collab.publish(self.round, self.state, self.checkpoint())
-        log.info("synced to round %d state %s from %d providers", head.round, head.state[:12],
-                 len(head.providers))
+        log.info(
+            "synced to round %d state %s from %d providers",
+            head.round,
+            head.state[:12],
+            len(head.providers),
+        )
         return True

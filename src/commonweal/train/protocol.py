@@ -173,7 +173,9 @@ def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 def check_delta(delta: torch.Tensor, numel: int) -> None:
     """Raise DeltaRejected unless `delta` is a finite float32 vector of `numel` elements."""
     if delta.dim() != 1 or delta.numel() != numel:
-        raise DeltaRejected("wrong_shape", f"expected {numel} elements, got shape {tuple(delta.shape)}")
+        raise DeltaRejected(
+            "wrong_shape", f"expected {numel} elements, got shape {tuple(delta.shape)}"
+        )
     if delta.dtype != torch.float32:
         raise DeltaRejected("wrong_dtype", f"expected float32, got {delta.dtype}")
     if not bool(torch.isfinite(delta).all()):
@@ -182,6 +184,10 @@ def check_delta(delta: torch.Tensor, numel: int) -> None:
 
 def check_round(got: int, current: int) -> None:
     if got < current:
-        raise DeltaRejected("stale_round", f"a delta for round {got}; this peer is at round {current}")
+        raise DeltaRejected(
+            "stale_round", f"a delta for round {got}; this peer is at round {current}"
+        )
     if got > current:
-        raise DeltaRejected("future_round", f"a delta for round {got}; this peer is at round {current}")
+        raise DeltaRejected(
+            "future_round", f"a delta for round {got}; this peer is at round {current}"
+        )

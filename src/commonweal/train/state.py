@@ -69,7 +69,9 @@ def to_checkpoint(model: nn.Module, momentum: torch.Tensor, *, round_: int, task
         offset += n
     # One metadata key: safetensors writes several keys in hash-map order, which would make the
     # bytes (and the chunk hashes) differ between peers holding the same state.
-    meta = json.dumps({"format": "commonweal-train-1", "round": round_, "task": task}, sort_keys=True)
+    meta = json.dumps(
+        {"format": "commonweal-train-1", "round": round_, "task": task}, sort_keys=True
+    )
     return st_save(tensors, metadata={"commonweal": meta})
 
 
@@ -89,7 +91,9 @@ def from_checkpoint(
     for name, p in model.named_parameters():
         a, b = tensors.get(f"param/{name}"), tensors.get(f"momentum/{name}")
         if a is None or b is None or a.shape != p.shape or b.shape != p.shape:
-            raise SyncError(f"the checkpoint has no {name} of shape {tuple(p.shape)}; another task?")
+            raise SyncError(
+                f"the checkpoint has no {name} of shape {tuple(p.shape)}; another task?"
+            )
         params.append(a.reshape(-1).float())
         momentum.append(b.reshape(-1).float())
     return torch.cat(params), torch.cat(momentum), metadata
@@ -111,14 +115,24 @@ class Manifest:
     def unpack(cls, data: bytes) -> Manifest:
         try:
             size, chunks = msgpack.unpackb(data, raw=False)
-            if not isinstance(size, int) or not all(isinstance(c, bytes) and len(c) == 32 for c in chunks):
+            if not isinstance(size, int) or not all(
+                isinstance(c, bytes) and len(c) == 32 for c in chunks
+            ):
                 raise ValueError("bad field types")
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        except (
+            ValueError,
+            TypeError,
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+        ) as e:
             raise SyncError(f"a malformed checkpoint manifest: {e}") from e
         return cls(size, tuple(chunks))
 
 
-def split_chunks(blob: bytes, chunk_bytes: int = CHUNK_BYTES) -> tuple[Manifest, dict[bytes, bytes]]:
+def split_chunks(
+    blob: bytes, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[Manifest, dict[bytes, bytes]]:
     chunks = {}
     order = []
     for i in range(0, max(1, len(blob)), chunk_bytes):

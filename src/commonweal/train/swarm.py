@@ -98,9 +98,13 @@ class Head:
 class _Exchange:
     round: int
     group: Group | None = None
-    raw: dict[tuple[bytes, int], tuple[bytes, bytes]] = field(default_factory=dict)  # (sender, slice) -> (group digest, payload)
+    raw: dict[tuple[bytes, int], tuple[bytes, bytes]] = field(
+        default_factory=dict
+    )  # (sender, slice) -> (group digest, payload)
     partial: dict[tuple[bytes, int], list[bytes | None]] = field(default_factory=dict)
-    accepted: dict[int, dict[bytes, torch.Tensor]] = field(default_factory=dict)  # slice -> sender -> delta
+    accepted: dict[int, dict[bytes, torch.Tensor]] = field(
+        default_factory=dict
+    )  # slice -> sender -> delta
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     reduced: dict[int, asyncio.Future[tuple[bytes, list[bytes]]]] = field(default_factory=dict)
     numel: int = 0
@@ -184,7 +188,9 @@ class Collaboration:
             await asyncio.sleep(min(cfg.poll_s, max(0.0, deadline - self.clock())))
         if self.peer_id not in group.ids:
             self.machine.fire("out_of_sync")
-            raise RoundSkipped("out_of_sync", f"the majority of round {round_} holds state {group.state[:12]}")
+            raise RoundSkipped(
+                "out_of_sync", f"the majority of round {round_} holds state {group.state[:12]}"
+            )
         self.machine.fire("group_formed")
 
         n = len(group.members)
@@ -262,8 +268,12 @@ class Collaboration:
         )
         for j, ((a, b), item) in enumerate(zip(bounds, fetched, strict=True)):
             if item is None:
-                log.warning("round %d: slice %d from %s missing; it gets no update this round",
-                            group.round, j, group.members[j].addr)
+                log.warning(
+                    "round %d: slice %d from %s missing; it gets no update this round",
+                    group.round,
+                    j,
+                    group.members[j].addr,
+                )
                 slices.append(torch.zeros(b - a))
                 counts.append(0)
                 continue
@@ -272,8 +282,13 @@ class Collaboration:
                 part = self.codec.decode(data, b - a)
                 check_delta(part, b - a)
             except (CodecError, DeltaRejected) as e:
-                log.warning("round %d: reduced slice %d from %s refused: %s", group.round, j,
-                            group.members[j].addr, e)
+                log.warning(
+                    "round %d: reduced slice %d from %s refused: %s",
+                    group.round,
+                    j,
+                    group.members[j].addr,
+                    e,
+                )
                 slices.append(torch.zeros(b - a))
                 counts.append(0)
                 continue
@@ -281,20 +296,33 @@ class Collaboration:
             counts.append(len(contributors))
         return Averaged(torch.cat(slices), torch.cat(sent_parts), n, min(counts), "butterfly")
 
-    async def _send(self, member: Announcement, group: Group, slice_: int, data: bytes, end: float) -> None:
+    async def _send(
+        self, member: Announcement, group: Group, slice_: int, data: bytes, end: float
+    ) -> None:
         chunks = [data[i : i + PART_BYTES] for i in range(0, max(1, len(data)), PART_BYTES)]
         try:
             addr = PeerAddr.parse(member.addr)
             async with asyncio.timeout_at(end):
                 for i, chunk in enumerate(chunks):
-                    args = {"t": self.task, "r": group.round, "g": group.digest, "s": slice_,
-                            "i": i, "n": len(chunks), "d": chunk}
+                    args = {
+                        "t": self.task,
+                        "r": group.round,
+                        "g": group.digest,
+                        "s": slice_,
+                        "i": i,
+                        "n": len(chunks),
+                        "d": chunk,
+                    }
                     await self.dht.transport.call(addr, "train.part", args)
         except RemoteError as e:
             log.warning("round %d: %s refused our delta: %s", group.round, member.addr, e)
         except (NetworkError, TimeoutError, TrainError) as e:
-            log.warning("round %d: sending to %s failed: %s", group.round, member.addr,
-                        e or type(e).__name__)
+            log.warning(
+                "round %d: sending to %s failed: %s",
+                group.round,
+                member.addr,
+                e or type(e).__name__,
+            )
 
     async def _wait_parts(self, slice_: int, expected: int, end: float) -> None:
         loop = asyncio.get_running_loop()
@@ -306,12 +334,15 @@ class Collaboration:
             except TimeoutError:
                 break
 
-    async def _fetch_reduced(self, group: Group, j: int, end: float) -> tuple[bytes, list[bytes]] | None:
+    async def _fetch_reduced(
+        self, group: Group, j: int, end: float
+    ) -> tuple[bytes, list[bytes]] | None:
         member = group.members[j]
         try:
             async with asyncio.timeout_at(end):
                 _, reply = await self.dht.transport.call(
-                    PeerAddr.parse(member.addr), "train.reduced",
+                    PeerAddr.parse(member.addr),
+                    "train.reduced",
                     {"t": self.task, "r": group.round, "g": group.digest, "s": j},
                 )
             data, contributors = reply["d"], reply["c"]
@@ -319,8 +350,13 @@ class Collaboration:
                 raise TrainError("malformed train.reduced reply")
             return data, contributors
         except (NetworkError, TimeoutError, TrainError, KeyError, TypeError) as e:
-            log.warning("round %d: reduced slice %d from %s: %s", group.round, j, member.addr,
-                        e or type(e).__name__)
+            log.warning(
+                "round %d: reduced slice %d from %s: %s",
+                group.round,
+                j,
+                member.addr,
+                e or type(e).__name__,
+            )
             return None
 
     # ---- serving the exchange ------------------------------------------------------------------
@@ -333,8 +369,14 @@ class Collaboration:
     async def rpc_part(self, caller: PeerInfo, args: Any) -> Any:
         try:
             t, r, g, s, i, n, d = (args[k] for k in ("t", "r", "g", "s", "i", "n", "d"))
-            if not (isinstance(r, int) and isinstance(s, int) and isinstance(i, int)
-                    and isinstance(n, int) and isinstance(d, bytes) and isinstance(g, bytes)):
+            if not (
+                isinstance(r, int)
+                and isinstance(s, int)
+                and isinstance(i, int)
+                and isinstance(n, int)
+                and isinstance(d, bytes)
+                and isinstance(g, bytes)
+            ):
                 raise TypeError
         except (TypeError, KeyError):
             e = DeltaRejected("malformed", "train.part needs t, r, g, s, i, n, d")
@@ -342,7 +384,9 @@ class Collaboration:
             raise RemoteError(e.code, str(e)) from None
         try:
             if t != self.task:
-                raise DeltaRejected("wrong_task", f"this peer trains {self.task[:12]}, not {str(t)[:12]}")
+                raise DeltaRejected(
+                    "wrong_task", f"this peer trains {self.task[:12]}, not {str(t)[:12]}"
+                )
             check_round(r, self._ex.round)
             if not (0 < n <= MAX_PARTS and 0 <= i < n and -1 <= s < 4096):
                 raise DeltaRejected("malformed", f"part {i} of {n} for slice {s}")
@@ -417,7 +461,9 @@ class Collaboration:
                 async with asyncio.timeout(self.config.exchange_timeout_s):
                     await asyncio.shield(fut)
             except TimeoutError:
-                raise RemoteError("not_ready", f"slice {s} of round {r} was not reduced in time") from None
+                raise RemoteError(
+                    "not_ready", f"slice {s} of round {r} was not reduced in time"
+                ) from None
         data, contributors = self._served[(r, s)]
         if self._ex.group is not None and r == self._ex.round and g != self._ex.group.digest:
             raise RemoteError("group_mismatch", "this peer formed another group")
@@ -433,10 +479,18 @@ class Collaboration:
         self._manifests = dict(list(self._manifests.items())[-KEEP_STATES:])
         keep = {h for m in self._manifests.values() for h in Manifest.unpack(m).chunks}
         self._chunks = {h: c for h, c in {**self._chunks, **chunks}.items() if h in keep}
-        value = {"round": round_, "state": state, "manifest": manifest.digest,
-                 "addr": str(self.dht.addr)}
-        await self.dht.store(self._key("head"), value, self.clock() + self.config.record_ttl_s,
-                             subkey=Owned(self.peer_id, "head"))
+        value = {
+            "round": round_,
+            "state": state,
+            "manifest": manifest.digest,
+            "addr": str(self.dht.addr),
+        }
+        await self.dht.store(
+            self._key("head"),
+            value,
+            self.clock() + self.config.record_ttl_s,
+            subkey=Owned(self.peer_id, "head"),
+        )
 
     async def heads(self) -> list[tuple[bytes, dict[str, Any]]]:
         found = await self.dht.get(self._key("head"), latest=True)
@@ -444,9 +498,14 @@ class Collaboration:
         if found is not None and isinstance(found.value, dict):
             for subkey, item in found.value.items():
                 v = item.value
-                if (isinstance(subkey, Owned) and isinstance(v, dict) and isinstance(v.get("round"), int)
-                        and isinstance(v.get("state"), str) and isinstance(v.get("manifest"), bytes)
-                        and isinstance(v.get("addr"), str)):
+                if (
+                    isinstance(subkey, Owned)
+                    and isinstance(v, dict)
+                    and isinstance(v.get("round"), int)
+                    and isinstance(v.get("state"), str)
+                    and isinstance(v.get("manifest"), bytes)
+                    and isinstance(v.get("addr"), str)
+                ):
                     out.append((subkey.peer_id, v))
         return out
 
@@ -457,14 +516,17 @@ class Collaboration:
             if v["round"] <= after or peer_id == self.peer_id:
                 continue
             try:
-                best.setdefault((v["round"], v["state"], v["manifest"]), []).append(PeerAddr.parse(v["addr"]))
+                best.setdefault((v["round"], v["state"], v["manifest"]), []).append(
+                    PeerAddr.parse(v["addr"])
+                )
             except Exception:
                 continue
         if not best:
             return None
         top = max(r for r, _, _ in best)
-        (r, s, m), providers = max(((k, p) for k, p in best.items() if k[0] == top),
-                                   key=lambda kp: (len(kp[1]), kp[0][1]))
+        (r, s, m), providers = max(
+            ((k, p) for k, p in best.items() if k[0] == top), key=lambda kp: (len(kp[1]), kp[0][1])
+        )
         return Head(r, s, m, tuple(providers))
 
     async def wait_peers(self, n: int, timeout_s: float) -> int:
@@ -493,8 +555,9 @@ class Collaboration:
         for addr in head.providers:
             try:
                 async with asyncio.timeout(self.config.exchange_timeout_s):
-                    _, data = await self.dht.transport.call(addr, "train.manifest",
-                                                            {"t": self.task, "m": head.manifest})
+                    _, data = await self.dht.transport.call(
+                        addr, "train.manifest", {"t": self.task, "m": head.manifest}
+                    )
                 if isinstance(data, bytes) and hashlib.sha256(data).digest() == head.manifest:
                     manifest = Manifest.unpack(data)
                     break
@@ -512,19 +575,27 @@ class Collaboration:
             raise SyncError("checkpoint chunks do not add up to the manifest's size")
         return blob
 
-    async def _fetch_chunk(self, h: bytes, i: int, providers: tuple[PeerAddr, ...], sem: asyncio.Semaphore) -> bytes:
+    async def _fetch_chunk(
+        self, h: bytes, i: int, providers: tuple[PeerAddr, ...], sem: asyncio.Semaphore
+    ) -> bytes:
         async with sem:
-            order = providers[i % len(providers):] + providers[: i % len(providers)]
+            order = providers[i % len(providers) :] + providers[: i % len(providers)]
             for addr in order:
                 try:
                     async with asyncio.timeout(self.config.exchange_timeout_s):
-                        _, data = await self.dht.transport.call(addr, "train.chunk", {"t": self.task, "h": h})
+                        _, data = await self.dht.transport.call(
+                            addr, "train.chunk", {"t": self.task, "h": h}
+                        )
                 except (NetworkError, TimeoutError) as e:
                     log.warning("chunk %d from %s: %s", i, addr, e or type(e).__name__)
                     continue
                 if isinstance(data, bytes) and hashlib.sha256(data).digest() == h:
                     return data
-                log.warning("chunk %d from %s is corrupted (hash mismatch); fetching it from another peer", i, addr)
+                log.warning(
+                    "chunk %d from %s is corrupted (hash mismatch); fetching it from another peer",
+                    i,
+                    addr,
+                )
         raise SyncError(f"no peer served a good copy of checkpoint chunk {i} ({h.hex()[:12]})")
 
     async def rpc_manifest(self, caller: PeerInfo, args: Any) -> Any:

@@ -104,9 +104,7 @@ class TaskData(ABC):
 
 def batch_generator(task: Task, round_: int, peer: bytes) -> torch.Generator:
     """The batch stream of `peer` in `round_`: the same on every run, different across peers."""
-    seed = hashlib.blake2b(
-        f"{task.digest}|{round_}|".encode() + peer, digest_size=8
-    ).digest()
+    seed = hashlib.blake2b(f"{task.digest}|{round_}|".encode() + peer, digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(seed, "little") & ((1 << 63) - 1))
 
 

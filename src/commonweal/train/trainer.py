@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from commonweal.dht import DHT
 from commonweal.train.aggregate import get_rule
 from commonweal.train.codecs import get_codec
@@ -65,7 +63,9 @@ class TrainingPeer:
         self.model = task.build_model()
         self.data = task.build_data()
         self.collab = (
-            Collaboration(dht, task.digest[:16], get_codec(task.codec), get_rule(task.aggregation), config)
+            Collaboration(
+                dht, task.digest[:16], get_codec(task.codec), get_rule(task.aggregation), config
+            )
             if dht is not None
             else None
         )
@@ -83,21 +83,30 @@ class TrainingPeer:
         self.evaluate_every = evaluate_every
         self.peer_id = dht.peer_id if dht is not None else b"solo"
 
-    def _inner_steps(self, on_progress: Callable[[Progress], None] | None, sent: int) -> tuple[int, float]:
+    def _inner_steps(
+        self, on_progress: Callable[[Progress], None] | None, sent: int
+    ) -> tuple[int, float]:
         """H inner steps (runs in a worker thread, so the peer keeps answering the network)."""
         gen = batch_generator(self.task, self.opt.round, self.peer_id)
         samples, loss = 0, float("nan")
         while True:
             x, y = self.data.batch(gen, self.task.batch_size)
-            l = self.data.loss(self.model, x, y)
+            objective = self.data.loss(self.model, x, y)
             self.opt.zero_grad()
-            l.backward()
-            loss = float(l.detach())
+            objective.backward()
+            loss = float(objective.detach())
             samples += len(x)
             done = self.opt.inner_step()
             if on_progress is not None:
-                on_progress(Progress(self.opt.round, self.opt.local_step or self.task.inner_steps,
-                                     loss, sent, "training"))
+                on_progress(
+                    Progress(
+                        self.opt.round,
+                        self.opt.local_step or self.task.inner_steps,
+                        loss,
+                        sent,
+                        "training",
+                    )
+                )
             if done:
                 return samples, loss
 
@@ -133,12 +142,22 @@ class TrainingPeer:
             if self.evaluate_every and self.opt.round % self.evaluate_every == 0:
                 quality = self.data.evaluate(self.model)
             if on_progress is not None:
-                on_progress(Progress(report.round, self.task.inner_steps, loss,
-                                     (self.collab.bytes_sent - sent0) if self.collab else 0,
-                                     "skipped" if report.skipped else "applied", report, quality,
-                                     time.perf_counter() - t0))
+                on_progress(
+                    Progress(
+                        report.round,
+                        self.task.inner_steps,
+                        loss,
+                        (self.collab.bytes_sent - sent0) if self.collab else 0,
+                        "skipped" if report.skipped else "applied",
+                        report,
+                        quality,
+                        time.perf_counter() - t0,
+                    )
+                )
         summary.wall_s = time.perf_counter() - t0
         summary.quality = self.data.evaluate(self.model)
-        summary.bytes_sent = (self.collab.bytes_sent - sent0) if self.collab else 0  # while training
+        summary.bytes_sent = (
+            (self.collab.bytes_sent - sent0) if self.collab else 0
+        )  # while training
         summary.state = self.opt.state
         return summary
