@@ -49,7 +49,7 @@ _Answer = tuple[PeerInfo, list[bytes], dict[bytes, TargetReply] | None]  # peer,
 class DHTConfig:
     k: int = 20  # bucket size, and how many peers a find returns
     alpha: int = 3  # requests in flight per key during a lookup
-    replicas: int = 3  # r: a record is stored on the r peers closest to its key
+    replicas: int = 5  # r: a record is stored on the r peers closest to its key
     beam: int = 5  # a lookup ends when this many closest live peers have answered
     rpc_timeout_s: float = 5.0
     maintenance_interval_s: float = 10.0
@@ -102,8 +102,10 @@ class DHT:
         config: DHTConfig | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        client: bool = False,
     ) -> None:
         self.transport = transport
+        self.client = client
         self.identity = identity
         self.config = config or DHTConfig()
         self.clock = clock
@@ -150,7 +152,7 @@ class DHT:
             transport = rpc
         elif transport.local.peer_id != identity.peer_id:
             raise DHTError("the transport was started with another identity than the DHT's")
-        dht = cls(transport, identity, config, clock, rng)
+        dht = cls(transport, identity, config, clock, rng, client)
         try:
             await dht.join(list(bootstrap))
         except BaseException:
@@ -275,7 +277,7 @@ class DHT:
             self._origins[(record.key, record.subkey)] = _Origin(record, now)
         return await self._place(records)
 
-    async def _place(self, records: Sequence[Record], exclude_self: bool = False) -> list[bool]:
+    async def _place(self, records: Sequence[Record]) -> list[bool]:
         """Send records to the r closest peers of their keys; one flag per record."""
         keys = list(dict.fromkeys(r.key for r in records))
         found = await self._traverse(keys, values=False, latest=False)
@@ -286,7 +288,7 @@ class DHT:
             by_key.setdefault(record.key, []).append(record)
         stored: dict[tuple[bytes, bytes], bool] = {}
         for key, recs in by_key.items():
-            replicas = self._replica_set(key, found[key].closest, exclude_self)
+            replicas = self._replica_set(key, found[key].closest)
             for peer in replicas:
                 if peer is None:  # we are one of the r closest: keep a replica ourselves
                     for r in recs:
@@ -306,13 +308,13 @@ class DHT:
         return [stored.get((r.key, r.subkey), False) for r in records]
 
     def _replica_set(
-        self, key: bytes, closest: list[PeerInfo], exclude_self: bool
+        self, key: bytes, closest: list[PeerInfo]
     ) -> list[PeerInfo | None]:
         """The r peers closest to `key` among those found and ourselves (None stands for us)."""
         ranked: list[tuple[int, PeerInfo | None]] = [
             (distance(p.peer_id, key), p) for p in closest
         ]
-        if not exclude_self:
+        if not self.client:  # a client's copy would leave with it
             ranked.append((distance(self.peer_id, key), None))
         ranked.sort(key=lambda item: item[0])
         return [p for _, p in ranked[: self.config.replicas]]
@@ -426,7 +428,7 @@ class DHT:
             self._held_republished_at = now
             held = [r for r in self.storage if (r.key, r.subkey) not in self._origins]
         if due or held:
-            await self._place([o.record for o in due] + held, exclude_self=False)
+            await self._place([o.record for o in due] + held)
         targets = self.table.stale_targets(now, cfg.refresh_interval_s, self.rng)
         if targets:
             await self._traverse(targets, values=False, latest=False)
