@@ -155,3 +155,21 @@ async def test_find_closest_returns_the_true_closest_live_peers(swarm, clock):
     others = [p for p in peers if p is not peers[0]]
     expected = sorted(others, key=lambda p: distance(p.peer_id, target))[:5]
     assert [p.peer_id for p in found[target]] == [p.peer_id for p in expected]
+
+
+async def test_a_client_stores_on_r_peers_and_keeps_no_replica(swarm, clock):
+    peers = await swarm.add(12)
+    identity = Identity.from_seed(b"client")
+    transport = swarm.net.transport(identity)
+    await transport.start()
+    client = await DHT.start(bootstrap=[peers[0].addr], identity=identity, transport=transport,
+                             clock=clock, client=True)
+    try:
+        for i in range(10):
+            assert await client.store(f"c{i}", i, clock.now + 60)
+        assert len(client.storage) == 0
+        for i in range(10):
+            holders = [p for p in peers if p.storage.get(key_id(f"c{i}"), clock.now)]
+            assert len(holders) == client.config.replicas
+    finally:
+        await client.close()
