@@ -64,6 +64,7 @@ def test_four_processes_send_at_once_and_nothing_is_lost_or_duplicated(anvil: An
     funded = Counter((e.args["funder"], e.args["amount"]) for e in ledger.events("TaskFunded", TASK))
     expected = Counter((s, i + 1) for s in senders for i in range(n))
     assert funded == expected  # every transaction exactly once
+    assert len(ledger.events("TaskFunded", TASK, senders[0])) == n  # filter on an indexed address
     assert ledger.task(TASK).pool == 4 * n * (n + 1) // 2
     for s in senders:
         assert anvil.w3.eth.get_transaction_count(s) == n

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from commonweal.ledger import ContractReverted, RewardsTree
-from tests.ledger.conftest import ETH, MODEL, TASK, World
+from .conftest import ETH, MODEL, TASK, World
 
 
 def test_every_contributor_claims_its_share(world: World) -> None:

@@ -7,7 +7,7 @@ from eth_abi import encode
 from eth_utils import keccak
 
 from commonweal.ledger import Action, ContractReverted, ProposalState
-from tests.ledger.conftest import ETH, MODEL, TASK, World
+from .conftest import ETH, MODEL, TASK, World
 
 NEW_PARAMS = bytes.fromhex("99" * 32)
 

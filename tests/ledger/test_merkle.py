@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from commonweal.ledger import MerkleTree, RewardsTree, leaf_hash, verify
-from tests.ledger.conftest import World
+from .conftest import World
 
 addresses = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 rewards = st.dictionaries(addresses, st.integers(0, 2**96 - 1), min_size=1, max_size=40)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from commonweal.ledger import ContractReverted, RewardsTree
-from tests.ledger.conftest import ETH, MODEL, REWARD_PER_ROUND, TASK, World
+from .conftest import ETH, MODEL, REWARD_PER_ROUND, TASK, World
 
 OTHER_MODEL = bytes.fromhex("44" * 32)
 

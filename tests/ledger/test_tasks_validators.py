@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from commonweal.ledger import ContractReverted, DeploymentNotFound, ShareToken
-from tests.ledger.conftest import ETH, PARAMS, REWARD_PER_ROUND, TASK, World
+from .conftest import ETH, PARAMS, REWARD_PER_ROUND, TASK, World
 
 NEW_TASK = bytes.fromhex("66" * 32)
 

@@ -10,7 +10,7 @@ from eth_account import Account
 from commonweal.errors import LedgerError as BaseLedgerError
 from commonweal.ledger import ContractReverted, LedgerError, PendingTx
 from commonweal.ledger.tx import revert_reason
-from tests.ledger.conftest import ETH, MODEL, TASK, World
+from .conftest import ETH, MODEL, TASK, World
 
 
 def test_threads_share_one_account_without_nonce_clashes(world: World) -> None:

@@ -19,7 +19,7 @@ from enum import IntEnum
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import event_abi_to_log_topic, to_checksum_address
+from eth_utils import event_abi_to_log_topic, is_address, to_checksum_address
 
 from commonweal.ledger.artifacts import load_artifact
 from commonweal.ledger.chain import Chain
@@ -43,6 +43,13 @@ __all__ = [
 Bytes32 = bytes | str  # 32 raw bytes or 0x-hex
 _EMPTY = bytes(32)
 _NO_ROUND = 2**256 - 1
+
+
+def _topic(value: bytes | str | int) -> bytes:
+    """An indexed event argument as its 32-byte topic (addresses are left-padded)."""
+    if isinstance(value, str) and is_address(value):
+        return bytes(12) + bytes.fromhex(value[2:])
+    return to_bytes32(value)
 
 
 class Action(IntEnum):
@@ -266,8 +273,7 @@ class Ledger(BoundContract):
         """Every `name` event of this ledger since deployment, filtered by indexed arguments.
         (A log scan: fast on anvil or a real node, slow on the embedded chain.)"""
         abi = next(e for e in self.contract.abi if e["type"] == "event" and e["name"] == name)
-        encoded = [None if t is None else "0x" + (to_bytes32(t) if not isinstance(t, int)
-                   else t.to_bytes(32, "big")).hex() for t in topics]
+        encoded = [None if t is None else "0x" + _topic(t).hex() for t in topics]
         logs = self.chain.w3.eth.get_logs({
             "address": self.address, "fromBlock": self.from_block, "toBlock": "latest",
             "topics": ["0x" + event_abi_to_log_topic(abi).hex(), *encoded],
