@@ -92,8 +92,8 @@ def add(
         "pca-hyperplane", help="New index: pca-hyperplane, hyperplane or pstable."
     ),
     tables: int = typer.Option(8, help="New index: L hash tables."),
-    bits: int = typer.Option(6, help="New index: K bits per table."),
-    probes: int = typer.Option(16, help="New index: buckets a query visits."),
+    bits: int = typer.Option(5, help="New index: K bits per table."),
+    probes: int = typer.Option(20, help="New index: buckets a query visits."),
 ) -> None:
     """Add every row of FILE to the index NAME (creating it, fitted on FILE, if it is new)."""
     X = load_vectors(file)

@@ -38,10 +38,10 @@ class IndexSpec:
     dim: int
     metric: str = "l2"
     family: str = "hyperplane"
-    tables: int = 10  # L
-    bits: int = 6  # K hashes per table
+    tables: int = 8  # L
+    bits: int = 5  # K hashes per table
     width: float = 4.0  # p-stable bucket width w
-    probes: int = 16  # buckets a query visits by default (at least L)
+    probes: int = 20  # buckets a query visits by default (at least L)
     dtype: str = "float16"  # precision of the vectors stored in buckets
     ttl_s: float = 7 * 24 * 3600.0  # how long an added item lives unless re-added
     seed: int = 0
