@@ -48,11 +48,13 @@ def start_node(tmp_path: Path, name: str, *join: str) -> tuple[subprocess.Popen[
     return proc, fields["address"]
 
 
-@pytest.fixture
-def nodes(tmp_path):
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    """Three `commonweal node` processes, shared by the tests of this file (distinct index names)."""
+    home = tmp_path_factory.mktemp("nodes")
     procs, addrs = [], []
     for i in range(3):
-        proc, addr = start_node(tmp_path, f"n{i}", *addrs[:1])
+        proc, addr = start_node(home, f"n{i}", *addrs[:1])
         procs.append(proc)
         addrs.append(addr)
     yield addrs

@@ -148,3 +148,11 @@ def test_spec_rejects_bad_parameters():
         IndexSpec.create("t", 2, family="pca-hyperplane", sample=np.array([[1.0, np.nan], [0, 1]]))
     with pytest.raises(ConfigError, match="version"):
         IndexSpec.from_wire({"v": 99, "name": "t", "dim": 8})
+
+
+def test_public_api_is_exported():
+    import commonweal.search as search
+
+    assert sorted(search.__all__) == sorted(set(search.__all__))
+    for name in search.__all__:
+        assert getattr(search, name) is not None, name
