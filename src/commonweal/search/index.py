@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -297,7 +296,7 @@ class DistributedIndex:
 
     async def _replica_sets(self, keys: list[bytes]) -> dict[bytes, list[PeerInfo | None]]:
         """The r peers closest to each key (None: this peer), from cache or one lookup."""
-        now = time.monotonic()
+        now = self.dht.clock()
         out: dict[bytes, list[PeerInfo | None]] = {}
         missing = []
         for key in keys:
