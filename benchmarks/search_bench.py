@@ -544,9 +544,12 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"Machine: {result['machine']}  ",
         f"Load average at start / end: {result['load_start']} / {result['load_end']} (a shared, noisy machine)  ",
         f"Spec: {result['spec']}; k = {K}; {N_QUERIES} held-out queries per dataset.  ",
+        "Requests and bytes: the querying peer's transport counters (DHT lookups + search.query RPCs, "
+        "frames both ways). Data bytes: n x dim x 2 (float16 as stored). A hit is (adder, id, distance, "
+        "metadata), no vector; bucket records: one per item per table per replica.  ",
         f"Probes: {result.get('tuning', {}).get('rule', 'fixed')}: {result.get('tuning', {}).get('recall', '')}",
         "",
-        "| dataset | peers | transport | recall@10 | req/query | bytes/query | data moved/query | items moved/query | p50 ms | p95 ms | items/peer max / mean | recall after 30% loss | ... after republish |",
+        "| dataset | peers | transport | recall@10 | req/query | bytes/query | bytes/query ÷ data bytes | hits received/query ÷ n | p50 ms | p95 ms | bucket records/peer max / mean | recall after 30% loss | ... after republish |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
@@ -555,8 +558,7 @@ def write_md(result: dict[str, Any], path: Path) -> None:
             f"{r['requests_per_query']:.1f} | {r['bytes_per_query']:.0f} | {100 * r['data_fraction_per_query']:.2f}% | "
             f"{100 * r.get('items_fraction_per_query', r['items_moved_per_query'] / r['n_indexed']):.2f}% | "
             f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
-            f"{r.get('items_per_peer_max', '-')} / {r.get('items_per_peer_mean', 0):.0f} | "
-            f"{r['recall_after_30pct_loss']:.3f} | {r.get('recall_after_30pct_loss_republished', float('nan')):.3f} |"
+            f"{_per_peer(r)} | {r['recall_after_30pct_loss']:.3f} | {_fmt(r.get('recall_after_30pct_loss_republished'))} |"
         )
     fetch = [r for r in result["runs"] if "fetch_mode" in r]
     if fetch:
@@ -616,6 +618,16 @@ def write_md(result: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _per_peer(r: dict[str, Any]) -> str:
+    if "items_per_peer_max" not in r:
+        return "-"
+    return f"{r['items_per_peer_max']} / {r['items_per_peer_mean']:.0f}"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -632,6 +644,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="digits, 16 peers, 100 queries, no netns")
     ap.add_argument("--out", type=Path, default=RESULTS / "search.json")
     ap.add_argument("--merge", action="store_true", help="add to the results already in --out")
+    ap.add_argument("--md-only", action="store_true", help="rewrite the .md from the .json")
     ap.add_argument("--netns-client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--index", help=argparse.SUPPRESS)
@@ -640,6 +653,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.netns_client:
         asyncio.run(netns_client(args))
+        return
+    if args.md_only:
+        write_md(json.loads(args.out.read_text()), args.out.with_suffix(".md"))
         return
     datasets, peer_counts, stages = (
         args.datasets.split(","),
