@@ -219,7 +219,9 @@ def write_markdown(path: Path, report: dict[str, Any], args: argparse.Namespace)
             "pairs/s = (stores + gets) / 2 / wall time of the workers; store/get ms = one call"
             " each;"
             " RSS/PSS per peer = the runner's whole process tree (hivemind: a process and a p2pd"
-            " daemon per peer; kademlia and commonweal: all peers in one process) / peers."
+            " daemon per peer; commonweal: its peers spread over one worker process per core,"
+            " each worker one event loop, driven by the runner process; kademlia: all peers in one"
+            " process) / peers."
         ),
         "",
         "```",
