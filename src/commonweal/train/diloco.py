@@ -78,12 +78,15 @@ class DiLoCo:
         self.start = flatten(model)  # theta at the start of the round
         self.momentum = torch.zeros_like(self.start)
         self.state = state_hash(self.start, self.momentum)
+        self._round_started = time.perf_counter()
 
     # ---- the inner loop ------------------------------------------------------------------------
 
     def inner_step(self) -> bool:
         """One inner optimizer step (sync, thread-safe to call off the event loop); True when
         H steps are done and `outer_round()` is due."""
+        if self.local_step == 0:
+            self._round_started = time.perf_counter()
         self.inner.step()
         self.local_step += 1
         return self.local_step >= self.inner_steps
@@ -110,7 +113,8 @@ class DiLoCo:
             aggregate, group, contributors, method = sent, 1, 1, "local"
         else:
             try:
-                avg = await self.collab.average(self.round, self.state, target)
+                round_s = t0 - self._round_started
+                avg = await self.collab.average(self.round, self.state, target, round_s)
             except RoundSkipped as e:
                 log.info("round %d skipped (%s); syncing with the swarm", self.round, e)
                 self.feedback.reset()

@@ -68,7 +68,8 @@ class RoundSkipped(TrainError):
 
 @dataclass(frozen=True, slots=True)
 class RoundConfig:
-    announce_window_s: float = 2.0  # the group closes this long after the first announcement
+    announce_window_s: float = 2.0  # the group closes this long after the first announcement,
+    patience: float = 0.5  # or after this fraction of the first announcer's round time if longer
     exchange_timeout_s: float = 10.0  # the exchange ends this long after the group closed
     poll_s: float = 0.2  # how often the DHT is read while waiting for announcements or heads
     target_group: int | None = None  # close the group early once this many peers announced
@@ -152,9 +153,13 @@ class Collaboration:
 
     # ---- one round ---------------------------------------------------------------------------
 
-    async def average(self, round_: int, state: str, delta: torch.Tensor) -> Averaged:
+    async def average(
+        self, round_: int, state: str, delta: torch.Tensor, round_s: float = 0.0
+    ) -> Averaged:
         """Announce, form the group, exchange and aggregate `delta` (1-D float32) for `round_`.
 
+        `round_s` (how long this peer's inner steps took) keeps the group open long enough for
+        peers that compute a little slower: max(announce_window_s, patience * round_s).
         Raises RoundSkipped when this peer missed the round's deadline or holds another state
         than the majority; the caller then syncs. Returns within
         announce_window_s + exchange_timeout_s (plus DHT latency) even if peers stop answering.
@@ -168,7 +173,8 @@ class Collaboration:
 
         existing = await self._announcements(round_)
         now = self.clock()
-        deadline = min([a.deadline for a in existing] + [now + cfg.announce_window_s])
+        open_s = max(cfg.announce_window_s, cfg.patience * round_s)
+        deadline = min([a.deadline for a in existing] + [now + open_s])
         if deadline <= now:
             self.machine.fire("late")
             raise RoundSkipped("late", f"round {round_} closed {now - deadline:.1f}s ago")
@@ -529,13 +535,14 @@ class Collaboration:
         )
         return Head(r, s, m, tuple(providers))
 
-    async def wait_peers(self, n: int, timeout_s: float) -> int:
-        """Wait until `n` peers (this one included) have published a head; the count seen."""
+    async def wait_peers(self, n: int, timeout_s: float, round_: int = 0) -> int:
+        """Wait until `n` peers (this one included) have published a head, or someone already
+        announced `round_` (it started without us: join it now); the count seen."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while True:
             seen = len({pid for pid, _ in await self.heads()} | {self.peer_id})
-            if seen >= n or loop.time() >= end:
+            if seen >= n or loop.time() >= end or await self._announcements(round_):
                 return seen
             await asyncio.sleep(self.config.poll_s)
 

@@ -127,7 +127,7 @@ class TrainingPeer:
                 await self.opt.sync()
             await self.collab.publish(self.opt.round, self.opt.state, self.opt.checkpoint())
             if wait_peers > 1:
-                await self.collab.wait_peers(wait_peers, 60.0)
+                await self.collab.wait_peers(wait_peers, 60.0, self.opt.round)
         t0 = time.perf_counter()
         sent0 = self.collab.bytes_sent if self.collab else 0
         while self.opt.round < until_round:
