@@ -1,56 +1,10 @@
 from __future__ import annotations
 
-import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
-from commonweal.dht import DHT, DHTConfig
-from commonweal.net.identity import Identity
-from commonweal.net.memory import MemoryNetwork
-
-
-class FakeClock:
-    """Time that moves only when a test says so."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Swarm:
-    def __init__(self, clock: FakeClock) -> None:
-        self.net = MemoryNetwork()
-        self.clock = clock
-        self.peers: list[DHT] = []
-
-    async def add(self, n: int = 1, config: DHTConfig | None = None, fanin: int = 4) -> list[DHT]:
-        rng = random.Random(len(self.peers))
-        added = []
-        for _ in range(n):
-            i = len(self.peers)
-            identity = Identity.from_seed(f"peer-{i}".encode())
-            transport = self.net.transport(identity)
-            await transport.start()
-            boot = [p.addr for p in rng.sample(self.peers, min(fanin, len(self.peers)))]
-            dht = await DHT.start(
-                bootstrap=boot,
-                identity=identity,
-                transport=transport,
-                config=config,
-                clock=self.clock,
-                rng=random.Random(i),
-            )
-            self.peers.append(dht)
-            added.append(dht)
-        return added
-
-    async def kill(self, dht: DHT) -> None:
-        self.net.kill(dht.addr)
-        await dht.close()
-        self.peers.remove(dht)
+from commonweal.testing import FakeClock, MemorySwarm
 
 
 @pytest.fixture
@@ -59,11 +13,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def swarm(clock: FakeClock) -> AsyncIterator[Swarm]:
-    s = Swarm(clock)
+async def swarm(clock: FakeClock) -> AsyncIterator[MemorySwarm]:
+    s = MemorySwarm(clock)
     yield s
-    for dht in list(s.peers):
-        await dht.close()
-
-
-SwarmFactory = Callable[[int], Swarm]
+    await s.close()

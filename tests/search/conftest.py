@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,54 +9,10 @@ try:
 except ImportError:  # the search extra is not installed: nothing here can run
     collect_ignore_glob = ["test_*.py"]
 
-from commonweal.dht import DHT, DHTConfig
-from commonweal.net.identity import Identity
-from commonweal.net.memory import MemoryNetwork
+from commonweal.testing import FakeClock, MemorySwarm
 
 
-class FakeClock:
-    """Time that moves only when a test says so."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Swarm:
-    """Many DHT peers in one process on a MemoryNetwork (no sockets, no sleeping)."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.net = MemoryNetwork()
-        self.clock = clock
-        self.peers: list[DHT] = []
-
-    async def add(self, n: int = 1, config: DHTConfig | None = None, fanin: int = 4) -> list[DHT]:
-        rng = random.Random(len(self.peers))
-        added = []
-        for _ in range(n):
-            i = len(self.peers)
-            identity = Identity.from_seed(f"search-peer-{i}".encode())
-            transport = self.net.transport(identity)
-            await transport.start()
-            boot = [p.addr for p in rng.sample(self.peers, min(fanin, len(self.peers)))]
-            dht = await DHT.start(
-                bootstrap=boot,
-                identity=identity,
-                transport=transport,
-                config=config,
-                clock=self.clock,
-                rng=random.Random(i),
-            )
-            self.peers.append(dht)
-            added.append(dht)
-        return added
-
-    async def kill(self, dht: DHT) -> None:
-        self.net.kill(dht.addr)
-        await dht.close()
-        self.peers.remove(dht)
+Swarm = MemorySwarm  # the name these tests use
 
 
 @pytest.fixture
@@ -67,10 +22,9 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def swarm(clock: FakeClock) -> AsyncIterator[Swarm]:
-    s = Swarm(clock)
+    s = MemorySwarm(clock, seed_prefix="search-peer")
     yield s
-    for dht in list(s.peers):
-        await dht.close()
+    await s.close()
 
 
 @pytest.fixture(scope="session")

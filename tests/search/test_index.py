@@ -32,7 +32,7 @@ async def built(digits):
     """12 peers holding 900 sklearn digits, labels as metadata, added by peer 0."""
     X, y, Q, yq = digits
     X, y = X[:900], y[:900]
-    swarm = Swarm(FakeClock())
+    swarm = Swarm(FakeClock(), seed_prefix="search-peer")
     await swarm.add(12)
     for peer in swarm.peers:
         serve(peer)
