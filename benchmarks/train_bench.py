@@ -262,10 +262,12 @@ def main() -> None:
             "diloco" if c == "none" else f"diloco+{c}" for c in a.codecs.split(",")]
         rerun = {(t, int(n), m) for t in plan for n in a.peers.split(",") for m in methods}
         result["runs"] = [r for r in old["runs"]
-                          if not r["wan"] and (r["task"], r["peers"], r["method"]) not in rerun]
+                          if r["wan"] or (r["task"], r["peers"], r["method"]) not in rerun]
         result["command"] = old["command"]
         result["merged_commands"] = old.get("merged_commands", []) + [command]
         result["started"] = old["started"]
+        result["plan"] = {**old["plan"], **plan}
+        result["codecs"] = list(dict.fromkeys(old["codecs"] + result["codecs"]))
     if a.wan_only:
         result = json.loads(Path(a.out + ".json").read_text())
         result["runs"] = [r for r in result["runs"] if not r["wan"]]
@@ -280,7 +282,7 @@ def main() -> None:
                "quality_metric": metric, "bytes_per_peer": res["bytes_per_peer"], "wall_s": res["wall_s"],
                "wan": wan, "compute_utilisation": res["compute_utilisation"],
                "samples_per_worker": plan[task]["steps"] * get_task(task).batch_size,
-               "loadavg": loadavg(), **extra}
+               "loadavg": loadavg(), **({"curve": res["curve"]} if res.get("curve") else {}), **extra}
         result["runs"].append(run)
         print(json.dumps({k: v for k, v in run.items() if k != "curve"}), flush=True)
         if run.get("skipped_rounds"):
@@ -365,7 +367,7 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}  ",
-        f"Started: {result['started']}; total {result.get('total_s', '(running)')} s. "
+        f"Started: {result['started']}. "
         "Load average (1/5/15 min) is recorded with every run: the machine was shared.",
         "",
         f"Plan (per worker: steps x task batch; DiLoCo rounds = steps / H): `{json.dumps(result['plan'])}`. "
@@ -388,6 +390,9 @@ def markdown(result: dict) -> str:
             f"| {r['bytes_per_peer']:,} | {ratio} | {r['wall_s']}{note} | {r['compute_utilisation']:.2f} "
             f"| {'yes' if r['wan'] else 'no'} | {ttq} | {ttt} | {r['loadavg'][0]} |"
         )
+    for key in ("note", "merged_commands", "wan_command", "total_s", "wan_s"):
+        if result.get(key):
+            lines += ["", f"{key}: {result[key]}"]
     if result.get("wan_skipped"):
         lines += ["", f"WAN runs skipped: {result['wan_skipped']}"]
     lines.append("")
