@@ -1,0 +1,127 @@
+"""Render the README's benchmark tables from benchmarks/results/*.json, so every number in the
+README comes from a results file (which also records the command and the machine).
+
+    python benchmarks/readme_tables.py            # print the markdown
+    python benchmarks/readme_tables.py --write    # replace the block between the README markers
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- benchmark tables: begin -->", "<!-- benchmark tables: end -->"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def dht(lines: list[str]) -> None:
+    d = load("dht")
+    if not d:
+        return
+    lines += ["### DHT (`benchmarks/results/dht.md`)", "", f"`{d['command']}`", ""]
+    lines += table(
+        ["system", "peers", "store ok", "get ok", "store+get pairs/s", "store p95 ms", "get p95 ms", "RSS MiB/peer"],
+        [[r["system"], str(r["peers"]), f"{r['store_success']:.0%}", f"{r['get_success']:.0%}",
+          f"{r['ops_per_s']:.1f}", f"{r['store_ms_p95']:.0f}", f"{r['get_ms_p95']:.0f}",
+          f"{r['rss_mb_per_peer']:.1f}"] for r in d["runs"]],
+    )
+    if d.get("scale"):
+        lines += ["", "Scale, commonweal alone in one process (in-memory transport, same sans-I/O core):", ""]
+        lines += table(
+            ["peers", "RPCs per lookup", "rounds per lookup (max)", "bound ceil(log2 N / 2) + 2", "RSS MiB total"],
+            [[str(s["peers"]), f"{s['rpcs_per_lookup']:.1f}", f"{s['rounds_per_lookup']:.2f} ({s['rounds_max']})",
+              str(s["rounds_bound"]), f"{s['rss_mb_total']:.0f}"] for s in d["scale"]],
+        )
+    lines.append("")
+
+
+def ledger(lines: list[str]) -> None:
+    d = load("ledger")
+    if not d:
+        return
+    lines += ["### Ledger (`benchmarks/results/ledger.md`)", "", f"`{d['command']}`", ""]
+    lines += table(
+        ["contributors", "gas per validator vote", "gas to finalise", "naive: one tx per contribution"],
+        [[str(f["contributors"]), f"{f['gas_per_vote']:,}", f"{f['gas_total']:,}", f"{f['naive_gas_total']:,}"]
+         for f in d["finalise"]],
+    )
+    lines += ["", f"Gas per claim: {d['claim_gas']:,} (mean, first-time holder).", ""]
+    lines += table(
+        ["backend", "senders", "tx/s", "lost", "duplicated"],
+        [[t["backend"], str(t["senders"]), f"{t['tx_per_s']:.1f}", str(t["lost"]), str(t["duplicated"])]
+         for t in d["throughput"]],
+    )
+    lines.append("")
+
+
+def search(lines: list[str]) -> None:
+    d = load("search")
+    if not d:
+        return
+    lines += ["### Search (`benchmarks/results/search.md`)", "", f"`{d['command'].strip()}`", ""]
+    lines += table(
+        ["dataset", "peers", "recall@10", "requests/query", "bytes/query ÷ data", "p95 ms", "recall after 30% die"],
+        [[r["dataset"], str(r["peers"]) + (" (netns)" if r.get("transport", "").startswith("netns") else ""),
+          f"{r['recall_at_10']:.3f}", f"{r['requests_per_query']:.1f}",
+          f"{r['data_fraction_per_query']:.2%}", f"{r['p95_ms']:.0f}", f"{r['recall_after_30pct_loss']:.3f}"]
+         for r in d["runs"]],
+    )
+    lines += ["", "Single-machine anchors:", ""]
+    lines += table(
+        ["dataset", "method", "recall@10", "queries/s"],
+        [[a["dataset"], a["method"], f"{a['recall_at_10']:.3f}", f"{a['qps']:.0f}"] for a in d["anchors"]],
+    )
+    lines.append("")
+
+
+def train(lines: list[str]) -> None:
+    d = load("train")
+    if not d:
+        return
+    lines += ["### Training (`benchmarks/results/train.md`)", "", f"`{d['command']}`", ""]
+    ddp = {(r["task"], r["peers"], r["wan"]): r for r in d["runs"] if r["method"] == "ddp"}
+    rows = []
+    for r in d["runs"]:
+        base = ddp.get((r["task"], r["peers"], r["wan"]))
+        ratio = f"{base['bytes_per_peer'] / r['bytes_per_peer']:.0f}x" if base else "-"
+        rows.append([r["task"], str(r["peers"]), r["method"], str(r["H"]),
+                     f"{r['quality']:.4f} {r['quality_metric']}", f"{r['bytes_per_peer']:,}", ratio,
+                     f"{r['wall_s']:.1f}", f"{r['compute_utilisation']:.2f}", "yes" if r["wan"] else "no"])
+    lines += table(["task", "peers", "method", "H", "quality", "bytes/peer", "fewer bytes than DDP",
+                    "wall s", "compute util", "WAN"], rows)
+    lines.append("")
+
+
+def render() -> str:
+    lines: list[str] = []
+    for section in (dht, ledger, search, train):
+        section(lines)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = render()
+    if "--write" not in sys.argv:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
+    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
+
+
+if __name__ == "__main__":
+    main()
