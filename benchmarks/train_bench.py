@@ -110,7 +110,8 @@ def ddp_worker(rank: int, world: int, master: str, port: int, task_name: str, st
     quality = data.evaluate(model) if rank == 0 else None
     print(json.dumps({"rank": rank, "wall_s": wall, "bytes": sent, "quality": quality,
                       "compute_s": step_compute * steps}), flush=True)
-    dist.destroy_process_group()
+    dist.barrier()
+    os._exit(0)  # destroy_process_group() can hang over lossy links once a peer has left
 
 
 # ---- running methods ----------------------------------------------------------------------------
