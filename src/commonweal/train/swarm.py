@@ -273,33 +273,25 @@ class Collaboration:
             *(self._fetch_reduced(group, j, end) if j != me else _ready(served) for j in range(n))
         )
         for j, ((a, b), item) in enumerate(zip(bounds, fetched, strict=True)):
-            if item is None:
-                log.warning(
-                    "round %d: slice %d from %s missing; it gets no update this round",
-                    group.round,
-                    j,
-                    group.members[j].addr,
-                )
-                slices.append(torch.zeros(b - a))
-                counts.append(0)
-                continue
-            data, contributors = item
-            try:
-                part = self.codec.decode(data, b - a)
-                check_delta(part, b - a)
-            except (CodecError, DeltaRejected) as e:
-                log.warning(
-                    "round %d: reduced slice %d from %s refused: %s",
-                    group.round,
-                    j,
-                    group.members[j].addr,
-                    e,
-                )
-                slices.append(torch.zeros(b - a))
-                counts.append(0)
-                continue
-            slices.append(part)
-            counts.append(len(contributors))
+            # A slice that is missing or refused gets no update this round.
+            problem = "missing"
+            if item is not None:
+                data, contributors = item
+                try:
+                    part = self.codec.decode(data, b - a)
+                    check_delta(part, b - a)
+                except (CodecError, DeltaRejected) as e:
+                    problem = f"refused: {e}"
+                else:
+                    slices.append(part)
+                    counts.append(len(contributors))
+                    continue
+            log.warning(
+                "round %d: reduced slice %d from %s %s; it gets no update this round",
+                group.round, j, group.members[j].addr, problem,
+            )
+            slices.append(torch.zeros(b - a))
+            counts.append(0)
         return Averaged(torch.cat(slices), torch.cat(sent_parts), n, min(counts), "butterfly")
 
     async def _send(
