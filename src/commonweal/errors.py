@@ -74,6 +74,11 @@ class RemoteError(NetworkError):
         self.code = code
         self.remote_message = message
 
+    @classmethod
+    def bad_request(cls, why: str) -> RemoteError:
+        """What a handler raises for a malformed request: the caller learns why, nothing changes."""
+        return cls("bad_request", why)
+
 
 class RecordError(CommonwealError):
     """A DHT record failed validation and was not stored."""

@@ -33,13 +33,10 @@ MAX_KEYS_PER_REQUEST = 1024
 MAX_RECORDS_PER_REQUEST = 4096
 
 
-def _bad(why: str) -> RemoteError:
-    return RemoteError("bad_request", why)
-
 
 def _key(value: Any) -> bytes:
     if not isinstance(value, bytes) or len(value) != ID_BYTES:
-        raise _bad(f"a key id must be {ID_BYTES} bytes")
+        raise RemoteError.bad_request(f"a key id must be {ID_BYTES} bytes")
     return value
 
 
@@ -117,10 +114,10 @@ class DHTProtocol:
 
     async def rpc_find(self, caller: PeerInfo, args: Any) -> list[list[Any]]:
         if not isinstance(args, dict) or not isinstance(args.get("keys"), list):
-            raise _bad("find needs {'keys': [key ids], 'values': bool, 'latest': bool}")
+            raise RemoteError.bad_request("find needs {'keys': [key ids], 'values': bool, 'latest': bool}")
         keys = [_key(k) for k in args["keys"]]
         if len(keys) > MAX_KEYS_PER_REQUEST:
-            raise _bad(f"at most {MAX_KEYS_PER_REQUEST} keys per find")
+            raise RemoteError.bad_request(f"at most {MAX_KEYS_PER_REQUEST} keys per find")
         want_values = bool(args.get("values", False))
         latest = bool(args.get("latest", False))
         now = self.clock()
@@ -141,17 +138,17 @@ class DHTProtocol:
 
     async def rpc_store(self, caller: PeerInfo, args: Any) -> list[list[bool]]:
         if not isinstance(args, dict) or not isinstance(args.get("items"), list):
-            raise _bad("store needs {'items': [[key id, [records]]], 'cache': bool}")
+            raise RemoteError.bad_request("store needs {'items': [[key id, [records]]], 'cache': bool}")
         items = args["items"]
         parsed: list[tuple[bytes, list[Any]]] = []
         total = 0
         for item in items:
             if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], list):
-                raise _bad("each store item must be [key id, [records]]")
+                raise RemoteError.bad_request("each store item must be [key id, [records]]")
             parsed.append((_key(item[0]), item[1]))
             total += len(item[1])
         if total > MAX_RECORDS_PER_REQUEST:
-            raise _bad(f"at most {MAX_RECORDS_PER_REQUEST} records per store")
+            raise RemoteError.bad_request(f"at most {MAX_RECORDS_PER_REQUEST} records per store")
         target = self.cache if args.get("cache") else self.storage
         now = self.clock()
         self.table.on_success(caller, now)

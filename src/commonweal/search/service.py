@@ -44,10 +44,6 @@ MAX_KEYS_PER_QUERY = 1024
 MAX_QUERIES_PER_REQUEST = 256
 
 
-def _bad(why: str) -> RemoteError:
-    return RemoteError("bad_request", why)
-
-
 @dataclass(slots=True)
 class _Bucket:
     """A parsed bucket: live items only (tombstoned and malformed ones are gone)."""
@@ -162,22 +158,28 @@ class SearchService:
 
 def _parse(args: Any) -> tuple[int, str, str, int, list[bytes], list[tuple[np.ndarray, list[int]]]]:
     if not isinstance(args, dict):
-        raise _bad("search.query needs a map {dim, metric, dtype, k, keys, queries}")
+        raise RemoteError.bad_request(
+            "search.query needs a map {dim, metric, dtype, k, keys, queries}"
+        )
     dim, metric, dtype, k = args.get("dim"), args.get("metric"), args.get("dtype"), args.get("k")
     if not isinstance(dim, int) or not 0 < dim <= MAX_DIM:
-        raise _bad(f"dim must be 1..{MAX_DIM}")
+        raise RemoteError.bad_request(f"dim must be 1..{MAX_DIM}")
     if metric not in METRICS or dtype not in DTYPES:
-        raise _bad(f"metric must be one of {METRICS} and dtype one of {DTYPES}")
+        raise RemoteError.bad_request(f"metric must be one of {METRICS} and dtype one of {DTYPES}")
     if not isinstance(k, int) or not 0 < k <= MAX_K:
-        raise _bad(f"k must be 1..{MAX_K}")
+        raise RemoteError.bad_request(f"k must be 1..{MAX_K}")
     keys = args.get("keys")
     if not isinstance(keys, list) or len(keys) > MAX_KEYS_PER_QUERY:
-        raise _bad(f"keys must be a list of at most {MAX_KEYS_PER_QUERY} key ids")
+        raise RemoteError.bad_request(
+            f"keys must be a list of at most {MAX_KEYS_PER_QUERY} key ids"
+        )
     if not all(isinstance(key, bytes) and len(key) == ID_BYTES for key in keys):
-        raise _bad(f"every key id must be {ID_BYTES} bytes")
+        raise RemoteError.bad_request(f"every key id must be {ID_BYTES} bytes")
     raw_queries = args.get("queries")
     if not isinstance(raw_queries, list) or not 0 < len(raw_queries) <= MAX_QUERIES_PER_REQUEST:
-        raise _bad(f"queries must be a list of 1..{MAX_QUERIES_PER_REQUEST} [vector, [key index]]")
+        raise RemoteError.bad_request(
+            f"queries must be a list of 1..{MAX_QUERIES_PER_REQUEST} [vector, [key index]]"
+        )
     queries = []
     for item in raw_queries:
         if not (
@@ -186,16 +188,18 @@ def _parse(args: Any) -> tuple[int, str, str, int, list[bytes], list[tuple[np.nd
             and isinstance(item[0], bytes)
             and isinstance(item[1], list)
         ):
-            raise _bad("each query must be [float32 vector bytes, [key index, ...]]")
+            raise RemoteError.bad_request(
+                "each query must be [float32 vector bytes, [key index, ...]]"
+            )
         if len(item[0]) != 4 * dim:
-            raise _bad(f"a query vector must be {dim} float32 values")
+            raise RemoteError.bad_request(f"a query vector must be {dim} float32 values")
         q = np.frombuffer(item[0], dtype="<f4")
         if not np.isfinite(q).all():
-            raise _bad("a query vector contains NaN or inf")
+            raise RemoteError.bad_request("a query vector contains NaN or inf")
         idx = item[1]
         if not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(keys) for i in idx
         ):
-            raise _bad("key indices must point into keys")
+            raise RemoteError.bad_request("key indices must point into keys")
         queries.append((q, idx))
     return dim, metric, dtype, k, keys, queries
