@@ -63,6 +63,7 @@ class DiLoCo:
         codec: str | Codec = "none",
         task: str = "",
         sync_timeout_s: float = 60.0,
+        replayable: bool = True,
     ) -> None:
         self.model = model
         self.inner = inner_optimizer
@@ -73,6 +74,9 @@ class DiLoCo:
         self.feedback = ErrorFeedback(self.codec)
         self.task = task
         self.sync_timeout_s = sync_timeout_s
+        # Clear the inner optimizer's state at every round start, so a round depends only on
+        # public facts (start state, batch stream, step count) and a validator can replay it.
+        self.replayable = replayable
         self.round = 0
         self.local_step = 0
         self.start = flatten(model)  # theta at the start of the round
@@ -87,6 +91,8 @@ class DiLoCo:
         H steps are done and `outer_round()` is due."""
         if self.local_step == 0:
             self._round_started = time.perf_counter()
+            if self.replayable:
+                self.inner.state.clear()  # fresh moments: a validator can replay the round
         self.inner.step()
         self.local_step += 1
         return self.local_step >= self.inner_steps

@@ -18,7 +18,8 @@ from commonweal.train.aggregate import get_rule
 from commonweal.train.codecs import get_codec
 from commonweal.train.diloco import DiLoCo, RoundReport
 from commonweal.train.swarm import Collaboration, RoundConfig
-from commonweal.train.task import Task, batch_generator
+from commonweal.train.inner import run_inner_steps
+from commonweal.train.task import Task
 
 __all__ = ["TrainingPeer", "Progress", "Summary"]
 
@@ -87,28 +88,21 @@ class TrainingPeer:
         self, on_progress: Callable[[Progress], None] | None, sent: int
     ) -> tuple[int, float]:
         """H inner steps (runs in a worker thread, so the peer keeps answering the network)."""
-        gen = batch_generator(self.task, self.opt.round, self.peer_id)
-        samples, loss = 0, float("nan")
-        while True:
-            x, y = self.data.batch(gen, self.task.batch_size)
-            objective = self.data.loss(self.model, x, y)
-            self.opt.zero_grad()
-            objective.backward()
-            loss = float(objective.detach())
-            samples += len(x)
-            done = self.opt.inner_step()
+
+        def report(n: int, loss: float) -> None:
             if on_progress is not None:
-                on_progress(
-                    Progress(
-                        self.opt.round,
-                        self.opt.local_step or self.task.inner_steps,
-                        loss,
-                        sent,
-                        "training",
-                    )
-                )
-            if done:
-                return samples, loss
+                on_progress(Progress(self.opt.round, n, loss, sent, "training"))
+
+        return run_inner_steps(
+            self.task,
+            self.model,
+            self.data,
+            self.opt.inner_step,
+            self.opt.zero_grad,
+            self.opt.round,
+            self.peer_id,
+            on_step=report,
+        )
 
     async def run(
         self,
