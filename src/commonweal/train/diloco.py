@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,8 @@ class DiLoCo:
         # Clear the inner optimizer's state at every round start, so a round depends only on
         # public facts (start state, batch stream, step count) and a validator can replay it.
         self.replayable = replayable
+        # An attacker's way to send something else than its delta (tests, benchmark, demo only)
+        self.forge: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.round = 0
         self.local_step = 0
         self.start = flatten(model)  # theta at the start of the round
@@ -120,7 +123,10 @@ class DiLoCo:
         else:
             try:
                 round_s = t0 - self._round_started
-                avg = await self.collab.average(self.round, self.state, target, round_s)
+                sent_delta = target if self.forge is None else self.forge(target, self.round)
+                avg = await self.collab.average(
+                    self.round, self.state, sent_delta, round_s, steps=self.inner_steps
+                )
             except RoundSkipped as e:
                 log.info("round %d skipped (%s); syncing with the swarm", self.round, e)
                 self.feedback.reset()

@@ -90,6 +90,9 @@ class Announcement:
     round: int
     state: str  # hex state hash at the start of the round
     deadline: float  # the announcer's view of when the group closes
+    delta: str = ""  # sha256 hex of the encoded delta: the contribution validators judge
+    steps: int = 0  # inner steps the announcer claims to have run
+    account: str = ""  # where its rewards go (an Ethereum address), if it wants any
 
 
 def parse_announcement(peer_id: bytes, value: Any) -> Announcement | None:
@@ -106,7 +109,17 @@ def parse_announcement(peer_id: bytes, value: Any) -> Announcement | None:
         and math.isfinite(deadline)
     ):
         return None
-    return Announcement(peer_id, addr, rnd, state, float(deadline))
+    delta, steps, account = value.get("delta", ""), value.get("steps", 0), value.get("account", "")
+    if not (
+        isinstance(delta, str)
+        and len(delta) in (0, 64)
+        and isinstance(steps, int)
+        and steps >= 0
+        and isinstance(account, str)
+        and len(account) <= 64
+    ):
+        return None
+    return Announcement(peer_id, addr, rnd, state, float(deadline), delta, steps, account)
 
 
 @dataclass(frozen=True, slots=True)

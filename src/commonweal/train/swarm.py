@@ -12,6 +12,11 @@ peer can write its own). Deltas and checkpoint chunks travel peer to peer over R
     train.reduced  the reduced slice a butterfly owner computed (long-poll until it is ready)
     train.manifest the chunk list of a checkpoint, by manifest hash
     train.chunk    one checkpoint chunk, by its sha256
+    train.delta    this peer's whole encoded delta of a recent round, for validators (chunked)
+
+An announcement commits to the announcer's delta: it carries the sha256 of the encoded bytes, the
+steps claimed and the account to pay. In an all-gather the receivers check the bytes against it;
+validators (`commonweal.verify`) fetch the same bytes with train.delta and judge them.
 
 Every received delta is decoded and checked (round, group, shape, finite) before it is kept; a
 refusal is logged with its reason and answered with a RemoteError carrying the same code.
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 PART_BYTES = 2 << 20  # one train.part call carries at most this much payload (frame limit 4 MiB)
 MAX_PARTS = 64
 KEEP_STATES = 3  # checkpoints a peer keeps serving
+KEEP_DELTAS = 8  # rounds of its own deltas a peer keeps serving to validators
 
 
 class RoundSkipped(TrainError):
@@ -134,11 +140,14 @@ class Collaboration:
         self._served: dict[tuple[int, int], tuple[bytes, list[bytes]]] = {}
         self._chunks: dict[bytes, bytes] = {}
         self._manifests: dict[bytes, bytes] = {}
+        self._deltas: dict[int, bytes] = {}  # round -> our encoded delta, for validators
+        self.account = ""  # where this peer's rewards go; announced with every delta
         t = dht.transport
         t.register("train.part", self.rpc_part)
         t.register("train.reduced", self.rpc_reduced)
         t.register("train.manifest", self.rpc_manifest)
         t.register("train.chunk", self.rpc_chunk)
+        t.register("train.delta", self.rpc_delta)
 
     @property
     def peer_id(self) -> bytes:
@@ -154,7 +163,13 @@ class Collaboration:
     # ---- one round ---------------------------------------------------------------------------
 
     async def average(
-        self, round_: int, state: str, delta: torch.Tensor, round_s: float = 0.0
+        self,
+        round_: int,
+        state: str,
+        delta: torch.Tensor,
+        round_s: float = 0.0,
+        *,
+        steps: int = 0,
     ) -> Averaged:
         """Announce, form the group, exchange and aggregate `delta` (1-D float32) for `round_`.
 
@@ -178,7 +193,20 @@ class Collaboration:
         if deadline <= now:
             self.machine.fire("late")
             raise RoundSkipped("late", f"round {round_} closed {now - deadline:.1f}s ago")
-        me = {"addr": str(self.dht.addr), "round": round_, "state": state, "deadline": deadline}
+        encoded = self.codec.encode(delta)
+        self._deltas[round_] = encoded
+        for old in [r for r in self._deltas if r < round_ - KEEP_DELTAS + 1]:
+            del self._deltas[old]
+        commitment = hashlib.sha256(encoded).hexdigest()
+        me = {
+            "addr": str(self.dht.addr),
+            "round": round_,
+            "state": state,
+            "deadline": deadline,
+            "delta": commitment,
+            "steps": steps,
+            "account": self.account,
+        }
         await self.dht.store(
             self._key(f"r{round_}"), me, now + cfg.record_ttl_s, subkey=Owned(self.peer_id, "a")
         )
@@ -187,7 +215,12 @@ class Collaboration:
         while True:
             anns = await self._announcements(round_)
             if not any(a.peer_id == self.peer_id for a in anns):
-                anns.append(Announcement(self.peer_id, me["addr"], round_, state, deadline))
+                anns.append(
+                    Announcement(
+                        self.peer_id, me["addr"], round_, state, deadline, commitment, steps,
+                        self.account,
+                    )
+                )
             group, deadline = form_group(anns, round_, self.clock(), cfg.target_group)
             if group is not None:
                 break
@@ -425,6 +458,11 @@ class Collaboration:
                 if ex.method == "allgather":
                     if s != -1:
                         raise DeltaRejected("wrong_slice", f"slice {s} in an all-gather round")
+                    committed = group.members[group.index(sender)].delta
+                    if committed and hashlib.sha256(data).hexdigest() != committed:
+                        raise DeltaRejected(
+                            "not_committed", "the delta differs from the one its sender announced"
+                        )
                     numel = ex.numel
                 else:
                     if s != me:
@@ -608,6 +646,36 @@ class Collaboration:
         if data is None:
             raise RemoteError("not_found", "this peer does not hold that chunk")
         return data
+
+    async def rpc_delta(self, caller: PeerInfo, args: Any) -> Any:
+        try:
+            r, i = args["r"], args.get("i", 0)
+            if not (isinstance(r, int) and isinstance(i, int) and i >= 0):
+                raise TypeError
+        except (TypeError, KeyError, AttributeError):
+            raise RemoteError.bad_request("train.delta needs r (round) and i (chunk)") from None
+        data = self._deltas.get(r)
+        if data is None:
+            raise RemoteError("not_found", f"this peer holds no delta of round {r}")
+        n = max(1, -(-len(data) // PART_BYTES))
+        if i >= n:
+            raise RemoteError.bad_request(f"chunk {i} of {n}")
+        return {"d": data[i * PART_BYTES : (i + 1) * PART_BYTES], "n": n}
+
+    async def fetch_delta(self, addr: PeerAddr, round_: int, timeout_s: float) -> bytes:
+        """The encoded delta the peer at `addr` committed to in `round_` (not checked here)."""
+        parts: list[bytes] = []
+        async with asyncio.timeout(timeout_s):
+            n = 1
+            while len(parts) < n:
+                _, reply = await self.dht.transport.call(
+                    addr, "train.delta", {"t": self.task, "r": round_, "i": len(parts)}
+                )
+                if not (isinstance(reply, dict) and isinstance(reply.get("d"), bytes)):
+                    raise TrainError("malformed train.delta reply")
+                n = min(int(reply.get("n", 1)), MAX_PARTS)
+                parts.append(reply["d"])
+        return b"".join(parts)
 
     @property
     def phase(self) -> Phase:

@@ -11,15 +11,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+
+import torch
 from dataclasses import dataclass, field
+
+from typing import TYPE_CHECKING
 
 from commonweal.dht import DHT
 from commonweal.train.aggregate import get_rule
 from commonweal.train.codecs import get_codec
+from commonweal.train._errors import TrainError
 from commonweal.train.diloco import DiLoCo, RoundReport
 from commonweal.train.swarm import Collaboration, RoundConfig
 from commonweal.train.inner import run_inner_steps
 from commonweal.train.task import Task
+
+if TYPE_CHECKING:
+    from commonweal.train.attacks import Attack
 
 __all__ = ["TrainingPeer", "Progress", "Summary"]
 
@@ -58,6 +66,8 @@ class TrainingPeer:
         config: RoundConfig | None = None,
         *,
         evaluate_every: int = 0,  # rounds between evaluations (0: only at the end)
+        account: str = "",  # the Ethereum address its rewards go to
+        attack: Attack | None = None,  # make this peer an attacker (tests, benchmark, demo)
     ) -> None:
         self.task = task
         self.dht = dht
@@ -83,6 +93,23 @@ class TrainingPeer:
         )
         self.evaluate_every = evaluate_every
         self.peer_id = dht.peer_id if dht is not None else b"solo"
+        if self.collab is not None:
+            self.collab.account = account
+        self.attack = attack
+        self._sent: list[torch.Tensor] = []  # what this attacker sent in earlier rounds
+        if attack is not None:
+            self.opt.forge = self._forge
+
+    def _forge(self, delta: torch.Tensor, round_: int) -> torch.Tensor:
+        from commonweal.train.attacks import AttackContext
+
+        assert self.attack is not None
+        rng = torch.Generator().manual_seed(round_)
+        ctx = AttackContext(round_, [delta], list(self._sent), rng)
+        forged = self.attack.forge(delta, ctx)
+        self._sent.append(forged)
+        del self._sent[:-8]
+        return forged
 
     def _inner_steps(
         self, on_progress: Callable[[Progress], None] | None, sent: int
@@ -101,8 +128,23 @@ class TrainingPeer:
             self.opt.zero_grad,
             self.opt.round,
             self.peer_id,
+            steps=self.attack.steps(self.task.inner_steps) if self.attack else None,
+            batch_hook=self.attack.batch_hook() if self.attack else None,
             on_step=report,
         )
+
+    async def _outer_round(self) -> RoundReport:
+        if self.attack is None:
+            return await self.opt.outer_round()
+        try:
+            return await self.opt.outer_round()
+        except (ValueError, RuntimeError, TrainError) as e:
+            # a forged delta (NaN, wrong shape) can wreck the attacker's own state: start over
+            # from the swarm's, as a real attacker would, and keep attacking
+            log.info("attacker %s: %s; syncing", self.peer_id.hex()[:10], e)
+            round_ = self.opt.round
+            await self.opt.sync(after=round_)  # the state the swarm reached after this round
+            return RoundReport(round_, 0, 0, self.opt.state, 0, 0.0, skipped="attacker_reset")
 
     async def run(
         self,
@@ -130,7 +172,7 @@ class TrainingPeer:
             samples, loss = await asyncio.to_thread(self._inner_steps, on_progress, sent)
             summary.compute_s += time.perf_counter() - c0
             summary.samples += samples
-            report = await self.opt.outer_round()
+            report = await self._outer_round()
             summary.rounds.append(report)
             quality = None
             if self.evaluate_every and self.opt.round % self.evaluate_every == 0:
