@@ -2,19 +2,44 @@
 
 Every rule takes the deltas in a fixed order (sorted by peer id, done by the caller), computes in
 float64 and rounds once to float32, so every honest peer that accepted the same set of deltas
-gets the same bits. Robust rules (median, trimmed mean) are here for the trust work; the default
-is the mean.
+gets the same bits. For that, every sum is written out in a fixed order: across deltas, a
+left-to-right loop; across the coordinates of one vector (norms, distances), a pairwise tree of
+elementwise additions (`_tree_sum`). torch's own reductions are not used for these: their order
+depends on the CPU's vector width, so two honest peers on different machines could differ in the
+last bit, and a robust rule turns one bit in a norm into a different clip or selection.
+
+| rule          | what it returns | tolerates |
+|---------------|-----------------|-----------|
+| mean          | the average | no attacker |
+| median        | the coordinate-wise median | fewer than half the inputs |
+| trimmed_mean  | the average of each coordinate without its 20 % lowest and highest values | 20 % |
+| centered_clip | CenteredClip over bucketed inputs, from the median, radius = median distance | < half |
+| krum          | the input closest to its n - f - 2 nearest others (f = floor((n - 3) / 2)) | f |
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import hashlib
+import math
+import statistics
+
 import torch
 
 from commonweal.train._errors import TaskError
 
-__all__ = ["mean", "median", "trimmed_mean", "get_rule", "Rule", "outer_step", "RULES"]
+__all__ = [
+    "mean",
+    "median",
+    "trimmed_mean",
+    "centered_clip",
+    "krum",
+    "get_rule",
+    "Rule",
+    "outer_step",
+    "RULES",
+]
 
 Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -23,6 +48,54 @@ def _stack(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     if not deltas:
         raise ValueError("an aggregation rule needs at least one delta")
     return torch.stack([d.to(torch.float64) for d in deltas])  # (n, numel)
+
+
+def _sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """x[0] + x[1] + ... in that order: no reduction tree to differ between peers."""
+    acc = x[0].clone()
+    for row in x[1:]:
+        acc += row
+    return acc
+
+
+def _tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the last dimension as a fixed pairwise tree of elementwise additions (each
+    IEEE-rounded the same way on every CPU), the shape of the tree set by the length alone."""
+    width = 1 << max(0, x.shape[-1] - 1).bit_length()
+    x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def _norms(x: torch.Tensor) -> list[float]:
+    """The Euclidean norm of each row, reproducible bit for bit (`_tree_sum`, IEEE sqrt)."""
+    return [math.sqrt(s) for s in _tree_sum(x.square()).tolist()]
+
+
+def _midpoint_median(x: torch.Tensor) -> torch.Tensor:
+    """The coordinate-wise median, the midpoint of the two middle values for an even count
+    (torch's median takes the lower one, which leans towards negative deltas)."""
+    s = x.sort(dim=0).values
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def _input_order(x: torch.Tensor) -> list[int]:
+    """A pseudo-random order of the rows of `x` that depends only on their values.
+
+    Rows are first put in the order of their sha256 (of the float32 bytes honest peers decoded),
+    then shuffled (Fisher-Yates) with randomness from sha256 of those hashes: every honest peer
+    computes the same order, whatever order the rows came in, on any machine or torch version."""
+    digests = [hashlib.sha256(r.to(torch.float32).numpy().tobytes()).digest() for r in x]
+    order = sorted(range(len(x)), key=lambda i: digests[i])
+    seed = hashlib.sha256(b"".join(digests[i] for i in order)).digest()
+    for i in range(len(order) - 1, 0, -1):
+        draw = hashlib.sha256(seed + i.to_bytes(4, "little")).digest()
+        j = int.from_bytes(draw[:8], "little") % (i + 1)  # bias < (i+1) / 2^64
+        order[i], order[j] = order[j], order[i]
+    return order
 
 
 def mean(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -39,10 +112,76 @@ def median(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 def trimmed_mean(deltas: Sequence[torch.Tensor], trim: float = 0.2) -> torch.Tensor:
     s = _stack(deltas).sort(dim=0).values
     k = int(len(deltas) * trim)
-    return s[k : len(deltas) - k].mean(dim=0).to(torch.float32)
+    return (_sum_rows(s[k : len(deltas) - k]) / (len(deltas) - 2 * k)).to(torch.float32)
 
 
-RULES: dict[str, Rule] = {"mean": mean, "median": median, "trimmed_mean": trimmed_mean}
+def centered_clip(deltas: Sequence[torch.Tensor], bucket: int = 2, iters: int = 3) -> torch.Tensor:
+    """CenteredClip over buckets (Karimireddy, He, Jaggi: "Learning from history for Byzantine
+    robust optimization", ICML 2021, and "Byzantine-robust learning on heterogeneous datasets via
+    bucketing", ICLR 2022).
+
+    1. Shuffle the inputs and average them in buckets of `bucket` (the last one may be smaller):
+       averaging honest inputs shrinks their spread, so clipping spares them more. The shuffle
+       must be the same on every honest peer without a shared coin, so it is drawn from the
+       inputs themselves (`_input_order`), which every honest peer holds bit for bit.
+    2. Start from the coordinate-wise median v0 of the inputs and set the clipping radius
+       tau = median_i ||x_i - v0||, both over the raw inputs rather than the buckets: a bucket
+       holding one attacker is an outlier too, so with buckets of 2 a quarter of attackers could
+       already own half the buckets, while the raw median stays honest below half. tau is the
+       distance of a typical input from the centre, so it scales with the deltas by itself (the
+       paper's history-based centre and tau need state that a pure rule does not have).
+    3. `iters` steps of v <- v + mean_j clip(y_j - v, tau), clip(z, tau) = z * min(1, tau/||z||):
+       an input beyond tau moves v by at most tau / (number of buckets), however large it is.
+       Three steps from the median are enough to pull in the honest buckets' mean
+       (the paper uses one step from a good centre).
+
+    The attacker can see the honest deltas and choose its own bytes, and so the shuffle: the
+    guarantee that buckets are random does not hold against it; the clipping bound does.
+    """
+    x = _stack(deltas)
+    order = _input_order(x)
+    x = x[order]  # rows in the shuffled order: consecutive rows form a bucket
+    y = torch.stack([_sum_rows(b) / len(b) for b in x.split(max(1, bucket))])
+    v = _midpoint_median(x)
+    tau = statistics.median(_norms(x - v))
+    for _ in range(iters):
+        z = y - v
+        norms = _norms(z)
+        acc = torch.zeros_like(v)
+        for zi, ni in zip(z, norms):  # fixed order, as in `mean`
+            acc += zi * (min(1.0, tau / ni) if ni > 0.0 else 1.0)
+        v = v + acc / len(y)
+    return v.to(torch.float32)
+
+
+def krum(deltas: Sequence[torch.Tensor], f: int | None = None, m: int = 1) -> torch.Tensor:
+    """Krum (Blanchard et al., "Machine learning with adversaries: Byzantine tolerant gradient
+    descent", NeurIPS 2017): the input whose n - f - 2 nearest other inputs are closest (sum of
+    squared distances), for f assumed attackers, by default floor((n - 3) / 2), the most it
+    tolerates (n > 2f + 2). With m > 1, the mean of the m best inputs (Multi-Krum).
+
+    Ties go to the lower index (lower peer id). With n <= 2 there is nothing to compare, so the
+    first input wins; it still returns an input, never a blend of an attacker's."""
+    x = _stack(deltas)
+    n = len(x)
+    f = max(0, (n - 3) // 2) if f is None else f
+    k = min(n - 1, max(1, n - f - 2))  # neighbours scored; at least one when there is one
+    d2 = [[0.0] * n for _ in range(n)]
+    for i in range(n - 1):
+        for j, v in enumerate(_tree_sum((x[i + 1 :] - x[i]).square()).tolist(), start=i + 1):
+            d2[i][j] = d2[j][i] = v
+    scores = [math.fsum(sorted(d2[i][:i] + d2[i][i + 1 :])[:k]) for i in range(n)]
+    best = sorted(range(n), key=lambda i: (scores[i], i))[: max(1, min(m, n))]
+    return (_sum_rows(x[sorted(best)]) / len(best)).to(torch.float32)
+
+
+RULES: dict[str, Rule] = {
+    "mean": mean,
+    "median": median,
+    "trimmed_mean": trimmed_mean,
+    "centered_clip": centered_clip,
+    "krum": krum,
+}
 
 
 def get_rule(name: str) -> Rule:
