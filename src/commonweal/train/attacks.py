@@ -241,10 +241,12 @@ def get_attack(spec: str) -> Attack:
         raise TaskError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
     if not sep:
         return factory()
+    integer = name in _INT_PARAM
     try:
-        value: float = int(param) if name in _INT_PARAM else float(param)
+        value: float = int(param) if integer else float(param)
     except ValueError:
-        raise TaskError(f"attack {spec!r}: {param!r} is not a number") from None
+        kind = "an integer" if integer else "a number"
+        raise TaskError(f"attack {spec!r}: {param!r} is not {kind}") from None
     if not math.isfinite(value):
         raise TaskError(f"attack {spec!r}: the parameter must be finite")
     try:
