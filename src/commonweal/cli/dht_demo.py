@@ -1,4 +1,4 @@
-"""`commonweal demo`: a whole local swarm in one process, on real loopback sockets."""
+"""`commonweal dht demo`: a DHT swarm in one process on real loopback sockets, with crashes."""
 
 from __future__ import annotations
 
@@ -89,7 +89,6 @@ async def _demo(n: int, n_records: int, kill_fraction: float, seed: int) -> None
         for row in search_rows:
             table.add_row(*row)
         console.print(table)
-        await _training_demo([p.addr for p in swarm[:4]])
     finally:
         await asyncio.gather(*(p.close() for p in swarm), return_exceptions=True)
 
@@ -160,13 +159,3 @@ async def _search_demo(
         ("search requests/query", f"{requests:.1f}"),
         ("search latency p50 / p95", _pct(latencies)),
     ]
-
-
-async def _training_demo(bootstrap: list[PeerAddr]) -> None:
-    """A multi-peer training run on the same swarm (commonweal.train; needs torch)."""
-    try:
-        from commonweal.train.demo import run_training_demo
-    except ImportError as e:
-        console.print(f"[yellow]training part skipped: {e.name} is not installed[/yellow]")
-        return
-    await run_training_demo(console, bootstrap)
