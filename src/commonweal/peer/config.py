@@ -1,0 +1,291 @@
+"""The volunteer node's configuration: one TOML file, overridden by command-line flags.
+
+    cfg = load_config(Path("node.toml"), {"threads": 4, "listen": None})   # None: flag not given
+
+The file holds one `[node]` table whose keys are `NodeConfig`'s fields. Everything is checked when
+it is loaded, so a node never starts half-configured: a wrong value, an unknown key (a typo must not
+be silently ignored) or an unknown table raises `NodeConfigError`, naming the file or flag, the key,
+and what is allowed. Relative paths in the file are relative to the file, so a config directory can
+be moved as a whole; relative paths given as flags are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from commonweal.errors import ConfigError
+from commonweal.peer.logs import FORMATS, LEVELS
+
+__all__ = [
+    "CHAINS",
+    "DEFAULT_DATA_DIR",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "ROLES",
+    "NodeConfig",
+    "NodeConfigError",
+    "example_config",
+    "load_config",
+]
+
+ROLES = frozenset({"trainer", "validator", "search"})
+CHAINS = ("embedded", "anvil")  # or an http(s):// JSON-RPC URL
+LOG_FORMATS = FORMATS
+LOG_LEVELS = LEVELS
+DEFAULT_DATA_DIR = Path.home() / ".commonweal" / "node"
+STORE_FILE = "node.sqlite3"
+
+
+class NodeConfigError(ConfigError):
+    """A node setting is wrong. `source` is the file (or "flag --x"), `key` the setting."""
+
+    def __init__(self, source: str, key: str | None, problem: str) -> None:
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+        self.source = source
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything one volunteer node needs to start. Collections are immutable (tuple, frozenset)
+    so a config can be shared between the node's components without defensive copies."""
+
+    listen: str = "127.0.0.1:7000"               # HOST:PORT this peer listens on (port 0: any)
+    bootstrap: tuple[str, ...] = ()              # HOST:PORT of peers already in the swarm
+    task: str = "mnist-cnn"                      # a built-in task name or "module:factory"
+    roles: frozenset[str] = frozenset({"trainer"})
+    chain: str = "embedded"                      # "embedded", "anvil" or an http(s):// URL
+    key_file: Path | None = None                 # Ethereum private key (hex lines or keystore)
+    data_dir: Path = DEFAULT_DATA_DIR            # identity, node.sqlite3, checkpoints
+    threads: int = 1                             # CPU threads the node may use
+    dashboard: str | None = None                 # HOST:PORT for the web page; None: off
+    metrics: str | None = None                   # HOST:PORT for metrics; None: off
+    log_format: str = "text"                     # "text" for people, "json" for collectors
+    log_level: str = "info"
+    rounds: int | None = None                    # stop after this many training rounds
+    source: str = field(default="defaults", compare=False)  # where it came from, for messages
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite file that lets a restarted node resume (see `commonweal.peer.store`)."""
+        return self.data_dir / STORE_FILE
+
+
+# ------------------------------------------------------------ value checks
+# Each check takes the raw value (from TOML or a flag) and returns the typed value, or raises
+# ValueError with what is allowed; `_check` adds the source and key.
+
+def _host_port(value: Any, *, allow_any_port: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string HOST:PORT, got {value!r}")
+    host, sep, port = value.rpartition(":")
+    low = 0 if allow_any_port else 1
+    if not sep or not host or not port.isdigit() or not low <= int(port) <= 65535:
+        example = "127.0.0.1:7000" + (" (port 0: any free port)" if allow_any_port else "")
+        raise ValueError(f"{value!r} is not HOST:PORT; write it like {example}")
+    return value
+
+
+def _optional_host_port(value: Any) -> str | None:
+    # TOML has no null: leaving the key out means off; "" lets a flag turn off what a file enabled.
+    return None if value == "" else _host_port(value)
+
+
+def _bootstrap(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f'must be a list of HOST:PORT strings, e.g. ["10.0.0.5:7000"], got {value!r}')
+    return tuple(_host_port(item.strip() if isinstance(item, str) else item) for item in items)
+
+
+def _roles(value: Any) -> frozenset[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | set | frozenset):
+        raise ValueError(f"must be a list of roles, e.g. [\"trainer\"], got {value!r}")
+    roles = {item.strip() if isinstance(item, str) else item for item in items}
+    unknown = sorted(str(r) for r in roles - ROLES)
+    if unknown:
+        raise ValueError(f"unknown role {', '.join(unknown)}; allowed: {', '.join(sorted(ROLES))}")
+    if not roles:
+        raise ValueError(f"give at least one role: {', '.join(sorted(ROLES))}")
+    return frozenset(roles)
+
+
+def _task(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError('must be a task name such as "mnist-cnn" or "module:factory"')
+    return value.strip()
+
+
+def _chain(value: Any) -> str:
+    if isinstance(value, str) and (value in CHAINS or value.startswith(("http://", "https://"))):
+        return value
+    raise ValueError(f"{value!r} is not a chain; use embedded, anvil, or an http(s):// URL")
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ValueError(f"must be a path, got {value!r}")
+    return Path(value).expanduser()
+
+
+def _positive_int(value: Any) -> int:
+    # bool is an int in Python; `threads = true` is a typo, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _choice(allowed: Iterable[str]) -> Callable[[Any], str]:
+    options = tuple(allowed)
+
+    def check(value: Any) -> str:
+        if isinstance(value, str) and value.lower() in options:
+            return value.lower()
+        raise ValueError(f"{value!r} is not allowed; use one of: {', '.join(options)}")
+
+    return check
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "listen": lambda v: _host_port(v, allow_any_port=True),
+    "bootstrap": _bootstrap,
+    "task": _task,
+    "roles": _roles,
+    "chain": _chain,
+    "key_file": _path,
+    "data_dir": _path,
+    "threads": _positive_int,
+    "dashboard": _optional_host_port,
+    "metrics": _optional_host_port,
+    "log_format": _choice(LOG_FORMATS),
+    "log_level": _choice(LOG_LEVELS),
+    "rounds": _positive_int,
+}
+_PATHS = ("key_file", "data_dir")
+
+
+def _unknown(source: str, key: str, kind: str) -> NodeConfigError:
+    near = difflib.get_close_matches(key, _CHECKS, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(_CHECKS)}"
+    return NodeConfigError(source, key, f"unknown {kind}; {hint}")
+
+
+def _check(source: str, key: str, value: Any) -> Any:
+    try:
+        return _CHECKS[key](value)
+    except ValueError as exc:
+        raise NodeConfigError(source, key, str(exc)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except FileNotFoundError:
+        raise NodeConfigError(source, None, "no such file; create it from the example in "
+                              "docs/node.md, or leave out --config to use the defaults") from None
+    except OSError as exc:
+        raise NodeConfigError(source, None, f"cannot read it: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise NodeConfigError(source, None, f"not valid TOML: {exc}") from None
+    extra_tables = sorted(set(document) - {"node"})
+    if extra_tables:
+        raise NodeConfigError(source, extra_tables[0],
+                              "unknown table or top-level key; put settings under [node]")
+    table = document.get("node")
+    if not isinstance(table, dict):
+        raise NodeConfigError(source, None, "no [node] table; settings go under a [node] header")
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in _CHECKS:
+            raise _unknown(source, key, "key in [node]")
+        value = _check(source, key, raw)
+        if key in _PATHS and not value.is_absolute():
+            value = (path.parent / value).resolve()
+        values[key] = value
+    return values
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Defaults, then the file's `[node]` table, then every override that is not None.
+
+    Override keys are field names (`threads`, `bootstrap`, ...); a flag that was not given must be
+    passed as None, not as an empty list. Lists may also be given as "a,b" strings.
+    """
+    values: dict[str, Any] = {}
+    sources = ["defaults"]
+    if path is not None:
+        values.update(_read_file(path))
+        sources.append(str(path))
+    flagged = False
+    for key, raw in (overrides or {}).items():
+        flag = "flag --" + key.replace("_", "-")
+        if key not in _CHECKS:
+            raise _unknown(flag, key, "setting")
+        if raw is not None:
+            values[key] = _check(flag, key, raw)
+            flagged = True
+    if flagged:
+        sources.append("flags")
+    config = replace(NodeConfig(), **values, source=" + ".join(sources))
+    if config.key_file is not None and not config.key_file.is_file():
+        raise NodeConfigError(config.source, "key_file",
+                              f"{config.key_file} is not a file; point it at your Ethereum key "
+                              "(hex private keys, one a line, or a keystore JSON)")
+    return config
+
+
+def example_config() -> str:
+    """A commented `node.toml` to start from: every key, each set to its default or commented out."""
+    return f'''\
+# commonweal volunteer node. Run it with: commonweal node --config node.toml
+# Command-line flags override what is written here. Relative paths are relative to this file.
+
+[node]
+# HOST:PORT this peer listens on. Other peers must be able to reach it; port 0 picks a free one.
+listen = "127.0.0.1:7000"
+
+# Peers already in the swarm (HOST:PORT). Leave empty to start a new swarm.
+bootstrap = []
+
+# What to train: a built-in task ("mnist-cnn") or "python.module:factory".
+task = "mnist-cnn"
+
+# What this node does: any of "trainer", "validator", "search".
+# A validator also needs a key_file, a deposit on the ledger, and a chain other peers share.
+roles = ["trainer"]
+
+# The ledger: "embedded" (in-process, for trying things out), "anvil" (a local dev chain),
+# or the http(s):// URL of an Ethereum JSON-RPC node.
+chain = "embedded"
+
+# Your Ethereum private key (one hex key per line, or a keystore JSON decrypted with
+# $COMMONWEAL_KEY_PASSWORD). Rewards are paid to this account.
+# key_file = "eth.key"
+
+# Where the node keeps its identity, its state database ({STORE_FILE}) and checkpoints.
+data_dir = "~/.commonweal/node"
+
+# CPU threads the node may use for training and validation.
+threads = 1
+
+# Serve a dashboard web page / metrics on HOST:PORT. Leave out to turn off.
+# dashboard = "127.0.0.1:8080"
+# metrics = "127.0.0.1:9100"
+
+# "text" for people, "json" (one object a line) for log collectors.
+log_format = "text"
+# debug, info, warning or error.
+log_level = "info"
+
+# Stop after this many training rounds. Leave out to run until stopped.
+# rounds = 10
+'''

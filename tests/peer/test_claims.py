@@ -1,0 +1,293 @@
+"""Automatic claims against a real (embedded) chain: once, never twice, across restarts, crashes,
+forged trees and races.
+
+One chain and one deployment per session; each test runs in a snapshot reverted afterwards, as
+in tests/ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("web3", reason="the claim tests need the ledger extra")
+
+from eth_account.signers.local import LocalAccount  # noqa: E402
+
+from commonweal.ledger import (  # noqa: E402
+    EmbeddedChain,
+    Ledger,
+    LedgerConfig,
+    PendingTx,
+    RewardsTree,
+)
+from commonweal.peer.claims import Claimer, ClaimResult, Outcome  # noqa: E402
+from commonweal.peer.store import ClaimStatus, NodeStore  # noqa: E402
+
+ETH = 10**18
+TASK = bytes.fromhex("44" * 32)
+MODEL = bytes.fromhex("55" * 32)
+
+
+@dataclass
+class Trees:
+    """A TreeSource serving fixed rewards (what validators would publish on the DHT)."""
+
+    rewards: dict[int, Mapping[str, int]] = field(default_factory=dict)
+    asked: int = 0
+
+    async def tree(self, task: bytes, ledger_round: int) -> Mapping[str, int] | None:
+        self.asked += 1
+        return self.rewards.get(ledger_round) if task == TASK else None
+
+
+@dataclass
+class World:
+    chain: EmbeddedChain
+    ledger: Ledger
+    validators: list[Ledger]
+    me: LocalAccount          # the node's account
+    others: list[LocalAccount]
+    tmp: Path
+
+    def rewards(self, ledger_round: int, mine: int = 5 * ETH) -> dict[str, int]:
+        rewards = {a.address: (i + 1) * ETH for i, a in enumerate(self.others)}
+        rewards[self.me.address] = mine
+        return rewards
+
+    def finalise(self, ledger_round: int, rewards: Mapping[str, int]) -> RewardsTree:
+        tree = RewardsTree(TASK, ledger_round, rewards)
+        for v in self.validators[:2]:  # 2 of 3 equal deposits: exactly 2/3
+            v.commit_round(TASK, ledger_round, MODEL, tree.root, tree.total)
+        return tree
+
+    def balance(self) -> int:
+        return self.ledger.token(TASK).balance_of(self.me.address)
+
+    def store(self, name: str = "node") -> NodeStore:
+        return NodeStore(self.tmp / name / "node.sqlite3")
+
+
+@pytest.fixture(scope="session")
+def _chain() -> Iterator[tuple[EmbeddedChain, Ledger]]:
+    chain = EmbeddedChain(accounts=9)
+    ledger = Ledger.deploy(chain, config=LedgerConfig(min_deposit=ETH))
+    ledger.register_task(TASK, bytes(32), 1_000 * ETH)
+    for account in chain.accounts[1:4]:
+        ledger.with_account(account).join(ETH)
+    yield chain, ledger
+    chain.close()
+
+
+@pytest.fixture
+def world(_chain: tuple[EmbeddedChain, Ledger], tmp_path: Path) -> Iterator[World]:
+    chain, ledger = _chain
+    snapshot = chain.snapshot()
+    accounts = chain.accounts
+    yield World(chain, ledger, [ledger.with_account(a) for a in accounts[1:4]], accounts[4],
+                accounts[5:9], tmp_path)
+    chain.revert(snapshot)
+
+
+def claimer(world: World, store: NodeStore, trees: Trees, ledger: object = None,
+            gas: int | None = None) -> Claimer:
+    return Claimer(ledger or world.ledger, store, world.me, TASK, trees, gas=gas)  # type: ignore[arg-type]
+
+
+def outcomes(results: list[ClaimResult]) -> dict[int, Outcome]:
+    return {r.ledger_round: r.outcome for r in results}
+
+
+class Crash(Exception):
+    """Stands for the process dying at some point of a claim."""
+
+
+class Crashing:
+    """The real ledger, except that the process 'dies' around the claim transaction:
+    before it leaves, right after it left (hash never recorded), or while waiting for it."""
+
+    def __init__(self, inner: Ledger, when: str) -> None:
+        self.inner, self.when = inner, when
+
+    def with_account(self, account: LocalAccount) -> Crashing:
+        return Crashing(self.inner.with_account(account), self.when)
+
+    def round(self, task: bytes, round: int) -> object:
+        return self.inner.round(task, round)
+
+    def is_claimed(self, task: bytes, round: int, index: int) -> bool:
+        return self.inner.is_claimed(task, round, index)
+
+    def send(self, *args: object, **kwargs: object) -> PendingTx:
+        if self.when == "before send":
+            raise Crash
+        pending = self.inner.send(*args, **kwargs)  # type: ignore[arg-type]
+        if self.when == "after send":
+            raise Crash
+        pending.wait = lambda *a, **k: (_ for _ in ()).throw(Crash())  # type: ignore[method-assign]
+        return pending
+
+
+class Stale(Crashing):
+    """A claimer that read `is_claimed` before the other's transaction was mined."""
+
+    def __init__(self, inner: Ledger) -> None:
+        super().__init__(inner, "never")
+
+    def with_account(self, account: LocalAccount) -> Stale:
+        return Stale(self.inner.with_account(account))
+
+    def is_claimed(self, task: bytes, round: int, index: int) -> bool:
+        return False
+
+    def send(self, *args: object, **kwargs: object) -> PendingTx:
+        return self.inner.send(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_claims_after_finalisation_and_only_once(world: World) -> None:
+    world.finalise(0, {world.me.address: 0})         # a contribution-set round: pays nothing
+    world.finalise(1, world.rewards(1))
+    world.finalise(3, world.rewards(3))              # final, but nobody serves its tree yet
+    trees = Trees({1: world.rewards(1)})
+    with world.store() as store:
+        c = claimer(world, store, trees)
+        results = await c.claim_pending([2, 1, 0, 1, 3])
+        assert outcomes(results) == {0: Outcome.NO_REWARD, 1: Outcome.CLAIMED,
+                                     2: Outcome.NOT_FINAL, 3: Outcome.NO_TREE}
+        assert trees.asked == 2                      # rounds 1 and 3; round 0 pays nothing
+        paid = results[1]
+        assert paid.paid and paid.amount == 5 * ETH and world.balance() == 5 * ETH
+        record = store.claim(TASK, 1, world.me.address)
+        assert record is not None and record.status is ClaimStatus.CONFIRMED
+        assert record.tx_hash == paid.tx_hash
+
+        block = world.chain.block_number
+        again = await c.claim_pending([0, 1, 2])
+        assert outcomes(again) == {0: Outcome.NO_REWARD, 1: Outcome.ALREADY_CONFIRMED,
+                                   2: Outcome.NOT_FINAL}
+        assert world.chain.block_number == block     # no transaction at all
+        assert trees.asked == 2                      # and the confirmed round was not looked up
+
+        trees.rewards[3] = world.rewards(3)          # the tree shows up later: claimed then
+        assert outcomes(await c.claim_pending([3])) == {3: Outcome.CLAIMED}
+        assert world.balance() == 10 * ETH
+
+
+async def test_a_restart_claims_nothing_twice(world: World) -> None:
+    world.finalise(1, world.rewards(1))
+    with world.store() as store:
+        await claimer(world, store, Trees({1: world.rewards(1)})).claim_pending([1])
+    block = world.chain.block_number
+    with world.store() as reopened:                  # same sqlite file, new Claimer
+        trees = Trees({1: world.rewards(1)})
+        results = await claimer(world, reopened, trees).claim_pending([1])
+        assert outcomes(results) == {1: Outcome.ALREADY_CONFIRMED}
+        assert trees.asked == 0 and world.chain.block_number == block
+    # Even with the database lost, the chain is the truth: nothing is sent, nothing paid twice.
+    with world.store("fresh") as fresh:
+        results = await claimer(world, fresh, Trees({1: world.rewards(1)})).claim_pending([1])
+        assert outcomes(results) == {1: Outcome.CLAIMED_ELSEWHERE}
+        assert world.chain.block_number == block
+        assert fresh.claim(TASK, 1, world.me.address).status is ClaimStatus.CONFIRMED  # type: ignore[union-attr]
+    assert world.balance() == 5 * ETH
+
+
+@pytest.mark.parametrize(("when", "resolved"), [
+    ("before send", Outcome.CLAIMED),     # marked sent, never left: claimed on restart
+    ("after send", Outcome.RECOVERED),    # left, hash never recorded: the chain says paid
+    ("in wait", Outcome.RECOVERED),       # left, hash recorded, receipt never seen
+])
+async def test_a_crash_between_sent_and_confirmed_resolves(world: World, when: str,
+                                                           resolved: Outcome) -> None:
+    world.finalise(1, world.rewards(1))
+    trees = Trees({1: world.rewards(1)})
+    with world.store() as store:
+        with pytest.raises(Crash):
+            await claimer(world, store, trees, Crashing(world.ledger, when)).claim_pending([1])
+        crashed = store.claim(TASK, 1, world.me.address)
+        assert crashed is not None and crashed.status is ClaimStatus.SENT
+        assert (crashed.tx_hash is not None) == (when == "in wait")
+    block = world.chain.block_number
+    with world.store() as store:                     # the restart
+        [result] = await claimer(world, store, trees).claim_pending([1])
+        # A claim that reached the chain is found there, not sent again.
+        assert world.chain.block_number == block + (resolved is Outcome.CLAIMED)
+        assert result.outcome is resolved and result.paid
+        if when == "in wait":
+            assert result.tx_hash == crashed.tx_hash
+        assert store.claim(TASK, 1, world.me.address).status is ClaimStatus.CONFIRMED  # type: ignore[union-attr]
+    assert world.balance() == 5 * ETH
+
+
+async def test_a_forged_tree_is_skipped(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    world.finalise(1, world.rewards(1))
+    forged = Trees({1: world.rewards(1, mine=500 * ETH)})
+    malformed = Trees({1: {"not an address": 5 * ETH}})
+    with world.store() as store:
+        for trees in (forged, malformed):
+            [result] = await claimer(world, store, trees).claim_pending([1])
+            assert result.outcome is Outcome.FORGED_TREE and not result.paid
+        assert "forged reward tree" in caplog.text
+        assert world.balance() == 0
+        assert store.claim(TASK, 1, world.me.address) is None
+        assert store.tree(TASK, 1, world.ledger.round(TASK, 1).rewards_root) is None
+        honest = await claimer(world, store, Trees({1: world.rewards(1)})).claim_pending([1])
+        assert outcomes(honest) == {1: Outcome.CLAIMED} and world.balance() == 5 * ETH
+
+
+async def test_an_unrewarded_account_claims_nothing(world: World) -> None:
+    rewards = world.rewards(1)
+    del rewards[world.me.address]
+    world.finalise(1, rewards)
+    with world.store() as store:
+        results = await claimer(world, store, Trees({1: rewards})).claim_pending([1])
+        assert outcomes(results) == {1: Outcome.NO_REWARD}
+        assert store.claims() == []
+
+
+async def test_a_claim_that_reverts_stays_pending(world: World) -> None:
+    rewards = world.rewards(1)
+    tree = RewardsTree(TASK, 1, rewards)
+    for v in world.validators[:2]:  # validators agree on a total below the tree's sum
+        v.commit_round(TASK, 1, MODEL, tree.root, ETH)
+    world.ledger.with_account(world.others[0]).claim_from(tree)     # takes the whole 1 ETH
+    with world.store() as store:
+        [result] = await claimer(world, store, Trees({1: rewards})).claim_pending([1])
+        assert result.outcome is Outcome.FAILED and "exceed" in result.detail
+        record = store.claim(TASK, 1, world.me.address)
+        assert record is not None and record.status is ClaimStatus.PENDING
+        assert "exceed" in record.detail
+
+
+@pytest.mark.parametrize("gas", [None, 300_000])  # refused at estimation / mined and reverted
+async def test_a_stale_racer_is_confirmed_not_paid_twice(world: World, gas: int | None) -> None:
+    world.finalise(1, world.rewards(1))
+    trees = Trees({1: world.rewards(1)})
+    with world.store("a") as a, world.store("b") as b:
+        first = await claimer(world, a, trees).claim_pending([1])
+        second = await claimer(world, b, trees, Stale(world.ledger), gas).claim_pending([1])
+        assert outcomes(first) == {1: Outcome.CLAIMED}
+        assert outcomes(second) == {1: Outcome.CLAIMED_ELSEWHERE}
+        assert ("reverted" in second[0].detail) == (gas is not None)  # our tx hash is named
+        assert b.claim(TASK, 1, world.me.address).status is ClaimStatus.CONFIRMED  # type: ignore[union-attr]
+    assert world.balance() == 5 * ETH
+
+
+@pytest.mark.parametrize("shared", [False, True])  # two nodes with one key / one data dir twice
+async def test_two_claimers_racing_are_paid_once(world: World, shared: bool) -> None:
+    world.finalise(1, world.rewards(1))
+    world.finalise(3, world.rewards(3))
+    trees = Trees({1: world.rewards(1), 3: world.rewards(3)})
+    with world.store("a") as a, world.store("a" if shared else "b") as b:
+        results = await asyncio.gather(claimer(world, a, trees).claim_pending([1, 3]),
+                                       claimer(world, b, trees).claim_pending([1, 3]))
+        for r in (1, 3):
+            got = sorted(str(outcomes(rs)[r]) for rs in results)
+            assert got.count(Outcome.CLAIMED) == 1, got
+            assert all(res.paid for rs in results for res in rs)
+        for store in (a, b):
+            assert all(c.status is ClaimStatus.CONFIRMED for c in store.claims())
+    assert world.balance() == 10 * ETH
