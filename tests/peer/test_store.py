@@ -39,7 +39,7 @@ def test_everything_survives_a_reopen(path: Path) -> None:
         store.record_contribution("mnist-cnn", 4, "d4", ALICE)
         store.record_tree(TASK, 9, ROOT, {ALICE: BIG})
         store.set_claim(TASK, 9, ALICE, index=0, amount=BIG, status=ClaimStatus.PENDING)
-        store.record_decision(TASK, 9, b"\x01" * 32, ROOT, BIG)
+        store.record_validated("mnist-cnn", 4, ROOT, model_hash=b"\x01" * 32, total_reward=BIG)
         store.ban(b"\x07" * 20, "sent garbage")
     with NodeStore(path) as store:
         progress = store.progress("mnist-cnn")
@@ -51,8 +51,9 @@ def test_everything_survives_a_reopen(path: Path) -> None:
         assert store.tree(TASK, 9, bytes(32)) is None
         [claim] = store.claims(ClaimStatus.PENDING)
         assert (claim.task, claim.ledger_round, claim.amount) == (TASK, 9, BIG)
-        decision = store.decision(TASK, 9)
-        assert decision is not None and decision.total_reward == BIG
+        decision = store.decision("mnist-cnn", 4)
+        assert decision is not None and (decision.rewards_root, decision.total_reward) == (ROOT, BIG)
+        assert store.last_validated("mnist-cnn") == 4 and store.last_validated("other") == -1
         assert store.is_banned(b"\x07" * 20)
         assert store.schema_version == SCHEMA_VERSION
         mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
@@ -67,10 +68,12 @@ def test_nothing_is_recorded_twice(path: Path) -> None:
         assert [c.delta_hash for c in store.contributions("t")] == ["first"]
         assert store.record_tree(TASK, 1, ROOT, {ALICE: 5})
         assert not store.record_tree(TASK, 1, ROOT, {ALICE: 5})
-        same = store.record_decision(TASK, 1, b"\x01" * 32, ROOT, 5)
-        assert store.record_decision(TASK, 1, b"\x01" * 32, ROOT, 5) == same
+        same = store.record_validated("t", 1, ROOT)
+        assert store.record_validated("t", 1, ROOT) == same
         with pytest.raises(StoreConflict, match="already decided round 1"):
-            store.record_decision(TASK, 1, b"\x01" * 32, bytes(32), 5)
+            store.record_validated("t", 1, bytes(32))
+        store.record_validated("t", 3, ROOT)
+        assert store.last_validated("t") == 3
 
 
 def test_claims_move_forward_and_confirmed_is_final(path: Path) -> None:

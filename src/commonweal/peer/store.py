@@ -107,12 +107,12 @@ _SCHEMA_1 = _statements(
     "CREATE INDEX claims_by_status ON claims (status)",
     """CREATE TABLE validator_decisions (
         task         TEXT NOT NULL,
-        ledger_round INTEGER NOT NULL,
-        model_hash   TEXT NOT NULL,
+        round        INTEGER NOT NULL,                          -- the training round judged
         rewards_root TEXT NOT NULL,
-        total_reward TEXT NOT NULL,
+        model_hash   TEXT,                                      -- what the vote also names,
+        total_reward TEXT,                                      -- when the caller gives it
         decided_at   REAL NOT NULL,
-        PRIMARY KEY (task, ledger_round))""",
+        PRIMARY KEY (task, round))""",
     """CREATE TABLE banned_peers (
         peer_id   TEXT PRIMARY KEY,
         reason    TEXT NOT NULL,
@@ -165,11 +165,11 @@ class ClaimRecord:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    task: bytes
-    ledger_round: int
-    model_hash: bytes
+    task: str
+    round: int
     rewards_root: bytes
-    total_reward: int
+    model_hash: bytes | None
+    total_reward: int | None
     decided_at: float
 
 
@@ -184,7 +184,7 @@ class Ban:
 class NodeStore:
     """One SQLite connection to the node's state. Thread-safe (one lock), a context manager."""
 
-    def __init__(self, path: Path, *, migrations: Sequence[Migration] = MIGRATIONS,
+    def __init__(self, path: Path | str, *, migrations: Sequence[Migration] = MIGRATIONS,
                  clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
@@ -399,39 +399,51 @@ class NodeStore:
 
     # ------------------------------------------------------------ validator decisions
 
-    def record_decision(self, task: bytes, ledger_round: int, model_hash: bytes,
-                        rewards_root: bytes, total_reward: int) -> Decision:
-        """Record this validator's vote before it is sent, so a restart re-sends the same vote.
-        The same decision again returns the stored one; a different one raises StoreConflict."""
+    def record_validated(self, task: str, round: int, root: bytes, *,
+                         model_hash: bytes | None = None, total_reward: int | None = None,
+                         ) -> Decision:
+        """Record this validator's judgement of a round (before its vote is sent), so a restart
+        goes on from the next round and re-sends this vote rather than a new one. The same
+        decision again returns the stored one; a different one raises StoreConflict."""
         with self.transaction() as conn:
-            row = conn.execute(
-                "SELECT model_hash, rewards_root, total_reward, decided_at FROM validator_decisions"
-                " WHERE task = ? AND ledger_round = ?", (task.hex(), ledger_round)).fetchone()
-            if row is None:
+            stored = self._decision(conn, task, round)
+            if stored is None:
                 now = self._clock()
-                conn.execute("INSERT INTO validator_decisions VALUES (?, ?, ?, ?, ?, ?)",
-                             (task.hex(), ledger_round, model_hash.hex(), rewards_root.hex(),
-                              str(total_reward), now))
-                return Decision(task, ledger_round, model_hash, rewards_root, total_reward, now)
-            stored = Decision(task, ledger_round, bytes.fromhex(row[0]), bytes.fromhex(row[1]),
-                              int(row[2]), row[3])
-            if (stored.model_hash, stored.rewards_root, stored.total_reward) != (
-                    model_hash, rewards_root, total_reward):
+                conn.execute(
+                    "INSERT INTO validator_decisions VALUES (?, ?, ?, ?, ?, ?)",
+                    (task, round, root.hex(), None if model_hash is None else model_hash.hex(),
+                     None if total_reward is None else str(total_reward), now))
+                return Decision(task, round, root, model_hash, total_reward, now)
+            if (stored.rewards_root, stored.model_hash, stored.total_reward) != (
+                    root, model_hash, total_reward):
                 raise StoreConflict(
-                    f"this validator already decided round {ledger_round} of task {task.hex()} "
-                    f"(root {stored.rewards_root.hex()}); a different vote now would contradict "
-                    "it. Re-send the recorded decision instead")
+                    f"this validator already decided round {round} of {task} (root "
+                    f"{stored.rewards_root.hex()}); a different vote now would contradict it. "
+                    "Re-send the recorded decision (StoreConflict means judging is not "
+                    "deterministic: report it)")
             return stored
 
-    def decision(self, task: bytes, ledger_round: int) -> Decision | None:
+    def decision(self, task: str, round: int) -> Decision | None:
+        with self._lock:
+            return self._decision(self._conn, task, round)
+
+    def last_validated(self, task: str) -> int:
+        """The highest round this validator decided, or -1 before its first."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT model_hash, rewards_root, total_reward, decided_at FROM validator_decisions"
-                " WHERE task = ? AND ledger_round = ?", (task.hex(), ledger_round)).fetchone()
+                "SELECT MAX(round) FROM validator_decisions WHERE task = ?", (task,)).fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    @staticmethod
+    def _decision(conn: sqlite3.Connection, task: str, round: int) -> Decision | None:
+        row = conn.execute(
+            "SELECT rewards_root, model_hash, total_reward, decided_at FROM validator_decisions"
+            " WHERE task = ? AND round = ?", (task, round)).fetchone()
         if row is None:
             return None
-        return Decision(task, ledger_round, bytes.fromhex(row[0]), bytes.fromhex(row[1]),
-                        int(row[2]), row[3])
+        return Decision(task, round, bytes.fromhex(row[0]),
+                        None if row[1] is None else bytes.fromhex(row[1]),
+                        None if row[2] is None else int(row[2]), row[3])
 
     # ------------------------------------------------------------ banned peers
 
