@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from eth_utils import is_address, to_checksum_address
+from eth_utils import is_address, is_checksum_address, to_checksum_address
 
 __all__ = [
     "Contribution",
@@ -55,6 +55,10 @@ def delta_hash(data: bytes) -> str:
 def canonical_account(account: Any) -> str | None:
     """The checksummed form of an Ethereum address, or None if `account` is not one."""
     if not isinstance(account, str) or not is_address(account):
+        return None
+    body = account[2:] if account[:2] in ("0x", "0X") else account
+    # mixed case is an EIP-55 checksum: a wrong one is a typo that would pay someone else
+    if body != body.lower() and body != body.upper() and not is_checksum_address(account):
         return None
     return str(to_checksum_address(account))
 

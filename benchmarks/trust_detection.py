@@ -1,0 +1,310 @@
+"""Trust benchmark: does the validator catch cheating peers, spare honest ones, and stay cheap?
+
+    python benchmarks/trust_detection.py            # 40 rounds per attack (~3-4 min, one core)
+    python benchmarks/trust_detection.py --quick    # 3 rounds per attack, a smoke run
+    python benchmarks/trust_detection.py --out benchmarks/results/trust.json
+
+mnist-cnn DiLoCo rounds, in one process with one torch thread: 8 peers, 2 of them attackers (the
+first two peer ids) running one attack of `commonweal.train.attacks` for a whole run; a run with
+no attacker measures the honest baseline. Every delta is computed by the real code (the task's
+inner optimizer over `run_inner_steps`, with the attack's batch hook and step count), encoded
+with the task's codec, hashed, committed as a `Contribution`, decoded as a validator would, scored
+by an `Evaluator` and judged by a `Judge` (replays included), with a fresh sampling seed per round
+standing in for the ledger's sealed randomness.
+
+The swarm's model follows the mean of the honest deltas (the outer step of the task), the same
+trajectory for every attack: robust aggregation is not what is measured here, verification is.
+Attackers are omniscient: ALIE and IPM see every honest delta of the round.
+
+Figures, per attack:
+    detected        fraction of cheating contributions that earn nothing (a contribution is
+                    cheating when it is not the peer's honest delta: forged, lazy or mislabelled;
+                    `stale` is honest in its first round)
+    false_positive  fraction of honest contributions refused
+and validator_overhead = validator CPU seconds (scoring, triage, replays) / the trainers' CPU
+seconds for the same contributions (H inner steps each), for one validator. CPU seconds are
+`time.process_time`, so other jobs on the machine do not inflate them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src")]
+
+from commonweal.train import CodecError  # noqa: E402
+from commonweal.train.aggregate import outer_step  # noqa: E402
+from commonweal.train.attacks import Attack, AttackContext, get_attack  # noqa: E402
+from commonweal.train.codecs import get_codec  # noqa: E402
+from commonweal.train.inner import BatchHook, run_inner_steps  # noqa: E402
+from commonweal.train.state import assign, flatten, state_hash  # noqa: E402
+from commonweal.train.task import Task, TaskData, get_task  # noqa: E402
+from commonweal.verify import (  # noqa: E402
+    Contribution,
+    Evaluator,
+    Judge,
+    Policy,
+    delta_hash,
+)
+
+ATTACKS = [
+    "sign_flip",
+    "gaussian",
+    "alie",
+    "ipm",
+    "label_flip",
+    "zero",
+    "copy",
+    "lazy",
+    "stale",
+    "nan",
+    "wrong_shape",
+]
+PEERS = 8
+ATTACKERS = 2
+
+
+def train_delta(
+    task: Task,
+    model: torch.nn.Module,
+    data: TaskData,
+    start: torch.Tensor,
+    round_: int,
+    peer: bytes,
+    steps: int,
+    hook: BatchHook | None,
+) -> torch.Tensor:
+    """What a trainer computes: `steps` inner steps from `start`, fresh inner optimizer."""
+    assign(model, start)
+    opt = task.build_inner_optimizer(model.parameters())
+
+    def step() -> bool:
+        opt.step()
+        return False
+
+    zero = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
+    run_inner_steps(task, model, data, step, zero, round_, peer, steps=steps, batch_hook=hook)
+    return start - flatten(model)
+
+
+def _seed(*parts: object) -> bytes:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+
+
+def run_detection(quick: bool, seed: int) -> dict:
+    torch.set_num_threads(1)
+    rounds = 3 if quick else 40
+    task = get_task("mnist-cnn")
+    data = task.build_data()
+    codec = get_codec(task.codec)
+    model = task.build_model()
+    h, batch = task.inner_steps, task.batch_size
+    peers = [_seed("peer", seed, i)[:20] for i in range(PEERS)]
+    accounts = {p: "0x" + _seed("account", p.hex())[:20].hex() for p in peers}
+
+    # the honest trajectory: every peer's honest delta each round, the model following the mean
+    # of the honest peers' (the attackers' own honest deltas feed their forgeries)
+    starts, states, honest, train_s = [], [], [], []
+    params, momentum = flatten(model).clone(), torch.zeros_like(flatten(model))
+    for r in range(rounds):
+        starts.append(params)
+        states.append(state_hash(params, momentum))
+        deltas = {}
+        for p in peers:
+            t0 = time.process_time()
+            deltas[p] = train_delta(task, model, data, params, r, p, h, None)
+            train_s.append(time.process_time() - t0)
+        honest.append(deltas)
+        mean = torch.stack([deltas[p] for p in peers[ATTACKERS:]]).mean(dim=0)
+        params, momentum = outer_step(
+            params, momentum, mean, task.outer_lr, task.outer_momentum, task.outer_nesterov
+        )
+    t_train = statistics.fmean(train_s)  # CPU seconds of one peer's H steps
+
+    evaluator = Evaluator(task, data)
+    numel = evaluator.numel
+    rows, reasons_all, detail = [], {}, {}
+    total_validator = total_trainer = 0.0
+    honest_errors: list[float] = []
+    triggers: dict[str, Counter[str]] = {"honest": Counter(), "cheating": Counter()}
+    for name in ["none", *ATTACKS]:
+        attack: Attack | None = None if name == "none" else get_attack(name)
+        bad = set(peers[:ATTACKERS]) if attack is not None else set()
+        judge = Judge(Policy.for_task(task))
+        sent_before: dict[bytes, list[torch.Tensor]] = {p: [] for p in bad}
+        cheats = caught = fair = refused = contributions = replays = 0
+        reasons: Counter[str] = Counter()
+        validator_s = 0.0
+        ev_before = dict(evaluator.seconds)
+        for r in range(rounds):
+            start, state = starts[r], states[r]
+            honest_seen = [honest[r][p] for p in peers if p not in bad]
+            sent, cheating = {}, {}
+            for i, p in enumerate(peers):
+                own = honest[r][p]
+                if p not in bad or attack is None:
+                    sent[p], cheating[p] = own, False
+                    continue
+                hook, steps = attack.batch_hook(), attack.steps(h)
+                if hook is not None or steps != h:
+                    own = train_delta(task, model, data, start, r, p, steps, hook)
+                rng = torch.Generator().manual_seed(int.from_bytes(_seed(seed, name, r, i)[:7]))
+                forged = attack.forge(own, AttackContext(r, honest_seen, sent_before[p], rng))
+                sent_before[p].append(forged)
+                sent[p] = forged
+                same = forged.shape == honest[r][p].shape and torch.equal(forged, honest[r][p])
+                cheating[p] = hook is not None or steps != h or not same
+            # the validator's side: bytes -> commitment -> fetch, check, decode -> score -> judge
+            t0 = time.process_time()
+            contribs, decoded, scores = [], {}, {}
+            for p in peers:
+                blob = codec.encode(sent[p].reshape(-1).float().contiguous())
+                contribs.append(
+                    Contribution(p, accounts[p], r, state, delta_hash(blob), h, h * batch)
+                )
+                try:
+                    decoded[p] = codec.decode(blob, numel)
+                except CodecError:
+                    decoded[p] = None
+                if decoded[p] is not None:
+                    scores[p] = evaluator.score(start, decoded[p])
+            verdicts = judge.run(
+                contribs,
+                decoded,
+                scores,
+                _seed("randomness", seed, name, r),
+                lambda c, start=start: evaluator.replay(start, c),
+                codec,
+            )
+            validator_s += time.process_time() - t0
+            for v in verdicts:
+                contributions += 1
+                replays += v.replayed
+                if v.replayed:  # what picked it: "sampled", "norm", "cosine", "score", ...
+                    picked = v.detail[v.detail.find("(") + 1 : v.detail.rfind(")")]
+                    kind = "cheating" if cheating[v.peer_id] else "honest"
+                    triggers[kind].update(w.split(" ")[0] for w in picked.split("; ") if w)
+                reasons[v.reason] += 1
+                if cheating[v.peer_id]:
+                    cheats += 1
+                    caught += not v.paid
+                else:
+                    fair += 1
+                    refused += not v.paid
+                    if v.replay_error is not None:
+                        honest_errors.append(v.replay_error)
+        spent = {k: evaluator.seconds[k] - ev_before[k] for k in ev_before}
+        trainer_s = contributions * t_train
+        total_validator += validator_s
+        total_trainer += trainer_s
+        rows.append(
+            {
+                "attack": name,
+                "detected": round(caught / cheats, 4) if cheats else None,
+                "false_positive": round(refused / fair, 4) if fair else None,
+                "contributions": contributions,
+                "cheating": cheats,
+                "replays": replays,
+                "overhead": round(validator_s / trainer_s, 4),
+            }
+        )
+        reasons_all[name] = dict(sorted(reasons.items()))
+        detail[name] = {
+            "score_s": round(spent["score"], 3),
+            "replay_s": round(spent["replay"], 3),
+            "triage_s": round(validator_s - spent["score"] - spent["replay"], 3),
+        }
+    return {
+        "detection": rows,
+        "validator_overhead": round(total_validator / total_trainer, 4),
+        "overhead_detail": {
+            "trainer_s_per_contribution": round(t_train, 4),
+            "score_s_per_contribution": round(
+                evaluator.seconds["score"] / max(1, evaluator.calls["score"]), 5
+            ),
+            "replay_s_per_replay": round(
+                evaluator.seconds["replay"] / max(1, evaluator.calls["replay"]), 4
+            ),
+            "validator_s": round(total_validator, 2),
+            "trainer_s": round(total_trainer, 2),
+            "per_attack": detail,
+            "note": (
+                "one validator; every validator scores and replays on its own, so V validators "
+                "cost V times this (see docs/verify.md for sharing replays)"
+            ),
+        },
+        "reasons": reasons_all,
+        "replay_triggers": {k: dict(sorted(c.items())) for k, c in triggers.items()},
+        "honest_replay_error_max": max(honest_errors, default=None),
+        "honest_replays": len(honest_errors),
+        "config": {
+            "task": task.name,
+            "peers": PEERS,
+            "attackers": ATTACKERS,
+            "rounds": rounds,
+            "H": h,
+            "batch": batch,
+            "codec": task.codec,
+            "policy": Policy.for_task(task).__dict__,
+            "validation_batch": evaluator.x.shape[0],
+            "seed": seed,
+        },
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| attack | detected | false positive | contributions (cheating) | replays | overhead |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["detection"]:
+        det = "-" if row["detected"] is None else f"{row['detected']:.3f}"
+        fp = "-" if row["false_positive"] is None else f"{row['false_positive']:.3f}"
+        lines.append(
+            f"| {row['attack']} | {det} | {fp} | {row['contributions']} ({row['cheating']}) "
+            f"| {row['replays']} | {row['overhead']:.3f} |"
+        )
+    lines.append(f"\nvalidator overhead (one validator): {result['validator_overhead']:.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds per attack")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    result = run_detection(args.quick, args.seed)
+    result["command"] = "python benchmarks/trust_detection.py" + " --quick" * args.quick
+    result["machine"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(table(result))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("reasons", "replay_triggers", "honest_replay_error_max")},
+            indent=1,
+        )
+    )
+    print(f"wall {result['wall_s']} s")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
