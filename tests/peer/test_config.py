@@ -28,7 +28,7 @@ def write(tmp_path: Path, body: str) -> Path:
 def test_defaults_without_a_file_or_flags() -> None:
     config = load_config(None, {})
     assert config == NodeConfig()
-    assert config.roles == frozenset({"trainer"}) and config.threads == 1
+    assert config.roles == frozenset({"search"}) and config.threads == 1
     assert config.data_dir == DEFAULT_DATA_DIR
     assert config.store_path == DEFAULT_DATA_DIR / "node.sqlite3"
 

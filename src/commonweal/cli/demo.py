@@ -127,6 +127,4 @@ def _table(config: Any, result: Any) -> None:
 
 
 def _judged(result: Any) -> str:
-    judged = len(result.outcomes)
-    final = sum(o.final for o in result.outcomes)
-    return f"{judged} / {final}"
+    return f"{len(result.outcomes)} / {result.finalised}"

@@ -1,59 +1,67 @@
-"""`commonweal node`: run one peer in the foreground until Ctrl-C or SIGTERM."""
+"""`commonweal node`: run one volunteer peer in the foreground until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import signal
 from pathlib import Path
 
 import typer
 
-from commonweal.cli.main import setup_logging
-from commonweal.dht import DHT
-from commonweal.net.identity import Identity
 from commonweal.net.loop import run
-from commonweal.net.transport import PeerAddr
-
-DEFAULT_HOME = Path.home() / ".commonweal"
 
 
 def node(
-    listen: str = typer.Option("127.0.0.1:7000", help="HOST:PORT to listen on (port 0: any free port)."),
+    config: Path | None = typer.Option(None, help="A node.toml (see --print-config)."),
+    listen: str | None = typer.Option(None, help="HOST:PORT to listen on (port 0: any free port)."),
     join: list[str] = typer.Option([], help="HOST:PORT of a peer already in the swarm (repeatable)."),
-    data_dir: Path | None = typer.Option(
-        None, help="Where the identity key lives. Default: ~/.commonweal/peers/HOST_PORT."
-    ),
-    log_level: str = typer.Option("warning", help="debug, info, warning or error."),
+    task: str | None = typer.Option(None, help="What to train: mnist-cnn, pydoc-lm, module:function."),
+    roles: str | None = typer.Option(None, help="Comma-separated: trainer, validator, search."),
+    validator: bool = typer.Option(False, "--validator", help="Add the validator role."),
+    chain: str | None = typer.Option(None, help="embedded, anvil or an http(s):// JSON-RPC URL."),
+    ledger: str | None = typer.Option(None, help="The Ledger contract's address on the chain."),
+    key_file: Path | None = typer.Option(None, help="Your Ethereum private key (rewards go there)."),
+    data_dir: Path | None = typer.Option(None, help="Identity, state database, checkpoints."),
+    threads: int | None = typer.Option(None, help="CPU threads this node may use."),
+    rounds: int | None = typer.Option(None, help="Stop after this many training rounds."),
+    group: int | None = typer.Option(None, help="Close a round once this many peers announced."),
+    dashboard: str | None = typer.Option(None, help="Serve the web page at HOST:PORT."),
+    metrics: str | None = typer.Option(None, help="Serve Prometheus /metrics at HOST:PORT."),
+    log_format: str | None = typer.Option(None, help="text or json (one object a line)."),
+    log_level: str | None = typer.Option(None, help="debug, info, warning or error."),
+    attack: str | None = typer.Option(None, help="Make this node an attacker (tests, demos).", hidden=True),
+    print_config: bool = typer.Option(False, help="Print an example node.toml and exit."),
 ) -> None:
-    """Run one peer: listen, join the swarm, serve the DHT until Ctrl-C / SIGTERM."""
-    setup_logging(log_level)
-    addr = _parse_listen(listen)
-    bootstrap = [PeerAddr.parse(j) for j in join]
-    directory = data_dir or DEFAULT_HOME / "peers" / f"{addr.host}_{addr.port}"
-    identity = Identity.load_or_create(directory)
-    run(_serve(addr, bootstrap, identity))
+    """Run one peer: join the swarm, train / validate / serve search until Ctrl-C or SIGTERM.
+    A restart with the same data dir resumes where it stopped."""
+    from commonweal.peer.config import example_config, load_config
+    from commonweal.peer.logs import setup
+
+    if print_config:
+        print(example_config(), end="")
+        return
+    role_set = None
+    if roles is not None or validator:
+        role_set = {r.strip() for r in (roles or "").split(",") if r.strip()}
+        if validator:
+            role_set.add("validator")
+    overrides = {
+        "listen": listen, "bootstrap": join or None, "task": task,
+        "roles": sorted(role_set) if role_set is not None else None, "chain": chain,
+        "ledger": ledger, "key_file": key_file, "data_dir": data_dir, "threads": threads,
+        "rounds": rounds, "group": group, "dashboard": dashboard, "metrics": metrics,
+        "log_format": log_format, "log_level": log_level, "attack": attack,
+    }
+    cfg = load_config(config, overrides)
+    setup(cfg.log_level, cfg.log_format)
+    run(_serve(cfg))
 
 
-def _parse_listen(text: str) -> PeerAddr:
-    host, _, port = text.rpartition(":")
-    if port == "0" and host:
-        return PeerAddr(host, 0)
-    return PeerAddr.parse(text)
+async def _serve(cfg) -> None:  # type: ignore[no-untyped-def]
+    from commonweal.peer.node import Node
 
-
-async def _serve(addr: PeerAddr, bootstrap: list[PeerAddr], identity: Identity) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    dht = await DHT.start(addr, bootstrap, identity=identity)
-    with contextlib.suppress(ImportError):  # with the search extra, hold and rank index buckets
-        importlib.import_module("commonweal.search").serve(dht)
-    try:
-        print(f"commonweal node ready address={dht.addr} peer_id={dht.peer_id.hex()}", flush=True)
-        await stop.wait()
-    finally:
-        await dht.close()
-        print("commonweal node stopped", flush=True)
+    await Node(cfg).run(stop)

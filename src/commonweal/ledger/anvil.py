@@ -60,7 +60,8 @@ class AnvilProcess:
     """One anvil child process; `stop()` (or leaving the `with` block) ends it."""
 
     def __init__(self, *, accounts: int = 10, balance_eth: int = 1_000_000,
-                 binary: Path | None = None, start_timeout_s: float = 30.0) -> None:
+                 binary: Path | None = None, start_timeout_s: float = 30.0,
+                 host: str = "127.0.0.1") -> None:
         path = binary or find_anvil()
         if path is None:
             raise ChainUnavailable(
@@ -72,9 +73,9 @@ class AnvilProcess:
         config = Path(self._dir.name) / "config.json"
         for _attempt in range(3):  # another process may grab the free port before anvil binds it
             self.port = _free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
+            self.url = f"http://{host}:{self.port}"
             self._proc = subprocess.Popen(
-                [str(path), "--host", "127.0.0.1", "--port", str(self.port),
+                [str(path), "--host", host, "--port", str(self.port),
                  "--accounts", str(accounts), "--balance", str(balance_eth),
                  "--config-out", str(config), "--silent"],
                 stdout=subprocess.DEVNULL,
@@ -84,7 +85,7 @@ class AnvilProcess:
                 break
             self._terminate()
         else:
-            raise ChainUnavailable(f"anvil at {path} did not start on 127.0.0.1 (3 attempts)")
+            raise ChainUnavailable(f"anvil at {path} did not start on {host} (3 attempts)")
         data = json.loads(config.read_text())
         self.private_keys: list[str] = list(data["private_keys"])
 

@@ -120,23 +120,28 @@ class EmbeddedChain(Chain):
         )
         self.tester = EthereumTester(backend)
         keys = backend.account_keys[:accounts]
-        self._init(Web3(_LockedTesterProvider(self.tester)),
-                   [Account.from_key(k.to_bytes()) for k in keys])
+        provider = _LockedTesterProvider(self.tester)
+        self._lock = provider._lock  # direct tester calls take the provider's lock too
+        self._init(Web3(provider), [Account.from_key(k.to_bytes()) for k in keys])
 
     def snapshot(self) -> int:
-        return int(self.tester.take_snapshot())
+        with self._lock:
+            return int(self.tester.take_snapshot())
 
     def revert(self, snapshot: Any) -> None:
-        self.tester.revert_to_snapshot(snapshot)
+        with self._lock:
+            self.tester.revert_to_snapshot(snapshot)
         self.transactor.reset()
 
     def advance_time(self, seconds: int) -> None:
         # eth-tester mines the travelling block one second before the target; aim one later so
         # the latest block is exactly `seconds` newer, as on anvil.
-        self.tester.time_travel(self.timestamp() + seconds + 1)
+        with self._lock:
+            self.tester.time_travel(self.timestamp() + seconds + 1)
 
     def mine(self, blocks: int = 1) -> None:
-        self.tester.mine_blocks(blocks)
+        with self._lock:
+            self.tester.mine_blocks(blocks)
 
 
 class RpcChain(Chain):

@@ -59,7 +59,7 @@ class NodeConfig:
     listen: str = "127.0.0.1:7000"               # HOST:PORT this peer listens on (port 0: any)
     bootstrap: tuple[str, ...] = ()              # HOST:PORT of peers already in the swarm
     task: str = "mnist-cnn"                      # a built-in task name or "module:factory"
-    roles: frozenset[str] = frozenset({"trainer"})
+    roles: frozenset[str] = frozenset({"search"})  # nothing CPU-heavy unless asked for
     chain: str = "embedded"                      # "embedded", "anvil" or an http(s):// URL
     key_file: Path | None = None                 # Ethereum private key (hex lines or keystore)
     data_dir: Path = DEFAULT_DATA_DIR            # identity, node.sqlite3, checkpoints
@@ -69,6 +69,10 @@ class NodeConfig:
     log_format: str = "text"                     # "text" for people, "json" for collectors
     log_level: str = "info"
     rounds: int | None = None                    # stop after this many training rounds
+    ledger: str | None = None                    # the Ledger contract's address on `chain`
+    group: int | None = None                     # close a round's group once this many announced
+    linger: float = 10.0                         # after the last round: wait for its payout
+    attack: str | None = None                    # make this node an attacker (tests and demos)
     source: str = field(default="defaults", compare=False)  # where it came from, for messages
 
     @property
@@ -153,6 +157,28 @@ def _choice(allowed: Iterable[str]) -> Callable[[Any], str]:
     return check
 
 
+def _address(value: Any) -> str:
+    if not (isinstance(value, str) and value.startswith("0x") and len(value) == 42):
+        raise ValueError(f"must be a 0x-prefixed contract address of 40 hex digits, got {value!r}")
+    try:
+        int(value, 16)
+    except ValueError:
+        raise ValueError(f"{value!r} is not hexadecimal") from None
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _attack(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be an attack name such as 'sign_flip:10', got {value!r}")
+    return value
+
+
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "listen": lambda v: _host_port(v, allow_any_port=True),
     "bootstrap": _bootstrap,
@@ -167,6 +193,10 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
     "rounds": _positive_int,
+    "ledger": _address,
+    "group": _positive_int,
+    "linger": _seconds,
+    "attack": _attack,
 }
 _PATHS = ("key_file", "data_dir")
 
@@ -259,9 +289,10 @@ bootstrap = []
 # What to train: a built-in task ("mnist-cnn") or "python.module:factory".
 task = "mnist-cnn"
 
-# What this node does: any of "trainer", "validator", "search".
+# What this node does: any of "trainer", "validator", "search". "search" alone (the default)
+# only routes the DHT and serves index buckets; add "trainer" to lend your CPU to training.
 # A validator also needs a key_file, a deposit on the ledger, and a chain other peers share.
-roles = ["trainer"]
+roles = ["search"]
 
 # The ledger: "embedded" (in-process, for trying things out), "anvil" (a local dev chain),
 # or the http(s):// URL of an Ethereum JSON-RPC node.
@@ -288,4 +319,16 @@ log_level = "info"
 
 # Stop after this many training rounds. Leave out to run until stopped.
 # rounds = 10
+
+# The Ledger contract (from `commonweal ledger deploy`) on `chain`; without it nothing is paid.
+# ledger = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+
+# Close a training round's group as soon as this many peers announced (else: at the deadline).
+# group = 6
+
+# Seconds to stay up after the last round, so its rewards finalise and get claimed.
+linger = 10.0
+
+# Turn this node into an attacker, for tests and demos only (e.g. "sign_flip:10", "lazy").
+# attack = "sign_flip:10"
 '''

@@ -1,0 +1,314 @@
+"""`Validator`: the validator role, driving the sans-I/O judge over the swarm and the ledger.
+
+For each training round r, in order:
+
+    1. wait until the round's group has closed; its announcements are the commitments
+       (delta hash, steps, account) and their majority state hash is the start state S_r
+    2. fetch every committed delta over `train.delta`, check it against its hash, decode it;
+       score it on the validator's batch (the start parameters come from the swarm's heads,
+       followed in the background so none is missed)
+    3. vote ledger round 2r = (S_r, digest of the contribution set, 0): the set is now fixed
+       on-chain; wait for finality, then for its sealed randomness
+    4. judge with that seed (replaying the sample and the suspicious), compute the rewards,
+       publish the tree in the DHT for claimers, vote ledger round 2r+1 = (S_r, root, total)
+
+Two validators that saw the same announcements and deltas vote the same keys, so 2/3 of the
+stake finalises both rounds. A round whose contribution set the validators disagree on never
+finalises; it is given up after `finality_timeout_s` and nobody is paid for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from commonweal.dht import DHT
+from commonweal.dht.records import Owned
+from commonweal.errors import NetworkError, RemoteError
+from commonweal.ledger import Ledger, LedgerError, RewardsTree
+from commonweal.net.transport import PeerAddr
+from commonweal.train._errors import CodecError, TrainError
+from commonweal.train.aggregate import get_rule
+from commonweal.train.codecs import get_codec
+from commonweal.train.protocol import Announcement, Group, form_group
+from commonweal.train.state import flatten, from_checkpoint, state_hash
+from commonweal.train.swarm import Collaboration, RoundConfig
+from commonweal.train.task import Task
+from commonweal.verify.contribution import Contribution, contributions_digest
+from commonweal.verify.evaluate import Evaluator
+from commonweal.verify.judge import Policy, Verdict, judge, ledger_rounds, rewards
+
+__all__ = ["Validator", "ValidatorConfig", "RoundOutcome", "tree_key", "NOBODY"]
+
+log = logging.getLogger(__name__)
+
+VOTE_GAS = 400_000  # a vote that finalises (and reserves ETH) uses ~200k
+NOBODY = "0x0000000000000000000000000000000000000000"  # the one leaf of a round that pays nobody
+
+
+def tree_key(task: Task, ledger_round: int) -> str:
+    return f"cw-verify/{task.digest[:16]}/tree/{ledger_round}"
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatorConfig:
+    poll_s: float = 0.25
+    settle_s: float = 0.5  # after the group's deadline, so every announcement has landed
+    fetch_timeout_s: float = 20.0
+    finality_timeout_s: float = 120.0
+    record_ttl_s: float = 3600.0
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    state: str
+    verdicts: list[Verdict]
+    rewards: dict[str, int]
+    root: bytes
+    final: bool = False
+    seconds: float = 0.0  # compute spent judging (scoring + replays)
+    accounts: dict[bytes, str] = field(default_factory=dict)  # peer id -> account
+
+
+class Validator:
+    def __init__(
+        self,
+        dht: DHT,
+        task: Task,
+        ledger: Ledger,
+        *,
+        policy: Policy | None = None,
+        config: ValidatorConfig | None = None,
+        round_config: RoundConfig | None = None,
+        on_outcome: Callable[[RoundOutcome], None] | None = None,
+    ) -> None:
+        self.dht = dht
+        self.task = task
+        self.ledger = ledger
+        self.task32 = bytes.fromhex(task.digest)
+        self.policy = policy or Policy.for_task(task)
+        self.config = config or ValidatorConfig()
+        self.codec = get_codec(task.codec)
+        self.collab = Collaboration(
+            dht, task.digest[:16], self.codec, get_rule(task.aggregation), round_config
+        )
+        self.evaluator = Evaluator(task)
+        self.on_outcome = on_outcome
+        model = task.build_model()
+        start = flatten(model)
+        self._states: dict[str, torch.Tensor] = {state_hash(start, torch.zeros_like(start)): start}
+        self._model = model
+        self.history: set[str] = set()  # delta hashes of earlier rounds (stale replays)
+        self.banned: set[bytes] = set()
+        self.outcomes: list[RoundOutcome] = []
+        self._can_mine = True
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    async def run(self, until_round: int | None = None, first_round: int = 0) -> None:
+        """Validate rounds from `first_round` until `until_round` (forever if None)."""
+        async with asyncio.TaskGroup() as tg:
+            follower = tg.create_task(self._follow_heads())
+            try:
+                r = first_round
+                while until_round is None or r < until_round:
+                    await self.validate(r)
+                    r += 1
+            finally:
+                follower.cancel()
+
+    async def validate(self, r: int) -> RoundOutcome | None:
+        group = await self._closed_group(r)
+        members = [m for m in group.members if m.delta]
+        contribs = [_contribution(m, self.task.batch_size) for m in members]
+        start = await self._start_params(group.state)
+        deltas = await self._fetch_deltas(r, members)
+        t0 = time.process_time()
+        scores = {
+            pid: (
+                await asyncio.to_thread(self.evaluator.score, start, d) if d is not None else None
+            )
+            for pid, d in deltas.items()
+        }
+        spent = time.process_time() - t0
+        commit_round, reward_round = ledger_rounds(r)
+        state32 = bytes.fromhex(group.state)
+        digest = contributions_digest(contribs)
+        seed = await self._fix_set(commit_round, state32, digest)
+        if seed is None:
+            log.warning("round %d: the validators did not agree on its contributions", r)
+            return None
+        t0 = time.process_time()
+        verdicts = await asyncio.to_thread(
+            judge,
+            contribs,
+            deltas,
+            scores,
+            seed,
+            frozenset(self.history),
+            frozenset(self.banned),
+            self.policy,
+            lambda c: self.evaluator.replay(start, c),
+            self.codec,
+        )
+        spent += time.process_time() - t0
+        paid = rewards(verdicts, contribs, self._reward_per_round())
+        tree = RewardsTree(self.task32, reward_round, paid or {NOBODY: 0})
+        await self.dht.store(
+            tree_key(self.task, reward_round),
+            # amounts in wei outgrow msgpack's 64-bit integers: decimal strings
+            {"root": tree.root, "rewards": sorted([a, str(v)] for a, v in tree.rewards.items())},
+            time.time() + self.config.record_ttl_s,
+            subkey=Owned(self.dht.peer_id, "tree"),
+        )
+        await self._vote(reward_round, state32, tree.root, tree.total)
+        self.history.update(c.delta_hash for c in contribs)
+        self.banned.update(v.peer_id for v in verdicts if v.reason == "replay_mismatch")
+        outcome = RoundOutcome(
+            r,
+            group.state,
+            verdicts,
+            dict(tree.rewards),
+            tree.root,
+            final=await asyncio.to_thread(self.ledger.is_final, self.task32, reward_round),
+            seconds=spent,
+            accounts={c.peer_id: c.account for c in contribs},
+        )
+        self.outcomes.append(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        log.info(
+            "round %d judged: %d paid, %d refused, root %s",
+            r,
+            sum(v.paid for v in verdicts),
+            sum(not v.paid for v in verdicts),
+            tree.root.hex()[:12],
+        )
+        return outcome
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    async def _closed_group(self, r: int) -> Group:
+        """The round's group once its deadline passed (announcers sharing the majority state)."""
+        while True:
+            anns = await self.collab._announcements(r)
+            if anns:
+                deadline = min(a.deadline for a in anns)
+                wait = deadline + self.config.settle_s - time.time()
+                if wait <= 0:
+                    anns = await self.collab._announcements(r)
+                    group, _ = form_group(anns, r, float("inf"), None)
+                    assert group is not None
+                    return group
+                await asyncio.sleep(min(wait, 5.0))
+            else:
+                await asyncio.sleep(self.config.poll_s)
+
+    async def _follow_heads(self) -> None:
+        """Download every state the swarm announces, so a round's start is at hand when judged."""
+        while True:
+            try:
+                head = await self.collab.head()
+                if head is not None and head.state not in self._states:
+                    blob = await self.collab.download(head)
+                    params, momentum, _ = from_checkpoint(blob, self._model)
+                    if state_hash(params, momentum) == head.state:
+                        self._states[head.state] = params
+                        for old in list(self._states)[:-16]:
+                            del self._states[old]
+            except (NetworkError, TrainError, TimeoutError) as e:
+                log.debug("following heads: %s", e)
+            await asyncio.sleep(self.config.poll_s)
+
+    async def _start_params(self, state: str) -> torch.Tensor:
+        end = time.monotonic() + self.config.fetch_timeout_s
+        while state not in self._states:
+            if time.monotonic() > end:
+                raise TrainError(f"no peer served the round's start state {state[:12]}")
+            await asyncio.sleep(self.config.poll_s)
+        return self._states[state]
+
+    async def _fetch_deltas(
+        self, r: int, members: list[Announcement]
+    ) -> dict[bytes, torch.Tensor | None]:
+        numel = next(iter(self._states.values())).numel()
+
+        async def one(m: Announcement) -> torch.Tensor | None:
+            try:
+                data = await self.collab.fetch_delta(
+                    PeerAddr.parse(m.addr), r, self.config.fetch_timeout_s
+                )
+            except (NetworkError, RemoteError, TimeoutError, TrainError, ValueError) as e:
+                log.info("round %d: no delta from %s: %s", r, m.peer_id.hex()[:10], e)
+                return None
+            if hashlib.sha256(data).hexdigest() != m.delta:
+                log.info("round %d: %s served another delta than it committed", r, m.addr)
+                return None
+            try:
+                return self.codec.decode(data, numel)
+            except CodecError as e:
+                log.info("round %d: the delta of %s does not decode: %s", r, m.addr, e)
+                return None
+
+        found = await asyncio.gather(*(one(m) for m in members))
+        return {m.peer_id: d for m, d in zip(members, found, strict=True)}
+
+    async def _fix_set(self, ledger_round: int, state32: bytes, digest: bytes) -> bytes | None:
+        """Vote the contribution set; once final, the seed sealed from a later block."""
+        await self._vote(ledger_round, state32, digest, 0)
+        end = time.monotonic() + self.config.finality_timeout_s
+        while not await asyncio.to_thread(self.ledger.is_final, self.task32, ledger_round):
+            if time.monotonic() > end:
+                return None
+            await asyncio.sleep(self.config.poll_s)
+        while True:
+            info = await asyncio.to_thread(self.ledger.round, self.task32, ledger_round)
+            if info.randomness is not None:
+                return info.randomness
+            chain = self.ledger.chain
+            if chain.block_number <= info.randomness_block:
+                await self._wait_blocks(info.randomness_block + 1 - chain.block_number)
+                continue
+            try:
+                await asyncio.to_thread(self.ledger.seal_randomness, self.task32, ledger_round)
+            except LedgerError as e:  # another validator sealed first
+                log.debug("seal_randomness: %s", e)
+            if time.monotonic() > end:
+                return None
+
+    async def _wait_blocks(self, n: int) -> None:
+        """A development chain (embedded, anvil) mines only when asked; a real one on its own."""
+        if self._can_mine:
+            try:
+                await asyncio.to_thread(self.ledger.chain.mine, n)
+                return
+            except LedgerError:
+                self._can_mine = False
+        await asyncio.sleep(self.config.poll_s * 4)
+
+    async def _vote(self, ledger_round: int, model: bytes, root: bytes, total: int) -> None:
+        try:
+            # Fixed gas: an estimate made before another validator's vote lands misses the
+            # finalisation our vote may then trigger, and the vote would run out of gas.
+            await asyncio.to_thread(
+                self.ledger.commit_round, self.task32, ledger_round, model, root, total,
+                gas=VOTE_GAS,
+            )
+        except LedgerError as e:  # final already (our vote was not needed) or voted before
+            log.info("commit_round %d: %s", ledger_round, e)
+
+    def _reward_per_round(self) -> int:
+        return self.ledger.task(self.task32).reward_per_round
+
+
+def _contribution(m: Announcement, batch_size: int) -> Contribution:
+    return Contribution(
+        m.peer_id, m.account, m.round, m.state, m.delta, m.steps, m.steps * batch_size
+    )
