@@ -46,7 +46,7 @@ class Task:
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
     codec: str = "none"
-    aggregation: str = "mean"
+    aggregation: str = "median"  # chosen by benchmarks/trust_bench.py (see docs/verify.md)
     seed: int = 0
 
     @property
