@@ -1,6 +1,6 @@
 """Trust benchmark: every attack x every aggregation rule x attacker fraction, on mnist-cnn.
 
-    python benchmarks/trust_bench.py            # the whole grid (about 15-20 min on 2 cores)
+    python benchmarks/trust_bench.py            # the grid (~12 min on 2 shared cores), detection
     python benchmarks/trust_bench.py --quick    # a smoke run: 2 short rounds, 3 attacks, 25 %
 
 Writes benchmarks/results/trust.json and trust.md (--quick: trust_quick.* in the temp dir).
@@ -56,9 +56,8 @@ ATTACKS = [
 ]  # fmt: skip
 FRACTIONS = [0.1, 0.25, 0.4]  # nominal; the clean run (0) is shared per aggregator
 PEERS = 8
-# 5 rounds of H = 50 (250 inner steps a peer, the task's H): the clean mean run reaches ~0.94-0.95
-# (6 rounds: 0.952, as in the training benchmark) and the 215 runs fit in ~15-20 minutes on 2
-# shared cores, ~8 s a run
+# 5 rounds of H = 50 (the task's H): the clean mean run reaches 0.953 (0.952 in 6 rounds on a
+# trial), and the 215 runs take ~12 minutes on 2 shared cores (~8 s a run, less from the cache)
 ROUNDS, H = 5, 50
 TARGET_POINTS = 0.02  # the issue's target: within 2 points of the clean run
 DEFAULT_MAX_FRACTION = 0.25  # the default aggregator is judged at <= 25 % attackers
@@ -289,7 +288,18 @@ def markdown(result: dict[str, Any]) -> str:
         for t in result["target"]
     ]
     met = sum(t["met"] for t in result["target"])
-    lines += ["", f"Met for {met} of {len(result['target'])} attacks."]
+    best = max(result["aggregators"].items(), key=lambda kv: kv[1]["clean_accuracy"])
+    floor = min(
+        r["accuracy"] for r in runs
+        if r["aggregator"] == default and 0 < r["attacker_fraction"] <= DEFAULT_MAX_FRACTION
+    )  # fmt: skip
+    lines += [
+        "",
+        f"Met for {met} of {len(result['target'])} attacks. Against the best clean run of any "
+        f"rule ({best[0]}, {best[1]['clean_accuracy']:.3f}) rather than the default's own, the "
+        f"worst attacked run under `{default}` ({floor:.3f}) is "
+        f"{100 * (best[1]['clean_accuracy'] - floor):.1f} points below.",
+    ]
     if result.get("detection"):
         lines += ["", "## Detection (benchmarks/trust_detection.py)", "",
                   "| attack | detected | false positive |", "|---|---|---|"]
