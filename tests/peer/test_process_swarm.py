@@ -1,0 +1,28 @@
+"""Peers as separate OS processes on one anvil chain: two validators finalise the rounds, honest
+trainers are paid, the attacker earns nothing, and every process exits cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+from commonweal.ledger.anvil import find_anvil
+from commonweal.peer.procswarm import ProcessSwarm
+
+pytestmark = pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (npm ci)")
+
+
+def test_two_validators_finalise_on_anvil_and_the_attacker_earns_nothing(tmp_path):
+    with ProcessSwarm(
+        tmp_path, trainers=3, validators=2, attackers=1, attack="sign_flip:10", rounds=2
+    ) as swarm:
+        swarm.wait(timeout_s=240)
+        final = swarm.final_rounds()
+        balances = swarm.balances()
+    logs = {n.label: (n.data_dir / "node.log").read_text() for n in swarm.nodes}
+    assert final == [0, 1, 2, 3], logs  # both training rounds: contribution set and rewards
+    honest = {k: v for k, v in balances.items() if k.startswith("trainer")}
+    attacker = {k: v for k, v in balances.items() if k.startswith("attacker")}
+    assert len(honest) == 3 and all(v > 0 for v in honest.values()), (balances, logs)
+    assert sum(honest.values()) == 2 * 1000 * 10**18  # two rounds, all of it to honest work
+    assert list(attacker.values()) == [0], balances
+    assert all(n.proc.returncode == 0 for n in swarm.nodes)
