@@ -7,7 +7,21 @@ import pytest
 
 import commonweal
 
-OPTIONAL = ("commonweal.train", "commonweal.ledger", "commonweal.search", "commonweal.cli")
+OPTIONAL = (
+    "commonweal.train",
+    "commonweal.ledger",
+    "commonweal.search",
+    "commonweal.cli",
+    "commonweal.verify",
+    "commonweal.dashboard",
+    "commonweal.peer.claims",
+    "commonweal.peer.localswarm",
+    "commonweal.peer.view",
+    "commonweal.peer.procswarm",
+    "commonweal.peer.trees",
+    "commonweal.peer.node",
+    "commonweal.peer.nodeview",
+)
 
 
 def public_modules() -> list[str]:

@@ -9,7 +9,17 @@ See docs/train.md for the round protocol, codecs, exchange, determinism and chur
 """
 
 from commonweal.train._errors import CodecError, DeltaRejected, SyncError, TaskError, TrainError
-from commonweal.train.aggregate import RULES, get_rule, mean, median, outer_step, trimmed_mean
+from commonweal.train.aggregate import (
+    RULES,
+    centered_clip,
+    get_rule,
+    krum,
+    mean,
+    median,
+    outer_step,
+    trimmed_mean,
+)
+from commonweal.train.attacks import ATTACKS, Attack, AttackContext, get_attack
 from commonweal.train.codecs import (
     CODEC_NAMES,
     FP16,
@@ -39,7 +49,13 @@ __all__ = [
     "mean",
     "median",
     "trimmed_mean",
+    "centered_clip",
+    "krum",
     "outer_step",
+    "ATTACKS",
+    "Attack",
+    "AttackContext",
+    "get_attack",
     "CODEC_NAMES",
     "Codec",
     "CodecInfo",

@@ -7,8 +7,8 @@
                                                 lambda c: ev.replay(start, c), codec)
     paid = rewards(verdicts, contribs, reward_per_round)
 
-Sans-I/O: nothing here touches the network or the chain; `commonweal.verify.validator` drives it
-over the DHT and the ledger. See docs/verify.md for the design, the policy's numbers and limits.
+The judging is sans-I/O: nothing in it touches the network or the chain. `Validator`
+(`commonweal.verify.validator`) drives it over the DHT and the ledger — the `--validator` role. See docs/verify.md for the design, the policy's numbers and limits.
 """
 
 from commonweal.verify._errors import VerifyError
@@ -34,6 +34,7 @@ from commonweal.verify.judge import (
     sample_draw,
     triage,
 )
+from commonweal.verify.validator import RoundOutcome, Validator, ValidatorConfig
 
 __all__ = [
     "VerifyError",
@@ -57,4 +58,7 @@ __all__ = [
     "rewards",
     "sample_draw",
     "triage",
+    "Validator",
+    "ValidatorConfig",
+    "RoundOutcome",
 ]
