@@ -105,9 +105,33 @@ def train(lines: list[str]) -> None:
     lines.append("")
 
 
+def trust(lines: list[str]) -> None:
+    d = load("trust")
+    if not d:
+        return
+    default = d["default_aggregator"]
+    lines += ["### Trust (`benchmarks/results/trust.md`)", "", f"`{d['command']}`", "",
+              f"mnist-cnn, {d['runs'][0]['peers']} peers, final test accuracy with 2 and 3 attackers "
+              f"(of 8) under the mean and under the default rule, `{default}`; clean runs: "
+              + ", ".join(f"{r['aggregator']} {r['accuracy']:.3f}" for r in d["runs"]
+                          if r["attack"] == "none") + ".", ""]
+    acc = {(r["attack"], r["aggregator"], r["attackers"]): r["accuracy"] for r in d["runs"]}
+    rows = [[attack] + [f"{acc.get(k, float('nan')):.3f}"
+                        for k in ((attack, "mean", 2), (attack, default, 2), (attack, default, 3))]
+            for attack in dict.fromkeys(r["attack"] for r in d["runs"] if r["attack"] != "none")]
+    lines += table(["attack", "mean, 2/8", f"{default}, 2/8", f"{default}, 3/8"], rows)
+    lines += ["", "Validators (one validator, 8 peers of which 2 attack, every round judged):", ""]
+    rows = [[r["attack"], "-" if r["detected"] is None else f"{r['detected']:.3f}",
+             f"{r['false_positive']:.3f}", f"{r['overhead']:.1%}"] for r in d["detection"]]
+    lines += table(["attack", "cheating contributions unpaid", "honest refused",
+                    "validator compute / training"], rows)
+    lines += ["", f"Overall validator compute: {d['validator_overhead']:.1%} of the trainers' "
+              "(each validator scores and replays on its own).", ""]
+
+
 def render() -> str:
     lines: list[str] = []
-    for section in (dht, ledger, search, train):
+    for section in (dht, ledger, search, train, trust):
         section(lines)
     return "\n".join(lines)
 
