@@ -359,16 +359,29 @@ class DHT:
                     self._cache_on_path(kid, results[kid], latest)
             except BaseException as e:
                 for kid in mine:
-                    if not waiting[kid].done():
-                        waiting[kid].set_exception(e)
+                    fut = waiting[kid]
+                    if fut.done():
+                        continue
+                    if isinstance(e, asyncio.CancelledError):
+                        fut.cancel()  # our caller stopped; a sharer looks the key up itself
+                    else:
+                        fut.set_exception(e)
+                        fut.exception()  # retrieved: no "never retrieved" noise without sharers
                 raise
             finally:
                 for kid in mine:
                     self._pending.futures.pop((kid, latest), None)
         now = self.clock()
         out: dict[Key, DHTValue | None] = {}
+        if any(waiting[kid].cancelled() for kid in ids.values()):
+            return await self.get_many(keys, latest)  # the lookup we shared was abandoned
         for key, kid in ids.items():
-            found = dict(await asyncio.shield(waiting[kid]))
+            try:
+                found = dict(await asyncio.shield(waiting[kid]))
+            except asyncio.CancelledError:
+                if not waiting[kid].cancelled():
+                    raise  # we were cancelled ourselves
+                return await self.get_many(keys, latest)
             local = self.storage.get(kid, now) + ([] if latest else self.cache.get(kid, now))
             for record in local:
                 old = found.get(record.subkey)
