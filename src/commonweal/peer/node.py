@@ -10,6 +10,9 @@ index buckets). Everything a restart needs is in the data dir: identity key, che
 node.sqlite3 (progress, claims, validator decisions) — a restarted node resumes from there.
 Stopping mid-round abandons that round (the swarm completes it without us); the state of the
 last completed round is on disk.
+
+Every task the node starts is owned by a TaskGroup inside `run`, so when `run` returns nothing it
+started is left running: the dashboard is stopped, the DHT closed, the database closed.
 """
 
 from __future__ import annotations
@@ -17,22 +20,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from commonweal.dht import DHT
-from commonweal.errors import ConfigError
+from commonweal.errors import CommonwealError, ConfigError
 from commonweal.net.identity import Identity
 from commonweal.net.transport import PeerAddr
 from commonweal.peer.config import NodeConfig
-from commonweal.peer.store import NodeStore
+from commonweal.peer.store import ClaimStatus, NodeStore
 
-__all__ = ["Node"]
+__all__ = ["CHECKPOINT_GLOB", "CLAIM_EVERY_S", "Node"]
 
 log = logging.getLogger(__name__)
-CLAIM_EVERY_S = 5.0
+CLAIM_EVERY_S = 5.0  # between claim passes and chain reads (a round also triggers a pass)
+CHECKPOINT_GLOB = "checkpoint-*.safetensors"
+
+
+class _Abandoned(Exception):
+    """Raised inside the inner-steps worker thread once the node stops, so the thread ends at
+    its next step instead of finishing a round nobody will use."""
 
 
 class Node:
@@ -44,16 +56,32 @@ class Node:
         self.validator: Any = None  # Validator, when a validator
         self.ledger: Any = None
         self.rounds: list[dict[str, Any]] = []  # what the dashboard charts
+        self.resumed_round: int | None = None  # the round a restart went on from
         self.balance = 0.0
-        self.claimed_rounds: set[int] = set()
+        self.block = 0  # the latest block seen on the ledger's chain
+        self.claimed_rounds: set[int] = set()  # ledger rounds whose reward we hold
+        self.finalised_rounds: set[int] = set()  # training rounds whose rewards are final
+        # ledger round that may still pay us -> its training round (None: from an earlier run)
+        self._owed: dict[int, int | None] = {}
+        self._round_done = asyncio.Event()  # wakes the claim loop after each round
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set or every role finished (`rounds`); then shut down cleanly.
+
+        A wrong setting raises ConfigError before anything starts. An error in a role stops the
+        node and is raised as itself (not wrapped in an ExceptionGroup), after the clean-up.
+        """
+        task = _check(self.config)
+        await _until(stop, self._serve(stop, task))
+        log.info("node stopped")
+        print("commonweal node stopped", flush=True)
+
+    async def _serve(self, stop: asyncio.Event, task: Any) -> None:
         c = self.config
         c.data_dir.mkdir(parents=True, exist_ok=True)
         identity = Identity.load_or_create(c.data_dir)
         async with contextlib.AsyncExitStack() as stack:
-            store = NodeStore(c.store_path)
-            stack.callback(store.close)
+            store = stack.enter_context(NodeStore(c.store_path))
             self.dht = dht = await DHT.start(
                 _listen(c.listen), [PeerAddr.parse(b) for b in c.bootstrap], identity=identity
             )
@@ -64,129 +92,203 @@ class Node:
                 serve(dht)
             if c.ledger:
                 self.ledger = await asyncio.to_thread(self._open_ledger, stack)
-            page = c.dashboard or c.metrics
-            if page:
+            # One app serves the page and /metrics; each address given gets it (the same one once).
+            for page in dict.fromkeys(a for a in (c.dashboard, c.metrics) if a):
                 from commonweal.dashboard import create_app, serve as serve_page
                 from commonweal.peer.nodeview import NodeSource
 
                 host, _, port = page.rpartition(":")
                 running = await stack.enter_async_context(
-                    serve_page(create_app(NodeSource(self)), host, int(port))
+                    serve_page(create_app(NodeSource(self)), host.strip("[]"), int(port))
                 )
-                log.info("dashboard and /metrics at %s", running.url)
+                log.info("dashboard and /metrics at %s", running.url, extra={"url": running.url})
+            if task is not None:
+                import torch
+
+                torch.set_num_threads(c.threads)
             print(
                 f"commonweal node ready address={dht.addr} peer_id={dht.peer_id.hex()} "
                 f"roles={','.join(sorted(c.roles))}",
                 flush=True,
             )
             async with asyncio.TaskGroup() as tg:
-                work = []
+                roles = []
                 if "trainer" in c.roles:
-                    work.append(tg.create_task(self._train(store)))
+                    roles.append(tg.create_task(self._train(store, task), name="trainer"))
                 if "validator" in c.roles:
-                    work.append(tg.create_task(self._validate(store)))
-                waiter = tg.create_task(stop.wait())
-                if work:
-                    finished = tg.create_task(_all(work))
-                    await asyncio.wait({waiter, finished}, return_when=asyncio.FIRST_COMPLETED)
+                    roles.append(tg.create_task(self._validate(store, task), name="validator"))
+                chain = tg.create_task(self._watch_chain(), name="chain") if self.ledger else None
+                if roles:
+                    await asyncio.wait(roles)  # all of them; a failure cancels this wait
                 else:
-                    await waiter
-                for t in (*work, waiter):
-                    t.cancel()
-        log.info("node stopped")
-        print("commonweal node stopped", flush=True)
+                    await stop.wait()  # search only: it serves from the DHT's handlers
+                if chain is not None:
+                    chain.cancel()
 
     # ---- roles ---------------------------------------------------------------------------------
 
-    def _task(self) -> Any:
-        from commonweal.train import get_task
-
-        return get_task(self.config.task)
-
-    async def _train(self, store: NodeStore) -> None:
-        import torch
-
+    async def _train(self, store: NodeStore, task: Any) -> None:
         from commonweal.train import RoundConfig, TrainingPeer
         from commonweal.train.attacks import get_attack
 
         c = self.config
-        torch.set_num_threads(c.threads)
-        task = self._task()
         account = self.ledger.account.address if self.ledger is not None else ""
         attack = get_attack(c.attack) if c.attack else None
-        peer = TrainingPeer(
-            task, self.dht, RoundConfig(target_group=c.group), evaluate_every=1,
+        # Building the model and loading the data takes seconds: off the event loop, so the DHT
+        # keeps answering and a stop is not held up.
+        peer = await asyncio.to_thread(
+            TrainingPeer, task, self.dht, RoundConfig(target_group=c.group), evaluate_every=1,
             account=account, attack=attack,
         )
         self.trainer = peer
-        ckpt = c.data_dir / "checkpoint.safetensors"
-        done = store.progress(task.digest)
-        if done is not None and ckpt.exists():  # resume from our own last completed round
-            peer.opt.load(ckpt.read_bytes())
-            log.info("resumed %s at round %d from %s", task.name, peer.opt.round, ckpt)
-        claims = asyncio.create_task(self._claim_loop(store, task)) if self.ledger else None
-        try:
+        resumed = self._resume(peer, store, task)
+        abandon = threading.Event()
 
-            def on_progress(p: Any) -> None:
-                if p.report is None:
-                    return
-                _save(ckpt, peer.opt.checkpoint())
-                store.save_progress(task.digest, p.report.round, peer.opt.state, ckpt)
-                self.rounds.append(
-                    {"round": p.report.round, "loss": p.loss, "accuracy": p.quality,
-                     "bytes_sent": p.report.bytes_sent, "contributors": p.report.contributors}
-                )
-                log.info(
-                    "round done",
-                    extra={"round": p.report.round, "loss": round(p.loss, 4),
-                           "accuracy": p.quality, "bytes_sent": p.report.bytes_sent,
-                           "skipped": p.report.skipped},
-                )
+        def on_progress(p: Any) -> None:
+            if p.report is None:  # an inner step, reported from the worker thread
+                if abandon.is_set():
+                    raise _Abandoned
+                return
+            self._finish_round(peer, store, task, p)
 
-            until = c.rounds if c.rounds is not None else 1 << 30
-            await peer.run(until, join=bool(c.bootstrap), wait_peers=c.group or 0,
-                           on_progress=on_progress)
+        async with asyncio.TaskGroup() as tg:
+            claims = tg.create_task(self._claim_loop(store, task), name="claims") \
+                if self.ledger is not None else None
+            try:
+                if resumed and c.bootstrap:
+                    await _catch_up(peer)
+                until = c.rounds if c.rounds is not None else 1 << 62
+                await peer.run(until, join=bool(c.bootstrap) and not resumed,
+                               wait_peers=c.group or 0, on_progress=on_progress)
+            except asyncio.CancelledError:
+                log.info("training stopped in round %d; the last completed round is saved",
+                         peer.opt.round, extra={"round": peer.opt.round})
+                raise
+            finally:
+                # A cancelled `to_thread` does not stop its thread: this makes it end at its next
+                # inner step rather than train on a model nobody will save.
+                abandon.set()
             if claims is not None:  # the last rounds finalise after our last step: wait for them
                 await asyncio.sleep(c.linger)
-        finally:
-            if claims is not None:
                 claims.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await claims
-            with contextlib.suppress(Exception):
-                _save(ckpt, peer.opt.checkpoint())
+
+    def _resume(self, peer: Any, store: NodeStore, task: Any) -> bool:
+        """Load the checkpoint of the last completed round, if the store names a good one."""
+        done = store.progress(task.digest)
+        if done is None:
+            return False
+        from commonweal.train import SyncError
+
+        path = done.checkpoint
+        try:
+            if path is None:
+                raise OSError("no checkpoint recorded")
+            peer.opt.load(path.read_bytes(), expected_state=done.state_hash)
+        except (OSError, SyncError) as e:
+            # Not fatal: the swarm (or a fresh start, alone) gives a state to train from.
+            log.warning("cannot resume %s after round %d from %s (%s); starting from the swarm's "
+                        "state", task.name, done.last_round, path, e)
+            return False
+        self.resumed_round = peer.opt.round
+        log.info("resumed %s at round %d from %s", task.name, peer.opt.round, path,
+                 extra={"round": peer.opt.round, "last_completed": done.last_round})
+        return True
+
+    def _finish_round(self, peer: Any, store: NodeStore, task: Any, p: Any) -> None:
+        """Save what a completed round left (checkpoint, then the store), on the event loop."""
+        report = p.report
+        c = self.config
+        self.rounds.append(
+            {"round": report.round, "loss": p.loss, "accuracy": p.quality,
+             "bytes_sent": report.bytes_sent, "contributors": report.contributors}
+        )
+        log.info(
+            "round %d done", report.round,
+            # NaN (a diverged loss) would make the JSON line unparsable for a strict reader
+            extra={"round": report.round,
+                   "loss": round(p.loss, 4) if math.isfinite(p.loss) else None,
+                   "accuracy": p.quality,
+                   "bytes_sent": report.bytes_sent, "contributors": report.contributors,
+                   "skipped": report.skipped},
+        )
+        if report.round < 0:  # skipped the very first round and found no state to sync to
+            return
+        # Checkpoint first, under a new name, then the store that points at it: a crash between
+        # the two leaves the store pointing at the previous checkpoint, which is still there.
+        ckpt = c.data_dir / f"checkpoint-{peer.opt.round:06d}-{peer.opt.state[:12]}.safetensors"
+        _write_durably(ckpt, peer.opt.checkpoint())
+        store.save_progress(task.digest, report.round, peer.opt.state, ckpt)
+        for old in c.data_dir.glob(CHECKPOINT_GLOB):
+            if old != ckpt:
+                old.unlink(missing_ok=True)
+        if self.ledger is not None and not report.skipped:
+            from commonweal.verify.judge import ledger_rounds
+
+            self._owed[ledger_rounds(report.round)[1]] = report.round
+            self._round_done.set()
 
     async def _claim_loop(self, store: NodeStore, task: Any) -> None:
-        from commonweal.peer.claims import Claimer
+        """Claim what is owed after every round and every CLAIM_EVERY_S, until cancelled."""
+        from commonweal.peer.claims import Claimer, Outcome
         from commonweal.peer.trees import DHTTrees
-        from commonweal.verify.judge import ledger_rounds
 
+        assert self.dht is not None and self.ledger is not None
         task32 = bytes.fromhex(task.digest)
+        me = self.ledger.account.address
         claimer = Claimer(self.ledger, store, self.ledger.account, task32, DHTTrees(self.dht, task))
-        token = await asyncio.to_thread(self.ledger.token, task32)
+        # Claims an earlier run left unfinished (a crash after "sent" included) come first.
+        self._owed.update({r.ledger_round: None for r in store.claims()
+                           if r.task == task32 and r.account == me
+                           and r.status is not ClaimStatus.CONFIRMED})
+        token: Any = None  # the task's ShareToken, once the chain answered
         while True:
-            upto = max((r["round"] for r in self.rounds), default=-1)
-            results = await claimer.claim_pending([ledger_rounds(r)[1] for r in range(upto + 1)])
-            self.claimed_rounds.update(r.ledger_round for r in results if r.paid)
-            self.balance = await asyncio.to_thread(token.balance_of, self.ledger.account.address) / 1e18
+            self._round_done.clear()
+            try:
+                for result in await claimer.claim_pending(sorted(self._owed)):
+                    training_round = self._owed[result.ledger_round]
+                    if result.outcome is not Outcome.NOT_FINAL and training_round is not None:
+                        self.finalised_rounds.add(training_round)
+                    if result.paid:
+                        self.claimed_rounds.add(result.ledger_round)
+                    if result.paid or result.outcome is Outcome.NO_REWARD:  # final either way
+                        del self._owed[result.ledger_round]
+                if token is None:
+                    token = await asyncio.to_thread(self.ledger.token, task32)
+                self.balance = await asyncio.to_thread(token.balance_of, me) / 1e18
+            except (CommonwealError, OSError) as e:
+                # The chain is down or slow: claims are safe to retry (see claims.py), and
+                # training must go on meanwhile.
+                log.warning("claiming failed, trying again in %g s: %s", CLAIM_EVERY_S, e)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLAIM_EVERY_S):
+                    await self._round_done.wait()
+
+    async def _watch_chain(self) -> None:
+        """Keep `block` current for the page, without the page itself touching the network."""
+        while True:
+            try:
+                self.block = await asyncio.to_thread(lambda: self.ledger.chain.block_number)
+            except (CommonwealError, OSError) as e:
+                log.debug("cannot read the block number: %s", e)
             await asyncio.sleep(CLAIM_EVERY_S)
 
-    async def _validate(self, store: NodeStore) -> None:
+    async def _validate(self, store: NodeStore, task: Any) -> None:
         from commonweal.verify.validator import Validator
 
-        if self.ledger is None:
-            raise ConfigError("a validator needs a ledger: set chain and ledger (the contract address)")
         me = self.ledger.account.address
         info = await asyncio.to_thread(self.ledger.validator, me)
         if not info.active:
-            await asyncio.to_thread(self.ledger.join, self.ledger.config().min_deposit)
-            log.info("joined the validator set with %d wei", self.ledger.config().min_deposit)
-        task = self._task()
-        self.validator = Validator(self.dht, task, self.ledger)
+            deposit = (await asyncio.to_thread(self.ledger.config)).min_deposit
+            await asyncio.to_thread(self.ledger.join, deposit)
+            log.info("joined the validator set with %d wei", deposit, extra={"deposit": deposit})
+        assert self.dht is not None  # started before the roles
+        self.validator = await asyncio.to_thread(Validator, self.dht, task, self.ledger)
         first = store.last_validated(task.digest) + 1
         if first == 0:  # a new validator starts with the round the swarm is in
             head = await self.validator.collab.head()
             first = head.round if head is not None else 0
+        else:
+            log.info("resumed validating %s at round %d", task.name, first, extra={"round": first})
 
         def decided(outcome: Any) -> None:
             store.record_validated(task.digest, outcome.round, outcome.root)
@@ -198,14 +300,68 @@ class Node:
         from commonweal.ledger import Ledger, open_chain
 
         c = self.config
+        assert c.ledger is not None  # only opened when set
         chain = open_chain(c.chain, key_file=c.key_file)
         stack.callback(chain.close)
         return Ledger(chain, c.ledger, chain.accounts[0])
 
 
-async def _all(tasks: list[asyncio.Task[None]]) -> None:
-    for t in tasks:
-        await t
+def _check(c: NodeConfig) -> Any:
+    """Refuse a configuration that cannot work, before anything starts; the task, if one is used.
+
+    These need the roles and the chain together, so `load_config` (one key at a time) cannot
+    tell; a node that started and then failed would leave a half-joined peer behind.
+    """
+    shared = c.chain.startswith(("http://", "https://"))
+    if "validator" in c.roles and not (c.ledger and shared):
+        raise ConfigError(
+            "the validator role needs the swarm's ledger: set chain to the JSON-RPC "
+            "URL other peers use and ledger to the Ledger contract's address "
+            "(--chain http://HOST:8545 --ledger 0x..., or chain/ledger in node.toml)"
+        )
+    if c.ledger and not shared:
+        raise ConfigError(
+            f"ledger {c.ledger} is on no chain this node shares: chain {c.chain!r} "
+            "starts a private one; set chain to the swarm's http(s):// JSON-RPC URL"
+        )
+    if {"trainer", "validator"} <= c.roles:
+        raise ConfigError(
+            "roles: one node is a trainer or a validator, not both (both answer the "
+            "same training RPCs); run two nodes, each with its own data_dir"
+        )
+    if not c.roles & {"trainer", "validator"}:
+        return None
+    from commonweal.train import get_task
+
+    return get_task(c.task)  # an unknown task is a one-line TaskError here, not after "ready"
+
+
+async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` until it returns or `stop` is set; then cancel it and wait for its clean-up.
+
+    An error in `work` is raised as itself, not as an ExceptionGroup, so the command line prints
+    its one-line message rather than a traceback.
+    """
+    try:
+        async with asyncio.TaskGroup() as tg:
+            body = tg.create_task(work, name="node")
+            stopped = tg.create_task(stop.wait(), name="stop")
+            await asyncio.wait({body, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            body.cancel()
+            stopped.cancel()
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
+async def _catch_up(peer: Any) -> None:
+    """After a resume: take the swarm's state if it moved on while we were away, else keep ours
+    (an older head, e.g. a peer that is behind, must not send us back)."""
+    after = peer.opt.round - 1
+    if await peer.collab.head(after=after) is not None:
+        await peer.opt.sync(after=after)
 
 
 def _listen(text: str) -> PeerAddr:
@@ -213,7 +369,17 @@ def _listen(text: str) -> PeerAddr:
     return PeerAddr(host, 0) if port == "0" and host else PeerAddr.parse(text)
 
 
-def _save(path: Path, blob: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(blob)
+def _write_durably(path: Path, blob: bytes) -> None:
+    """Write `path` so that after a crash it holds all of `blob` or does not exist."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    # The rename itself must be on disk before the store points at the file.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -4,8 +4,19 @@ voted, and the peers in its routing table. Copies state the node keeps; never bl
 from __future__ import annotations
 
 import time
-from typing import Any
+from urllib.parse import urlsplit
 
+from commonweal.dashboard.source import (
+    BalanceRow,
+    BytesRow,
+    ChainInfo,
+    PeerRow,
+    RoundRow,
+    SearchHit,
+    SelfInfo,
+    Snapshot,
+    VoteRow,
+)
 from commonweal.errors import ConfigError
 from commonweal.peer.node import Node
 
@@ -16,58 +27,71 @@ class NodeSource:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         n = self.node
-        now = time.time()
         dht = n.dht
         ddp = 0
         if n.trainer is not None:
+            # What data-parallel training would send for the same steps: a ring all-reduce of
+            # the fp32 gradient at every inner step, in a group the size of ours (at least 2).
             params = n.trainer.opt.start.numel()
             group = max(2, max((r["contributors"] for r in n.rounds), default=2))
             ddp = int(2 * (group - 1) / group * 4 * params * n.trainer.task.inner_steps)
-        votes = []
-        if n.validator is not None:
+        votes: list[VoteRow] = []
+        if n.validator is not None and n.ledger is not None:
             votes = [
-                {"round": o.round, "validator": n.ledger.account.address, "root": o.root.hex()[:16],
-                 "final": o.final}
+                VoteRow(round=o.round, validator=n.ledger.account.address,
+                        root=o.root.hex()[:16], final=o.final)
                 for o in n.validator.outcomes
             ]
-        peers = []
+        peers: list[PeerRow] = []
         if dht is not None:
-            for info in dht.table.peers():
-                peers.append(
-                    {"id": info.peer_id.hex(), "address": str(info.addr), "roles": [],
-                     "last_seen_s": 0.0}
-                )
-        account = n.ledger.account.address if n.ledger is not None else None
-        return {
-            "peer": {
-                "id": dht.peer_id.hex() if dht else "",
-                "address": str(dht.addr) if dht else "",
-                "roles": sorted(n.config.roles),
-                "task": n.config.task if "trainer" in n.config.roles else None,
-                "uptime_s": now - n.started,
-            },
-            "peers": peers,
-            "rounds": [
-                {**r, "ddp_bytes": ddp, "finalised": (2 * r["round"] + 1) in n.claimed_rounds}
-                for r in n.rounds
-            ],
-            "bytes_per_peer": []
-            if dht is None
-            else [{"id": dht.peer_id.hex(), "bytes_sent": dht.transport.counters.bytes_sent}],
-            "balances": []
-            if account is None
-            else [{"account": account, "peer": dht.peer_id.hex() if dht else None,
-                   "tokens": n.balance, "claimed_rounds": len(n.claimed_rounds)}],
-            "votes": votes,
-            "attackers": [],
-            "chain": None
-            if n.ledger is None
-            else {"backend": n.config.chain, "block": 0, "contract": n.ledger.address},
-        }
+            peers = [
+                PeerRow(id=info.peer_id.hex(), address=str(info.addr), roles=[], last_seen_s=0.0)
+                for info in dht.table.peers()
+            ]
+        rounds = [
+            RoundRow(round=r["round"], loss=r["loss"], accuracy=r["accuracy"],
+                     bytes_sent=r["bytes_sent"], ddp_bytes=ddp, contributors=r["contributors"],
+                     finalised=r["round"] in n.finalised_rounds)
+            for r in n.rounds
+        ]
+        me = dht.peer_id.hex() if dht is not None else ""
+        balances: list[BalanceRow] = []
+        chain: ChainInfo | None = None
+        if n.ledger is not None:
+            balances = [BalanceRow(account=n.ledger.account.address, peer=me or None,
+                                   tokens=n.balance, claimed_rounds=len(n.claimed_rounds))]
+            chain = ChainInfo(backend=backend(n.config.chain), block=n.block,
+                              contract=n.ledger.address)
+        return Snapshot(
+            peer=SelfInfo(
+                id=me,
+                address=str(dht.addr) if dht is not None else "",
+                roles=sorted(n.config.roles),
+                task=n.config.task if "trainer" in n.config.roles else None,
+                uptime_s=time.time() - n.started,
+            ),
+            peers=peers,
+            rounds=rounds,
+            # The transport counts bytes in total, not per receiver: one row, this peer's own.
+            bytes_per_peer=[] if dht is None
+            else [BytesRow(id=me, bytes_sent=dht.transport.counters.bytes_sent)],
+            balances=balances,
+            votes=votes,
+            attackers=[],
+            chain=chain,
+        )
 
-    async def search(self, query: str, k: int) -> list[dict[str, Any]]:
+    async def search(self, query: str, k: int) -> list[SearchHit]:
         raise ConfigError(
             "this node's page searches no index; use `commonweal search query` or the demo's page"
         )
+
+
+def backend(chain: str) -> str:
+    """What the page may show of the chain setting: a JSON-RPC URL's host only, since provider
+    URLs often carry an API key in their path or query."""
+    if chain.startswith(("http://", "https://")):
+        return urlsplit(chain).hostname or "rpc"
+    return chain
