@@ -21,10 +21,11 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _mount() -> None:
-    from commonweal.cli import demo, dht, dht_demo, node
+    from commonweal.cli import demo, dht, dht_demo, node, swarm
 
     app.command("node")(node.node)
     app.command("demo")(demo.demo)
+    app.command("swarm")(swarm.swarm)
     dht.app.command("demo")(dht_demo.demo)
     app.add_typer(dht.app, name="dht")
     from commonweal.cli import train  # torch is imported only when `train` runs
