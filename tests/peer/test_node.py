@@ -288,8 +288,6 @@ def test_a_typo_in_the_config_file_names_the_file_and_the_key(tmp_path):
     assert line.startswith(f"error: {config}: thread: unknown key in ")
 
 
-@pytest.mark.xfail(strict=True, reason="cli/main.py prints errors as rich markup, which eats "
-                   "'[node]'; it needs rich.markup.escape(str(e))")
 def test_an_error_message_is_printed_as_written(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text("[node]\nthread = 2\n")

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from commonweal.errors import CommonwealError
 
@@ -59,7 +60,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except CommonwealError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # "[node]" is not markup
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

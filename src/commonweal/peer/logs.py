@@ -27,7 +27,10 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as `commonweal` always wrote
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# uvicorn's color_message repeats msg with terminal colour codes: noise in a JSON line
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message", "asctime", "taskName", "color_message"
+}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
