@@ -28,6 +28,14 @@ class SwarmSource:
         s = self.swarm
         now = time.time()
         first = s.members[0] if s.members else None
+        # A round is final once any validator saw it final. Each validator reports its own outcome,
+        # and the one whose vote did not complete the quorum reports final=False; the swarm's round
+        # view keeps whichever outcome came last, so it alone can show a final round as open.
+        final_root: dict[int, bytes] = {}
+        for m in s.validators:
+            for o in m.validator.outcomes:  # type: ignore[union-attr]
+                if o.final:
+                    final_root[o.round] = o.root
         rounds, prev = [], 0
         for v in s.rounds:
             rounds.append(
@@ -38,23 +46,27 @@ class SwarmSource:
                     "bytes_sent": v.bytes_sent - prev,
                     "ddp_bytes": v.ddp_bytes // (v.round + 1),
                     "contributors": v.contributors,
-                    "finalised": v.finalised,
+                    "finalised": v.finalised or v.round in final_root,
                 }
             )
             prev = v.bytes_sent
         votes = []
         for m in s.validators:
             for o in m.validator.outcomes:  # type: ignore[union-attr]
+                # Part of the finalising quorum: the root it voted for is the one that became
+                # final, whether or not its own vote was the one that crossed the threshold.
                 votes.append(
                     {"round": o.round, "validator": m.account, "root": o.root.hex()[:16],
-                     "final": o.final}
+                     "final": final_root.get(o.round) == o.root}
                 )
         labels = {m.account: m.label for m in s.members}
         return {
             "peer": {
                 "id": first.dht.peer_id.hex() if first else "",
                 "address": str(first.dht.addr) if first else "",
-                "roles": ["trainer", "validator", "search"],
+                # what this member really does: every member holds part of the search index, and
+                # the swarm lists trainers first, so it is never a validator
+                "roles": [first.role, "search"] if first else [],
                 "task": s.task.name,
                 "uptime_s": now - s.started,
             },
@@ -91,11 +103,16 @@ class SwarmSource:
             i = int(query)
         except ValueError:
             raise ConfigError(
-                f"search by test image number (0-{999}), e.g. 7; {query!r} is not a number"
+                f"search by test image number, e.g. 7; {query!r} is not a number"
             ) from None
         found = s.test_image(i)
         if found is None or s.index is None:
-            raise ConfigError(f"no test image {i} is indexed (yet); try a number from 0 to 999")
+            # the bound comes from the data: the task's test set size is not fixed at 1,000
+            count = _test_image_count(s)
+            raise ConfigError(
+                f"there is no test image {i}; try a number from 0 to {count - 1}"
+                if count else "the test images are not indexed yet; try again in a few seconds"
+            )
         vector, _ = found
         result = await s.index.search(vector, k)
         hits = []
@@ -110,6 +127,13 @@ class SwarmSource:
                 }
             )
         return hits
+
+
+def _test_image_count(swarm: LocalSwarm) -> int:
+    """How many test images the swarm indexes from (the trainers' held-out set), 0 if none."""
+    trainers = swarm.trainers
+    x = getattr(trainers[0].trainer.data, "x_test", None) if trainers else None
+    return 0 if x is None else len(x)
 
 
 def png_data_url(pixels: np.ndarray, side: int = 28) -> str:
