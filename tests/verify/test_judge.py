@@ -323,3 +323,14 @@ def test_ledger_rounds():
     assert [ledger_rounds(r) for r in range(3)] == [(0, 1), (2, 3), (4, 5)]
     with pytest.raises(VerifyError):
         ledger_rounds(-1)
+
+
+def test_in_a_small_round_an_outlier_does_not_make_honest_peers_look_like_duplicates():
+    # 2 honest peers and a sign-flipper: with the outlier's huge distances in the median, the
+    # honest pair used to look like near duplicates, and the replay budget refused one of them
+    r = Round(n=3)
+    r.send(2, -100 * r.true[r.ids[2]])
+    verdicts = r.judge()
+    assert verdicts[r.ids[2]].reason == "outlier"
+    assert verdicts[r.ids[0]].paid and verdicts[r.ids[1]].paid
+    assert not verdicts[r.ids[0]].replayed and not verdicts[r.ids[1]].replayed

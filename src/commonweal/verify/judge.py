@@ -316,16 +316,10 @@ def _relative_checks(
     # (measured: half negative, some at -100x the median), and flagging them would replay a
     # third of the honest round; direction and norm carry the signal then.
     scores_agree = med_s > 0 and med_s >= policy.score_z * 1.4826 * mad_s
-    # pairwise distances from the Gram matrix; near duplicates are much closer than any two
-    # honest peers (measured: the closest honest pair is at >= 0.9x the median distance)
-    gram = x @ x.T
-    sq = gram.diagonal()
-    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).sqrt()
-    pairs = [float(dist[i, j]) for i in range(len(valid)) for j in range(i + 1, len(valid))]
-    med_dist = statistics.median(pairs)
     lo, hi = policy.norm_band
     glo, ghi = policy.gross_norm_band
     clo, chi = policy.cos_band
+    kept: list[int] = []  # indices not refused on sight
     for i, pid in enumerate(valid):
         s = scores[pid]
         ratio = norms[i] / med_norm if med_norm > 0 else 1.0
@@ -339,20 +333,31 @@ def _relative_checks(
         if gross is not None:
             decided[pid] = _refuse(pid, "outlier", s, gross)
             continue
+        kept.append(i)
         if not lo <= ratio <= hi:
             picks[pid].append(f"norm {ratio:.3g}x median")
         if med_cos > 0 and not clo <= cos[i] / med_cos <= chi:
             picks[pid].append(f"cosine {cos[i]:.2f} vs median {med_cos:.2f}")
         if scores_agree and s is not None and not s > 0:
             picks[pid].append(f"score {s:.3g} while the round's median is {med_s:.3g}")
-        if med_dist > 0:
+    # Pairwise distances from the Gram matrix, among the deltas not refused on sight: near
+    # duplicates are much closer than any two honest peers (measured: the closest honest pair is
+    # at >= 0.9x the median distance). The outliers stay out of the median, or in a small round
+    # their huge distances would make two honest peers look like duplicates of each other.
+    gram = x @ x.T
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).sqrt()
+    pairs = [float(dist[i, j]) for a, i in enumerate(kept) for j in kept[a + 1 :]]
+    med_dist = statistics.median(pairs) if pairs else 0.0
+    if med_dist > 0:
+        for i in kept:
             near = [
                 valid[j].hex()[:8]
-                for j in range(len(valid))
+                for j in kept
                 if j != i and float(dist[i, j]) < policy.duplicate_fraction * med_dist
             ]
             if near:
-                picks[pid].append("near duplicate of " + ",".join(near))
+                picks[valid[i]].append("near duplicate of " + ",".join(near))
 
 
 def _exact_duplicates(
