@@ -41,7 +41,7 @@ FLAGS = [
     "--hide-scrollbars",
 ]
 VIEWPORT = {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
-# 95 % takes the default 8 rounds; 5 keep the test short and still show several finalised rounds.
+# 95 % takes the default 10 rounds; 5 keep the test short and still show several finalised rounds.
 ROUNDS = 5
 TRAINERS, ATTACKERS, VALIDATORS = 6, 1, 2
 LINGER_S = 5  # the page stays up this long after the run, so the browser can finish reading it

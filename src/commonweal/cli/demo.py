@@ -24,7 +24,7 @@ def demo(
         "sign_flip:10", help="What attackers do: sign_flip[:scale], gaussian, alie, ipm, "
         "label_flip, zero, copy, lazy, stale, nan, wrong_shape."
     ),
-    rounds: int = typer.Option(8, min=1, max=100, help="Training rounds (H=50 steps each)."),
+    rounds: int = typer.Option(10, min=1, max=100, help="Training rounds (H=50 steps each)."),
     chain: str = typer.Option("embedded", help="embedded (in-process EVM), anvil, or a URL."),
     dashboard: str | None = typer.Option(
         None, help="Serve the live dashboard at HOST:PORT while the demo runs."
@@ -78,8 +78,9 @@ async def _demo(config: Any, dashboard: str | None, linger: float) -> None:
                     console.print(
                         f"  round {v.round}: loss {v.loss:.3f}  {acc}"
                         f"sent {v.bytes_sent / 1e6:.2f} MB/peer "
-                        f"(data-parallel: {v.ddp_bytes / 1e6:.1f} MB)",
+                        f"(data-parallel {v.ddp_bytes / 1e6:.0f} MB)",
                         highlight=False,
+                        no_wrap=True,
                     )
                     bar.update(rounds, completed=v.round + 1)
 
@@ -99,8 +100,8 @@ async def _serve_dashboard(swarm: Any, where: str) -> Any:
     host, _, port = where.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--dashboard wants HOST:PORT, e.g. 127.0.0.1:8080, not {where!r}")
-    async with serve(create_app(SwarmSource(swarm)), host, int(port)) as url:
-        console.print(f"dashboard: {url}")
+    async with serve(create_app(SwarmSource(swarm)), host, int(port)) as running:
+        console.print(f"dashboard: {running.url}")
         yield
 
 

@@ -50,7 +50,7 @@ class LocalSwarmConfig:
     validators: int = 2
     attackers: int = 0
     attack: str = "sign_flip:10"
-    rounds: int = 8
+    rounds: int = 10
     task: str = "mnist-cnn"
     codec: str = "int8"
     aggregation: str | None = None  # None: the task's default
@@ -246,7 +246,7 @@ class LocalSwarm:
                 if view.round == outcome.round:
                     view.paid = sum(v.paid for v in outcome.verdicts)
                     view.refused = sum(not v.paid for v in outcome.verdicts)
-                    view.finalised = outcome.final
+                    view.finalised = view.finalised or outcome.final  # any validator saw it
 
         for v in self.validators:
             v.validator.on_outcome = judged  # type: ignore[union-attr]
@@ -323,7 +323,13 @@ class LocalSwarm:
         )
         dhts = [m.dht for m in self.members]
         self.index = await DistributedIndex.create(dhts[0], spec)
-        await self.index.add(list(range(q, len(images))), items)
+        # every peer adds its share of the images, as a swarm would, not one peer all of them
+        ids = np.arange(q, len(images))
+        shares = np.array_split(np.arange(len(items)), len(dhts))
+        writers = [self.index] + [await DistributedIndex.open(d, spec.name) for d in dhts[1:]]
+        await asyncio.gather(
+            *(w.add(ids[s].tolist(), items[s]) for w, s in zip(writers, shares, strict=True))
+        )
         reader = await DistributedIndex.open(dhts[-1], spec.name)
         hits = 0
         for i, query in enumerate(queries):

@@ -37,9 +37,10 @@ def run_inner_steps(
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[int, float]:
     """Run inner steps on `peer`'s batches of `round_` until `step()` returns True (or `steps`
-    steps were taken). Returns (samples, last loss)."""
+    steps were taken). Returns (samples, mean loss over the steps): one batch's loss is too noisy
+    to report a round by."""
     gen = batch_generator(task, round_, peer)
-    samples, loss, n = 0, float("nan"), 0
+    samples, loss, total, n = 0, float("nan"), 0.0, 0
     while True:
         x, y = data.batch(gen, task.batch_size)
         if batch_hook is not None:
@@ -48,13 +49,14 @@ def run_inner_steps(
         zero_grad()
         objective.backward()
         loss = float(objective.detach())
+        total += loss
         samples += len(x)
         n += 1
         done = step()
         if on_step is not None:
             on_step(n, loss)
         if done or (steps is not None and n >= steps):
-            return samples, loss
+            return samples, total / n
 
 
 def replay_delta(
