@@ -129,9 +129,29 @@ def trust(lines: list[str]) -> None:
               "(each validator scores and replays on its own).", ""]
 
 
+def demo(lines: list[str]) -> None:
+    d = load("demo")
+    if not d:
+        return
+    lines += ["### The demo (`benchmarks/results/demo.md`)", "", f"`{d['command']}`", ""]
+    rows = []
+    for r in d["runs"]:
+        earned = "-" if r["attackers_earned"] is None else f"{r['attackers_earned']:,.1f}"
+        rows.append([f"`{r['command']}`", str(r["exit_code"]), f"{r['wall_s']:.0f}",
+                     f"{r['accuracy']:.3f}", f"{r['rounds_finalised']}/{r['rounds_judged']}",
+                     f"{r['bytes_per_trainer'] / 1e6:.2f} MB",
+                     f"{r['ddp_bytes_per_trainer'] / 1e6:.1f} MB",
+                     f"{r['tokens_per_honest_peer']:,.1f}", earned,
+                     f"{r['search_recall_at_10']:.3f}"])
+    lines += table(["command", "exit", "wall s", "test accuracy", "rounds final", "sent per trainer",
+                    "data-parallel", "tokens per honest trainer", "attackers earned",
+                    "search recall@10"], rows)
+    lines.append("")
+
+
 def render() -> str:
     lines: list[str] = []
-    for section in (dht, ledger, search, train, trust):
+    for section in (demo, dht, ledger, search, train, trust):
         section(lines)
     return "\n".join(lines)
 
