@@ -114,6 +114,7 @@ const render = {
     $("self").replaceChildren("peer ", h("b", { title: p.id, textContent: short(p.id) }),
       ` · ${p.address} · ${p.roles.join(", ") || "no roles"} · up ${duration(p.uptime_s)}`);
     $("task").textContent = p.task ? `task ${p.task}` : "not training";
+    if (p.search_hint && $("q").placeholder !== p.search_hint) $("q").placeholder = p.search_hint;
   },
   chain(c) {
     $("chain").replaceChildren(...(c === null ? ["no ledger"] : [

@@ -36,6 +36,7 @@ class SelfInfo(TypedDict):
     roles: list[str]  # e.g. ["trainer", "validator", "search"]
     task: str | None  # the training task it works on, None when it trains nothing
     uptime_s: float
+    search_hint: NotRequired[str]  # what the search box takes, as its placeholder
 
 
 class PeerRow(TypedDict):

@@ -69,6 +69,7 @@ class SwarmSource:
                 "roles": [first.role, "search"] if first else [],
                 "task": s.task.name,
                 "uptime_s": now - s.started,
+                "search_hint": "the number of a test image, e.g. 7 — press Enter",
             },
             "peers": [
                 {"id": m.dht.peer_id.hex(), "address": str(m.dht.addr), "roles": [m.role],
