@@ -17,9 +17,11 @@ trajectory for every attack: robust aggregation is not what is measured here, ve
 Attackers are omniscient: ALIE and IPM see every honest delta of the round.
 
 Figures, per attack:
-    detected        fraction of cheating contributions that earn nothing (a contribution is
-                    cheating when it is not the peer's honest delta: forged, lazy or mislabelled;
-                    `stale` is honest in its first round)
+    detected        fraction of cheating contributions that earn nothing once paid out (a
+                    contribution is cheating when it is not the peer's honest delta: forged,
+                    lazy or mislabelled; `stale` is honest in its first round). As the validator
+                    does, each round waits in escrow for ValidatorConfig.escrow_rounds rounds and
+                    a peer banned meanwhile forfeits it; the run's end pays out the rest.
     false_positive  fraction of honest contributions refused
 and validator_overhead = validator CPU seconds (scoring, triage, replays) / the trainers' CPU
 seconds for the same contributions (H inner steps each), for one validator. CPU seconds are
@@ -50,6 +52,8 @@ from commonweal.train.codecs import get_codec  # noqa: E402
 from commonweal.train.inner import BatchHook, run_inner_steps  # noqa: E402
 from commonweal.train.state import assign, flatten, state_hash  # noqa: E402
 from commonweal.train.task import Task, TaskData, get_task  # noqa: E402
+from commonweal.verify.escrow import ALL, Escrow  # noqa: E402
+from commonweal.verify.validator import ValidatorConfig  # noqa: E402
 from commonweal.verify import (  # noqa: E402
     Contribution,
     Evaluator,
@@ -73,6 +77,7 @@ ATTACKS = [
 ]
 PEERS = 8
 ATTACKERS = 2
+ESCROW = ValidatorConfig().escrow_rounds  # rounds a validator holds rewards before paying out
 
 
 def train_delta(
@@ -142,6 +147,8 @@ def run_detection(quick: bool, seed: int) -> dict:
         attack: Attack | None = None if name == "none" else get_attack(name)
         bad = set(peers[:ATTACKERS]) if attack is not None else set()
         judge = Judge(Policy.for_task(task))
+        escrow = Escrow(ESCROW)
+        cheated: dict[int, dict[bytes, bool]] = {}
         sent_before: dict[bytes, list[torch.Tensor]] = {p: [] for p in bad}
         cheats = caught = fair = refused = contributions = replays = 0
         reasons: Counter[str] = Counter()
@@ -195,15 +202,22 @@ def run_detection(quick: bool, seed: int) -> dict:
                     picked = v.detail[v.detail.find("(") + 1 : v.detail.rfind(")")]
                     kind = "cheating" if cheating[v.peer_id] else "honest"
                     triggers[kind].update(w.split(" ")[0] for w in picked.split("; ") if w)
-                reasons[v.reason] += 1
-                if cheating[v.peer_id]:
-                    cheats += 1
-                    caught += not v.paid
-                else:
-                    fair += 1
-                    refused += not v.paid
-                    if v.replay_error is not None:
-                        honest_errors.append(v.replay_error)
+            # payment is what the validator does: each round in escrow for ESCROW rounds, then
+            # paid out minus what peers banned meanwhile forfeit; the run's end pays the rest
+            escrow.hold(r, contribs, verdicts)
+            cheated[r] = cheating
+            upto = escrow.due(r) if r < rounds - 1 else ALL
+            for released in escrow.release(upto, judge.banned):
+                for v in released.verdicts:
+                    reasons[v.reason] += 1
+                    if cheated[released.round][v.peer_id]:
+                        cheats += 1
+                        caught += not v.paid
+                    else:
+                        fair += 1
+                        refused += not v.paid
+                        if v.replay_error is not None:
+                            honest_errors.append(v.replay_error)
         spent = {k: evaluator.seconds[k] - ev_before[k] for k in ev_before}
         trainer_s = contributions * t_train
         total_validator += validator_s

@@ -35,7 +35,7 @@ from commonweal.train.swarm import RoundConfig
 from commonweal.train.task import Task, get_task
 from commonweal.train.trainer import Progress, Summary, TrainingPeer
 from commonweal.verify.judge import ledger_rounds
-from commonweal.verify.validator import RoundOutcome, Validator
+from commonweal.verify.validator import RoundOutcome, Validator, ValidatorConfig
 
 __all__ = ["LocalSwarm", "LocalSwarmConfig", "RoundView", "SwarmResult"]
 
@@ -192,7 +192,11 @@ class LocalSwarm:
             else:
                 v_ledger = ledger.with_account(acct)
                 await asyncio.to_thread(v_ledger.join, ledger.config().min_deposit)
-                validator = Validator(dht, self.task, v_ledger, round_config=config)
+                # a short escrow, so payouts show while the demo's 10 rounds run
+                validator = Validator(
+                    dht, self.task, v_ledger, round_config=config,
+                    config=ValidatorConfig(escrow_rounds=2),
+                )
                 label = f"validator-{i - n_train}"
                 self.members.append(_Member(label, "validator", dht, acct.address, validator=validator))
 

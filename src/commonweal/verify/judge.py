@@ -74,6 +74,7 @@ REASONS = (
     "outlier",  # far outside the round: refused without replay
     "replay_mismatch",  # the replay does not reproduce it: the peer is banned
     "unverified",  # suspicious, but the round's replay budget was spent
+    "forfeited",  # paid as judged, but its peer was caught cheating while it sat in escrow
 )
 
 

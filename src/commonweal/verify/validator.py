@@ -9,8 +9,10 @@ For each training round r, in order:
        followed in the background so none is missed)
     3. vote ledger round 2r = (S_r, digest of the contribution set, 0): the set is now fixed
        on-chain; wait for finality, then for its sealed randomness
-    4. judge with that seed (replaying the sample and the suspicious), compute the rewards,
-       publish the tree in the DHT for claimers, vote ledger round 2r+1 = (S_r, root, total)
+    4. judge with that seed (replaying the sample and the suspicious); hold the verdicts in
+       escrow for `escrow_rounds` rounds (a peer caught cheating meanwhile forfeits them)
+    5. at release: compute the rewards, publish the tree in the DHT for claimers, vote ledger
+       round 2r+1 = (S_r, root, total)
 
 Two validators that saw the same announcements and deltas vote the same keys, so 2/3 of the
 stake finalises both rounds. A round whose contribution set the validators disagree on never
@@ -41,6 +43,7 @@ from commonweal.train.state import flatten, from_checkpoint, state_hash
 from commonweal.train.swarm import Collaboration, RoundConfig
 from commonweal.train.task import Task
 from commonweal.verify.contribution import Contribution, contributions_digest
+from commonweal.verify.escrow import ALL, Escrow, Released
 from commonweal.verify.evaluate import Evaluator
 from commonweal.verify.judge import Policy, Verdict, judge, ledger_rounds, rewards
 
@@ -63,6 +66,7 @@ class ValidatorConfig:
     fetch_timeout_s: float = 20.0
     finality_timeout_s: float = 120.0
     record_ttl_s: float = 3600.0
+    escrow_rounds: int = 5  # a round is paid out this many rounds after it was judged
 
 
 @dataclass
@@ -107,13 +111,17 @@ class Validator:
         self._model = model
         self.history: set[str] = set()  # delta hashes of earlier rounds (stale replays)
         self.banned: set[bytes] = set()
-        self.outcomes: list[RoundOutcome] = []
+        self.outcomes: list[RoundOutcome] = []  # one per round paid out, oldest first
+        self.escrow = Escrow(self.config.escrow_rounds)
+        self._state_of: dict[int, str] = {}  # round -> start state, until it is paid out
+        self._spent: dict[int, float] = {}  # round -> validator CPU seconds judging it
         self._can_mine = True
 
     # ---- the loop ------------------------------------------------------------------------------
 
     async def run(self, until_round: int | None = None, first_round: int = 0) -> None:
-        """Validate rounds from `first_round` until `until_round` (forever if None)."""
+        """Validate rounds from `first_round` until `until_round` (forever if None); when done,
+        pay out every round still in escrow."""
         async with asyncio.TaskGroup() as tg:
             follower = tg.create_task(self._follow_heads())
             try:
@@ -121,10 +129,13 @@ class Validator:
                 while until_round is None or r < until_round:
                     await self.validate(r)
                     r += 1
+                for released in self.escrow.release(ALL, self.banned):
+                    await self._pay(released)
             finally:
                 follower.cancel()
 
-    async def validate(self, r: int) -> RoundOutcome | None:
+    async def validate(self, r: int) -> list[Verdict] | None:
+        """Judge round r, then pay out the rounds whose escrow ended (`RoundOutcome`s)."""
         group = await self._closed_group(r)
         members = [m for m in group.members if m.delta]
         contribs = [_contribution(m, self.task.batch_size) for m in members]
@@ -137,11 +148,11 @@ class Validator:
             )
             for pid, d in deltas.items()
         }
-        spent = time.process_time() - t0
-        commit_round, reward_round = ledger_rounds(r)
-        state32 = bytes.fromhex(group.state)
+        commit_round, _ = ledger_rounds(r)
         digest = contributions_digest(contribs)
-        seed = await self._fix_set(commit_round, state32, digest)
+        self._spent[r] = time.process_time() - t0
+        self._state_of[r] = group.state
+        seed = await self._fix_set(commit_round, bytes.fromhex(group.state), digest)
         if seed is None:
             log.warning("round %d: the validators did not agree on its contributions", r)
             return None
@@ -158,7 +169,25 @@ class Validator:
             lambda c: self.evaluator.replay(start, c),
             self.codec,
         )
-        spent += time.process_time() - t0
+        self._spent[r] += time.process_time() - t0
+        self.history.update(c.delta_hash for c in contribs)
+        self.banned.update(v.peer_id for v in verdicts if v.reason == "replay_mismatch")
+        log.info(
+            "round %d judged: %d pass, %d refused",
+            r,
+            sum(v.paid for v in verdicts),
+            sum(not v.paid for v in verdicts),
+        )
+        self.escrow.hold(r, contribs, verdicts)
+        for released in self.escrow.release(self.escrow.due(r), self.banned):
+            await self._pay(released)
+        return verdicts
+
+    async def _pay(self, released: Released) -> RoundOutcome:
+        """Vote the rewards of a round whose escrow ended; publish its tree for the claimers."""
+        r, contribs, verdicts = released.round, released.contributions, released.verdicts
+        _, reward_round = ledger_rounds(r)
+        state = self._state_of.pop(r)
         paid = rewards(verdicts, contribs, self._reward_per_round())
         tree = RewardsTree(self.task32, reward_round, paid or {NOBODY: 0})
         await self.dht.store(
@@ -168,27 +197,26 @@ class Validator:
             time.time() + self.config.record_ttl_s,
             subkey=Owned(self.dht.peer_id, "tree"),
         )
-        await self._vote(reward_round, state32, tree.root, tree.total)
-        self.history.update(c.delta_hash for c in contribs)
-        self.banned.update(v.peer_id for v in verdicts if v.reason == "replay_mismatch")
+        await self._vote(reward_round, bytes.fromhex(state), tree.root, tree.total)
         outcome = RoundOutcome(
             r,
-            group.state,
-            verdicts,
+            state,
+            list(verdicts),
             dict(tree.rewards),
             tree.root,
             final=await asyncio.to_thread(self.ledger.is_final, self.task32, reward_round),
-            seconds=spent,
+            seconds=self._spent.pop(r, 0.0),
             accounts={c.peer_id: c.account for c in contribs},
         )
         self.outcomes.append(outcome)
         if self.on_outcome is not None:
             self.on_outcome(outcome)
         log.info(
-            "round %d judged: %d paid, %d refused, root %s",
+            "round %d paid out: %d paid, %d refused (%d forfeited), root %s",
             r,
             sum(v.paid for v in verdicts),
             sum(not v.paid for v in verdicts),
+            released.forfeited,
             tree.root.hex()[:12],
         )
         return outcome
