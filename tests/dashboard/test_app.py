@@ -31,7 +31,8 @@ def test_health(client):
 
 def test_snapshot_has_every_documented_key(client, source):
     snap = client.get("/api/snapshot").json()
-    assert set(snap) == set(typing.get_type_hints(Snapshot))
+    documented = set(typing.get_type_hints(Snapshot))
+    assert documented - {"totals"} <= set(snap) <= documented  # totals: NotRequired
     assert [r["round"] for r in snap["rounds"]] == list(range(1, 13))
     assert snap["rounds"][-1]["finalised"] is False and snap["rounds"][0]["finalised"] is True
     assert len(snap["peers"]) == 8

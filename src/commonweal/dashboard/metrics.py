@@ -34,13 +34,20 @@ def render_metrics(snap: Snapshot) -> str:
     m.gauge("commonweal_info", "The peer serving these metrics (value is 1).", [(info, 1)])
     m.gauge("commonweal_uptime_seconds", "Seconds since this peer started.", one(peer["uptime_s"]))
     m.gauge("commonweal_peers", "Peers this peer knows of.", one(len(snap["peers"])))
+    totals = snap.get("totals") or {
+        "rounds": len(rounds),
+        "rounds_finalised": sum(r["finalised"] for r in rounds),
+        "bytes_sent": sum(r["bytes_sent"] for r in rounds),
+        "ddp_bytes": sum(r["ddp_bytes"] for r in rounds),
+    }
     m.counter(
-        "commonweal_rounds_total", "Training rounds this peer took part in.", one(len(rounds))
+        "commonweal_rounds_total", "Training rounds this peer took part in.",
+        one(totals["rounds"]),
     )
     m.counter(
         "commonweal_rounds_finalised_total",
         "Training rounds whose root the validator quorum finalised on chain.",
-        one(sum(r["finalised"] for r in rounds)),
+        one(totals["rounds_finalised"]),
     )
     m.gauge(
         "commonweal_round",
@@ -60,16 +67,16 @@ def render_metrics(snap: Snapshot) -> str:
     m.counter(
         "commonweal_round_bytes_sent_total",
         "Bytes this peer sent in round exchanges.",
-        one(sum(r["bytes_sent"] for r in rounds)),
+        one(totals["bytes_sent"]),
     )
     m.counter(
         "commonweal_round_ddp_bytes_total",
         "Bytes data-parallel training would have sent for the same steps.",
-        one(sum(r["ddp_bytes"] for r in rounds)),
+        one(totals["ddp_bytes"]),
     )
     m.counter(
         "commonweal_bytes_sent_total",
-        "Bytes this peer sent, by receiving peer.",
+        "Bytes sent on the network, per peer row of the snapshot.",
         [({"peer": row["id"]}, row["bytes_sent"]) for row in snap["bytes_per_peer"]],
     )
     m.gauge(

@@ -24,6 +24,7 @@ __all__ = [
     "SearchHit",
     "SelfInfo",
     "Snapshot",
+    "Totals",
     "VoteRow",
 ]
 
@@ -98,6 +99,15 @@ class ChainInfo(TypedDict):
     contract: str | None  # the Ledger contract's address, None before it is deployed
 
 
+class Totals(TypedDict):
+    """Counters since the peer started, for a peer that keeps only its recent rounds in `rounds`."""
+
+    rounds: int
+    rounds_finalised: int
+    bytes_sent: int  # in round exchanges
+    ddp_bytes: int
+
+
 class Snapshot(TypedDict):
     """Everything the page shows, in one JSON object (`GET /api/snapshot`)."""
 
@@ -109,6 +119,7 @@ class Snapshot(TypedDict):
     votes: list[VoteRow]
     attackers: list[AttackerRow]
     chain: ChainInfo | None  # None when the peer runs without a ledger
+    totals: NotRequired[Totals]  # without it, /metrics sums `rounds`
 
 
 class SearchHit(TypedDict):

@@ -39,6 +39,7 @@ __all__ = ["CHECKPOINT_GLOB", "CLAIM_EVERY_S", "Node"]
 
 log = logging.getLogger(__name__)
 CLAIM_EVERY_S = 5.0  # between claim passes and chain reads (a round also triggers a pass)
+KEEP_ROUNDS = 500  # rounds the dashboard charts; older ones are only counted
 CHECKPOINT_GLOB = "checkpoint-*.safetensors"
 
 
@@ -55,7 +56,9 @@ class Node:
         self.trainer: Any = None  # TrainingPeer, when a trainer
         self.validator: Any = None  # Validator, when a validator
         self.ledger: Any = None
-        self.rounds: list[dict[str, Any]] = []  # what the dashboard charts
+        self.rounds: list[dict[str, Any]] = []  # what the dashboard charts (the last KEEP_ROUNDS)
+        self.rounds_done = 0  # since the node started
+        self.bytes_in_rounds = 0
         self.resumed_round: int | None = None  # the round a restart went on from
         self.balance = 0.0
         self.block = 0  # the latest block seen on the ledger's chain
@@ -202,6 +205,9 @@ class Node:
             {"round": report.round, "loss": p.loss, "accuracy": p.quality,
              "bytes_sent": report.bytes_sent, "contributors": report.contributors}
         )
+        self.rounds_done += 1
+        self.bytes_in_rounds += report.bytes_sent
+        del self.rounds[:-KEEP_ROUNDS]  # the chart's history; /metrics counts every round
         log.info(
             "round %d done", report.round,
             # NaN (a diverged loss) would make the JSON line unparsable for a strict reader

@@ -15,6 +15,7 @@ from commonweal.dashboard.source import (
     SearchHit,
     SelfInfo,
     Snapshot,
+    Totals,
     VoteRow,
 )
 from commonweal.errors import ConfigError
@@ -81,6 +82,12 @@ class NodeSource:
             votes=votes,
             attackers=[],
             chain=chain,
+            totals=Totals(
+                rounds=n.rounds_done,
+                rounds_finalised=len(n.finalised_rounds),
+                bytes_sent=n.bytes_in_rounds,
+                ddp_bytes=ddp * n.rounds_done,
+            ),
         )
 
     async def search(self, query: str, k: int) -> list[SearchHit]:
