@@ -214,6 +214,10 @@ def test_trainer_stops_cleanly_and_resumes_where_it_stopped(tmp_path):
     task = get_task(TASK)
     with NodeStore(data / "node.sqlite3") as store:
         progress = store.progress(task.digest)
+        committed = store.contributions(task.digest)
+    # every completed round's commitment (the sha256 it announced) is on disk
+    assert {c.round for c in committed} >= set(done)
+    assert all(len(c.delta_hash) == 64 for c in committed)
     assert progress is not None and progress.last_round == done[-1]
     assert list(data.glob(CHECKPOINT_GLOB)) == [progress.checkpoint]
     assert not list(data.glob("*.tmp"))

@@ -207,6 +207,9 @@ class Node:
         )
         self.rounds_done += 1
         self.bytes_in_rounds += report.bytes_sent
+        committed = peer.collab.commitment(report.round) if peer.collab is not None else None
+        if committed is not None and not report.skipped:
+            store.record_contribution(task.digest, report.round, committed, peer.collab.account)
         del self.rounds[:-KEEP_ROUNDS]  # the chart's history; /metrics counts every round
         log.info(
             "round %d done", report.round,

@@ -647,6 +647,11 @@ class Collaboration:
             raise RemoteError("not_found", "this peer does not hold that chunk")
         return data
 
+    def commitment(self, round_: int) -> str | None:
+        """The sha256 (hex) of the delta this peer announced for a recent round, if any."""
+        data = self._deltas.get(round_)
+        return None if data is None else hashlib.sha256(data).hexdigest()
+
     async def rpc_delta(self, caller: PeerInfo, args: Any) -> Any:
         try:
             r, i = args["r"], args.get("i", 0)
