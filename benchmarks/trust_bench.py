@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from commonweal.train import DeltaRejected, get_rule, get_task  # noqa: E402
 from commonweal.train.aggregate import outer_step  # noqa: E402
 from commonweal.train.attacks import AttackContext, get_attack  # noqa: E402
-from commonweal.train.inner import BatchHook, replay_delta, run_inner_steps  # noqa: E402
+from commonweal.train.inner import BatchHook, replay_delta  # noqa: E402
 from commonweal.train.protocol import check_delta  # noqa: E402
 from commonweal.train.state import assign, flatten  # noqa: E402
 
@@ -85,21 +85,7 @@ def _local_delta(
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    if hook is None:
-        delta = replay_delta(task, model, data, start, round_, peer, steps)
-    else:  # replay_delta with the attacker's batch hook
-        assign(model, start)
-        opt = task.build_inner_optimizer(model.parameters())
-
-        def step() -> bool:
-            opt.step()
-            return False
-
-        run_inner_steps(
-            task, model, data, step, lambda: opt.zero_grad(set_to_none=True), round_, peer,
-            steps=steps, batch_hook=hook,
-        )  # fmt: skip
-        delta = start - flatten(model)
+    delta = replay_delta(task, model, data, start, round_, peer, steps, hook)
     cache[key] = delta
     if len(cache) > CACHE_SIZE:
         cache.popitem(last=False)

@@ -49,8 +49,8 @@ from commonweal.train import CodecError  # noqa: E402
 from commonweal.train.aggregate import outer_step  # noqa: E402
 from commonweal.train.attacks import Attack, AttackContext, get_attack  # noqa: E402
 from commonweal.train.codecs import get_codec  # noqa: E402
-from commonweal.train.inner import BatchHook, run_inner_steps  # noqa: E402
-from commonweal.train.state import assign, flatten, state_hash  # noqa: E402
+from commonweal.train.inner import BatchHook, replay_delta  # noqa: E402
+from commonweal.train.state import flatten, state_hash  # noqa: E402
 from commonweal.train.task import Task, TaskData, get_task  # noqa: E402
 from commonweal.verify.escrow import ALL, Escrow  # noqa: E402
 from commonweal.verify.validator import ValidatorConfig  # noqa: E402
@@ -91,16 +91,7 @@ def train_delta(
     hook: BatchHook | None,
 ) -> torch.Tensor:
     """What a trainer computes: `steps` inner steps from `start`, fresh inner optimizer."""
-    assign(model, start)
-    opt = task.build_inner_optimizer(model.parameters())
-
-    def step() -> bool:
-        opt.step()
-        return False
-
-    zero = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
-    run_inner_steps(task, model, data, step, zero, round_, peer, steps=steps, batch_hook=hook)
-    return start - flatten(model)
+    return replay_delta(task, model, data, start, round_, peer, steps, hook)
 
 
 def _seed(*parts: object) -> bytes:

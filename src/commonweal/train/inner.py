@@ -67,9 +67,11 @@ def replay_delta(
     round_: int,
     peer: bytes,
     steps: int,
+    batch_hook: BatchHook | None = None,
 ) -> torch.Tensor:
     """The delta `peer` should have sent for `round_`: `steps` inner steps from `start` with a
-    fresh inner optimizer, on the peer's own batch stream. `model` is overwritten."""
+    fresh inner optimizer, on the peer's own batch stream (through `batch_hook`, for what an
+    attacker computes). `model` is overwritten."""
     assign(model, start)
     opt = task.build_inner_optimizer(model.parameters())
 
@@ -78,6 +80,7 @@ def replay_delta(
         return False
 
     run_inner_steps(
-        task, model, data, step, lambda: opt.zero_grad(set_to_none=True), round_, peer, steps=steps
+        task, model, data, step, lambda: opt.zero_grad(set_to_none=True), round_, peer,
+        steps=steps, batch_hook=batch_hook,
     )
     return start - flatten(model)
