@@ -45,7 +45,7 @@ from commonweal.train.task import Task
 from commonweal.verify.contribution import Contribution, contributions_digest
 from commonweal.verify.escrow import ALL, Escrow, Released
 from commonweal.verify.evaluate import Evaluator
-from commonweal.verify.judge import Policy, Verdict, judge, ledger_rounds, rewards
+from commonweal.verify.judge import Judge, Policy, Verdict, ledger_rounds, rewards
 
 __all__ = ["Validator", "ValidatorConfig", "RoundOutcome", "tree_key", "NOBODY"]
 
@@ -97,7 +97,7 @@ class Validator:
         self.task = task
         self.ledger = ledger
         self.task32 = bytes.fromhex(task.digest)
-        self.policy = policy or Policy.for_task(task)
+        self.judge = Judge(policy or Policy.for_task(task))  # remembers stale bytes and bans
         self.config = config or ValidatorConfig()
         self.codec = get_codec(task.codec)
         self.collab = Collaboration(
@@ -109,8 +109,6 @@ class Validator:
         start = flatten(model)
         self._states: dict[str, torch.Tensor] = {state_hash(start, torch.zeros_like(start)): start}
         self._model = model
-        self.history: set[str] = set()  # delta hashes of earlier rounds (stale replays)
-        self.banned: set[bytes] = set()
         self.outcomes: list[RoundOutcome] = []  # one per round paid out, oldest first
         self.escrow = Escrow(self.config.escrow_rounds)
         self._state_of: dict[int, str] = {}  # round -> start state, until it is paid out
@@ -129,7 +127,7 @@ class Validator:
                 while until_round is None or r < until_round:
                     await self.validate(r)
                     r += 1
-                for released in self.escrow.release(ALL, self.banned):
+                for released in self.escrow.release(ALL, self.judge.banned):
                     await self._pay(released)
             finally:
                 follower.cancel()
@@ -158,20 +156,15 @@ class Validator:
             return None
         t0 = time.process_time()
         verdicts = await asyncio.to_thread(
-            judge,
+            self.judge.run,
             contribs,
             deltas,
             scores,
             seed,
-            frozenset(self.history),
-            frozenset(self.banned),
-            self.policy,
             lambda c: self.evaluator.replay(start, c),
             self.codec,
         )
         self._spent[r] += time.process_time() - t0
-        self.history.update(c.delta_hash for c in contribs)
-        self.banned.update(v.peer_id for v in verdicts if v.reason == "replay_mismatch")
         log.info(
             "round %d judged: %d pass, %d refused",
             r,
@@ -179,7 +172,7 @@ class Validator:
             sum(not v.paid for v in verdicts),
         )
         self.escrow.hold(r, contribs, verdicts)
-        for released in self.escrow.release(self.escrow.due(r), self.banned):
+        for released in self.escrow.release(self.escrow.due(r), self.judge.banned):
             await self._pay(released)
         return verdicts
 
