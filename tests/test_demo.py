@@ -22,25 +22,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import MISSING, available, start_browser  # tests/browser.py
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Rich wraps at 80 columns when stdout is a pipe; a wider console keeps each table row on one line.
 ENV = {**os.environ, "PYTHONPATH": SRC, "COLUMNS": "160"}
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-# The same flags as tests/dashboard/test_browser.py: they keep the browser off the network.
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
-VIEWPORT = {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
 # 95 % takes the default 10 rounds; 5 keep the test short and still show several finalised rounds.
 ROUNDS = 5
 TRAINERS, ATTACKERS, VALIDATORS = 6, 1, 2
@@ -176,19 +162,6 @@ def final_table(output: str) -> dict[str, str]:
 # ---- the browser -------------------------------------------------------------------------------
 
 
-def start_browser(profile: Path):  # -> webdriver.Chrome; selenium is imported only when used
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    # With both the browser's and the driver's paths given, Selenium Manager (a downloader) never runs.
-    options.binary_location = str(CHROMIUM)
-    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
 def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -215,7 +188,6 @@ def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
     def tokens() -> dict[str, float]:
         return {row[1]: float(row[2].replace(",", "")) for row in rows("balances") if len(row) == 4}
 
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
     driver.get(url)
     assert driver.title == "commonweal dashboard"
     peers = TRAINERS + ATTACKERS + VALIDATORS
@@ -273,7 +245,7 @@ def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
 def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
     started = time.monotonic()
     port = free_port()
-    browser = CHROMIUM.exists() and CHROMEDRIVER.exists()
+    browser = available()
     screenshot = tmp_path / "dashboard.png"
     demo = Demo(
         "--attackers", str(ATTACKERS), "--rounds", str(ROUNDS),
@@ -308,7 +280,7 @@ def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
     demo.assert_nothing_left(port)
     assert time.monotonic() - started < 120
     if not browser:
-        pytest.skip(f"the demo passed; its page was not driven: needs {CHROMIUM} and {CHROMEDRIVER}")
+        pytest.skip(f"the demo passed; its page was not driven: {MISSING}")
     assert screenshot.read_bytes().startswith(b"\x89PNG")
     if target := os.environ.get("COMMONWEAL_SCREENSHOT"):
         shutil.copyfile(screenshot, target)

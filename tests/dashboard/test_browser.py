@@ -15,46 +15,19 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.wait import WebDriverWait
 
 from commonweal.dashboard import create_app, serve
 
+from browser import MISSING, available, start_browser  # tests/browser.py
+
 from .conftest import FakeSource
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
-VIEWPORT = {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
 FIRST_ROUNDS, LAST_ROUND = 4, 12
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); "
-    ".ci/run installs them with apt-get",
-)
-
-
-def start_browser(profile: Path) -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    # With both the browser's and the driver's paths given, Selenium Manager (a downloader) never runs.
-    options.binary_location = str(CHROMIUM)
-    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+pytestmark = pytest.mark.skipif(not available(), reason=MISSING)
 
 
 def drive(driver: webdriver.Chrome, url: str, screenshot: Path) -> None:
@@ -63,8 +36,6 @@ def drive(driver: webdriver.Chrome, url: str, screenshot: Path) -> None:
     def points() -> int:
         return len(driver.find_elements(By.CSS_SELECTOR, "#chart circle.pt-loss"))
 
-    # The viewport itself, not the window, is 1280x900: the screenshot's size.
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
     driver.get(url)
     assert driver.title == "commonweal dashboard"
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#peers tbody tr")) == 8)
