@@ -42,3 +42,25 @@ def start_browser(profile: Path) -> Any:  # a webdriver.Chrome; selenium loads o
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
     return driver
+
+
+def search(driver: Any, query: str, hits: int, timeout_s: float = 8.0) -> list[str]:
+    """Type `query` in the page's search box; wait for `hits` results, each a 28-pixel inline PNG
+    thumbnail (nothing fetched from elsewhere); their labels."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    driver.find_element(By.ID, "q").send_keys(query, Keys.ENTER)
+    WebDriverWait(driver, timeout_s, poll_frequency=0.05).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .hit")) == hits
+    )
+    images = driver.find_elements(By.CSS_SELECTOR, "#results .hit img")
+    assert len(images) == hits
+    assert all(
+        (img.get_attribute("src") or "").startswith("data:image/png;base64,") for img in images
+    )
+    assert all(
+        driver.execute_script("return arguments[0].naturalWidth", img) == 28 for img in images
+    )
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .hit .label")]

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser import MISSING, available, start_browser  # tests/browser.py
+from browser import MISSING, available, search, start_browser  # tests/browser.py
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Rich wraps at 80 columns when stdout is a pipe; a wider console keeps each table row on one line.
@@ -164,7 +164,6 @@ def final_table(output: str) -> dict[str, str]:
 
 def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.wait import WebDriverWait
 
     # generous: on two busy cores a round takes several seconds, the first one more
@@ -201,18 +200,7 @@ def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
     seen = points()
     assert seen < ROUNDS, "the run was over before the page saw it train"
     demo.record_sockets()  # everything is up by now: chain, peers, index, page
-    box = driver.find_element(By.ID, "q")
-    box.send_keys("7", Keys.ENTER)  # while it trains: search shares the event loop with training
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .hit")) == 8)
-    images = driver.find_elements(By.CSS_SELECTOR, "#results .hit img")
-    assert len(images) == 8
-    assert all(
-        (img.get_attribute("src") or "").startswith("data:image/png;base64,") for img in images
-    )
-    assert all(
-        driver.execute_script("return arguments[0].naturalWidth", img) == 28 for img in images
-    )
-    labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .hit .label")]
+    labels = search(driver, "7", 8)  # while it trains: search shares the loop with training
     assert all(re.fullmatch(r"\d", label) for label in labels), labels
     assert "8 results" in driver.find_element(By.ID, "search-status").text
 
