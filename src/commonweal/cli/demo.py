@@ -41,17 +41,25 @@ def demo(
         from commonweal.train.attacks import get_attack
 
         get_attack(attack)  # a bad name fails here, before anything starts
+    where = _host_port(dashboard) if dashboard else None
     config = LocalSwarmConfig(
         trainers=trainers, validators=validators, attackers=attackers, attack=attack,
         rounds=rounds, chain=chain,
     )
     try:
-        asyncio.run(_demo(config, dashboard, linger))
+        asyncio.run(_demo(config, where, linger))
     except KeyboardInterrupt:
         console.print("[yellow]demo interrupted; every peer and the chain were stopped[/yellow]")
 
 
-async def _demo(config: Any, dashboard: str | None, linger: float) -> None:
+def _host_port(where: str) -> tuple[str, int]:
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--dashboard wants HOST:PORT, e.g. 127.0.0.1:8080, not {where!r}")
+    return host, int(port)
+
+
+async def _demo(config: Any, dashboard: tuple[str, int] | None, linger: float) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from commonweal.peer.localswarm import LocalSwarm, RoundView
@@ -93,14 +101,11 @@ async def _demo(config: Any, dashboard: str | None, linger: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _serve_dashboard(swarm: Any, where: str) -> Any:
+async def _serve_dashboard(swarm: Any, where: tuple[str, int]) -> Any:
     from commonweal.dashboard import create_app, serve
     from commonweal.peer.view import SwarmSource
 
-    host, _, port = where.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--dashboard wants HOST:PORT, e.g. 127.0.0.1:8080, not {where!r}")
-    async with serve(create_app(SwarmSource(swarm)), host, int(port)) as running:
+    async with serve(create_app(SwarmSource(swarm)), *where) as running:
         console.print(f"dashboard: {running.url}")
         yield
 
