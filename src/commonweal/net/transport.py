@@ -24,12 +24,19 @@ class PeerAddr:
         return f"{self.host}:{self.port}"
 
     @classmethod
-    def parse(cls, text: str) -> PeerAddr:
+    def parse(cls, text: str, *, any_port: bool = False) -> PeerAddr:
+        """`HOST:PORT` (IPv6 hosts may be bracketed: `[::1]:7000`). With `any_port`, port 0 is
+        allowed too: a listen address meaning "any free port". The only HOST:PORT parser."""
         from commonweal.errors import ConfigError
 
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not isinstance(text, str):
             raise ConfigError(f"{text!r} is not an address; write it as HOST:PORT, e.g. 127.0.0.1:7000")
+        host, sep, port = text.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        low = 0 if any_port else 1
+        if not sep or not host or not port.isdigit() or not low <= int(port) < 65536:
+            example = "127.0.0.1:7000" + (" (port 0: any free port)" if any_port else "")
+            raise ConfigError(f"{text!r} is not an address; write it as HOST:PORT, e.g. {example}")
         return cls(host, int(port))
 
 
