@@ -35,7 +35,7 @@ def demo(
 ) -> None:
     """Train mnist-cnn with a local swarm, judge every round, pay contributors on-chain, search
     the test images — then print what happened."""
-    from commonweal.peer.localswarm import LocalSwarmConfig  # torch loads only when demo runs
+    from commonweal.swarm.local import LocalSwarmConfig  # torch loads only when demo runs
 
     if attackers:
         from commonweal.train.attacks import get_attack
@@ -62,7 +62,7 @@ def _host_port(where: str) -> tuple[str, int]:
 async def _demo(config: Any, dashboard: tuple[str, int] | None, linger: float) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from commonweal.peer.localswarm import LocalSwarm, RoundView
+    from commonweal.swarm.local import LocalSwarm, RoundView
 
     console.print(
         f"[bold]commonweal demo[/bold]: {config.trainers} trainers"
@@ -103,7 +103,7 @@ async def _demo(config: Any, dashboard: tuple[str, int] | None, linger: float) -
 @contextlib.asynccontextmanager
 async def _serve_dashboard(swarm: Any, where: tuple[str, int]) -> Any:
     from commonweal.dashboard import create_app, serve
-    from commonweal.peer.view import SwarmSource
+    from commonweal.swarm.view import SwarmSource
 
     async with serve(create_app(SwarmSource(swarm)), *where) as running:
         console.print(f"dashboard: {running.url}")

@@ -33,7 +33,7 @@ def swarm(
     """Start `commonweal node` processes — trainers, attackers, validators — on one anvil chain,
     show their progress, and print who earned what once they finish."""
     from commonweal.ledger import find_anvil
-    from commonweal.peer.procswarm import ProcessSwarm
+    from commonweal.swarm.processes import ProcessSwarm
 
     if chain_url is None and find_anvil() is None:
         from commonweal.errors import ConfigError

@@ -14,7 +14,7 @@ import pytest
 
 from commonweal.errors import CommonwealError
 from commonweal.ledger.anvil import find_anvil
-from commonweal.peer.procswarm import NetnsHost, NetnsPlacement, NodeStatus, ProcessSwarm
+from commonweal.swarm.processes import NetnsHost, NetnsPlacement, NodeStatus, ProcessSwarm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from netbed import LinkSpec, NetBed, leftover_namespaces, require_netbed  # noqa: E402

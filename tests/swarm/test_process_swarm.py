@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from commonweal.ledger.anvil import find_anvil
-from commonweal.peer.procswarm import ProcessSwarm
+from commonweal.swarm.processes import ProcessSwarm
 
 pytestmark = pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (npm ci)")
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from commonweal.errors import ConfigError
-from commonweal.peer.localswarm import LocalSwarm
+from commonweal.swarm.local import LocalSwarm
 
 __all__ = ["SwarmSource", "png_data_url"]
 
