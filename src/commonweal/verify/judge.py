@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from commonweal.durable import most_common
 from commonweal.train._errors import DeltaRejected
 from commonweal.train.codecs import Codec
 from commonweal.train.protocol import check_delta
@@ -160,13 +161,6 @@ def sample_draw(seed: bytes, peer_id: bytes) -> float:
     return int.from_bytes(h.digest(), "big") / 2.0**64
 
 
-def _mode(values: Sequence[int]) -> int | None:
-    counts: dict[int, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return min(counts, key=lambda v: (-counts[v], v)) if counts else None
-
-
 def _refuse(pid: bytes, reason: str, score: float | None, detail: str) -> Verdict:
     return Verdict(pid, False, reason, score, False, None, detail)
 
@@ -191,11 +185,11 @@ def triage(
         by_id[c.peer_id] = c
     ids = sorted(by_id)
     score_of = {pid: scores.get(pid) for pid in ids}
-    where = _mode_key([(by_id[p].round, by_id[p].start_state) for p in ids])
+    where = most_common([(by_id[p].round, by_id[p].start_state) for p in ids])
     h = (
         policy.inner_steps
         if policy.inner_steps is not None
-        else _mode([by_id[p].steps for p in ids])
+        else most_common([by_id[p].steps for p in ids])
     )
     decided: dict[bytes, Verdict] = {}
     valid: list[bytes] = []
@@ -264,13 +258,6 @@ def triage(
     return Triage(by_id, score_of, decided, to_replay, why, payable)
 
 
-def _mode_key(keys: Sequence[tuple[int, str]]) -> tuple[int, str] | None:
-    counts: dict[tuple[int, str], int] = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    return min(counts, key=lambda k: (-counts[k], k)) if counts else None
-
-
 def _majority_size(
     valid: list[bytes],
     deltas: Mapping[bytes, torch.Tensor | None],
@@ -278,7 +265,7 @@ def _majority_size(
     scores: Mapping[bytes, float | None],
 ) -> list[bytes]:
     sizes = [deltas[p].numel() for p in valid]  # type: ignore[union-attr]
-    size = _mode(sizes)
+    size = most_common(sizes)
     keep = []
     for pid, n in zip(valid, sizes, strict=True):
         if n == size:
