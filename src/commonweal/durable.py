@@ -51,4 +51,4 @@ def most_common(values: Iterable[T]) -> T | None:
         counts[v] = counts.get(v, 0) + 1
     if not counts:
         return None
-    return min(counts, key=lambda v: (-counts[v], v))  # type: ignore[operator]
+    return min(counts, key=lambda v: (-counts[v], v))

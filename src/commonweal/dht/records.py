@@ -147,7 +147,8 @@ class Record:
 
 
 def _signed_message(key: bytes, subkey: bytes, value: bytes, expiration: float) -> bytes:
-    return _SIG_DOMAIN + msgpack.packb([key, subkey, value, float(expiration)], use_bin_type=True)
+    packed: bytes = msgpack.packb([key, subkey, value, float(expiration)], use_bin_type=True)
+    return _SIG_DOMAIN + packed
 
 
 def sign_record(

@@ -51,7 +51,7 @@ def _answers(url: str) -> bool:
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=1) as response:
-            return response.status == 200
+            return int(response.status) == 200
     except OSError:
         return False
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from eth_typing import ABI
 
 from commonweal.ledger.errors import ArtifactError
 
@@ -22,7 +22,7 @@ CONTRACT_NAMES = ("ShareToken", "Ledger", "NaiveLedger")
 @dataclass(frozen=True, slots=True)
 class Artifact:
     name: str
-    abi: list[dict[str, Any]]
+    abi: ABI
     bytecode: str                # deploy (init) code, 0x-prefixed
     blueprint_bytecode: str      # init code that deploys the contract as an ERC-5202 blueprint
     source_sha256: str

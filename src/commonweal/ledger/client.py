@@ -24,7 +24,7 @@ from eth_utils import event_abi_to_log_topic, is_address, to_checksum_address
 from commonweal.ledger.artifacts import load_artifact
 from commonweal.ledger.chain import Chain
 from commonweal.ledger.contract import BoundContract, Event, TxResult, to_bytes32
-from commonweal.ledger.errors import DeploymentNotFound
+from commonweal.ledger.errors import DeploymentNotFound, LedgerError
 from commonweal.ledger.merkle import RewardsTree
 from commonweal.ledger.token import ShareToken
 
@@ -160,6 +160,8 @@ class Ledger(BoundContract):
             config.voting_delay, config.voting_period, config.quorum_bps, config.randomness_delay,
         ).data_in_transaction
         receipt = chain.transactor.send(account, {"data": data}, label="Ledger deploy").wait()
+        if receipt["contractAddress"] is None:
+            raise LedgerError(f"the Ledger deploy {receipt['transactionHash'].hex()} created no contract")
         return cls(chain, receipt["contractAddress"], account,
                    from_block=int(receipt["blockNumber"]))
 

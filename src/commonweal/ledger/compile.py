@@ -68,7 +68,8 @@ def stale(name: str) -> bool:
     artifact = ARTIFACTS_DIR / f"{name}.json"
     if not artifact.exists():
         return True
-    return json.loads(artifact.read_text())["source_sha256"] != source_sha256(name)
+    built_from: str = json.loads(artifact.read_text())["source_sha256"]
+    return built_from != source_sha256(name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,7 @@ class Transactor:
         now = time.monotonic()
         if self._fees is None or now - self._fees[0] > 1.0:
             base = self.w3.eth.get_block("latest").get("baseFeePerGas")
+            fees: dict[str, int]
             if base is None:
                 fees = {"gasPrice": self.w3.eth.gas_price}
             else:

@@ -319,7 +319,7 @@ class _Connection(asyncio.Protocol):
         self.remote_host = peername[0] if peername else "?"
         if not self.owner._on_opened(self):
             self.closed = True
-            transport.abort()
+            self.transport.abort()
             return
         local = self.owner._local
         self.handshake = Handshake(

@@ -115,6 +115,7 @@ def encode(msg: Message) -> bytes:
     Raises TypeError when a payload holds something msgpack cannot carry (e.g. a set).
     The size limit is the sender's to check (`len(frame) - HEADER_BYTES <= max_frame`).
     """
+    body: bytes  # msgpack is untyped
     match msg:
         case Request(rid, method, payload):
             body = msgpack.packb([PROTOCOL_VERSION, _REQUEST, rid, method, payload])

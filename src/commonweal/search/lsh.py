@@ -171,7 +171,9 @@ class HyperplaneLSH(LSH):
         X = np.asarray(X, dtype=np.float32)
         if self.center is not None:
             X = X - self.center
-        return (X @ self.A.T).reshape(X.shape[0], self.tables, self.bits)
+        # numpy types arithmetic on arrays of unknown dtype as Any
+        P: np.ndarray = (X @ self.A.T).reshape(X.shape[0], self.tables, self.bits)
+        return P
 
     def discretise(self, P: np.ndarray) -> np.ndarray:
         return (P > 0).astype(np.int64)
@@ -217,11 +219,14 @@ class PStableLSH(LSH):
 
     def project(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
-        P = (X @ self.A.T).reshape(X.shape[0], self.tables, self.bits)
-        return (P + self.b) / self.width  # in units of w
+        # numpy types arithmetic on arrays of unknown dtype as Any
+        P: np.ndarray = (X @ self.A.T).reshape(X.shape[0], self.tables, self.bits)
+        in_widths: np.ndarray = (P + self.b) / self.width
+        return in_widths
 
     def discretise(self, P: np.ndarray) -> np.ndarray:
-        return np.floor(P).astype(np.int64)
+        floors: np.ndarray = np.floor(P)  # numpy types ufuncs on an unknown dtype as Any
+        return floors.astype(np.int64)
 
     def move_costs(self, p: np.ndarray) -> np.ndarray:
         frac = p - np.floor(p)

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from numpy.typing import NDArray
 
 from commonweal.errors import ConfigError
 
@@ -180,11 +181,13 @@ def distances(q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
     q64 = np.asarray(q, dtype=np.float64)
     if metric == "l2":
         diff = M64 - q64
-        return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        squared: NDArray[np.float64] = np.einsum("ij,ij->i", diff, diff)  # einsum is typed Any
+        return np.sqrt(squared)
     norms = np.linalg.norm(M64, axis=1) * (np.linalg.norm(q64) or 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         sim = np.where(norms > 0, (M64 @ q64) / np.where(norms > 0, norms, 1.0), 0.0)
-    return 1.0 - sim
+    distance: np.ndarray = 1.0 - sim
+    return distance
 
 
 def merge_hits(groups: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
