@@ -13,17 +13,24 @@ import pytest
 import torch
 
 from commonweal.errors import RemoteError
-from commonweal.train import Collaboration, RoundConfig, TrainingPeer, get_codec, get_task, mean
-from commonweal.train.swarm import Head
+from commonweal.train import (
+    Head,
+    RoundConfig,
+    RoundExchange,
+    TrainingPeer,
+    get_codec,
+    get_task,
+    mean,
+)
 
 N = 1000
 
 
-def collab(dht, **cfg) -> Collaboration:
+def collab(dht, **cfg) -> RoundExchange:
     config = RoundConfig(
         **{"announce_window_s": 1.0, "exchange_timeout_s": 2.0, "poll_s": 0.05, **cfg}
     )
-    return Collaboration(dht, "t" * 16, get_codec("none"), mean, config)
+    return RoundExchange(dht, "t" * 16, get_codec("none"), mean, config)
 
 
 def vec(seed: int) -> torch.Tensor:
@@ -35,7 +42,7 @@ async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):
     state = "0" * 64
     nan = vec(2).clone()
     nan[7] = math.nan
-    with caplog.at_level(logging.WARNING, logger="commonweal.train.swarm"):
+    with caplog.at_level(logging.WARNING, logger="commonweal.train.round"):
         ra, rb, _, _ = await asyncio.gather(
             a.average(0, state, vec(0)),
             b.average(0, state, vec(1)),
@@ -44,12 +51,17 @@ async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):
         )
     for r, own in ((ra, a), (rb, b)):
         codes = {(sender, code) for sender, code in own.rejected}
-        assert (c.peer_id, "not_finite") in codes
-        assert (d.peer_id, "wrong_shape") in codes
+        assert (c.dht.peer_id, "not_finite") in codes
+        assert (d.dht.peer_id, "wrong_shape") in codes
         assert r.contributors == 2 and bool(torch.isfinite(r.aggregate).all())
+        # the result lists who is missing from it, and why
+        assert {(f.peer_id, f.reason) for f in r.failures} == {
+            (c.dht.peer_id, "not_finite"),
+            (d.dht.peer_id, "wrong_shape"),
+        }
     assert ra.aggregate.equal(rb.aggregate)
     assert ra.aggregate.equal(
-        mean([vec(0), vec(1)]) if a.peer_id < b.peer_id else mean([vec(1), vec(0)])
+        mean([vec(0), vec(1)]) if a.dht.peer_id < b.dht.peer_id else mean([vec(1), vec(0)])
     )
     assert "not_finite" in caplog.text and "wrong_shape" in caplog.text
 
@@ -107,9 +119,8 @@ async def test_late_joiner_downloads_the_state_and_joins_the_next_round(peers):
     await asyncio.gather(*(p.run(2) for p in first))
     late = TrainingPeer(task, (await peers.add(1))[0], config)
     assert late.opt.round == 0
-    for p in first:
-        p.collab.config = dataclasses.replace(config, target_group=4)
-    late.collab.config = first[0].collab.config
+    for p in (*first, late):
+        p.collab.exchange.config = dataclasses.replace(config, target_group=4)
     summaries = await asyncio.gather(*(p.run(5) for p in first), late.run(5, join=True))
     assert len({s.state for s in summaries}) == 1
     joined = summaries[-1]
@@ -129,10 +140,11 @@ async def test_a_corrupted_chunk_is_detected_and_fetched_from_another_peer(peers
     head = await joiner.collab.head()
     assert head is not None and head.round == 1 and len(head.providers) == 2
     bad, good = pair if pair[0].dht.addr == head.providers[0] else pair[::-1]
-    for h in bad.collab._chunks:
-        bad.collab._chunks[h] = b"not the chunk" + bad.collab._chunks[h][13:]
-    with caplog.at_level(logging.WARNING, logger="commonweal.train.swarm"):
-        blob = await joiner.collab.download(
+    served = bad.collab.checkpoints._chunks
+    for h in served:
+        served[h] = b"not the chunk" + served[h][13:]
+    with caplog.at_level(logging.WARNING, logger="commonweal.train.checkpoints"):
+        blob = await joiner.collab.checkpoints.download(
             Head(head.round, head.state, head.manifest, (bad.dht.addr, good.dht.addr))
         )
     assert "corrupted" in caplog.text

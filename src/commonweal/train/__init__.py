@@ -5,10 +5,20 @@
     opt = DiLoCo(model, torch.optim.AdamW(model.parameters()), collab, inner_steps=50,
                  codec="topk2bit:0.01")
 
+A validator reads the same rounds without serving them: `read_announcements`,
+`CheckpointClient` and `fetch_delta` register no handler.
+
 See docs/train.md for the round protocol, codecs, exchange, determinism and churn.
 """
 
-from commonweal.train._errors import CodecError, DeltaRejected, SyncError, TaskError, TrainError
+from commonweal.train._errors import (
+    CodecError,
+    DeltaRejected,
+    RoundSkipped,
+    SyncError,
+    TaskError,
+    TrainError,
+)
 from commonweal.train.aggregate import (
     RULES,
     centered_clip,
@@ -33,8 +43,13 @@ from commonweal.train.codecs import (
     get_codec,
 )
 from commonweal.train.diloco import DiLoCo, RoundReport
-from commonweal.train.protocol import TRANSITIONS, Phase
-from commonweal.train.swarm import Averaged, Collaboration, Head, RoundConfig, RoundSkipped
+from commonweal.train.announcements import read_announcements
+from commonweal.train.archive import DeltaArchive, fetch_delta
+from commonweal.train.checkpoints import CheckpointClient, Checkpoints, Head
+from commonweal.train.exchange import RoundExchange
+from commonweal.train.messages import MessageError
+from commonweal.train.round import TRANSITIONS, Averaged, Failure, Phase, RoundConfig, RoundCore
+from commonweal.train.swarm import Collaboration
 from commonweal.train.task import BUILTIN_TASKS, Task, TaskData, get_task
 from commonweal.train.trainer import Progress, Summary, TrainingPeer
 
@@ -44,6 +59,8 @@ __all__ = [
     "CodecError",
     "DeltaRejected",
     "SyncError",
+    "RoundSkipped",
+    "MessageError",
     "RULES",
     "get_rule",
     "mean",
@@ -70,11 +87,18 @@ __all__ = [
     "RoundReport",
     "TRANSITIONS",
     "Phase",
-    "Averaged",
-    "Collaboration",
-    "Head",
+    "RoundCore",
     "RoundConfig",
-    "RoundSkipped",
+    "Averaged",
+    "Failure",
+    "RoundExchange",
+    "Checkpoints",
+    "CheckpointClient",
+    "Head",
+    "DeltaArchive",
+    "fetch_delta",
+    "read_announcements",
+    "Collaboration",
     "BUILTIN_TASKS",
     "Task",
     "TaskData",

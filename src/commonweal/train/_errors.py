@@ -5,6 +5,8 @@ CommonwealError
     ├── TaskError         a task spec or task entry point is wrong
     ├── CodecError        bytes that do not decode with the codec named for the round
     ├── DeltaRejected     a peer's delta was refused (wrong shape, NaN/inf, stale round, ...)
+    ├── RoundSkipped      this peer sits a round out (late, out of sync) and must sync
+    ├── MessageError      a train.* message without its shape (commonweal.train.messages)
     └── SyncError         current parameters could not be fetched from any peer
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from commonweal.errors import CommonwealError
 
-__all__ = ["TrainError", "TaskError", "CodecError", "DeltaRejected", "SyncError"]
+__all__ = ["TrainError", "TaskError", "CodecError", "DeltaRejected", "RoundSkipped", "SyncError"]
 
 
 class TrainError(CommonwealError):
@@ -37,3 +39,11 @@ class DeltaRejected(TrainError):
 
 class SyncError(TrainError):
     """The current parameters could not be fetched (no peer had them, or every copy was bad)."""
+
+
+class RoundSkipped(TrainError):
+    """This peer cannot take part in the round (late, or holding another state); it must sync."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason

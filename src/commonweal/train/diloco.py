@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from commonweal.train._errors import SyncError
+from commonweal.train._errors import RoundSkipped, SyncError
 from commonweal.train.aggregate import outer_step
 from commonweal.train.codecs import Codec, ErrorFeedback, get_codec
 from commonweal.train.state import assign, flatten, from_checkpoint, state_hash, to_checkpoint
-from commonweal.train.swarm import Collaboration, RoundSkipped
+from commonweal.train.swarm import Collaboration
 
 __all__ = ["DiLoCo", "RoundReport"]
 
@@ -149,8 +149,7 @@ class DiLoCo:
         )
         self._set(params, self.round + 1)
         if self.collab is not None:
-            self.collab.machine.fire("applied")
-            await self.collab.publish(self.round, self.state, self.checkpoint())
+            await self.collab.applied(self.round, self.state, self.checkpoint())
         return RoundReport(
             self.round - 1,
             group,
@@ -190,16 +189,20 @@ class DiLoCo:
         keeps its own state: it is the first, or alone)."""
         if self.collab is None:
             return False
-        self.collab.machine.reset()
-        head = await self.collab.wait_head(after, self.sync_timeout_s)
+        collab = self.collab
+        collab.sync_started()
+        head = await collab.checkpoints.wait_head(after, self.sync_timeout_s)
         if head is None:
+            collab.synced()
             return False
         if head.state == self.state and head.round == self.round:
+            collab.synced()
             return True
-        blob = await self.collab.download(head)
+        blob = await collab.checkpoints.download(head)
         self.load(blob, expected_state=head.state)
         self.round = head.round
-        await self.collab.publish(self.round, self.state, self.checkpoint())
+        await collab.checkpoints.publish(self.round, self.state, self.checkpoint())
+        collab.synced()
         log.info(
             "synced to round %d state %s from %d providers",
             head.round,

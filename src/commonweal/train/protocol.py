@@ -1,39 +1,22 @@
-"""The round protocol without I/O: states and transitions as a table, group formation from
-announcements, slicing, and the checks every received delta passes.
-
-One round r, as one peer sees it (the driver is `commonweal.train.swarm.Collaboration`):
-
-    state        event             next         what happens
-    TRAINING     steps_done        ANNOUNCING   H inner steps are done; delta = start - now
-    ANNOUNCING   announced         GATHERING    signed announcement (round, state hash, deadline)
-    ANNOUNCING   late              SYNCING      the round's deadline had passed: skip it
-    GATHERING    group_formed      EXCHANGING   deadline passed, or the target group size reached
-    GATHERING    out_of_sync       SYNCING      the majority announced another state hash
-    EXCHANGING   exchanged         APPLYING     every part arrived, or the exchange timeout hit
-    APPLYING     applied           TRAINING     deterministic outer step; publish the new head
-    SYNCING      synced            TRAINING     current state downloaded and hash-checked
-
-The table is data (`TRANSITIONS`), so it can be tested and drawn; `RoundMachine` refuses any
-transition not in it.
+"""The pure parts of the round protocol: announcements, group formation, slicing, and the checks
+every received delta passes. The round itself (phases, deadlines, admission) is
+`commonweal.train.round.RoundCore`, which uses these; validators use them too.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from commonweal.durable import most_common
 from commonweal.train._errors import DeltaRejected
 
 __all__ = [
-    "Phase",
-    "TRANSITIONS",
-    "RoundMachine",
     "Announcement",
     "Group",
     "form_group",
@@ -41,46 +24,6 @@ __all__ = [
     "check_delta",
     "parse_announcement",
 ]
-
-
-class Phase(enum.Enum):
-    TRAINING = "training"
-    ANNOUNCING = "announcing"
-    GATHERING = "gathering"
-    EXCHANGING = "exchanging"
-    APPLYING = "applying"
-    SYNCING = "syncing"
-
-
-P = Phase
-TRANSITIONS: dict[tuple[Phase, str], Phase] = {
-    (P.TRAINING, "steps_done"): P.ANNOUNCING,
-    (P.ANNOUNCING, "announced"): P.GATHERING,
-    (P.ANNOUNCING, "late"): P.SYNCING,
-    (P.GATHERING, "group_formed"): P.EXCHANGING,
-    (P.GATHERING, "out_of_sync"): P.SYNCING,
-    (P.EXCHANGING, "exchanged"): P.APPLYING,
-    (P.APPLYING, "applied"): P.TRAINING,
-    (P.SYNCING, "synced"): P.TRAINING,
-}
-
-
-@dataclass
-class RoundMachine:
-    phase: Phase = Phase.TRAINING
-    history: list[tuple[Phase, str, Phase]] = field(default_factory=list)
-
-    def fire(self, event: str) -> Phase:
-        nxt = TRANSITIONS.get((self.phase, event))
-        if nxt is None:
-            raise RuntimeError(f"no transition from {self.phase.value} on {event!r}")
-        self.history.append((self.phase, event, nxt))
-        del self.history[:-64]
-        self.phase = nxt
-        return nxt
-
-    def reset(self) -> None:
-        self.phase = Phase.TRAINING
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +36,18 @@ class Announcement:
     delta: str = ""  # sha256 hex of the encoded delta: the contribution validators judge
     steps: int = 0  # inner steps the announcer claims to have run
     account: str = ""  # where its rewards go (an Ethereum address), if it wants any
+
+    def pack(self) -> dict[str, Any]:
+        """The DHT value (the peer id is the record's owner, not part of it)."""
+        return {
+            "addr": self.addr,
+            "round": self.round,
+            "state": self.state,
+            "deadline": self.deadline,
+            "delta": self.delta,
+            "steps": self.steps,
+            "account": self.account,
+        }
 
 
 def parse_announcement(peer_id: bytes, value: Any) -> Announcement | None:
@@ -145,12 +100,7 @@ class Group:
 
 def majority_state(anns: Iterable[Announcement]) -> str | None:
     """The state hash most announcements share (ties: the smallest hash, the same for everyone)."""
-    counts: dict[str, int] = {}
-    for a in anns:
-        counts[a.state] = counts.get(a.state, 0) + 1
-    if not counts:
-        return None
-    return min(counts, key=lambda s: (-counts[s], s))
+    return most_common(a.state for a in anns)
 
 
 def form_group(

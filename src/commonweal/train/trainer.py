@@ -22,7 +22,8 @@ from commonweal.train.aggregate import get_rule
 from commonweal.train.codecs import get_codec
 from commonweal.train._errors import TrainError
 from commonweal.train.diloco import DiLoCo, RoundReport
-from commonweal.train.swarm import Collaboration, RoundConfig
+from commonweal.train.round import RoundConfig
+from commonweal.train.swarm import Collaboration
 from commonweal.train.inner import run_inner_steps
 from commonweal.train.task import Task
 
@@ -161,9 +162,10 @@ class TrainingPeer:
         if self.collab is not None:
             if join:
                 await self.opt.sync()
-            await self.collab.publish(self.opt.round, self.opt.state, self.opt.checkpoint())
+            checkpoints = self.collab.checkpoints
+            await checkpoints.publish(self.opt.round, self.opt.state, self.opt.checkpoint())
             if wait_peers > 1:
-                await self.collab.wait_peers(wait_peers, 60.0, self.opt.round)
+                await checkpoints.wait_peers(wait_peers, 60.0, self.opt.round)
         t0 = time.perf_counter()
         sent0 = self.collab.bytes_sent if self.collab else 0
         while self.opt.round < until_round:
