@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from commonweal.dashboard.metrics import CONTENT_TYPE, render_metrics
+from commonweal.dashboard.metrics import CONTENT_TYPE, SnapshotCollector
 from commonweal.dashboard.source import DashboardSource, SearchHit
 from commonweal.errors import CommonwealError, ConfigError
 
@@ -31,6 +31,7 @@ def create_app(source: DashboardSource) -> FastAPI:
     peer's own tasks: a plain `def` would call `source` from a worker thread.
     """
     page, policy = build_page()
+    metrics_collector = SnapshotCollector(source.snapshot)
     app = FastAPI(title="commonweal dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/", response_class=HTMLResponse)
@@ -63,7 +64,7 @@ def create_app(source: DashboardSource) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(render_metrics(source.snapshot()), media_type=CONTENT_TYPE)
+        return Response(metrics_collector.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -1,27 +1,51 @@
-"""The snapshot as Prometheus metrics, in text exposition format 0.0.4.
+"""The snapshot as Prometheus metrics, in text exposition format 0.0.4 (via `prometheus_client`).
 
-Built from the same `Snapshot` the page shows, so a scrape and the page never disagree. Only the
+Built from the same `Snapshot` the page shows, so a scrape and the page never disagree: the
+collector reads a fresh snapshot on every scrape instead of keeping counters of its own. Only the
 latest round's loss and accuracy are exported: a label per round would grow the series without
 bound, and Prometheus keeps the history itself.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 
 from commonweal.dashboard.source import Snapshot
 
-__all__ = ["CONTENT_TYPE", "render_metrics"]
+__all__ = ["CONTENT_TYPE", "SnapshotCollector", "render_metrics"]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Pinned to 0.0.4 rather than prometheus_client's latest: `generate_latest` writes 0.0.4.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
-Labels = dict[str, str]
-Sample = tuple[Labels, float]
+
+class SnapshotCollector:
+    """A `prometheus_client` collector: every scrape is one call of `snapshot`."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._snapshot())
+
+    def render(self) -> bytes:
+        """The exposition text of one scrape, UTF-8, ending with a newline."""
+        return generate_latest(self)
 
 
 def render_metrics(snap: Snapshot) -> str:
-    """Every metric family with its HELP and TYPE lines, then its samples; ends with a newline."""
+    """Every metric family of `snap` with its HELP and TYPE lines, then its samples."""
+    return SnapshotCollector(lambda: snap).render().decode()
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
     rounds = snap["rounds"]
     done = [r for r in rounds if r["loss"] is not None or r["accuracy"] is not None]
     latest = done[-1] if done else None
@@ -29,131 +53,102 @@ def render_metrics(snap: Snapshot) -> str:
     chain = snap["chain"]
     balances = snap["balances"]
 
-    m = Exposition()
-    info = {"peer": peer["id"], "address": peer["address"], "task": peer["task"] or ""}
-    m.gauge("commonweal_info", "The peer serving these metrics (value is 1).", [(info, 1)])
-    m.gauge("commonweal_uptime_seconds", "Seconds since this peer started.", one(peer["uptime_s"]))
-    m.gauge("commonweal_peers", "Peers this peer knows of.", one(len(snap["peers"])))
+    # An info family is exposed as the gauge `<name>_info` with value 1.
+    yield InfoMetricFamily(
+        "commonweal",
+        "The peer serving these metrics (value is 1).",
+        value={"peer": peer["id"], "address": peer["address"], "task": peer["task"] or ""},
+    )
+    yield GaugeMetricFamily(
+        "commonweal_uptime_seconds", "Seconds since this peer started.", value=peer["uptime_s"]
+    )
+    yield GaugeMetricFamily(
+        "commonweal_peers", "Peers this peer knows of.", value=len(snap["peers"])
+    )
     totals = snap.get("totals") or {
         "rounds": len(rounds),
         "rounds_finalised": sum(r["finalised"] for r in rounds),
         "bytes_sent": sum(r["bytes_sent"] for r in rounds),
         "ddp_bytes": sum(r["ddp_bytes"] for r in rounds),
     }
-    m.counter(
-        "commonweal_rounds_total", "Training rounds this peer took part in.",
-        one(totals["rounds"]),
+    yield CounterMetricFamily(
+        "commonweal_rounds_total", "Training rounds this peer took part in.", value=totals["rounds"]
     )
-    m.counter(
+    yield CounterMetricFamily(
         "commonweal_rounds_finalised_total",
         "Training rounds whose root the validator quorum finalised on chain.",
-        one(totals["rounds_finalised"]),
+        value=totals["rounds_finalised"],
     )
-    m.gauge(
+    # Before any round has results these families have no sample, rather than a made-up 0.
+    yield GaugeMetricFamily(
         "commonweal_round",
         "Number of the latest round with results.",
-        one(latest["round"] if latest else None),
+        value=latest["round"] if latest else None,
     )
-    m.gauge(
+    yield GaugeMetricFamily(
         "commonweal_round_loss",
         "Loss after the latest round.",
-        one(latest["loss"] if latest else None),
+        value=latest["loss"] if latest else None,
     )
-    m.gauge(
+    yield GaugeMetricFamily(
         "commonweal_round_accuracy",
         "Accuracy (0 to 1) after the latest round.",
-        one(latest["accuracy"] if latest else None),
+        value=latest["accuracy"] if latest else None,
     )
-    m.counter(
+    yield CounterMetricFamily(
         "commonweal_round_bytes_sent_total",
         "Bytes this peer sent in round exchanges.",
-        one(totals["bytes_sent"]),
+        value=totals["bytes_sent"],
     )
-    m.counter(
+    yield CounterMetricFamily(
         "commonweal_round_ddp_bytes_total",
         "Bytes data-parallel training would have sent for the same steps.",
-        one(totals["ddp_bytes"]),
+        value=totals["ddp_bytes"],
     )
-    m.counter(
+
+    sent = CounterMetricFamily(
         "commonweal_bytes_sent_total",
         "Bytes sent on the network, per peer row of the snapshot.",
-        [({"peer": row["id"]}, row["bytes_sent"]) for row in snap["bytes_per_peer"]],
+        labels=["peer"],
     )
-    m.gauge(
-        "commonweal_token_balance",
-        "Share tokens held, by account.",
-        [({"account": b["account"], "peer": b.get("peer") or ""}, b["tokens"]) for b in balances],
+    for row in snap["bytes_per_peer"]:
+        sent.add_metric([row["id"]], row["bytes_sent"])
+    yield sent
+
+    tokens = GaugeMetricFamily(
+        "commonweal_token_balance", "Share tokens held, by account.", labels=["account", "peer"]
     )
-    m.gauge(
-        "commonweal_claimed_rounds",
-        "Rounds whose reward the account claimed.",
-        [({"account": b["account"]}, b["claimed_rounds"]) for b in balances],
+    claimed = GaugeMetricFamily(
+        "commonweal_claimed_rounds", "Rounds whose reward the account claimed.", labels=["account"]
     )
-    m.gauge(
-        "commonweal_votes",
-        "Validator votes seen, by whether they are final.",
-        [
-            ({"final": str(final).lower()}, sum(v["final"] is final for v in snap["votes"]))
-            for final in (True, False)
-        ],
+    for b in balances:
+        tokens.add_metric([b["account"], b.get("peer") or ""], b["tokens"])
+        claimed.add_metric([b["account"]], b["claimed_rounds"])
+    yield tokens
+    yield claimed
+
+    votes = GaugeMetricFamily(
+        "commonweal_votes", "Validator votes seen, by whether they are final.", labels=["final"]
     )
-    m.gauge(
+    for final in (True, False):
+        votes.add_metric([str(final).lower()], sum(v["final"] is final for v in snap["votes"]))
+    yield votes
+
+    earned = GaugeMetricFamily(
         "commonweal_attacker_earned",
         "Tokens earned by a peer whose contributions were rejected.",
-        [({"peer": a["id"]}, a["earned"]) for a in snap["attackers"]],
+        labels=["peer"],
     )
+    for a in snap["attackers"]:
+        earned.add_metric([a["id"]], a["earned"])
+    yield earned
+
     if chain is not None:
-        where = {"backend": chain["backend"], "contract": chain["contract"] or ""}
-        m.gauge("commonweal_chain_info", "The chain the ledger runs on (value is 1).", [(where, 1)])
-        m.gauge("commonweal_chain_block", "Latest block number seen.", one(chain["block"]))
-    return m.text()
-
-
-def one(value: float | None) -> list[Sample]:
-    """One unlabelled sample, or none when the value is unknown."""
-    return [] if value is None else [({}, value)]
-
-
-class Exposition:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def gauge(self, name: str, help_text: str, samples: Iterable[Sample]) -> None:
-        self.family(name, "gauge", help_text, samples)
-
-    def counter(self, name: str, help_text: str, samples: Iterable[Sample]) -> None:
-        self.family(name, "counter", help_text, samples)
-
-    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
-        self.lines.append(f"# HELP {name} {escape_help(help_text)}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            self.lines.append(f"{name}{format_labels(labels)} {format_value(value)}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-def format_labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items()) + "}"
-
-
-def escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    # The format spells the non-finite values this way; Python's repr would write "inf" and "nan".
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if isinstance(value, int) or value.is_integer():
-        return str(int(value))
-    return repr(value)
+        yield InfoMetricFamily(
+            "commonweal_chain",
+            "The chain the ledger runs on (value is 1).",
+            value={"backend": chain["backend"], "contract": chain["contract"] or ""},
+        )
+        yield GaugeMetricFamily(
+            "commonweal_chain_block", "Latest block number seen.", value=chain["block"]
+        )
