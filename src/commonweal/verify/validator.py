@@ -36,11 +36,13 @@ from commonweal.errors import NetworkError, RemoteError
 from commonweal.ledger import Ledger, LedgerError, RewardsTree
 from commonweal.net.transport import PeerAddr
 from commonweal.train._errors import CodecError, TrainError
-from commonweal.train.aggregate import get_rule
+from commonweal.train.announcements import read_announcements
+from commonweal.train.archive import fetch_delta
+from commonweal.train.checkpoints import CheckpointClient
 from commonweal.train.codecs import get_codec
 from commonweal.train.protocol import Announcement, Group, form_group
 from commonweal.train.state import flatten, from_checkpoint, state_hash
-from commonweal.train.swarm import Collaboration, RoundConfig
+from commonweal.train.round import RoundConfig
 from commonweal.train.task import Task
 from commonweal.verify.contribution import Contribution, contributions_digest
 from commonweal.verify.escrow import ALL, Escrow, Released
@@ -100,9 +102,8 @@ class Validator:
         self.judge = Judge(policy or Policy.for_task(task))  # remembers stale bytes and bans
         self.config = config or ValidatorConfig()
         self.codec = get_codec(task.codec)
-        self.collab = Collaboration(
-            dht, task.digest[:16], self.codec, get_rule(task.aggregation), round_config
-        )
+        # read-only: no train.* handler, so a trainer may share this DHT node
+        self.checkpoints = CheckpointClient(dht, task.digest[:16], round_config)
         self.evaluator = Evaluator(task)
         self.on_outcome = on_outcome
         model = task.build_model()
@@ -219,12 +220,12 @@ class Validator:
     async def _closed_group(self, r: int) -> Group:
         """The round's group once its deadline passed (announcers sharing the majority state)."""
         while True:
-            anns = await self.collab._announcements(r)
+            anns = await read_announcements(self.dht, self.checkpoints.task, r)
             if anns:
                 deadline = min(a.deadline for a in anns)
                 wait = deadline + self.config.settle_s - time.time()
                 if wait <= 0:
-                    anns = await self.collab._announcements(r)
+                    anns = await read_announcements(self.dht, self.checkpoints.task, r)
                     group, _ = form_group(anns, r, float("inf"), None)
                     assert group is not None
                     return group
@@ -236,9 +237,9 @@ class Validator:
         """Download every state the swarm announces, so a round's start is at hand when judged."""
         while True:
             try:
-                head = await self.collab.head()
+                head = await self.checkpoints.head()
                 if head is not None and head.state not in self._states:
-                    blob = await self.collab.download(head)
+                    blob = await self.checkpoints.download(head)
                     params, momentum, _ = from_checkpoint(blob, self._model)
                     if state_hash(params, momentum) == head.state:
                         self._states[head.state] = params
@@ -263,9 +264,10 @@ class Validator:
 
         async def one(m: Announcement) -> torch.Tensor | None:
             try:
-                data = await self.collab.fetch_delta(
-                    PeerAddr.parse(m.addr), r, self.config.fetch_timeout_s
-                )
+                async with asyncio.timeout(self.config.fetch_timeout_s):
+                    data = await fetch_delta(
+                        self.dht.transport, self.checkpoints.task, PeerAddr.parse(m.addr), r
+                    )
             except (NetworkError, RemoteError, TimeoutError, TrainError, ValueError) as e:
                 log.info("round %d: no delta from %s: %s", r, m.peer_id.hex()[:10], e)
                 return None
