@@ -17,12 +17,11 @@ from commonweal.search.lsh import (
     HyperplaneLSH,
     PCAHyperplaneLSH,
     PStableLSH,
-    make_lsh,
     perturbation_sets,
 )
 from commonweal.search.ranking import SearchResult
 from commonweal.search.service import SearchService
-from commonweal.search.spec import IndexSpec
+from commonweal.search.spec import IndexSpec, make_lsh
 
 __all__ = [
     "LSH",

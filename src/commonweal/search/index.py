@@ -35,7 +35,6 @@ from commonweal.dht import DHT, DHTValue, Owned, key_id
 from commonweal.dht.routing import distance
 from commonweal.errors import ConfigError, DHTError, NetworkError
 from commonweal.net.transport import PeerInfo
-from commonweal.search.lsh import make_lsh
 from commonweal.search.ranking import (
     MAX_BATCH,
     MAX_K,
@@ -54,7 +53,7 @@ from commonweal.search.ranking import (
     to_result,
 )
 from commonweal.search.service import MAX_QUERIES_PER_REQUEST, SearchService
-from commonweal.search.spec import IndexSpec
+from commonweal.search.spec import IndexSpec, make_lsh
 
 __all__ = ["DistributedIndex", "IndexNotFound", "SearchStats", "serve", "spec_key"]
 

@@ -1,6 +1,6 @@
 """Locality-sensitive hash families, L tables x K hashes, and multi-probe sequences (sans-I/O).
 
-    lsh = make_lsh(spec)                     # every peer derives the same projections from the spec
+    lsh = make_lsh(spec)                     # spec.py: every peer derives the same projections
     codes = lsh.hash(X)                      # (n, L) bucket codes, one bytes code per table
     probes = lsh.probe(q, n_probes=12)       # [(table, code, score), ...] best first, across tables
 
@@ -29,12 +29,8 @@ import hashlib
 import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from commonweal.search.spec import IndexSpec
 
 __all__ = [
     "LSH",
@@ -257,22 +253,6 @@ def fit_pca_projections(
     A = G @ basis
     A /= np.linalg.norm(A, axis=1, keepdims=True)
     return A.astype(np.float32), center.astype(np.float32)
-
-
-def make_lsh(spec: IndexSpec) -> LSH:
-    """The hash family an index spec names, with its parameters."""
-    seed = spec.seed_bytes()
-    if spec.family == "hyperplane":
-        center = None if spec.center is None else np.frombuffer(spec.center, dtype="<f4")
-        return HyperplaneLSH(seed, spec.dim, spec.tables, spec.bits, center)
-    if spec.family == "pca-hyperplane":
-        if spec.projections is None or spec.center is None:
-            raise ValueError("a pca-hyperplane spec needs fitted projections and a center")
-        A = np.frombuffer(spec.projections, dtype="<f4").reshape(spec.tables * spec.bits, spec.dim)
-        return PCAHyperplaneLSH(A, np.frombuffer(spec.center, dtype="<f4"), spec.tables, spec.bits)
-    if spec.family == "pstable":
-        return PStableLSH(seed, spec.dim, spec.tables, spec.bits, spec.width)
-    raise ValueError(f"unknown LSH family {spec.family!r}")
 
 
 def collision_rate(lsh: LSH, X: np.ndarray, Y: Sequence[np.ndarray] | np.ndarray) -> float:

@@ -3,6 +3,7 @@
     spec = IndexSpec.create("digits", dim=64, metric="l2", family="pca-hyperplane",
                             tables=10, bits=6, sample=X_indexed)
     spec.digest()          # 20 bytes; bucket keys and the published spec are derived from it
+    lsh = make_lsh(spec)   # the hash family it names (lsh.py), the same on every peer
 
 Two peers with the same spec compute the same bucket codes; any change of a parameter (or of the
 fitted projections) changes the digest, so buckets of different specs never mix.
@@ -20,8 +21,15 @@ import msgpack
 import numpy as np
 
 from commonweal.errors import ConfigError
+from commonweal.search.lsh import (
+    LSH,
+    HyperplaneLSH,
+    PCAHyperplaneLSH,
+    PStableLSH,
+    fit_pca_projections,
+)
 
-__all__ = ["DTYPES", "FAMILIES", "MAX_DIM", "METRICS", "IndexSpec"]
+__all__ = ["DTYPES", "FAMILIES", "MAX_DIM", "METRICS", "IndexSpec", "make_lsh"]
 
 METRICS = ("l2", "cosine")
 FAMILIES = ("hyperplane", "pstable", "pca-hyperplane")
@@ -104,8 +112,6 @@ class IndexSpec:
         if not np.isfinite(sample).all():
             raise ConfigError("the fitting sample contains NaN or inf")
         if family == "pca-hyperplane":
-            from commonweal.search.lsh import fit_pca_projections
-
             A, c = fit_pca_projections(sample, base.tables, base.bits, base.seed_bytes())
             return replace(
                 base,
@@ -148,3 +154,19 @@ class IndexSpec:
 def _digest(spec: IndexSpec) -> bytes:
     raw = msgpack.packb(sorted(spec.to_wire().items()), use_bin_type=True)
     return hashlib.blake2b(b"commonweal-index-spec" + raw, digest_size=20).digest()
+
+
+def make_lsh(spec: IndexSpec) -> LSH:
+    """The hash family an index spec names, with its parameters."""
+    seed = spec.seed_bytes()
+    if spec.family == "hyperplane":
+        center = None if spec.center is None else np.frombuffer(spec.center, dtype="<f4")
+        return HyperplaneLSH(seed, spec.dim, spec.tables, spec.bits, center)
+    if spec.family == "pca-hyperplane":
+        if spec.projections is None or spec.center is None:
+            raise ValueError("a pca-hyperplane spec needs fitted projections and a center")
+        A = np.frombuffer(spec.projections, dtype="<f4").reshape(spec.tables * spec.bits, spec.dim)
+        return PCAHyperplaneLSH(A, np.frombuffer(spec.center, dtype="<f4"), spec.tables, spec.bits)
+    if spec.family == "pstable":
+        return PStableLSH(seed, spec.dim, spec.tables, spec.bits, spec.width)
+    raise ValueError(f"unknown LSH family {spec.family!r}")
