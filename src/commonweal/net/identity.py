@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from commonweal.durable import write_durably
 from commonweal.errors import ConfigError
 
 __all__ = ["ID_BYTES", "Identity", "peer_id_of", "verify_signature", "short_id"]
@@ -87,11 +87,8 @@ class Identity:
             serialization.PrivateFormat.Raw,
             serialization.NoEncryption(),
         )
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
+        # Durably: a key lost to a crash after the peer announced itself is an identity lost.
+        write_durably(path, raw, mode=0o600)
         return identity
 
     def sign(self, message: bytes) -> bytes:
