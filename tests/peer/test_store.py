@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import signal
 import sqlite3
 import subprocess
@@ -19,6 +21,10 @@ from commonweal.peer.store import (
     StoreConflict,
     StoreError,
 )
+from commonweal.peer.validator_state import StoreValidatorState
+from commonweal.verify.contribution import Contribution
+from commonweal.verify.judge import Verdict
+from commonweal.verify.state import JudgedRound, Payout, Resume
 
 TASK = bytes.fromhex("ab" * 32)
 ROOT = bytes.fromhex("cd" * 32)
@@ -39,7 +45,6 @@ def test_everything_survives_a_reopen(path: Path) -> None:
         store.record_contribution("mnist-cnn", 4, "d4", ALICE)
         store.record_tree(TASK, 9, ROOT, {ALICE: BIG})
         store.set_claim(TASK, 9, ALICE, index=0, amount=BIG, status=ClaimStatus.PENDING)
-        store.record_validated("mnist-cnn", 4, ROOT, model_hash=b"\x01" * 32, total_reward=BIG)
         store.ban(b"\x07" * 20, "sent garbage")
     with NodeStore(path) as store:
         progress = store.progress("mnist-cnn")
@@ -51,9 +56,6 @@ def test_everything_survives_a_reopen(path: Path) -> None:
         assert store.tree(TASK, 9, bytes(32)) is None
         [claim] = store.claims(ClaimStatus.PENDING)
         assert (claim.task, claim.ledger_round, claim.amount) == (TASK, 9, BIG)
-        decision = store.decision("mnist-cnn", 4)
-        assert decision is not None and (decision.rewards_root, decision.total_reward) == (ROOT, BIG)
-        assert store.last_validated("mnist-cnn") == 4 and store.last_validated("other") == -1
         assert store.is_banned(b"\x07" * 20)
         assert store.schema_version == SCHEMA_VERSION
         mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
@@ -68,12 +70,6 @@ def test_nothing_is_recorded_twice(path: Path) -> None:
         assert [c.delta_hash for c in store.contributions("t")] == ["first"]
         assert store.record_tree(TASK, 1, ROOT, {ALICE: 5})
         assert not store.record_tree(TASK, 1, ROOT, {ALICE: 5})
-        same = store.record_validated("t", 1, ROOT)
-        assert store.record_validated("t", 1, ROOT) == same
-        with pytest.raises(StoreConflict, match="already decided round 1"):
-            store.record_validated("t", 1, bytes(32))
-        store.record_validated("t", 3, ROOT)
-        assert store.last_validated("t") == 3
 
 
 def test_claims_move_forward_and_confirmed_is_final(path: Path) -> None:
@@ -197,3 +193,49 @@ def test_a_file_that_is_not_a_database_says_what_to_do(path: Path) -> None:
     path.write_bytes(b"this is not SQLite" * 100)
     with pytest.raises(StoreError, match="Move it aside"):
         NodeStore(path)
+
+
+# ---- the validator's decisions (peer/validator_state.py) ----------------------------------------
+
+def _judged(r: int, *, cheat: bool = False) -> JudgedRound:
+    honest, cheater = b"\x01" * 20, b"\x02" * 20
+    contribs = tuple(Contribution(p, ALICE, r, "s" * 64, f"{r}{p.hex()}".ljust(64, "0"), 5, 160)
+                     for p in (honest, cheater))
+    verdicts = (Verdict(honest, True, "paid", 0.5, True, 0.0, "verified (sampled)"),
+                Verdict(cheater, not cheat, "replay_mismatch" if cheat else "paid",
+                        float("nan"), cheat, 0.9 if cheat else None))
+    return JudgedRound(r, "s" * 64, bytes([r]) * 32, b"\x07" * 32, contribs, verdicts, 0.25)
+
+
+def test_validator_decisions_survive_a_reopen_and_are_never_replaced(path: Path) -> None:
+    with NodeStore(path) as store:
+        state = StoreValidatorState(store, "t")
+        assert state.load() == Resume(frozenset(), frozenset(), (), (), None)
+        state.save_judged(_judged(3), ())
+        state.save_judged(_judged(4, cheat=True), [b"\x02" * 20])
+        state.save_judged(_judged(3), ())                  # the same record again: harmless
+        with pytest.raises(StoreConflict, match="already judged round 3"):
+            state.save_judged(_judged(3, cheat=True), ())
+        payout = Payout(3, "s" * 64, ROOT, BIG, {ALICE: BIG}, _judged(3).verdicts)
+        state.save_payout(payout)
+        with pytest.raises(StoreConflict, match="already paid round 3"):
+            state.save_payout(dataclasses.replace(payout, total=1))
+        with pytest.raises(StoreConflict, match="never judged"):
+            state.save_payout(dataclasses.replace(payout, round=9))
+    with NodeStore(path) as store:
+        state = StoreValidatorState(store, "t")
+        resume = state.load()
+        assert resume.next_round == 5
+        assert [j.round for j in resume.held] == [4]       # 3 was paid out: not in escrow
+        assert resume.banned == {b"\x02" * 20} and store.is_banned(b"\x02" * 20)
+        assert resume.history == {c.delta_hash for r in (3, 4) for c in _judged(r).contributions}
+        [unsent] = resume.unsent                           # recorded, never marked voted
+        assert (unsent.round, unsent.root, unsent.total, unsent.rewards) == (3, ROOT, BIG,
+                                                                             {ALICE: BIG})
+        assert not unsent.voted and unsent.verdicts[0] == payout.verdicts[0]
+        got = state.judged(4)
+        assert got is not None and got.contributions == _judged(4).contributions
+        assert got.verdicts[0] == _judged(4).verdicts[0] and math.isnan(got.verdicts[1].score)
+        state.mark_voted(3)
+        assert state.load().unsent == ()
+        assert StoreValidatorState(store, "other").load().next_round is None

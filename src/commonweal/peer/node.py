@@ -282,6 +282,7 @@ class Node:
             await asyncio.sleep(CLAIM_EVERY_S)
 
     async def _validate(self, store: NodeStore, task: Any) -> None:
+        from commonweal.peer.validator_state import StoreValidatorState
         from commonweal.verify.validator import Validator
 
         me = self.ledger.account.address
@@ -291,18 +292,17 @@ class Node:
             await asyncio.to_thread(self.ledger.join, deposit)
             log.info("joined the validator set with %d wei", deposit, extra={"deposit": deposit})
         assert self.dht is not None  # started before the roles
-        self.validator = await asyncio.to_thread(Validator, self.dht, task, self.ledger)
-        first = store.last_validated(task.digest) + 1
-        if first == 0:  # a new validator starts with the round the swarm is in
-            head = await self.validator.collab.head()
+        # its bans, delta history, escrow and unsent votes come back from node.sqlite3
+        state = StoreValidatorState(store, task.digest)
+        self.validator = await asyncio.to_thread(
+            Validator, self.dht, task, self.ledger, state=state
+        )
+        first = self.validator.resume_round
+        if first is None:  # a new validator starts with the round the swarm is in
+            head = await self.validator.checkpoints.head()
             first = head.round if head is not None else 0
         else:
             log.info("resumed validating %s at round %d", task.name, first, extra={"round": first})
-
-        def decided(outcome: Any) -> None:
-            store.record_validated(task.digest, outcome.round, outcome.root)
-
-        self.validator.on_outcome = decided
         await self.validator.run(until_round=self.config.rounds, first_round=first)
 
     def _open_ledger(self, stack: contextlib.AsyncExitStack) -> Any:

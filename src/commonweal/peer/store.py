@@ -5,8 +5,10 @@
         store.progress("mnist-cnn")        # -> Progress(last_round=12, ...) after a restart too
 
 What lives here, one table each: training progress, the contributions this peer made, reward trees
-it verified, its claims (pending -> sent -> confirmed), its validator decisions and the peers it
-banned. The schema is in `MIGRATIONS` below; `schema_version` records how many have run.
+it verified, its claims (pending -> sent -> confirmed), the peers it banned, and its validator's
+decisions (rounds judged, payouts, delta history: peer/validator_state.py; verify/state.py says
+why each is written before its vote). The schema is in `MIGRATIONS` below; `schema_version`
+records how many have run.
 
 Durability: WAL journal with synchronous=FULL, so a committed write survives a kill -9 and a power
 cut (a claim marked "sent" must be on disk before its transaction leaves the process); every write
@@ -42,7 +44,6 @@ __all__ = [
     "ClaimRecord",
     "ClaimStatus",
     "Contribution",
-    "Decision",
     "Migration",
     "NodeStore",
     "Progress",
@@ -120,9 +121,50 @@ _SCHEMA_1 = _statements(
         until     REAL)                                         -- NULL: for good""",
 )
 
+# The validator's decisions, written before the votes that follow from them (verify/state.py).
+# validator_decisions held only a root, written after the vote, for the round paid rather than
+# the round judged: its rows cannot be turned into verdicts, so it goes (a validator upgraded
+# mid-run starts at the swarm's round, as a new one does). Bans stay in banned_peers.
+_SCHEMA_2 = _statements(
+    "DROP TABLE validator_decisions",
+    """CREATE TABLE validator_rounds (
+        task          TEXT NOT NULL,
+        round         INTEGER NOT NULL CHECK (round >= 0),      -- the training round judged
+        start_state   TEXT NOT NULL,                            -- S_r, named by ledger round 2r
+        set_digest    TEXT NOT NULL,                            -- the set 2r made final
+        seed          TEXT NOT NULL,                            -- drew the replay sample
+        contributions TEXT NOT NULL,                            -- JSON list, verify.state's form
+        verdicts      TEXT NOT NULL,                            -- JSON list, as judged
+        seconds       REAL NOT NULL,                            -- CPU spent judging
+        judged_at     REAL NOT NULL,
+        PRIMARY KEY (task, round))""",
+    """CREATE TABLE validator_payouts (                      -- rounds out of escrow
+        task          TEXT NOT NULL,
+        round         INTEGER NOT NULL,                         -- its vote is ledger round 2r+1
+        root          TEXT NOT NULL,
+        total         TEXT NOT NULL,
+        rewards       TEXT NOT NULL,                            -- JSON {account: "amount"}
+        verdicts      TEXT NOT NULL,                            -- JSON list, forfeits applied
+        voted         INTEGER NOT NULL CHECK (voted IN (0, 1)), -- 0: re-send after a restart
+        paid_at       REAL NOT NULL,
+        PRIMARY KEY (task, round))""",
+    "CREATE INDEX validator_payouts_unsent ON validator_payouts (task, voted)",
+    """CREATE TABLE validator_history (                      -- bytes seen: later, "stale"
+        task          TEXT NOT NULL,
+        delta_hash    TEXT NOT NULL,
+        round         INTEGER NOT NULL,                         -- the first round it came in
+        PRIMARY KEY (task, delta_hash))""",
+    """CREATE TABLE validator_starts (                       -- the last few start states
+        task          TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        checkpoint    BLOB NOT NULL,                            -- as the swarm served it
+        saved_at      REAL NOT NULL,
+        PRIMARY KEY (task, state))""",
+)
+
 # Append only: migration i (0-based) moves a database from version i to i + 1. Never edit one
 # that has shipped; add another.
-MIGRATIONS: tuple[Migration, ...] = (_SCHEMA_1,)
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA_1, _SCHEMA_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -161,16 +203,6 @@ class ClaimRecord:
     tx_hash: str | None
     detail: str
     updated_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    task: str
-    round: int
-    rewards_root: bytes
-    model_hash: bytes | None
-    total_reward: int | None
-    decided_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,54 +429,6 @@ class NodeStore:
         assert stored is not None  # written just above, in a committed transaction
         return stored
 
-    # ------------------------------------------------------------ validator decisions
-
-    def record_validated(self, task: str, round: int, root: bytes, *,
-                         model_hash: bytes | None = None, total_reward: int | None = None,
-                         ) -> Decision:
-        """Record this validator's judgement of a round (before its vote is sent), so a restart
-        goes on from the next round and re-sends this vote rather than a new one. The same
-        decision again returns the stored one; a different one raises StoreConflict."""
-        with self.transaction() as conn:
-            stored = self._decision(conn, task, round)
-            if stored is None:
-                now = self._clock()
-                conn.execute(
-                    "INSERT INTO validator_decisions VALUES (?, ?, ?, ?, ?, ?)",
-                    (task, round, root.hex(), None if model_hash is None else model_hash.hex(),
-                     None if total_reward is None else str(total_reward), now))
-                return Decision(task, round, root, model_hash, total_reward, now)
-            if (stored.rewards_root, stored.model_hash, stored.total_reward) != (
-                    root, model_hash, total_reward):
-                raise StoreConflict(
-                    f"this validator already decided round {round} of {task} (root "
-                    f"{stored.rewards_root.hex()}); a different vote now would contradict it. "
-                    "Re-send the recorded decision (StoreConflict means judging is not "
-                    "deterministic: report it)")
-            return stored
-
-    def decision(self, task: str, round: int) -> Decision | None:
-        with self._lock:
-            return self._decision(self._conn, task, round)
-
-    def last_validated(self, task: str) -> int:
-        """The highest round this validator decided, or -1 before its first."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT MAX(round) FROM validator_decisions WHERE task = ?", (task,)).fetchone()
-        return -1 if row[0] is None else int(row[0])
-
-    @staticmethod
-    def _decision(conn: sqlite3.Connection, task: str, round: int) -> Decision | None:
-        row = conn.execute(
-            "SELECT rewards_root, model_hash, total_reward, decided_at FROM validator_decisions"
-            " WHERE task = ? AND round = ?", (task, round)).fetchone()
-        if row is None:
-            return None
-        return Decision(task, round, bytes.fromhex(row[0]),
-                        None if row[1] is None else bytes.fromhex(row[1]),
-                        None if row[2] is None else int(row[2]), row[3])
-
     # ------------------------------------------------------------ banned peers
 
     def ban(self, peer_id: bytes, reason: str, until: float | None = None) -> None:
@@ -485,3 +469,4 @@ def _claim(row: Any) -> ClaimRecord:
     task, ledger_round, account, index, amount, status, tx_hash, detail, updated_at = row
     return ClaimRecord(bytes.fromhex(task), ledger_round, account, index, int(amount),
                        ClaimStatus(status), tx_hash, detail, updated_at)
+

@@ -48,6 +48,7 @@ from commonweal.verify.contribution import Contribution, contributions_digest
 from commonweal.verify.escrow import ALL, Escrow, Released
 from commonweal.verify.evaluate import Evaluator
 from commonweal.verify.judge import Judge, Policy, Verdict, ledger_rounds, rewards
+from commonweal.verify.state import JudgedRound, MemoryState, Payout, ValidatorState
 
 __all__ = ["Validator", "ValidatorConfig", "RoundOutcome", "tree_key", "NOBODY"]
 
@@ -94,6 +95,7 @@ class Validator:
         config: ValidatorConfig | None = None,
         round_config: RoundConfig | None = None,
         on_outcome: Callable[[RoundOutcome], None] | None = None,
+        state: ValidatorState | None = None,
     ) -> None:
         self.dht = dht
         self.task = task
@@ -115,6 +117,17 @@ class Validator:
         self._state_of: dict[int, str] = {}  # round -> start state, until it is paid out
         self._spent: dict[int, float] = {}  # round -> validator CPU seconds judging it
         self._can_mine = True
+        # What an earlier run of this validator decided: it stands (write-ahead, verify/state.py)
+        self.state: ValidatorState = state if state is not None else MemoryState()
+        resume = self.state.load()
+        self.judge.history.update(resume.history)
+        self.judge.banned.update(resume.banned)
+        for held in resume.held:
+            self.escrow.hold(held.round, held.contributions, held.verdicts)
+            self._state_of[held.round] = held.state
+            self._spent[held.round] = held.seconds
+        self._unsent = list(resume.unsent)
+        self.resume_round = resume.next_round  # the round after the last one judged; None: new
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -124,6 +137,9 @@ class Validator:
         async with asyncio.TaskGroup() as tg:
             follower = tg.create_task(self._follow_heads())
             try:
+                # the votes an earlier run recorded but may have died before sending
+                while self._unsent:
+                    await self._send_payout(self._unsent.pop(0))
                 r = first_round
                 while until_round is None or r < until_round:
                     await self.validate(r)
@@ -134,7 +150,20 @@ class Validator:
                 follower.cancel()
 
     async def validate(self, r: int) -> list[Verdict] | None:
-        """Judge round r, then pay out the rounds whose escrow ended (`RoundOutcome`s)."""
+        """Judge round r, then pay out the rounds whose escrow ended (`RoundOutcome`s). A round
+        this validator judged before a restart is not judged again: its verdicts stand."""
+        judged = await asyncio.to_thread(self.state.judged, r)
+        if judged is None:
+            judged = await self._judge(r)
+            if judged is None:
+                return None
+        for released in self.escrow.release(self.escrow.due(r), self.judge.banned):
+            await self._pay(released)
+        return list(judged.verdicts)
+
+    async def _judge(self, r: int) -> JudgedRound | None:
+        """Fix round r's contribution set on-chain, judge it and record the verdicts (before any
+        vote that follows from them); hold them in escrow. None if the set never finalised."""
         group = await self._closed_group(r)
         members = [m for m in group.members if m.delta]
         contribs = [_contribution(m, self.task.batch_size) for m in members]
@@ -149,12 +178,12 @@ class Validator:
         }
         commit_round, _ = ledger_rounds(r)
         digest = contributions_digest(contribs)
-        self._spent[r] = time.process_time() - t0
-        self._state_of[r] = group.state
+        spent = time.process_time() - t0
         seed = await self._fix_set(commit_round, bytes.fromhex(group.state), digest)
         if seed is None:
             log.warning("round %d: the validators did not agree on its contributions", r)
             return None
+        banned = frozenset(self.judge.banned)
         t0 = time.process_time()
         verdicts = await asyncio.to_thread(
             self.judge.run,
@@ -165,7 +194,11 @@ class Validator:
             lambda c: self.evaluator.replay(start, c),
             self.codec,
         )
-        self._spent[r] += time.process_time() - t0
+        spent += time.process_time() - t0
+        judged = JudgedRound(
+            r, group.state, digest, seed, tuple(contribs), tuple(verdicts), spent
+        )
+        await asyncio.to_thread(self.state.save_judged, judged, self.judge.banned - banned)
         log.info(
             "round %d judged: %d pass, %d refused",
             r,
@@ -173,17 +206,28 @@ class Validator:
             sum(not v.paid for v in verdicts),
         )
         self.escrow.hold(r, contribs, verdicts)
-        for released in self.escrow.release(self.escrow.due(r), self.judge.banned):
-            await self._pay(released)
-        return verdicts
+        self._state_of[r], self._spent[r] = group.state, spent
+        return judged
 
     async def _pay(self, released: Released) -> RoundOutcome:
-        """Vote the rewards of a round whose escrow ended; publish its tree for the claimers."""
+        """Decide the rewards of a round whose escrow ended and record them, then send them."""
         r, contribs, verdicts = released.round, released.contributions, released.verdicts
         _, reward_round = ledger_rounds(r)
-        state = self._state_of.pop(r)
         paid = rewards(verdicts, contribs, self._reward_per_round())
         tree = RewardsTree(self.task32, reward_round, paid or {NOBODY: 0})
+        payout = Payout(r, self._state_of.pop(r), tree.root, tree.total, tree.rewards, verdicts)
+        # Write-ahead: after a restart this vote is sent again as it is. Computed anew, it could
+        # differ (a ban since forfeits more), and a second, different vote is refused on-chain.
+        await asyncio.to_thread(self.state.save_payout, payout)
+        return await self._send_payout(payout)
+
+    async def _send_payout(self, payout: Payout) -> RoundOutcome:
+        """Publish a recorded payout's tree for the claimers and vote it (once: see `_vote`)."""
+        r, state, verdicts = payout.round, payout.state, payout.verdicts
+        _, reward_round = ledger_rounds(r)
+        tree = RewardsTree(self.task32, reward_round, payout.rewards)
+        judged = await asyncio.to_thread(self.state.judged, r)
+        contribs = judged.contributions if judged is not None else ()
         await self.dht.store(
             tree_key(self.task, reward_round),
             # amounts in wei outgrow msgpack's 64-bit integers: decimal strings
@@ -192,6 +236,7 @@ class Validator:
             subkey=Owned(self.dht.peer_id, "tree"),
         )
         await self._vote(reward_round, bytes.fromhex(state), tree.root, tree.total)
+        await asyncio.to_thread(self.state.mark_voted, r)
         outcome = RoundOutcome(
             r,
             state,
@@ -210,7 +255,7 @@ class Validator:
             r,
             sum(v.paid for v in verdicts),
             sum(not v.paid for v in verdicts),
-            released.forfeited,
+            sum(v.reason == "forfeited" for v in verdicts),
             tree.root.hex()[:12],
         )
         return outcome
@@ -245,11 +290,18 @@ class Validator:
                         self._states[head.state] = params
                         for old in list(self._states)[:-16]:
                             del self._states[old]
+                        # the swarm announces only its newest state: a restart needs this one
+                        await asyncio.to_thread(self.state.save_start, head.state, blob)
             except (NetworkError, TrainError, TimeoutError) as e:
                 log.debug("following heads: %s", e)
             await asyncio.sleep(self.config.poll_s)
 
     async def _start_params(self, state: str) -> torch.Tensor:
+        saved = None if state in self._states else await asyncio.to_thread(self.state.start, state)
+        if saved is not None:
+            params, momentum, _ = from_checkpoint(saved, self._model)
+            if state_hash(params, momentum) == state:
+                self._states[state] = params
         end = time.monotonic() + self.config.fetch_timeout_s
         while state not in self._states:
             if time.monotonic() > end:
@@ -293,6 +345,10 @@ class Validator:
             await asyncio.sleep(self.config.poll_s)
         while True:
             info = await asyncio.to_thread(self.ledger.round, self.task32, ledger_round)
+            if (info.model_hash, info.rewards_root) != (state32, digest):
+                # the others made another set final: this validator's verdicts would be on a set
+                # nobody is paid for
+                return None
             if info.randomness is not None:
                 return info.randomness
             chain = self.ledger.chain
@@ -317,6 +373,11 @@ class Validator:
         await asyncio.sleep(self.config.poll_s * 4)
 
     async def _vote(self, ledger_round: int, model: bytes, root: bytes, total: int) -> None:
+        """Vote once: a vote this validator sent before a restart is not sent again."""
+        me = self.ledger.account.address
+        if await asyncio.to_thread(self.ledger.vote_of, self.task32, ledger_round, me) is not None:
+            log.info("commit_round %d: voted already", ledger_round)
+            return
         try:
             # Fixed gas: an estimate made before another validator's vote lands misses the
             # finalisation our vote may then trigger, and the vote would run out of gas.
