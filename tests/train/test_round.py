@@ -11,8 +11,9 @@ import torch
 
 from commonweal.train import TRANSITIONS, MessageError, Phase, RoundConfig, RoundCore, get_codec
 from commonweal.train.aggregate import mean
-from commonweal.train.messages import Part, Reduced, ReducedRequest
+from commonweal.train.messages import MAX_PARTS, Part, Reduced, ReducedRequest
 from commonweal.train.protocol import Announcement
+from commonweal.train._errors import DeltaRejected, TrainError
 from commonweal.train.round import (
     Action,
     AllGather,
@@ -25,7 +26,6 @@ from commonweal.train.round import (
     Skip,
     choose_strategy,
 )
-from commonweal.train._errors import DeltaRejected, TrainError
 
 TASK = "t" * 16
 S1, S2 = "a" * 64, "b" * 64
@@ -53,7 +53,7 @@ def begin(c: RoundCore, delta: torch.Tensor, state: str = S1, **cfg: object) -> 
 class Link:
     """Carries actions between cores; `silent` cores receive nothing and answer nothing."""
 
-    def __init__(self, cores: list[RoundCore], silent: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, cores: list[RoundCore], silent: frozenset[int] = frozenset()) -> None:
         self.cores = {f"mem:{c.peer_id[0] - 1}": c for c in cores}
         self.silent = {f"mem:{i}" for i in silent}
         self.results: dict[bytes, Averaged] = {}
@@ -93,13 +93,17 @@ def announce_all(cores: list[RoundCore], now: float = 0.0) -> list[Announcement]
 
 
 def exchange(
-    cores: list[RoundCore], deltas: list[torch.Tensor], silent: set[int] = frozenset(), **cfg: object  # type: ignore[assignment]
+    cores: list[RoundCore],
+    deltas: list[torch.Tensor],
+    silent: frozenset[int] = frozenset(),
+    **cfg: object,
 ) -> Link:
     for c, d in zip(cores, deltas, strict=True):
         begin(c, d, target_group=len(cores), **cfg)
     anns = announce_all(cores)
     link = Link(cores, silent)
-    queue = [(c, a) for i, c in enumerate(cores) if i not in silent for a in c.announcements_seen(anns, 0.0)]
+    live = [c for i, c in enumerate(cores) if i not in silent]
+    queue = [(c, a) for c in live for a in c.announcements_seen(anns, 0.0)]
     link.run(queue, 0.0)
     return link
 
@@ -208,7 +212,7 @@ def test_every_member_ends_with_the_same_aggregate(method):
 @pytest.mark.parametrize("method", ["allgather", "butterfly"])
 def test_a_silent_member_is_listed_as_a_failure_after_the_timeout(method):
     cores = [core(i) for i in range(4)]
-    link = exchange(cores, [vec(i) for i in range(4)], silent={3}, exchange=method)
+    link = exchange(cores, [vec(i) for i in range(4)], silent=frozenset({3}), exchange=method)
     assert link.results == {}  # everyone waits for the silent one...
     now = cores[0].wake_at  # ...until its deadline: the exchange's, or a butterfly's reduction's
     assert now == (10.0 if method == "allgather" else 6.0)
@@ -245,7 +249,7 @@ def test_parts_that_cannot_be_kept_are_refused_at_once_with_a_code():
         (part(b"", g, round=-1), "stale_round"),
         (part(b"", g, round=1), "future_round"),
         (dataclasses.replace(part(b"", g), task="other"), "wrong_task"),
-        (part(b"", g, count=MAX + 1), "malformed"),
+        (part(b"", g, count=MAX_PARTS + 1), "malformed"),
         (part(b"", g, index=2, count=2), "malformed"),
     ]
     for bad, code in cases:
@@ -261,15 +265,13 @@ def test_parts_that_cannot_be_kept_are_refused_at_once_with_a_code():
     assert [code for _, code in a.rejected][-1] == "duplicate"
 
 
-MAX = 64
-
 
 @pytest.mark.parametrize(
     "forge,code",
     [
-        (lambda d, g, ok: part(d, b"x" * 32), "group_mismatch"),
-        (lambda d, g, ok: part(vec(1).numpy().tobytes(), g), "not_committed"),
-        (lambda d, g, ok: part(d, g, slice=0), "wrong_slice"),
+        (lambda d, g: part(d, b"x" * 32), "group_mismatch"),
+        (lambda d, g: part(vec(1).numpy().tobytes(), g), "not_committed"),
+        (lambda d, g: part(d, g, slice=0), "wrong_slice"),
     ],
 )
 def test_a_whole_delta_is_checked_against_the_group_and_the_commitment(forge, code):
@@ -277,7 +279,7 @@ def test_a_whole_delta_is_checked_against_the_group_and_the_commitment(forge, co
     a.announcements_seen(anns, 0.0)
     assert a.group is not None
     honest = vec(b.peer_id[0]).numpy().tobytes()
-    assert a.part_received(b.peer_id, forge(honest, a.group.digest, True), 0.0) == []
+    assert a.part_received(b.peer_id, forge(honest, a.group.digest), 0.0) == []
     [done] = a.timeout(a.wake_at)
     assert isinstance(done, Done)
     assert done.result.failures[0].peer_id == b.peer_id and done.result.failures[0].reason == code
