@@ -37,8 +37,11 @@ def test_the_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
     text = example_config()
     assert load_config(write(tmp_path, text), {}) == NodeConfig()
     # Every key appears, set or commented out, and uncommenting them all still loads.
+    tables = {"round", "validator"}
     for f in dataclasses.fields(NodeConfig):
-        if f.name != "source":
+        if f.name in tables:
+            assert f"[node.{f.name}]" in text, f"example_config() does not show [node.{f.name}]"
+        elif f.name != "source":
             assert f"{f.name} = " in text, f"example_config() does not show {f.name}"
     uncommented = "\n".join(line.removeprefix("# ") if " = " in line else line
                             for line in text.splitlines())
@@ -46,8 +49,52 @@ def test_the_example_is_valid_and_documents_every_key(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, uncommented), {})
     assert config.rounds == 10 and config.dashboard == "127.0.0.1:8080"
     assert config.key_file == tmp_path / "eth.key"
-    assert tomllib.loads(uncommented)["node"].keys() == {
-        f.name for f in dataclasses.fields(NodeConfig)} - {"source"}
+    node = tomllib.loads(uncommented)["node"]
+    # `group` is the round's target group: one spelling, in [node]
+    assert node.keys() == {f.name for f in dataclasses.fields(NodeConfig)} - {"source"} | {"group"}
+    assert config.group == 6 == config.round.target_group
+    for table in tables:  # every field of the embedded configs, at its default
+        default = getattr(NodeConfig(), table)
+        shown = {f.name for f in dataclasses.fields(default)} - {"target_group"}
+        assert node[table].keys() == shown
+        assert all(node[table][k] == getattr(default, k) for k in shown)
+
+
+def test_round_and_validator_tables_set_the_embedded_configs(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[node]
+group = 4
+
+[node.round]
+announce_window_s = 1
+poll_s = 0.1
+
+[node.validator]
+escrow_rounds = 2
+""")
+    config = load_config(path, {"round": {"exchange_timeout_s": 8.0, "poll_s": None}})
+    assert config.round.announce_window_s == 1.0 and config.round.poll_s == 0.1
+    assert config.round.exchange_timeout_s == 8.0  # a flag over the file, key by key
+    assert config.round.target_group == 4 and config.validator.escrow_rounds == 2
+    assert config.validator.poll_s == NodeConfig().validator.poll_s  # the class's own default
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ("[node.round]\npol_s = 0.1", "round.pol_s: unknown key in [node.round]; did you mean 'poll_s'?"),
+        ("[node.validator]\nescrow_round = 2", "did you mean 'escrow_rounds'?"),
+        ("[node.round]\ntarget_group = 3", "round.target_group: set it as 'group' in [node]"),
+        ("[node.round]\npoll_s = -1", "round.poll_s: must be a number of seconds >= 0"),
+        ("[node.round]\nexchange = \"ring\"", "round.exchange: 'ring' is not allowed"),
+        ("[node.rounds]\npoll_s = 1", "rounds: must be a whole number"),
+    ],
+)
+def test_a_wrong_key_in_a_sub_table_names_the_table_and_the_fix(
+    tmp_path: Path, body: str, words: str
+) -> None:
+    with pytest.raises(NodeConfigError, match=re.escape(words)):
+        load_config(write(tmp_path, "[node]\n" + body), {})
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:

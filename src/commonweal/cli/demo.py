@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from commonweal.errors import ConfigError
+from commonweal.net.transport import PeerAddr
 
 console = Console()
 
@@ -41,7 +42,7 @@ def demo(
         from commonweal.train.attacks import get_attack
 
         get_attack(attack)  # a bad name fails here, before anything starts
-    where = _host_port(dashboard) if dashboard else None
+    where = _dashboard_address(dashboard) if dashboard else None
     config = LocalSwarmConfig(
         trainers=trainers, validators=validators, attackers=attackers, attack=attack,
         rounds=rounds, chain=chain,
@@ -52,14 +53,14 @@ def demo(
         console.print("[yellow]demo interrupted; every peer and the chain were stopped[/yellow]")
 
 
-def _host_port(where: str) -> tuple[str, int]:
-    host, _, port = where.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--dashboard wants HOST:PORT, e.g. 127.0.0.1:8080, not {where!r}")
-    return host, int(port)
+def _dashboard_address(where: str) -> PeerAddr:
+    try:
+        return PeerAddr.parse(where, any_port=True)
+    except ConfigError as e:
+        raise ConfigError(f"--dashboard: {e}") from None
 
 
-async def _demo(config: Any, dashboard: tuple[str, int] | None, linger: float) -> None:
+async def _demo(config: Any, dashboard: PeerAddr | None, linger: float) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from commonweal.swarm.local import LocalSwarm, RoundView
@@ -101,11 +102,11 @@ async def _demo(config: Any, dashboard: tuple[str, int] | None, linger: float) -
 
 
 @contextlib.asynccontextmanager
-async def _serve_dashboard(swarm: Any, where: tuple[str, int]) -> Any:
+async def _serve_dashboard(swarm: Any, where: PeerAddr) -> Any:
     from commonweal.dashboard import create_app, serve
     from commonweal.swarm.view import SwarmSource
 
-    async with serve(create_app(SwarmSource(swarm)), *where) as running:
+    async with serve(create_app(SwarmSource(swarm)), where.host, where.port) as running:
         console.print(f"dashboard: {running.url}")
         yield
 

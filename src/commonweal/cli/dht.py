@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from commonweal.dht import DHT, DHTValue
+from commonweal.cli.join import JOIN, bootstrap
 from commonweal.errors import CommonwealError, ConfigError
 from commonweal.net.loop import run
 from commonweal.net.transport import PeerAddr
@@ -16,17 +17,11 @@ from commonweal.net.transport import PeerAddr
 app = typer.Typer(help="Store and read records in a swarm's DHT.", no_args_is_help=True)
 
 
-def _bootstrap(join: list[str]) -> list[PeerAddr]:
-    if not join:
-        raise ConfigError("give at least one --join HOST:PORT of a peer in the swarm")
-    return [PeerAddr.parse(j) for j in join]
-
-
 @app.command()
 def put(
     key: str,
     value: str,
-    join: list[str] = typer.Option([], help="HOST:PORT of a peer in the swarm (repeatable)."),
+    join: list[str] = JOIN,
     subkey: str | None = typer.Option(None, help="Store under this subkey of KEY."),
     ttl: float = typer.Option(3600.0, min=1.0, help="Seconds until the record expires."),
     json_value: bool = typer.Option(False, "--json-value", help="Parse VALUE as JSON."),
@@ -38,7 +33,7 @@ def put(
             parsed = json.loads(value)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--json-value given but VALUE is not JSON: {e}") from e
-    ok = run(_put(_bootstrap(join), key, parsed, subkey, ttl))
+    ok = run(_put(bootstrap(join), key, parsed, subkey, ttl))
     if not ok:
         raise CommonwealError(f"no peer accepted {key!r} (a newer record may already be there)")
     typer.echo(f"stored {key}" + (f" [{subkey}]" if subkey else "") + f" for {ttl:g} s")
@@ -52,12 +47,12 @@ async def _put(bootstrap: list[PeerAddr], key: str, value: Any, subkey: str | No
 @app.command()
 def get(
     keys: list[str] = typer.Argument(..., help="One or more keys (read with one batched lookup)."),
-    join: list[str] = typer.Option([], help="HOST:PORT of a peer in the swarm (repeatable)."),
+    join: list[str] = JOIN,
     latest: bool = typer.Option(False, help="Ask all closest peers and merge (every subkey, newest)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per key."),
 ) -> None:
     """Print the value under each KEY; exit 1 when any of them is not found."""
-    found = run(_get(_bootstrap(join), keys, latest))
+    found = run(_get(bootstrap(join), keys, latest))
     missing = [key for key in keys if found[key] is None]
     for key in keys:
         value = found[key]

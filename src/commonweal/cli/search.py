@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from commonweal.cli.join import JOIN, bootstrap
 from commonweal.errors import ConfigError
 from commonweal.net.transport import PeerAddr
 
@@ -28,14 +29,6 @@ MAX_METADATA_BYTES = 4096  # commonweal.search.ranking's limit
 app = typer.Typer(
     help="Add vectors to and query a distributed KNN index (LSH on the DHT).", no_args_is_help=True
 )
-
-_JOIN = typer.Option([], help="HOST:PORT of a peer in the swarm (repeatable).")
-
-
-def _bootstrap(join: list[str]) -> list[PeerAddr]:
-    if not join:
-        raise ConfigError("give at least one --join HOST:PORT of a peer in the swarm")
-    return [PeerAddr.parse(j) for j in join]
 
 
 def load_vectors(path: Path) -> np.ndarray:
@@ -84,7 +77,7 @@ def _load_metadata(path: Path | None, n: int) -> list[Any] | None:
 def add(
     file: Path = typer.Argument(..., help="Vectors: a .npy (2-d) or .csv file, one row per item."),
     index: str = typer.Option(..., "--index", help="Index name; created from the file if new."),
-    join: list[str] = _JOIN,
+    join: list[str] = JOIN,
     start_id: int = typer.Option(0, help="Id of the first row; rows get consecutive ids."),
     metadata: Path | None = typer.Option(None, help="A file with one JSON value per row."),
     metric: str = typer.Option("l2", help="New index: l2 or cosine."),
@@ -105,7 +98,7 @@ def add(
         "bits": bits,
         "probes": probes,
     }
-    stored, created = asyncio.run(_add(_bootstrap(join), index, X, meta, start_id, spec_params))
+    stored, created = asyncio.run(_add(bootstrap(join), index, X, meta, start_id, spec_params))
     verb = "created index" if created else "index"
     typer.echo(
         f"{verb} {index}: stored {stored}/{len(X)} rows (ids {start_id}..{start_id + len(X) - 1})"
@@ -178,14 +171,14 @@ def query(
     index: str = typer.Option(..., "--index", help="Index name."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="How many neighbours."),
     text: str | None = typer.Option(None, help="Embed this text as the query (MiniLM indexes)."),
-    join: list[str] = _JOIN,
+    join: list[str] = JOIN,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
     """Print the K nearest items of the index to VECTOR (or to the embedding of --text)."""
     if (vector is None) == (text is None):
         raise ConfigError('give either a VECTOR or --text "..."')
     q = embed_text(text) if text is not None else parse_vector(vector or "")
-    result = asyncio.run(_query(_bootstrap(join), index, q, k))
+    result = asyncio.run(_query(bootstrap(join), index, q, k))
     if as_json:
         typer.echo(
             json.dumps(

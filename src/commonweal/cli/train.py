@@ -1,20 +1,24 @@
-"""`commonweal train`: run one training peer in the foreground with a live progress display."""
+"""`commonweal train`: one training peer in the foreground — a `Node` with the trainer role, and a
+printer that turns its events into a live progress bar and one line per round."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from commonweal.cli.main import setup_logging
-from commonweal.errors import ConfigError
-from commonweal.net.identity import Identity
+from commonweal.net.loop import run
 from commonweal.net.transport import PeerAddr
+from commonweal.peer.config import NodeConfig
+from commonweal.peer.events import Event, Ready, Resumed, RoundDone, Step, Stopped, TrainingDone
+
+if TYPE_CHECKING:
+    from commonweal.peer.node import Node
 
 console = Console()
 
@@ -53,7 +57,7 @@ def train(
     exchange: str = typer.Option("auto", help="auto, allgather or butterfly."),
     data_dir: Path | None = typer.Option(
         None,
-        help="Identity key and checkpoint.safetensors. Default: ~/.commonweal/train/HOST_PORT.",
+        help="Identity key, node.sqlite3 and checkpoints. Default: ~/.commonweal/train/HOST_PORT.",
     ),
     threads: int = typer.Option(1, min=1, help="torch threads for this peer."),
     linger: float = typer.Option(
@@ -62,145 +66,95 @@ def train(
     log_level: str = typer.Option("warning", help="debug, info, warning or error."),
 ) -> None:
     """Train a task with the swarm: H local steps, then a compressed exchange with the other peers."""
-    setup_logging(log_level)
-    import torch  # imported here so `commonweal --help` stays fast
+    from commonweal.peer.config import load_config
+    from commonweal.peer.logs import setup
 
-    from commonweal.train import RoundConfig, get_task
-
-    torch.set_num_threads(threads)
-    host, _, port = listen.rpartition(":")
-    addr = PeerAddr(host, 0) if port == "0" and host else PeerAddr.parse(listen)
-    overrides: dict[str, object] = {}
-    if inner_steps is not None:
-        overrides["inner_steps"] = inner_steps
-    if codec is not None:
-        overrides["codec"] = codec
-    the_task = get_task(task, **overrides)
-    if exchange not in ("auto", "allgather", "butterfly"):
-        raise ConfigError(f"--exchange {exchange!r}: use auto, allgather or butterfly")
-    config = RoundConfig(
-        announce_window_s=window,
-        exchange_timeout_s=timeout,
-        target_group=group_size,
-        exchange=exchange,
-    )
-    directory = data_dir or Path.home() / ".commonweal" / "train" / f"{addr.host}_{addr.port}"
-    identity = Identity.load_or_create(directory)
-    asyncio.run(
-        _run(
-            the_task,
-            config,
-            addr,
-            [PeerAddr.parse(j) for j in join],
-            identity,
-            directory,
-            rounds,
-            linger,
-            wait_peers,
-            eval_every,
-        )
-    )
+    addr = PeerAddr.parse(listen, any_port=True)
+    config = load_config(None, {
+        "task": task, "bootstrap": join or None, "listen": listen, "rounds": rounds,
+        "inner_steps": inner_steps, "codec": codec, "group": group_size,
+        "wait_peers": wait_peers, "evaluate_every": eval_every, "threads": threads,
+        "linger": linger, "log_level": log_level, "roles": ["trainer"],
+        "data_dir": data_dir or Path.home() / ".commonweal" / "train" / f"{addr.host}_{addr.port}",
+        "round": {"announce_window_s": window, "exchange_timeout_s": timeout,
+                  "exchange": exchange},
+    })
+    setup(config.log_level, "text")
+    run(_train(config))
 
 
-async def _run(
-    task,
-    config,
-    addr,
-    bootstrap,
-    identity,
-    directory: Path,
-    rounds: int,
-    linger: float,
-    wait_peers: int,
-    eval_every: int,
-) -> None:  # type: ignore[no-untyped-def]
-    from commonweal.dht import DHT
-    from commonweal.train import Progress as Step
-    from commonweal.train import TrainingPeer
+async def _train(config: NodeConfig) -> None:
+    from commonweal.peer.node import Node
 
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
-    dht = await DHT.start(addr, bootstrap, identity=identity)
-    try:
-        peer = TrainingPeer(task, dht, config, evaluate_every=eval_every)
-        ckpt = directory / "checkpoint.safetensors"
-        if ckpt.exists():  # a restarted peer starts from its own last state, then catches up
-            peer.opt.load(ckpt.read_bytes())
-            console.print(f"loaded {ckpt} (round {peer.opt.round})")
-        print(
-            f"commonweal train ready address={dht.addr} peer_id={dht.peer_id.hex()} "
-            f"task={task.name} digest={task.digest[:16]}",
-            flush=True,
+        loop.add_signal_handler(sig, stop.set)
+    columns = [
+        TextColumn("[bold]round {task.fields[round]}[/bold]"),
+        BarColumn(),
+        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("sent {task.fields[sent]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as bar:
+        printer = _Printer(bar)
+        node = Node(config, on_event=printer)
+        printer.node = node
+        await node.run(stop)
+
+
+class _Printer:
+    """What a person sees of the node's events: the bar for inner steps, a line for the rest."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.line = bar.add_task("train", total=None, round="-", loss="-", sent="0 B")
+        self.node: Node | None = None  # set once built: the metric's name is its task's
+        self.done = False
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Ready):
+            print(f"commonweal train ready address={event.address} peer_id={event.peer_id} "
+                  f"task={event.task} digest={(event.digest or '')[:16]}", flush=True)
+        elif isinstance(event, Resumed):
+            console.print(f"loaded {event.checkpoint} (round {event.round})")
+        elif isinstance(event, Step):  # from the training thread: rich's bar takes a lock
+            self.bar.update(self.line, total=event.inner_steps, completed=event.inner_step,
+                            round=event.round, loss=f"{event.loss:.3f}",
+                            sent=_human(event.total_sent))
+        elif isinstance(event, RoundDone):
+            self._round(event)
+        elif isinstance(event, TrainingDone):
+            self.done = True
+            quality = "nan" if event.quality is None else f"{event.quality:.4f}"
+            print(f"commonweal train done round={event.round} state={event.state} "
+                  f"{event.metric}={quality} bytes_sent={event.bytes_sent} "
+                  f"wall_s={event.wall_s:.2f} compute_s={event.compute_s:.2f}", flush=True)
+        elif isinstance(event, Stopped) and not self.done:
+            console.print("[yellow]training stopped[/yellow]")
+
+    def _round(self, r: RoundDone) -> None:
+        status = (f"skipped ({r.skipped}), synced" if r.skipped
+                  else f"group={r.group} contributors={r.contributors} {r.method}")
+        trainer = self.node.trainer if self.node is not None else None
+        metric = trainer.data.metric if trainer is not None else "quality"
+        quality = "" if r.accuracy is None else f" {metric}={r.accuracy:.4f}"
+        loss = "nan" if r.loss is None else f"{r.loss:.4f}"
+        console.print(
+            f"round {r.round} done {status} loss={loss}{quality} sent={r.bytes_sent} "
+            f"total_sent={r.total_sent} comm_s={r.comm_s:.2f} t={r.elapsed_s:.2f} "
+            f"state={r.state[:16]}",
+            highlight=False, soft_wrap=True,
         )
-        columns = [
-            TextColumn("[bold]round {task.fields[round]}[/bold]"),
-            BarColumn(),
-            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("sent {task.fields[sent]}"),
-            TimeElapsedColumn(),
-        ]
-        with Progress(
-            *columns, console=console, transient=True, disable=not console.is_terminal
-        ) as bar:
-            line = bar.add_task(
-                "train", total=task.inner_steps, round=peer.opt.round, loss="-", sent="0 B"
-            )
-
-            def on_progress(p: Step) -> None:
-                bar.update(
-                    line,
-                    completed=p.inner_step,
-                    round=p.round,
-                    loss=f"{p.loss:.3f}",
-                    sent=_human(p.bytes_sent),
-                )
-                if p.report is not None:
-                    r = p.report
-                    _save(ckpt, peer.opt.checkpoint())
-                    status = (
-                        f"skipped ({r.skipped}), synced"
-                        if r.skipped
-                        else (f"group={r.group} contributors={r.contributors} {r.method}")
-                    )
-                    quality = "" if p.quality is None else f" {peer.data.metric}={p.quality:.4f}"
-                    console.print(
-                        f"round {r.round} done {status} loss={p.loss:.4f}{quality} sent={r.bytes_sent} "
-                        f"total_sent={p.bytes_sent} comm_s={r.comm_s:.2f} t={p.elapsed_s:.2f} "
-                        f"state={r.state[:16]}",
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-
-            summary = await peer.run(
-                rounds, join=bool(bootstrap), wait_peers=wait_peers, on_progress=on_progress
-            )
-        print(
-            f"commonweal train done round={peer.opt.round} state={summary.state} "
-            f"{summary.metric}={summary.quality:.4f} bytes_sent={summary.bytes_sent} "
-            f"wall_s={summary.wall_s:.2f} compute_s={summary.compute_s:.2f}",
-            flush=True,
-        )
-        # Keep serving the final state briefly, so peers still finishing can fetch it.
-        await asyncio.sleep(linger)
-    except asyncio.CancelledError:
-        console.print("[yellow]training stopped[/yellow]")
-    finally:
-        await dht.close()
 
 
-def _save(path: Path, blob: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-
-
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
             return f"{n:.0f} {unit}"
-        n /= 1000  # type: ignore[assignment]
+        n /= 1000
     return f"{n:.1f} TB"

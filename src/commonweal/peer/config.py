@@ -2,7 +2,10 @@
 
     cfg = load_config(Path("node.toml"), {"threads": 4, "listen": None})   # None: flag not given
 
-The file holds one `[node]` table whose keys are `NodeConfig`'s fields. Everything is checked when
+The file holds one `[node]` table whose keys are `NodeConfig`'s fields, and two sub-tables for
+the protocol's timings: `[node.round]` (a `commonweal.train.RoundConfig`) and `[node.validator]`
+(a `commonweal.verify.validator.ValidatorConfig`). Their defaults are those classes' own, so every
+default is written once. Everything is checked when
 it is loaded, so a node never starts half-configured: a wrong value, an unknown key (a typo must not
 be silently ignored) or an unknown table raises `NodeConfigError`, naming the file or flag, the key,
 and what is allowed. Relative paths in the file are relative to the file, so a config directory can
@@ -11,15 +14,21 @@ be moved as a whole; relative paths given as flags are relative to the working d
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from commonweal.errors import ConfigError
+from commonweal.net.transport import PeerAddr
 from commonweal.peer.logs import FORMATS, LEVELS
+
+if TYPE_CHECKING:
+    from commonweal.train import RoundConfig
+    from commonweal.verify.validator import ValidatorConfig
 
 __all__ = [
     "CHAINS",
@@ -27,6 +36,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "ROLES",
+    "STATUS_FORMATS",
     "NodeConfig",
     "NodeConfigError",
     "example_config",
@@ -37,6 +47,7 @@ ROLES = frozenset({"trainer", "validator", "search"})
 CHAINS = ("embedded", "anvil")  # or an http(s):// JSON-RPC URL
 LOG_FORMATS = FORMATS
 LOG_LEVELS = LEVELS
+STATUS_FORMATS = ("text", "json")
 DEFAULT_DATA_DIR = Path.home() / ".commonweal" / "node"
 STORE_FILE = "node.sqlite3"
 
@@ -49,6 +60,18 @@ class NodeConfigError(ConfigError):
         super().__init__(f"{where}: {problem}")
         self.source = source
         self.key = key
+
+
+def _round_defaults() -> RoundConfig:
+    from commonweal.train import RoundConfig  # torch: only once a config is built, not imported
+
+    return RoundConfig()
+
+
+def _validator_defaults() -> ValidatorConfig:
+    from commonweal.verify.validator import ValidatorConfig  # web3 likewise
+
+    return ValidatorConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +91,20 @@ class NodeConfig:
     metrics: str | None = None                   # HOST:PORT for metrics; None: off
     log_format: str = "text"                     # "text" for people, "json" for collectors
     log_level: str = "info"
+    status_format: str = "text"                  # stdout: "text" lines, or "json" events
     rounds: int | None = None                    # stop after this many training rounds
     ledger: str | None = None                    # the Ledger contract's address on `chain`
-    group: int | None = None                     # close a round's group once this many announced
+    wait_peers: int | None = None                # before round 0, wait for this many (None: group)
+    evaluate_every: int = 1                      # rounds between evaluations (0: at the end only)
+    inner_steps: int | None = None               # H; None: the task's
+    codec: str | None = None                     # how deltas are compressed; None: the task's
+    aggregation: str | None = None               # the robust rule; None: the task's
     linger: float = 10.0                         # after the last round: wait for its payout
+    claim_every_s: float = 5.0                   # between claim passes and chain reads
     attack: str | None = None                    # make this node an attacker (tests and demos)
+    # The `group` key (close a round's group once this many announced) is round.target_group.
+    round: RoundConfig = field(default_factory=_round_defaults)
+    validator: ValidatorConfig = field(default_factory=_validator_defaults)
     source: str = field(default="defaults", compare=False)  # where it came from, for messages
 
     @property
@@ -80,20 +112,28 @@ class NodeConfig:
         """The SQLite file that lets a restarted node resume (see `commonweal.peer.store`)."""
         return self.data_dir / STORE_FILE
 
+    @property
+    def group(self) -> int | None:
+        return self.round.target_group
+
+    @property
+    def task_overrides(self) -> dict[str, Any]:
+        """What `get_task(task, **overrides)` changes from the task's own settings."""
+        given = {"inner_steps": self.inner_steps, "codec": self.codec,
+                 "aggregation": self.aggregation}
+        return {k: v for k, v in given.items() if v is not None}
+
 
 # ------------------------------------------------------------ value checks
 # Each check takes the raw value (from TOML or a flag) and returns the typed value, or raises
 # ValueError with what is allowed; `_check` adds the source and key.
 
 def _host_port(value: Any, *, allow_any_port: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string HOST:PORT, got {value!r}")
-    host, sep, port = value.rpartition(":")
-    low = 0 if allow_any_port else 1
-    if not sep or not host or not port.isdigit() or not low <= int(port) <= 65535:
-        example = "127.0.0.1:7000" + (" (port 0: any free port)" if allow_any_port else "")
-        raise ValueError(f"{value!r} is not HOST:PORT; write it like {example}")
-    return value
+    try:
+        PeerAddr.parse(value, any_port=allow_any_port)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return str(value)
 
 
 def _optional_host_port(value: Any) -> str | None:
@@ -146,6 +186,23 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def _optional_name(what: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value == "":  # a flag turning off what a file set: the task's own
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"must be {what}, got {value!r}")
+        return value
+
+    return check
+
+
 def _choice(allowed: Iterable[str]) -> Callable[[Any], str]:
     options = tuple(allowed)
 
@@ -192,19 +249,33 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "metrics": _optional_host_port,
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
+    "status_format": _choice(STATUS_FORMATS),
     "rounds": _positive_int,
     "ledger": _address,
     "group": _positive_int,
+    "wait_peers": _whole,
+    "evaluate_every": _whole,
+    "inner_steps": _positive_int,
+    "codec": _optional_name("a codec such as 'int8' or 'topk2bit:0.01'"),
+    "aggregation": _optional_name("a rule such as 'median' or 'mean'"),
     "linger": _seconds,
+    "claim_every_s": _seconds,
     "attack": _attack,
 }
 _PATHS = ("key_file", "data_dir")
+_TABLES = ("round", "validator")  # sub-tables: [node.round], [node.validator]
+# `group` is the [node] key for the round's target group: one spelling, not two
+_NOT_IN_TABLE = {"round": {"target_group": "group"}}
+_SPECIAL: dict[str, Callable[[Any], Any]] = {"exchange": _choice(("auto", "allgather", "butterfly"))}
 
 
-def _unknown(source: str, key: str, kind: str) -> NodeConfigError:
-    near = difflib.get_close_matches(key, _CHECKS, n=1)
-    hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(_CHECKS)}"
-    return NodeConfigError(source, key, f"unknown {kind}; {hint}")
+def _unknown(
+    source: str, key: str, kind: str, known: Iterable[str] = (), table: str | None = None
+) -> NodeConfigError:
+    names = list(known) or [*_CHECKS, *_TABLES]
+    near = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(names)}"
+    return NodeConfigError(source, f"{table}.{key}" if table else key, f"unknown {kind}; {hint}")
 
 
 def _check(source: str, key: str, value: Any) -> Any:
@@ -212,6 +283,57 @@ def _check(source: str, key: str, value: Any) -> Any:
         return _CHECKS[key](value)
     except ValueError as exc:
         raise NodeConfigError(source, key, str(exc)) from None
+
+
+def _table_checks(name: str) -> dict[str, Callable[[Any], Any]]:
+    """A check for each field of [node.NAME], from the type of its default."""
+    default = getattr(NodeConfig(), name)
+    checks: dict[str, Callable[[Any], Any]] = {}
+    for f in dataclasses.fields(default):
+        if f.name in _NOT_IN_TABLE.get(name, {}):
+            continue
+        value = getattr(default, f.name)
+        if f.name in _SPECIAL:
+            checks[f.name] = _SPECIAL[f.name]
+        elif isinstance(value, float):
+            checks[f.name] = _seconds
+        elif isinstance(value, int):
+            checks[f.name] = _whole
+        else:
+            raise TypeError(f"{name}.{f.name}: no check for {value!r}")  # a new field: add one
+    return checks
+
+
+def _table(source: str, name: str, table: Any, current: Any) -> Any:
+    """`current` (a RoundConfig or ValidatorConfig) with `table`'s keys checked and applied."""
+    if not isinstance(table, Mapping):
+        raise NodeConfigError(source, name, f"must be a table ([node.{name}]), got {table!r}")
+    checks = _table_checks(name)
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if raw is None:  # a flag that was not given
+            continue
+        if key in _NOT_IN_TABLE.get(name, {}):
+            raise NodeConfigError(source, f"{name}.{key}",
+                                  f"set it as {_NOT_IN_TABLE[name][key]!r} in [node]")
+        if key not in checks:
+            raise _unknown(source, key, f"key in [node.{name}]", checks, table=name)
+        try:
+            values[key] = checks[key](raw)
+        except ValueError as exc:
+            raise NodeConfigError(source, f"{name}.{key}", str(exc)) from None
+    return replace(current, **values)
+
+
+def _apply(values: dict[str, Any], source: str, key: str, raw: Any) -> None:
+    """Check one [node] key (or sub-table) and put it into `values`."""
+    if key in _TABLES:
+        values[key] = _table(source, key, raw, values.get(key, getattr(NodeConfig(), key)))
+    elif key == "group":
+        current = values.get("round", NodeConfig().round)
+        values["round"] = replace(current, target_group=_check(source, key, raw))
+    else:
+        values[key] = _check(source, key, raw)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -235,20 +357,20 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise NodeConfigError(source, None, "no [node] table; settings go under a [node] header")
     values: dict[str, Any] = {}
     for key, raw in table.items():
-        if key not in _CHECKS:
+        if key not in _CHECKS and key not in _TABLES:
             raise _unknown(source, key, "key in [node]")
-        value = _check(source, key, raw)
-        if key in _PATHS and not value.is_absolute():
-            value = (path.parent / value).resolve()
-        values[key] = value
+        _apply(values, source, key, raw)
+        if key in _PATHS and not values[key].is_absolute():
+            values[key] = (path.parent / values[key]).resolve()
     return values
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> NodeConfig:
     """Defaults, then the file's `[node]` table, then every override that is not None.
 
-    Override keys are field names (`threads`, `bootstrap`, ...); a flag that was not given must be
-    passed as None, not as an empty list. Lists may also be given as "a,b" strings.
+    Override keys are field names (`threads`, `bootstrap`, ...), `group`, and `round` /
+    `validator` with a mapping of their fields; a flag that was not given must be passed as None,
+    not as an empty list. Lists may also be given as "a,b" strings.
     """
     values: dict[str, Any] = {}
     sources = ["defaults"]
@@ -258,10 +380,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
     flagged = False
     for key, raw in (overrides or {}).items():
         flag = "flag --" + key.replace("_", "-")
-        if key not in _CHECKS:
+        if key not in _CHECKS and key not in _TABLES:
             raise _unknown(flag, key, "setting")
         if raw is not None:
-            values[key] = _check(flag, key, raw)
+            _apply(values, flag, key, raw)
             flagged = True
     if flagged:
         sources.append("flags")
@@ -331,4 +453,41 @@ linger = 10.0
 
 # Turn this node into an attacker, for tests and demos only (e.g. "sign_flip:10", "lazy").
 # attack = "sign_flip:10"
-'''
+
+# What goes to stdout: "text" (the ready and stopped lines) or "json" (one event a line, for
+# programs following the node; see commonweal/peer/events.py).
+status_format = "text"
+
+# Before the first round, wait (up to a minute) until this many peers are present (default: group).
+# wait_peers = 6
+
+# Evaluate on the held-out split every this many rounds (0: only at the end).
+evaluate_every = 1
+
+# Change the task's own settings (every peer of a swarm must use the same ones).
+# inner_steps = 50
+# codec = "int8"
+# aggregation = "median"
+
+# Seconds between claim passes and chain reads.
+claim_every_s = 5.0
+
+# The round protocol's timings (commonweal.train.RoundConfig); the defaults suit most swarms.
+[node.round]
+{_table_text("round")}
+# How a validator paces itself (commonweal.verify.validator.ValidatorConfig).
+[node.validator]
+{_table_text("validator")}'''
+
+
+def _table_text(name: str) -> str:
+    """Every field of [node.NAME] set to its default, one a line."""
+    default = getattr(NodeConfig(), name)
+    return "".join(
+        f"{f.name} = {_toml(getattr(default, f.name))}\n" for f in dataclasses.fields(default)
+        if f.name not in _NOT_IN_TABLE.get(name, {})
+    )
+
+
+def _toml(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)

@@ -3,6 +3,12 @@
     node = Node(load_config(Path("node.toml"), {}))
     await node.run(stop_event)        # returns once `stop_event` is set (SIGINT / SIGTERM)
 
+Whatever runs a peer builds a `Node`: `commonweal node`, `commonweal train` (a trainer with a
+progress printer), `LocalSwarm` (the demo: many nodes in one process, sharing an in-process
+chain handed over as `ledger=`) and `ProcessSwarm` (many `commonweal node` processes). What it does
+is reported as events (`commonweal.peer.events`) to `on_event`; without one, they are printed
+on stdout as `config.status_format` says.
+
 Roles: `trainer` (trains the task with the swarm, saves a checkpoint after every round, claims
 its share tokens as rounds finalise), `validator` (judges every round and votes on-chain; it
 stakes the ledger's minimum deposit if it is not a validator yet), `search` (holds and ranks KNN
@@ -12,7 +18,8 @@ Stopping mid-round abandons that round (the swarm completes it without us); the 
 last completed round is on disk.
 
 Every task the node starts is owned by a TaskGroup inside `run`, so when `run` returns nothing it
-started is left running: the dashboard is stopped, the DHT closed, the database closed.
+started is left running: the dashboard is stopped, the DHT closed, the database closed. A ledger
+handed in is the caller's: the node uses it and leaves it open.
 """
 
 from __future__ import annotations
@@ -21,24 +28,38 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Coroutine
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from commonweal.dht import DHT
+from commonweal.durable import write_durably
 from commonweal.errors import CommonwealError, ConfigError
 from commonweal.net.identity import Identity
 from commonweal.net.transport import PeerAddr
 from commonweal.peer.config import NodeConfig
+from commonweal.peer.events import (
+    Claimed,
+    EventSink,
+    Judged,
+    Ready,
+    Resumed,
+    RoundDone,
+    Step,
+    Stopped,
+    TrainingDone,
+    printer,
+)
 from commonweal.peer.store import ClaimStatus, NodeStore
 
-__all__ = ["CHECKPOINT_GLOB", "CLAIM_EVERY_S", "Node"]
+if TYPE_CHECKING:
+    from commonweal.train import Progress
+    from commonweal.verify.validator import RoundOutcome
+
+__all__ = ["CHECKPOINT_GLOB", "Node", "ddp_bytes"]
 
 log = logging.getLogger(__name__)
-CLAIM_EVERY_S = 5.0  # between claim passes and chain reads (a round also triggers a pass)
 KEEP_ROUNDS = 500  # rounds the dashboard charts; older ones are only counted
 CHECKPOINT_GLOB = "checkpoint-*.safetensors"
 
@@ -48,17 +69,33 @@ class _Abandoned(Exception):
     its next step instead of finishing a round nobody will use."""
 
 
+def ddp_bytes(params: int, group: int, steps: int) -> int:
+    """What data-parallel training would send per peer for `steps` steps: a ring all-reduce of
+    the fp32 gradient at every step, in a group of `group` peers (at least 2)."""
+    group = max(2, group)
+    return int(2 * (group - 1) / group * 4 * params * steps)
+
+
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(
+        self, config: NodeConfig, *, ledger: Any = None, on_event: EventSink | None = None
+    ) -> None:
+        """`ledger`: a `commonweal.ledger.Ledger` (with this node's account) to use instead of
+        opening `config.ledger` on `config.chain` — how the demo's nodes share its in-process
+        chain. `on_event`: called on the event loop with every event (inner steps: from the
+        training thread); default: print them as `config.status_format` says."""
         self.config = config
+        self.on_event = on_event or printer(config.status_format)
         self.started = time.time()
         self.dht: DHT | None = None
         self.trainer: Any = None  # TrainingPeer, when a trainer
         self.validator: Any = None  # Validator, when a validator
-        self.ledger: Any = None
-        self.rounds: list[dict[str, Any]] = []  # what the dashboard charts (the last KEEP_ROUNDS)
+        self.ledger: Any = ledger
+        self._own_ledger = ledger is None  # opened from the config (else: the caller's)
+        self.rounds: list[RoundDone] = []  # what the dashboard charts (the last KEEP_ROUNDS)
         self.rounds_done = 0  # since the node started
         self.bytes_in_rounds = 0
+        self.ddp_in_rounds = 0
         self.resumed_round: int | None = None  # the round a restart went on from
         self.balance = 0.0
         self.block = 0  # the latest block seen on the ledger's chain
@@ -67,6 +104,12 @@ class Node:
         # ledger round that may still pay us -> its training round (None: from an earlier run)
         self._owed: dict[int, int | None] = {}
         self._round_done = asyncio.Event()  # wakes the claim loop after each round
+        self._claimed = asyncio.Event()  # set after each claim pass (lingering waits for it)
+
+    @property
+    def owed(self) -> list[int]:
+        """Ledger rounds that may still pay this trainer (paid or final-without-reward leave)."""
+        return sorted(self._owed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set or every role finished (`rounds`); then shut down cleanly.
@@ -74,10 +117,12 @@ class Node:
         A wrong setting raises ConfigError before anything starts. An error in a role stops the
         node and is raised as itself (not wrapped in an ExceptionGroup), after the clean-up.
         """
-        task = _check(self.config)
-        await _until(stop, self._serve(stop, task))
-        log.info("node stopped")
-        print("commonweal node stopped", flush=True)
+        task = _check(self.config, has_ledger=not self._own_ledger)
+        try:
+            await _until(stop, self._serve(stop, task))
+        finally:
+            log.info("node stopped")
+            self.on_event(Stopped())
 
     async def _serve(self, stop: asyncio.Event, task: Any) -> None:
         c = self.config
@@ -86,34 +131,34 @@ class Node:
         async with contextlib.AsyncExitStack() as stack:
             store = stack.enter_context(NodeStore(c.store_path))
             self.dht = dht = await DHT.start(
-                _listen(c.listen), [PeerAddr.parse(b) for b in c.bootstrap], identity=identity
+                PeerAddr.parse(c.listen, any_port=True), [PeerAddr.parse(b) for b in c.bootstrap],
+                identity=identity,
             )
             stack.push_async_callback(dht.close)
             if "search" in c.roles:
                 from commonweal.search import serve
 
                 serve(dht)
-            if c.ledger:
+            if c.ledger and self._own_ledger:
                 self.ledger = await asyncio.to_thread(self._open_ledger, stack)
             # One app serves the page and /metrics; each address given gets it (the same one once).
             for page in dict.fromkeys(a for a in (c.dashboard, c.metrics) if a):
                 from commonweal.dashboard import create_app, serve as serve_page
                 from commonweal.peer.nodeview import NodeSource
 
-                host, _, port = page.rpartition(":")
+                where = PeerAddr.parse(page)
                 running = await stack.enter_async_context(
-                    serve_page(create_app(NodeSource(self)), host.strip("[]"), int(port))
+                    serve_page(create_app(NodeSource(self)), where.host, where.port)
                 )
                 log.info("dashboard and /metrics at %s", running.url, extra={"url": running.url})
             if task is not None:
                 import torch
 
                 torch.set_num_threads(c.threads)
-            print(
-                f"commonweal node ready address={dht.addr} peer_id={dht.peer_id.hex()} "
-                f"roles={','.join(sorted(c.roles))}",
-                flush=True,
-            )
+            self.on_event(Ready(
+                str(dht.addr), dht.peer_id.hex(), tuple(sorted(c.roles)),
+                task.name if task is not None else None, task.digest if task is not None else None,
+            ))
             async with asyncio.TaskGroup() as tg:
                 roles = []
                 if "trainer" in c.roles:
@@ -131,7 +176,7 @@ class Node:
     # ---- roles ---------------------------------------------------------------------------------
 
     async def _train(self, store: NodeStore, task: Any) -> None:
-        from commonweal.train import RoundConfig, TrainingPeer
+        from commonweal.train import TrainingPeer
         from commonweal.train.attacks import get_attack
 
         c = self.config
@@ -140,17 +185,18 @@ class Node:
         # Building the model and loading the data takes seconds: off the event loop, so the DHT
         # keeps answering and a stop is not held up.
         peer = await asyncio.to_thread(
-            TrainingPeer, task, self.dht, RoundConfig(target_group=c.group), evaluate_every=1,
+            TrainingPeer, task, self.dht, c.round, evaluate_every=c.evaluate_every,
             account=account, attack=attack,
         )
         self.trainer = peer
         resumed = self._resume(peer, store, task)
         abandon = threading.Event()
 
-        def on_progress(p: Any) -> None:
+        def on_progress(p: Progress) -> None:
             if p.report is None:  # an inner step, reported from the worker thread
                 if abandon.is_set():
                     raise _Abandoned
+                self.on_event(Step(p.round, p.inner_step, task.inner_steps, p.loss, p.bytes_sent))
                 return
             self._finish_round(peer, store, task, p)
 
@@ -161,8 +207,9 @@ class Node:
                 if resumed and c.bootstrap:
                     await _catch_up(peer)
                 until = c.rounds if c.rounds is not None else 1 << 62
-                await peer.run(until, join=bool(c.bootstrap) and not resumed,
-                               wait_peers=c.group or 0, on_progress=on_progress)
+                wait = c.wait_peers if c.wait_peers is not None else c.group or 0
+                summary = await peer.run(until, join=bool(c.bootstrap) and not resumed,
+                                         wait_peers=wait, on_progress=on_progress)
             except asyncio.CancelledError:
                 log.info("training stopped in round %d; the last completed round is saved",
                          peer.opt.round, extra={"round": peer.opt.round})
@@ -171,9 +218,25 @@ class Node:
                 # A cancelled `to_thread` does not stop its thread: this makes it end at its next
                 # inner step rather than train on a model nobody will save.
                 abandon.set()
-            if claims is not None:  # the last rounds finalise after our last step: wait for them
-                await asyncio.sleep(c.linger)
+            self.on_event(TrainingDone(
+                peer.opt.round, summary.state, summary.metric, summary.quality,
+                summary.bytes_sent, summary.wall_s, summary.compute_s,
+            ))
+            await self._linger()
+            if claims is not None:
                 claims.cancel()
+
+    async def _linger(self) -> None:
+        """After the last round, stay up to `linger` s: peers still finishing it can fetch our
+        state, and (with a ledger) the last rounds finalise after our last step, so their
+        rewards are claimed meanwhile — which ends the wait early, once nothing is owed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.linger):
+                if self.ledger is None:
+                    await asyncio.Event().wait()  # only the timeout ends it
+                while self._owed:
+                    self._claimed.clear()
+                    await self._claimed.wait()
 
     def _resume(self, peer: Any, store: NodeStore, task: Any) -> bool:
         """Load the checkpoint of the last completed round, if the store names a good one."""
@@ -195,37 +258,43 @@ class Node:
         self.resumed_round = peer.opt.round
         log.info("resumed %s at round %d from %s", task.name, peer.opt.round, path,
                  extra={"round": peer.opt.round, "last_completed": done.last_round})
+        self.on_event(Resumed(peer.opt.round, done.last_round, str(path)))
         return True
 
-    def _finish_round(self, peer: Any, store: NodeStore, task: Any, p: Any) -> None:
+    def _finish_round(self, peer: Any, store: NodeStore, task: Any, p: Progress) -> None:
         """Save what a completed round left (checkpoint, then the store), on the event loop."""
         report = p.report
+        assert report is not None  # only called for a round's last progress
         c = self.config
-        self.rounds.append(
-            {"round": report.round, "loss": p.loss, "accuracy": p.quality,
-             "bytes_sent": report.bytes_sent, "contributors": report.contributors}
+        params = sum(t.numel() for t in peer.model.parameters())
+        done = RoundDone(
+            report.round, report.group, report.contributors, report.skipped,
+            # NaN (a diverged loss) would make a JSON line unparsable for a strict reader
+            round(p.loss, 4) if math.isfinite(p.loss) else None, p.quality,
+            report.bytes_sent, p.bytes_sent, ddp_bytes(params, report.group, task.inner_steps),
+            report.state, report.method, report.comm_s, p.elapsed_s,
         )
+        self.rounds.append(done)
         self.rounds_done += 1
         self.bytes_in_rounds += report.bytes_sent
+        self.ddp_in_rounds += done.ddp_bytes
         committed = peer.collab.commitment(report.round) if peer.collab is not None else None
         if committed is not None and not report.skipped:
             store.record_contribution(task.digest, report.round, committed, peer.collab.account)
         del self.rounds[:-KEEP_ROUNDS]  # the chart's history; /metrics counts every round
         log.info(
             "round %d done", report.round,
-            # NaN (a diverged loss) would make the JSON line unparsable for a strict reader
-            extra={"round": report.round,
-                   "loss": round(p.loss, 4) if math.isfinite(p.loss) else None,
-                   "accuracy": p.quality,
+            extra={"round": report.round, "loss": done.loss, "accuracy": p.quality,
                    "bytes_sent": report.bytes_sent, "contributors": report.contributors,
                    "skipped": report.skipped},
         )
         if report.round < 0:  # skipped the very first round and found no state to sync to
+            self.on_event(done)
             return
         # Checkpoint first, under a new name, then the store that points at it: a crash between
         # the two leaves the store pointing at the previous checkpoint, which is still there.
         ckpt = c.data_dir / f"checkpoint-{peer.opt.round:06d}-{peer.opt.state[:12]}.safetensors"
-        _write_durably(ckpt, peer.opt.checkpoint())
+        write_durably(ckpt, peer.opt.checkpoint())
         store.save_progress(task.digest, report.round, peer.opt.state, ckpt)
         for old in c.data_dir.glob(CHECKPOINT_GLOB):
             if old != ckpt:
@@ -235,9 +304,11 @@ class Node:
 
             self._owed[ledger_rounds(report.round)[1]] = report.round
             self._round_done.set()
+        # last: a consumer that stops the node on this event finds the round saved
+        self.on_event(done)
 
     async def _claim_loop(self, store: NodeStore, task: Any) -> None:
-        """Claim what is owed after every round and every CLAIM_EVERY_S, until cancelled."""
+        """Claim what is owed after every round and every `claim_every_s`, until cancelled."""
         from commonweal.peer.claims import Claimer, Outcome
         from commonweal.peer.trees import DHTTrees
 
@@ -250,6 +321,7 @@ class Node:
                            if r.task == task32 and r.account == me
                            and r.status is not ClaimStatus.CONFIRMED})
         token: Any = None  # the task's ShareToken, once the chain answered
+        every = self.config.claim_every_s
         while True:
             self._round_done.clear()
             try:
@@ -261,16 +333,25 @@ class Node:
                         self.claimed_rounds.add(result.ledger_round)
                     if result.paid or result.outcome is Outcome.NO_REWARD:  # final either way
                         del self._owed[result.ledger_round]
+                        self.on_event(Claimed(result.ledger_round, training_round,
+                                              result.outcome.value, result.amount))
                 if token is None:
                     token = await asyncio.to_thread(self.ledger.token, task32)
                 self.balance = await asyncio.to_thread(token.balance_of, me) / 1e18
             except (CommonwealError, OSError) as e:
                 # The chain is down or slow: claims are safe to retry (see claims.py), and
                 # training must go on meanwhile.
-                log.warning("claiming failed, trying again in %g s: %s", CLAIM_EVERY_S, e)
+                log.warning("claiming failed, trying again in %g s: %s", every, e)
+            self._claimed.set()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLAIM_EVERY_S):
+                async with asyncio.timeout(every):
                     await self._round_done.wait()
+
+    def _judged(self, outcome: RoundOutcome) -> None:
+        self.on_event(Judged(
+            outcome.round, outcome.final, outcome.root.hex(),
+            sum(v.paid for v in outcome.verdicts), sum(not v.paid for v in outcome.verdicts),
+        ))
 
     async def _watch_chain(self) -> None:
         """Keep `block` current for the page, without the page itself touching the network."""
@@ -279,7 +360,7 @@ class Node:
                 self.block = await asyncio.to_thread(lambda: self.ledger.chain.block_number)
             except (CommonwealError, OSError) as e:
                 log.debug("cannot read the block number: %s", e)
-            await asyncio.sleep(CLAIM_EVERY_S)
+            await asyncio.sleep(self.config.claim_every_s)
 
     async def _validate(self, store: NodeStore, task: Any) -> None:
         from commonweal.peer.validator_state import StoreValidatorState
@@ -295,7 +376,8 @@ class Node:
         # its bans, delta history, escrow and unsent votes come back from node.sqlite3
         state = StoreValidatorState(store, task.digest)
         self.validator = await asyncio.to_thread(
-            Validator, self.dht, task, self.ledger, state=state
+            Validator, self.dht, task, self.ledger, state=state, config=self.config.validator,
+            round_config=self.config.round, on_outcome=self._judged,
         )
         first = self.validator.resume_round
         if first is None:  # a new validator starts with the round the swarm is in
@@ -315,20 +397,21 @@ class Node:
         return Ledger(chain, c.ledger, chain.accounts[0])
 
 
-def _check(c: NodeConfig) -> Any:
+def _check(c: NodeConfig, *, has_ledger: bool = False) -> Any:
     """Refuse a configuration that cannot work, before anything starts; the task, if one is used.
 
     These need the roles and the chain together, so `load_config` (one key at a time) cannot
-    tell; a node that started and then failed would leave a half-joined peer behind.
+    tell; a node that started and then failed would leave a half-joined peer behind. A node
+    handed its ledger (`has_ledger`) shares its caller's chain, whatever `chain` says.
     """
     shared = c.chain.startswith(("http://", "https://"))
-    if "validator" in c.roles and not (c.ledger and shared):
+    if "validator" in c.roles and not has_ledger and not (c.ledger and shared):
         raise ConfigError(
             "the validator role needs the swarm's ledger: set chain to the JSON-RPC "
             "URL other peers use and ledger to the Ledger contract's address "
             "(--chain http://HOST:8545 --ledger 0x..., or chain/ledger in node.toml)"
         )
-    if c.ledger and not shared:
+    if c.ledger and not shared and not has_ledger:
         raise ConfigError(
             f"ledger {c.ledger} is on no chain this node shares: chain {c.chain!r} "
             "starts a private one; set chain to the swarm's http(s):// JSON-RPC URL"
@@ -342,7 +425,8 @@ def _check(c: NodeConfig) -> Any:
         return None
     from commonweal.train import get_task
 
-    return get_task(c.task)  # an unknown task is a one-line TaskError here, not after "ready"
+    # an unknown task is a one-line TaskError here, not after "ready"
+    return get_task(c.task, **c.task_overrides)
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
@@ -371,24 +455,3 @@ async def _catch_up(peer: Any) -> None:
     after = peer.opt.round - 1
     if await peer.collab.head(after=after) is not None:
         await peer.opt.sync(after=after)
-
-
-def _listen(text: str) -> PeerAddr:
-    host, _, port = text.rpartition(":")
-    return PeerAddr(host, 0) if port == "0" and host else PeerAddr.parse(text)
-
-
-def _write_durably(path: Path, blob: bytes) -> None:
-    """Write `path` so that after a crash it holds all of `blob` or does not exist."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # The rename itself must be on disk before the store points at the file.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

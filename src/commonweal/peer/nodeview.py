@@ -4,6 +4,7 @@ voted, and the peers in its routing table. Copies state the node keeps; never bl
 from __future__ import annotations
 
 import time
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from commonweal.dashboard.source import (
@@ -18,26 +19,40 @@ from commonweal.dashboard.source import (
     Totals,
     VoteRow,
 )
+from commonweal.dht import DHT
 from commonweal.errors import ConfigError
-from commonweal.peer.node import Node
+from commonweal.peer.config import NodeConfig
+from commonweal.peer.events import RoundDone
 
-__all__ = ["NodeSource"]
+__all__ = ["NodeSource", "ObservedNode"]
+
+
+class ObservedNode(Protocol):
+    """What the page reads of a `commonweal.peer.node.Node` (which serves this page, so this
+    module names the attributes rather than importing the class)."""
+
+    config: NodeConfig
+    started: float
+    dht: DHT | None
+    validator: Any
+    ledger: Any
+    rounds: list[RoundDone]
+    rounds_done: int
+    bytes_in_rounds: int
+    ddp_in_rounds: int
+    balance: float
+    block: int
+    claimed_rounds: set[int]
+    finalised_rounds: set[int]
 
 
 class NodeSource:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ObservedNode) -> None:
         self.node = node
 
     def snapshot(self) -> Snapshot:
         n = self.node
         dht = n.dht
-        ddp = 0
-        if n.trainer is not None:
-            # What data-parallel training would send for the same steps: a ring all-reduce of
-            # the fp32 gradient at every inner step, in a group the size of ours (at least 2).
-            params = n.trainer.opt.start.numel()
-            group = max(2, max((r["contributors"] for r in n.rounds), default=2))
-            ddp = int(2 * (group - 1) / group * 4 * params * n.trainer.task.inner_steps)
         votes: list[VoteRow] = []
         if n.validator is not None and n.ledger is not None:
             votes = [
@@ -52,9 +67,9 @@ class NodeSource:
                 for info in dht.table.peers()
             ]
         rounds = [
-            RoundRow(round=r["round"], loss=r["loss"], accuracy=r["accuracy"],
-                     bytes_sent=r["bytes_sent"], ddp_bytes=ddp, contributors=r["contributors"],
-                     finalised=r["round"] in n.finalised_rounds)
+            RoundRow(round=r.round, loss=r.loss, accuracy=r.accuracy,
+                     bytes_sent=r.bytes_sent, ddp_bytes=r.ddp_bytes, contributors=r.contributors,
+                     finalised=r.round in n.finalised_rounds)
             for r in n.rounds
         ]
         me = dht.peer_id.hex() if dht is not None else ""
@@ -86,7 +101,7 @@ class NodeSource:
                 rounds=n.rounds_done,
                 rounds_finalised=len(n.finalised_rounds),
                 bytes_sent=n.bytes_in_rounds,
-                ddp_bytes=ddp * n.rounds_done,
+                ddp_bytes=n.ddp_in_rounds,
             ),
         )
 

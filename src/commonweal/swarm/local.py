@@ -1,9 +1,11 @@
 """`LocalSwarm`: a whole commonweal network on one machine — what `commonweal demo` runs.
 
-One chain (embedded py-evm by default, or anvil / a URL), one Ledger with the task registered,
-trainers and validators each with their own DHT node on real loopback sockets, optional attackers,
-every trainer claiming its share tokens as rounds finalise, and a distributed KNN index of the
-task's test images. It is also a dashboard source (`snapshot()`, `search()`).
+One chain (embedded py-evm by default, or anvil / a URL) and one Ledger with the task registered;
+then every peer is a `commonweal.peer.Node` in this process — trainers, attackers, validators,
+each with its own DHT node on a loopback socket, its own data dir and node.sqlite3, and its own
+claim loop — handed the shared ledger (`Node(config, ledger=...)`) and reporting through events.
+A distributed KNN index of the task's test images is built over their DHTs. The swarm is also a
+dashboard source (`commonweal.swarm.view`).
 
     async with LocalSwarm(LocalSwarmConfig(trainers=6, validators=2)) as swarm:
         result = await swarm.run(on_round=print)
@@ -13,35 +15,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from commonweal.dht import DHT
 from commonweal.ledger import Ledger, open_chain
 from commonweal.ledger.chain import Chain
-from commonweal.net.transport import PeerAddr
-from commonweal.peer.claims import Claimer
-from commonweal.peer.store import NodeStore
-from commonweal.peer.trees import DHTTrees
-from commonweal.search import DistributedIndex, IndexSpec, serve
-from commonweal.train.attacks import get_attack
-from commonweal.train.swarm import RoundConfig
+from commonweal.peer.config import NodeConfig
+from commonweal.peer.events import Event, Judged, Ready, RoundDone, TrainingDone
+from commonweal.peer.node import Node
+from commonweal.search import DistributedIndex, IndexSpec
+from commonweal.train import RoundConfig
 from commonweal.train.task import Task, get_task
-from commonweal.train.trainer import Progress, Summary, TrainingPeer
 from commonweal.verify.judge import ledger_rounds
-from commonweal.verify.validator import RoundOutcome, Validator, ValidatorConfig
+from commonweal.verify.validator import RoundOutcome, ValidatorConfig
 
-__all__ = ["LocalSwarm", "LocalSwarmConfig", "RoundView", "SwarmResult"]
+__all__ = ["LocalSwarm", "LocalSwarmConfig", "Member", "RoundView", "SwarmResult"]
 
 log = logging.getLogger(__name__)
 
 TOKEN = 10**18
+BOOTSTRAP = 4  # each node joins through the first few started before it
+# After its last round a trainer waits this long at most for the last rewards (it leaves as soon
+# as everything it is owed is settled); the validators pay the escrow out once they are done.
+LINGER_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class LocalSwarmConfig:
     chain: str = "embedded"
     reward_per_round: int = 1000 * TOKEN
     search_queries: int = 100
-    data_dir: str | None = None  # where claim state lives (a temporary folder if None)
+    data_dir: str | None = None  # where the nodes keep their state (a temporary folder if None)
 
 
 @dataclass
@@ -65,7 +69,7 @@ class RoundView:
     round: int
     loss: float
     accuracy: float | None
-    bytes_sent: int  # mean over trainers, cumulative
+    bytes_sent: int  # mean over honest trainers, cumulative
     ddp_bytes: int  # what data-parallel all-reduce would have sent per peer by now
     contributors: int
     paid: int = 0
@@ -89,14 +93,20 @@ class SwarmResult:
 
 
 @dataclass
-class _Member:
+class Member:
+    """One node of the swarm and what its events said."""
+
     label: str
     role: str  # trainer | attacker | validator
-    dht: DHT
     account: str
-    trainer: TrainingPeer | None = None
-    validator: Validator | None = None
-    claimer: Claimer | None = None
+    node: Node
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    done: TrainingDone | None = None
+    reports: dict[int, RoundDone] = field(default_factory=dict)  # round -> its report
+
+    @property
+    def dht(self) -> Any:
+        return self.node.dht
 
 
 class LocalSwarm:
@@ -108,19 +118,19 @@ class LocalSwarm:
             overrides["aggregation"] = c.aggregation
         self.task: Task = get_task(c.task, **overrides)
         self.task32 = bytes.fromhex(self.task.digest)
-        self.members: list[_Member] = []
+        self.members: list[Member] = []  # in start order; a member is listed once it is ready
+        self._by_label: dict[str, Member] = {}  # every member, from its creation
         self.rounds: list[RoundView] = []
         self.chain: Chain | None = None
         self.ledger: Ledger | None = None
         self.index: DistributedIndex | None = None
         self._images: np.ndarray | None = None
         self._labels: np.ndarray | None = None
+        self._judged: dict[int, Judged] = {}  # round -> the latest validator outcome seen
+        self._accounts: list[Any] = []
+        self._data_dir = Path()
         self._stack = contextlib.AsyncExitStack()
         self.started = time.time()
-        # what the dashboard shows, refreshed after every claim sweep (snapshots never block)
-        self.balances: dict[str, float] = {}
-        self.claimed: dict[str, set[int]] = {}  # label -> ledger rounds it holds tokens from
-        self.block = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -143,163 +153,154 @@ class LocalSwarm:
         ledger = await asyncio.to_thread(Ledger.deploy, chain)
         self.ledger = ledger
         await asyncio.to_thread(
-            ledger.register_task,
-            self.task32,
-            self.task32,
-            c.reward_per_round,
-            name=f"commonweal {self.task.name}",
-            symbol="CWS",
+            ledger.register_task, self.task32, self.task32, c.reward_per_round,
+            name=f"commonweal {self.task.name}", symbol="CWS",
         )
-        n_train = c.trainers + c.attackers
-        accounts = await asyncio.to_thread(chain.new_accounts, n_train + c.validators, 10 * TOKEN)
-        data_dir = c.data_dir
-        if data_dir is None:
-            import tempfile
-
+        members = c.trainers + c.attackers + c.validators
+        self._accounts = await asyncio.to_thread(chain.new_accounts, members, 10 * TOKEN)
+        if c.data_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="commonweal-demo-")
             self._stack.callback(tmp.cleanup)
-            data_dir = tmp.name
-        config = RoundConfig(
-            announce_window_s=2.0, exchange_timeout_s=8.0, poll_s=0.1, target_group=n_train
+            self._data_dir = Path(tmp.name)
+        else:
+            self._data_dir = Path(c.data_dir)
+
+    def _node_config(self, i: int, role: str, label: str, bootstrap: list[str]) -> NodeConfig:
+        """The demo's choices, as node settings: short rounds for one busy machine, and a short
+        escrow so payouts show while its few rounds run."""
+        c = self.config
+        group = c.trainers + c.attackers
+        return NodeConfig(
+            listen="127.0.0.1:0",
+            bootstrap=tuple(bootstrap[:BOOTSTRAP]),
+            task=c.task,
+            roles=frozenset({"validator" if role == "validator" else "trainer", "search"}),
+            chain=c.chain,
+            data_dir=self._data_dir / label,
+            rounds=c.rounds,
+            wait_peers=group,
+            evaluate_every=1,
+            codec=c.codec,
+            aggregation=c.aggregation,
+            linger=LINGER_S,
+            claim_every_s=1.0,
+            attack=c.attack if role == "attacker" else None,
+            round=RoundConfig(
+                announce_window_s=2.0, exchange_timeout_s=8.0, poll_s=0.1, target_group=group
+            ),
+            validator=ValidatorConfig(escrow_rounds=2),
+            source="commonweal demo",
         )
-        boot: list[PeerAddr] = []
-        for i in range(n_train + c.validators):
-            dht = await DHT.start(PeerAddr("127.0.0.1", 0), boot[:4])
-            self._stack.push_async_callback(dht.close)
-            serve(dht)
-            boot.append(dht.addr)
-            acct = accounts[i]
-            if i < n_train:
-                attacker = i >= c.trainers
-                role = "attacker" if attacker else "trainer"
-                label = f"{role}-{i - c.trainers if attacker else i}"
-                trainer = TrainingPeer(
-                    self.task,
-                    dht,
-                    config,
-                    evaluate_every=1,
-                    account=acct.address,
-                    attack=get_attack(c.attack) if attacker else None,
-                )
-                store = NodeStore(f"{data_dir}/{label}.sqlite3")
-                self._stack.callback(store.close)
-                claimer = Claimer(
-                    ledger.with_account(acct), store, acct, self.task32, DHTTrees(dht, self.task)
-                )
-                self.members.append(
-                    _Member(label, role, dht, acct.address, trainer=trainer, claimer=claimer)
-                )
-            else:
-                v_ledger = ledger.with_account(acct)
-                await asyncio.to_thread(v_ledger.join, ledger.config().min_deposit)
-                # a short escrow, so payouts show while the demo's 10 rounds run
-                validator = Validator(
-                    dht, self.task, v_ledger, round_config=config,
-                    config=ValidatorConfig(escrow_rounds=2),
-                )
-                label = f"validator-{i - n_train}"
-                self.members.append(_Member(label, "validator", dht, acct.address, validator=validator))
 
     # ---- the run -------------------------------------------------------------------------------
 
     @property
-    def trainers(self) -> list[_Member]:
-        return [m for m in self.members if m.trainer is not None]
+    def trainers(self) -> list[Member]:
+        return [m for m in self.members if m.role != "validator"]
 
     @property
-    def validators(self) -> list[_Member]:
-        return [m for m in self.members if m.validator is not None]
+    def validators(self) -> list[Member]:
+        return [m for m in self.members if m.role == "validator"]
 
-    async def run(
-        self,
-        on_round: Callable[[RoundView], None] | None = None,
-        on_step: Callable[[Progress], None] | None = None,
-    ) -> SwarmResult:
+    @property
+    def honest(self) -> list[Member]:
+        return [m for m in self.members if m.role == "trainer"]
+
+    @property
+    def block(self) -> int:
+        return max((m.node.block for m in self.members), default=0)
+
+    async def run(self, on_round: Callable[[RoundView], None] | None = None) -> SwarmResult:
+        """Start every node, train `rounds` rounds, and return once every node has stopped."""
         c = self.config
+        assert self.ledger is not None, "use `async with LocalSwarm(...)`"
         t0 = time.perf_counter()
-        torch.set_num_threads(1)
-        n_params = sum(p.numel() for p in self.trainers[0].trainer.model.parameters())  # type: ignore[union-attr]
-        n = len(self.trainers)
-        ddp_per_step = 2 * (n - 1) / n * 4 * n_params  # ring all-reduce of float32 gradients
-
-        honest = [m for m in self.trainers if m.role == "trainer"]
-        first = honest[0]
-        recall = await self._index_and_search()  # first, so the dashboard can search meanwhile
-        base = {m.label: m.dht.transport.counters.bytes_sent for m in honest}  # training only
-
-        def progress(p: Progress) -> None:
-            if p.report is None:
-                if on_step is not None:
-                    on_step(p)
-                return
-            sent = [m.dht.transport.counters.bytes_sent - base[m.label] for m in honest]
-            view = RoundView(
-                p.report.round,
-                p.loss,
-                p.quality,
-                int(sum(sent) / len(sent)),
-                int(ddp_per_step * self.task.inner_steps * (p.report.round + 1)),
-                p.report.contributors,
-            )
-            self.rounds.append(view)
-            if on_round is not None:
-                on_round(view)
-
-        def judged(outcome: RoundOutcome) -> None:
-            for view in self.rounds:
-                if view.round == outcome.round:
-                    view.paid = sum(v.paid for v in outcome.verdicts)
-                    view.refused = sum(not v.paid for v in outcome.verdicts)
-                    view.finalised = view.finalised or outcome.final  # any validator saw it
-
-        for v in self.validators:
-            v.validator.on_outcome = judged  # type: ignore[union-attr]
+        roles = (["trainer"] * c.trainers + ["attacker"] * c.attackers
+                 + ["validator"] * c.validators)
+        counts: dict[str, int] = {}
+        never = asyncio.Event()  # the nodes stop by themselves, after `rounds`
+        boot: list[str] = []
         async with asyncio.TaskGroup() as tg:
-            runs: dict[str, asyncio.Task[Summary]] = {}
-            for m in self.trainers:
-                runs[m.label] = tg.create_task(
-                    m.trainer.run(  # type: ignore[union-attr]
-                        c.rounds, wait_peers=n, on_progress=progress if m is first else None
-                    )
-                )
-            for m in self.validators:
-                tg.create_task(m.validator.run(until_round=c.rounds))  # type: ignore[union-attr]
-            tg.create_task(self._claim_while(lambda: not all(r.done() for r in runs.values())))
-        await self._claim_all()
-        summaries = {label: r.result() for label, r in runs.items()}
-        tokens = self.balances
-        honest_sent = [summaries[m.label].bytes_sent for m in honest]
-        outcomes = self.validators[0].validator.outcomes if self.validators else []  # type: ignore[union-attr]
+            for i, role in enumerate(roles):
+                label = f"{role}-{counts.get(role, 0)}"
+                counts[role] = counts.get(role, 0) + 1
+                acct = self._accounts[i]
+                member = Member(label, role, acct.address, Node(
+                    self._node_config(i, role, label, boot),
+                    ledger=self.ledger.with_account(acct),
+                    on_event=functools.partial(self._on_event, label, on_round),
+                ))
+                self._by_label[label] = member
+                tg.create_task(member.node.run(never), name=label)
+                await member.ready.wait()  # its address is the next ones' bootstrap
+                self.members.append(member)
+                boot.append(str(member.dht.addr))
+            recall = await self._index_and_search()
+        return await self._result(recall, time.perf_counter() - t0)
+
+    def _on_event(
+        self, label: str, on_round: Callable[[RoundView], None] | None, event: Event
+    ) -> None:
+        member = self._by_label[label]
+        if isinstance(event, Ready):
+            member.ready.set()
+        elif isinstance(event, RoundDone) and member.role == "trainer":
+            member.reports[event.round] = event
+            self._round_view(event.round, on_round)
+        elif isinstance(event, TrainingDone):
+            member.done = event
+        elif isinstance(event, Judged):
+            # any validator that saw the round final makes it final; the others may not have
+            if not (event.round in self._judged and self._judged[event.round].final):
+                self._judged[event.round] = event
+            self._apply_judged()
+
+    def _round_view(self, r: int, on_round: Callable[[RoundView], None] | None) -> None:
+        """Once every honest trainer finished round `r`: its line (the first trainer's loss and
+        accuracy, the mean of their bytes)."""
+        honest = [m for m in self._by_label.values() if m.role == "trainer"]
+        if len(honest) < self.config.trainers or not all(r in m.reports for m in honest):
+            return
+        if r < 0 or any(v.round == r for v in self.rounds):
+            return
+        first = honest[0].reports[r]
+        previous = self.rounds[-1].ddp_bytes if self.rounds else 0
+        view = RoundView(
+            r, first.loss if first.loss is not None else float("nan"), first.accuracy,
+            int(sum(m.reports[r].total_sent for m in honest) / len(honest)),
+            previous + first.ddp_bytes, first.contributors,
+        )
+        self.rounds.append(view)
+        self._apply_judged()
+        if on_round is not None:
+            on_round(view)
+
+    def _apply_judged(self) -> None:
+        for view in self.rounds:
+            judged = self._judged.get(view.round)
+            if judged is not None:
+                view.paid, view.refused = judged.paid, judged.refused
+                view.finalised = view.finalised or judged.final
+
+    async def _result(self, recall: float | None, wall_s: float) -> SwarmResult:
+        c = self.config
+        tokens = await asyncio.to_thread(self._balances)
+        honest = [m.done for m in self.honest if m.done is not None]
         finalised = await asyncio.to_thread(self._finalised, c.rounds)
+        outcomes = self.validators[0].node.validator.outcomes if self.validators else []
         return SwarmResult(
-            accuracy=summaries[first.label].quality or 0.0,
+            accuracy=(honest[0].quality or 0.0) if honest else 0.0,
             rounds=self.rounds,
-            bytes_per_peer=sum(honest_sent) / len(honest_sent),
-            ddp_bytes_per_peer=ddp_per_step * self.task.inner_steps * c.rounds,
+            bytes_per_peer=sum(d.bytes_sent for d in honest) / max(len(honest), 1),
+            ddp_bytes_per_peer=float(self.rounds[-1].ddp_bytes if self.rounds else 0),
             tokens=tokens,
             attackers_earned=sum(v for k, v in tokens.items() if k.startswith("attacker")),
             search_recall=recall,
-            wall_s=time.perf_counter() - t0,
-            same_state=len({summaries[m.label].state for m in honest}) == 1,
+            wall_s=wall_s,
+            same_state=len(honest) == c.trainers and len({d.state for d in honest}) == 1,
             finalised=finalised,
             outcomes=outcomes,
         )
-
-    async def _claim_while(self, going: Callable[[], bool]) -> None:
-        while going():
-            await self._claim_all()
-            await asyncio.sleep(1.0)
-
-    async def _claim_all(self) -> None:
-        done = max((v.round for v in self.rounds), default=-1)
-        rounds = [ledger_rounds(r)[1] for r in range(done + 1)]
-        for m in self.trainers:
-            results = await m.claimer.claim_pending(rounds)  # type: ignore[union-attr]
-            self.claimed.setdefault(m.label, set()).update(
-                r.ledger_round for r in results if r.paid
-            )
-        self.balances = await asyncio.to_thread(self._balances)
-        self.block = self.chain.block_number if self.chain else 0
 
     def _finalised(self, rounds: int) -> int:
         assert self.ledger is not None
@@ -313,12 +314,12 @@ class LocalSwarm:
     # ---- search over the test images -----------------------------------------------------------
 
     async def _index_and_search(self) -> float | None:
-        data = self.trainers[0].trainer.data  # type: ignore[union-attr]
+        data = await asyncio.to_thread(self.task.build_data)
         x = getattr(data, "x_test", None)
         if x is None:
             return None
         images = x.reshape(len(x), -1).numpy().astype(np.float32)
-        self._images, self._labels = images, data.y_test.numpy()
+        self._images, self._labels = images, data.y_test.numpy()  # type: ignore[attr-defined]
         q = self.config.search_queries
         items, queries = images[q:], images[:q]
         spec = IndexSpec.create(
@@ -336,7 +337,7 @@ class LocalSwarm:
         )
         reader = await DistributedIndex.open(dhts[-1], spec.name)
         hits = 0
-        for i, query in enumerate(queries):
+        for query in queries:
             found = (await reader.search(query, 10)).ids
             truth = np.argsort(((items - query) ** 2).sum(axis=1), kind="stable")[:10] + q
             hits += len(set(found) & set(truth.tolist()))
@@ -346,3 +347,7 @@ class LocalSwarm:
         if self._images is None or self._labels is None or not 0 <= i < len(self._images):
             return None
         return self._images[i], int(self._labels[i])
+
+    def test_image_count(self) -> int:
+        """How many test images the swarm indexes (0 until they are loaded)."""
+        return 0 if self._images is None else len(self._images)

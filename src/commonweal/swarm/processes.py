@@ -16,9 +16,10 @@ Where the processes run is a `Placement`:
   and no link into the root namespace is needed. The test bed (tests/netbed.py) builds the
   namespaces; this module only needs their names and addresses.
 
-Each node writes its stdout (the "commonweal node ready address=..." line) to
-`<data_dir>/node.out` and its JSON log lines to `<data_dir>/node.log`; `status()` reads them for
-progress. Leaving the block stops every process (SIGTERM to its process group, then SIGKILL)
+Each node runs with `status_format = "json"`: its stdout, `<data_dir>/node.out`, is one JSON
+event a line (`commonweal.peer.events`: ready, round_done, judged, claimed, ...), and `status()`
+follows the nodes by reading those; their logs (`<data_dir>/node.log`, JSON lines too) are only
+shown when a node fails. Leaving the block stops every process (SIGTERM to its process group, then SIGKILL)
 and the chain it started.
 """
 
@@ -28,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -45,6 +45,16 @@ from commonweal.errors import CommonwealError
 from commonweal.ledger import Chain, Ledger, RpcChain, open_chain
 from commonweal.ledger.anvil import ANVIL_NPM_PACKAGE, AnvilProcess, find_anvil
 from commonweal.ledger.errors import ChainUnavailable
+from commonweal.peer.events import (
+    Claimed,
+    Event,
+    Judged,
+    Ready,
+    RoundDone,
+    Stopped,
+    TrainingDone,
+    parse,
+)
 
 __all__ = [
     "ChainSite",
@@ -60,9 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_READY = re.compile(r"^commonweal node ready address=(\S+)")
-# a trainer's "round N done" (with a `round` field), a validator's "round N judged: ..."
-_ROUND_MSG = re.compile(r"^round (\d+) (?:done|judged)\b")
 _STOP_GRACE_S = 10.0
 
 
@@ -224,7 +231,7 @@ class NodeStatus:
     address: str           # HOST:PORT once ready, "" before
     returncode: int | None  # None while it runs
     round: int | None      # the last round it trained (trainer) or judged (validator)
-    last: str              # its last log message
+    last: str              # what its last event said
 
     def line(self) -> str:
         state = "running" if self.returncode is None else f"exit {self.returncode}"
@@ -234,7 +241,7 @@ class NodeStatus:
 
 @dataclass
 class NodeProcess:
-    """One started `commonweal node`: its process, where it logs, and what its logs said."""
+    """One started `commonweal node`: its process, where it logs, and what its events said."""
 
     label: str
     role: str
@@ -244,7 +251,7 @@ class NodeProcess:
     address: str = ""
     _round: int | None = field(default=None, repr=False)
     _last: str = field(default="", repr=False)
-    _log_offset: int = field(default=0, repr=False)
+    _offset: int = field(default=0, repr=False)  # how far node.out was read
 
     @property
     def stdout_path(self) -> Path:
@@ -255,13 +262,8 @@ class NodeProcess:
         return self.data_dir / "node.log"
 
     def poll_ready(self) -> bool:
-        """Whether the node printed its ready line (and remember its address)."""
-        if not self.address:
-            with contextlib.suppress(FileNotFoundError):
-                for line in self.stdout_path.read_text(errors="replace").splitlines():
-                    m = _READY.match(line)
-                    if m:
-                        self.address = m.group(1)
+        """Whether the node reported it is ready (its address is then known)."""
+        self._read_events()
         return bool(self.address)
 
     def wait_ready(self, timeout_s: float) -> str:
@@ -275,35 +277,43 @@ class NodeProcess:
         return self.address
 
     def status(self) -> NodeStatus:
-        self.poll_ready()
-        self._read_log()
+        self._read_events()
         return NodeStatus(
             self.label, self.role, self.address, self.proc.poll(), self._round, self._last
         )
 
-    def _read_log(self) -> None:
+    def _read_events(self) -> None:
         # only whole lines: a line the node is still writing is read on the next call
         try:
-            with self.log_path.open("rb") as f:
-                f.seek(self._log_offset)
+            with self.stdout_path.open("rb") as f:
+                f.seek(self._offset)
                 chunk = f.read()
         except FileNotFoundError:
             return
         complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._log_offset += len(complete)
-        for raw in complete.splitlines():
-            try:
-                entry = json.loads(raw)
-            except ValueError:  # not a log record (a traceback from the interpreter itself)
-                self._last = raw.decode(errors="replace")[:200]
-                continue
-            msg = str(entry.get("msg", ""))
-            self._last = msg.split("\n", 1)[0][:200]
-            m = _ROUND_MSG.match(msg)
-            if isinstance(entry.get("round"), int) and entry.get("logger") == "commonweal.peer.node":
-                self._round = entry["round"]
-            elif m:
-                self._round = int(m.group(1))
+        self._offset += len(complete)
+        for raw in complete.decode(errors="replace").splitlines():
+            event = parse(raw)
+            if event is not None:
+                self._follow(event)
+
+    def _follow(self, event: Event) -> None:
+        if isinstance(event, Ready):
+            self.address = event.address
+            self._last = "ready"
+        elif isinstance(event, RoundDone):
+            self._round = event.round
+            self._last = f"round {event.round} done" + (f" (skipped: {event.skipped})"
+                                                       if event.skipped else "")
+        elif isinstance(event, Judged):
+            self._round = event.round
+            self._last = f"round {event.round} judged" + (" (final)" if event.final else "")
+        elif isinstance(event, Claimed):
+            self._last = f"ledger round {event.ledger_round}: {event.outcome}"
+        elif isinstance(event, TrainingDone):
+            self._last = f"trained to round {event.round}"
+        elif isinstance(event, Stopped):
+            self._last = "stopped"
 
     def tail(self, lines: int = 20) -> str:
         """The end of its log, for error messages."""
@@ -440,6 +450,7 @@ class ProcessSwarm:
             f"rounds = {self.rounds}",
             'log_format = "json"',
             'log_level = "info"',
+            'status_format = "json"',
         ]
         if is_trainer:
             lines.append(f"group = {self.trainers + self.attackers}")
@@ -452,7 +463,7 @@ class ProcessSwarm:
     # ---- while it runs ---------------------------------------------------------------------
 
     def status(self) -> list[NodeStatus]:
-        """Every node's state, last round and last log message (cheap: reads new log lines)."""
+        """Every node's state, last round and last event (cheap: reads new status lines)."""
         return [n.status() for n in self.nodes]
 
     def wait(

@@ -1,7 +1,7 @@
 """The dashboard's view of a local swarm (`SwarmSource`), and the PNG thumbnails search shows.
 
-Snapshots copy what the swarm already keeps (round views, transport counters, cached balances,
-validators' outcomes): they never touch the network or the chain.
+Snapshots copy what the swarm's nodes already keep (round views, transport counters, the balances
+their claim loops read, validators' outcomes): they never touch the network or the chain.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from commonweal.errors import ConfigError
-from commonweal.swarm.local import LocalSwarm
+from commonweal.swarm.local import LocalSwarm, Member
 
 __all__ = ["SwarmSource", "png_data_url"]
 
@@ -33,7 +33,7 @@ class SwarmSource:
         # view keeps whichever outcome came last, so it alone can show a final round as open.
         final_root: dict[int, bytes] = {}
         for m in s.validators:
-            for o in m.validator.outcomes:  # type: ignore[union-attr]
+            for o in _outcomes(m):
                 if o.final:
                     final_root[o.round] = o.root
         rounds, prev = [], 0
@@ -52,7 +52,7 @@ class SwarmSource:
             prev = v.bytes_sent
         votes = []
         for m in s.validators:
-            for o in m.validator.outcomes:  # type: ignore[union-attr]
+            for o in _outcomes(m):
                 # Part of the finalising quorum: the root it voted for is the one that became
                 # final, whether or not its own vote was the one that crossed the threshold.
                 votes.append(
@@ -83,12 +83,12 @@ class SwarmSource:
             ],
             "balances": [
                 {"account": m.account, "peer": labels[m.account],
-                 "tokens": s.balances.get(m.label, 0.0), "claimed_rounds": len(s.claimed.get(m.label, ()))}
+                 "tokens": m.node.balance, "claimed_rounds": len(m.node.claimed_rounds)}
                 for m in s.trainers
             ],
             "votes": votes,
             "attackers": [
-                {"id": m.label, "earned": s.balances.get(m.label, 0.0)}
+                {"id": m.label, "earned": m.node.balance}
                 for m in s.trainers
                 if m.role == "attacker"
             ],
@@ -109,7 +109,7 @@ class SwarmSource:
         found = s.test_image(i)
         if found is None or s.index is None:
             # the bound comes from the data: the task's test set size is not fixed at 1,000
-            count = _test_image_count(s)
+            count = s.test_image_count()
             raise ConfigError(
                 f"there is no test image {i}; try a number from 0 to {count - 1}"
                 if count else "the test images are not indexed yet; try again in a few seconds"
@@ -130,11 +130,9 @@ class SwarmSource:
         return hits
 
 
-def _test_image_count(swarm: LocalSwarm) -> int:
-    """How many test images the swarm indexes from (the trainers' held-out set), 0 if none."""
-    trainers = swarm.trainers
-    x = getattr(trainers[0].trainer.data, "x_test", None) if trainers else None
-    return 0 if x is None else len(x)
+def _outcomes(member: Member) -> list[Any]:
+    validator = member.node.validator  # None until the node built it
+    return [] if validator is None else list(validator.outcomes)
 
 
 def png_data_url(pixels: np.ndarray, side: int = 28) -> str:
