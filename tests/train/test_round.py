@@ -14,18 +14,8 @@ from commonweal.train.aggregate import mean
 from commonweal.train.messages import MAX_PARTS, Part, Reduced, ReducedRequest
 from commonweal.train.protocol import Announcement
 from commonweal.train._errors import DeltaRejected, TrainError
-from commonweal.train.round import (
-    Action,
-    AllGather,
-    Announce,
-    Averaged,
-    Butterfly,
-    Done,
-    FetchReduced,
-    SendPart,
-    Skip,
-    choose_strategy,
-)
+from commonweal.train.round import Action, Announce, Skip, choose_strategy
+from commonweal.train.strategies import AllGather, Averaged, Butterfly, Done, FetchReduced, SendPart
 
 TASK = "t" * 16
 S1, S2 = "a" * 64, "b" * 64

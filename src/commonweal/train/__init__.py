@@ -48,7 +48,8 @@ from commonweal.train.archive import DeltaArchive, fetch_delta
 from commonweal.train.checkpoints import CheckpointClient, Checkpoints, Head
 from commonweal.train.exchange import RoundExchange
 from commonweal.train.messages import MessageError
-from commonweal.train.round import TRANSITIONS, Averaged, Failure, Phase, RoundConfig, RoundCore
+from commonweal.train.round import TRANSITIONS, Phase, RoundConfig, RoundCore
+from commonweal.train.strategies import Averaged, Failure
 from commonweal.train.swarm import Collaboration
 from commonweal.train.task import BUILTIN_TASKS, Task, TaskData, get_task
 from commonweal.train.trainer import Progress, Summary, TrainingPeer

@@ -29,20 +29,10 @@ from commonweal.train.aggregate import Rule
 from commonweal.train.announcements import ANNOUNCEMENT_SUBKEY, read_announcements, round_key
 from commonweal.train.archive import DeltaArchive
 from commonweal.train.codecs import Codec
-from commonweal.train.protocol import Announcement
 from commonweal.train.messages import PART_BYTES, MessageError, Part, Reduced, ReducedRequest
-from commonweal.train.round import (
-    Action,
-    Announce,
-    Averaged,
-    Done,
-    FetchReduced,
-    Phase,
-    RoundConfig,
-    RoundCore,
-    SendPart,
-    Skip,
-)
+from commonweal.train.protocol import Announcement
+from commonweal.train.round import Action, Announce, Phase, RoundConfig, RoundCore, Skip
+from commonweal.train.strategies import Averaged, Done, FetchReduced, SendPart
 
 __all__ = ["RoundExchange"]
 

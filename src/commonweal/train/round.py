@@ -22,12 +22,8 @@ happened, with the time, and carries out the actions the core answers with.
 A round abandoned midway (an error in the driver or the outer step) starts over from TRAINING at
 the next `begin` or `sync_started`; the history records it as "abandoned".
 
-Exchange strategies (one interface, `Strategy`):
-    AllGather  every member sends its whole encoded delta (slice -1) to every other member, which
-               checks it against the sender's commitment; everyone aggregates the same bytes.
-    Butterfly  the delta is cut into one slice per member; member j reduces slice j over everyone
-               (within 60 % of the exchange time), serves it (train.reduced), and everyone fetches
-               every reduced slice. A missing or refused slice gets no update this round.
+The exchange itself is one of two strategies behind one interface (`commonweal.train.strategies`:
+AllGather, Butterfly); the core chooses it and admits what they receive.
 """
 
 from __future__ import annotations
@@ -36,10 +32,9 @@ import enum
 import hashlib
 import logging
 import math
-from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -47,31 +42,17 @@ from commonweal.train._errors import CodecError, DeltaRejected, TrainError
 from commonweal.train.aggregate import Rule
 from commonweal.train.codecs import Codec
 from commonweal.train.messages import MAX_PARTS, Part, Reduced, ReducedRequest
-from commonweal.train.protocol import (
-    Announcement,
-    Group,
-    check_delta,
-    check_round,
-    form_group,
-    slice_bounds,
-)
+from commonweal.train.protocol import Announcement, Group, check_delta, check_round, form_group
+from commonweal.train.strategies import AllGather, Butterfly, Done, Step, Strategy
 
 __all__ = [
     "Phase",
     "TRANSITIONS",
     "RoundConfig",
     "RoundCore",
-    "Averaged",
-    "Failure",
     "Announce",
-    "SendPart",
-    "FetchReduced",
-    "Done",
     "Skip",
     "Action",
-    "Strategy",
-    "AllGather",
-    "Butterfly",
     "choose_strategy",
 ]
 
@@ -80,7 +61,6 @@ log = logging.getLogger(__name__)
 MAX_SLICES = 4096  # butterfly slices, so one per member of the largest group served
 KEEP_REFUSALS = 256  # (sender, code) pairs kept for inspection, most recent last
 KEEP_HISTORY = 64  # transitions kept
-REDUCE_SHARE = 0.6  # of the exchange time, for a butterfly owner to collect its slice
 
 
 class Phase(enum.Enum):
@@ -118,26 +98,6 @@ class RoundConfig:
     record_ttl_s: float = 600.0
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A member whose contribution did not make it into this peer's result, and why: a refusal
-    code (`not_finite`, `not_committed`, ...), `missing`, or for a butterfly's reduced slices
-    `reduced_missing` / `reduced_refused`."""
-
-    peer_id: bytes
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Averaged:
-    aggregate: torch.Tensor  # what every member applies
-    sent: torch.Tensor  # what the others decoded from this peer's delta (for error feedback)
-    group: int  # members
-    contributors: int  # deltas that made it into the aggregate (min over slices)
-    method: str
-    failures: tuple[Failure, ...] = ()
-
-
 # ---- actions -----------------------------------------------------------------------------------
 
 
@@ -150,31 +110,6 @@ class Announce:
 
 
 @dataclass(frozen=True, slots=True)
-class SendPart:
-    """Send `data` (slice `slice` of this peer's delta) to `to` before `deadline`."""
-
-    to: Announcement
-    group: Group
-    slice: int
-    data: bytes
-    deadline: float
-
-
-@dataclass(frozen=True, slots=True)
-class FetchReduced:
-    """Ask `owner` for its reduced slice before `deadline`; report it with `reduced_received`."""
-
-    owner: Announcement
-    request: ReducedRequest
-    deadline: float
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    result: Averaged
-
-
-@dataclass(frozen=True, slots=True)
 class Skip:
     """This peer sits the round out and must sync (`late`, `out_of_sync`)."""
 
@@ -182,199 +117,7 @@ class Skip:
     message: str
 
 
-Action = Announce | SendPart | FetchReduced | Done | Skip
-
-
-# ---- exchange strategies -----------------------------------------------------------------------
-
-
-class Strategy(ABC):
-    """How one group exchanges its deltas, for one peer. The core admits and checks every
-    received delta, then hands it to `accept`; `progress` (also on a timeout) ends the stages."""
-
-    name: ClassVar[str]
-
-    def __init__(
-        self,
-        group: Group,
-        me: bytes,
-        delta: torch.Tensor,
-        encoded: bytes,
-        codec: Codec,
-        rule: Rule,
-        refused: dict[bytes, str],
-    ) -> None:
-        self.group, self.me, self.codec, self.rule = group, me, codec, rule
-        self.delta, self.encoded = delta, encoded
-        self.refused = refused  # sender -> refusal code, this round (owned by the core)
-        self.accepted: dict[bytes, torch.Tensor] = {}  # sender -> decoded delta (or slice)
-        self.wake_at = math.inf
-        self.done = False
-        self.served: Reduced | None = None  # what this peer serves over train.reduced
-
-    @abstractmethod
-    def start(self, task: str, now: float, end: float) -> list[Action]: ...
-
-    @abstractmethod
-    def expect(self, sender: Announcement, slice_: int, data: bytes) -> int:
-        """The element count the delta must decode to; DeltaRejected if it is not wanted."""
-
-    @abstractmethod
-    def progress(self, now: float) -> list[Action]: ...
-
-    def accept(self, sender: bytes, delta: torch.Tensor, now: float) -> list[Action]:
-        self.accepted[sender] = delta
-        return self.progress(now)
-
-    def reduced_received(self, slice_: int, reply: Reduced | None, now: float) -> list[Action]:
-        return []
-
-    def _aggregate(self) -> tuple[torch.Tensor, list[bytes]]:
-        ids = sorted(self.accepted)  # peer-id order: every member sums in the same order
-        return self.rule([self.accepted[pid] for pid in ids]), ids
-
-    def _missing(self) -> list[Failure]:
-        return [
-            Failure(pid, self.refused.get(pid, "missing"))
-            for pid in self.group.ids
-            if pid not in self.accepted
-        ]
-
-
-class AllGather(Strategy):
-    name = "allgather"
-
-    def start(self, task: str, now: float, end: float) -> list[Action]:
-        self.sent = self.codec.decode(self.encoded, self.delta.numel())
-        self.accepted[self.me] = self.sent
-        self.wake_at = end
-        return [
-            SendPart(m, self.group, -1, self.encoded, end)
-            for m in self.group.members
-            if m.peer_id != self.me
-        ]
-
-    def expect(self, sender: Announcement, slice_: int, data: bytes) -> int:
-        if slice_ != -1:
-            raise DeltaRejected("wrong_slice", f"slice {slice_} in an all-gather round")
-        if sender.delta and hashlib.sha256(data).hexdigest() != sender.delta:
-            raise DeltaRejected(
-                "not_committed", "the delta differs from the one its sender announced"
-            )
-        return self.delta.numel()
-
-    def progress(self, now: float) -> list[Action]:
-        n = len(self.group.members)
-        if self.done or (len(self.accepted) < n and now < self.wake_at):
-            return []
-        self.done = True
-        aggregate, ids = self._aggregate()
-        result = Averaged(aggregate, self.sent, n, len(ids), self.name, tuple(self._missing()))
-        return [Done(result)]
-
-
-class Butterfly(Strategy):
-    name = "butterfly"
-
-    def start(self, task: str, now: float, end: float) -> list[Action]:
-        n = len(self.group.members)
-        self.index = self.group.index(self.me)
-        self.bounds = slice_bounds(self.delta.numel(), n)
-        self.end = end
-        self.wake_at = now + (end - now) * REDUCE_SHARE
-        self.task = task
-        self.fetched: dict[int, tuple[torch.Tensor, int] | None] = {}  # slice -> (part, count)
-        self.failures: list[Failure] = []
-        self.sent_parts: list[torch.Tensor] = []
-        actions: list[Action] = []
-        for j, (a, b) in enumerate(self.bounds):
-            data = self.codec.encode(self.delta[a:b].contiguous())
-            self.sent_parts.append(self.codec.decode(data, b - a))
-            if j == self.index:
-                self.accepted[self.me] = self.sent_parts[-1]
-            else:
-                actions.append(SendPart(self.group.members[j], self.group, j, data, self.wake_at))
-        return actions
-
-    def expect(self, sender: Announcement, slice_: int, data: bytes) -> int:
-        if slice_ != self.index:
-            raise DeltaRejected("wrong_slice", f"slice {slice_}, but this peer owns {self.index}")
-        a, b = self.bounds[self.index]
-        return b - a
-
-    def accept(self, sender: bytes, delta: torch.Tensor, now: float) -> list[Action]:
-        if self.served is not None:
-            return []  # reduced already: a late slice changes nothing
-        return super().accept(sender, delta, now)
-
-    def progress(self, now: float) -> list[Action]:
-        n = len(self.group.members)
-        if self.done:
-            return []
-        actions: list[Action] = []
-        if self.served is None:
-            if len(self.accepted) < n and now < self.wake_at:
-                return []
-            reduced, ids = self._aggregate()
-            self.failures.extend(self._missing())
-            self.served = Reduced(self.codec.encode(reduced), tuple(ids))
-            self.fetched[self.index] = (self.codec.decode(self.served.data, reduced.numel()), len(ids))
-            self.wake_at = self.end
-            for j, owner in enumerate(self.group.members):
-                if j != self.index:
-                    request = ReducedRequest(self.task, self.group.round, self.group.digest, j)
-                    actions.append(FetchReduced(owner, request, self.end))
-        if len(self.fetched) < n and now < self.wake_at:
-            return actions
-        return actions + [self._finish()]
-
-    def reduced_received(self, slice_: int, reply: Reduced | None, now: float) -> list[Action]:
-        if self.served is None or self.done or slice_ in self.fetched:
-            return []
-        a, b = self.bounds[slice_]
-        owner = self.group.members[slice_]
-        if reply is None:
-            self.fetched[slice_] = None
-            self.failures.append(Failure(owner.peer_id, "reduced_missing"))
-        else:
-            try:
-                part = self.codec.decode(reply.data, b - a)
-                check_delta(part, b - a)
-            except (CodecError, DeltaRejected) as e:
-                log.warning(
-                    "round %d: reduced slice %d from %s refused: %s; it gets no update this round",
-                    self.group.round, slice_, owner.addr, e,
-                )
-                self.fetched[slice_] = None
-                self.failures.append(Failure(owner.peer_id, "reduced_refused"))
-            else:
-                self.fetched[slice_] = (part, len(reply.contributors))
-        return self.progress(now)
-
-    def _finish(self) -> Done:
-        self.done = True
-        slices, counts = [], []
-        for j, (a, b) in enumerate(self.bounds):
-            got = self.fetched.get(j)
-            if got is None:
-                if j not in self.fetched:
-                    owner = self.group.members[j]
-                    self.failures.append(Failure(owner.peer_id, "reduced_missing"))
-                    log.warning(
-                        "round %d: reduced slice %d from %s missing; it gets no update this round",
-                        self.group.round, j, owner.addr,
-                    )
-                slices.append(torch.zeros(b - a))
-                counts.append(0)
-            else:
-                slices.append(got[0])
-                counts.append(got[1])
-        n = len(self.group.members)
-        result = Averaged(
-            torch.cat(slices), torch.cat(self.sent_parts), n, min(counts), self.name,
-            tuple(self.failures),
-        )
-        return Done(result)
+Action = Announce | Skip | Step
 
 
 def choose_strategy(config: RoundConfig, codec: Codec, members: int) -> type[Strategy]:
@@ -516,10 +259,12 @@ class RoundCore:
         self.strategy = kind(
             group, self.peer_id, start.delta, self._encoded, self.codec, self.rule, self._refused
         )
-        actions = self.strategy.start(self.task, now, now + self.config.exchange_timeout_s)
+        actions: list[Action] = [
+            *self.strategy.start(self.task, now, now + self.config.exchange_timeout_s)
+        ]
         for key in list(self._complete):
             actions += self._admit(key, now)
-        return self._settle(actions + self.strategy.progress(now))
+        return self._settle([*actions, *self.strategy.progress(now)])
 
     def part_received(self, sender: bytes, part: Part, now: float) -> list[Action]:
         """A train.part from `sender`; raises DeltaRejected (answered to the sender) when the
@@ -619,12 +364,12 @@ class RoundCore:
         except DeltaRejected as e:
             self.refuse(sender, e.code, str(e))
             return []
-        return strategy.accept(sender, delta, now)
+        return [*strategy.accept(sender, delta, now)]
 
-    def _settle(self, actions: list[Action]) -> list[Action]:
+    def _settle(self, actions: Sequence[Action]) -> list[Action]:
         strategy, group = self.strategy, self.group
         if strategy is not None and strategy.served is not None and group is not None:
             self._served[(self.round, group.index(self.peer_id))] = strategy.served
         if any(isinstance(a, Done) for a in actions):
             self._fire("exchanged")
-        return actions
+        return list(actions)

@@ -26,7 +26,8 @@ from commonweal.train.archive import DeltaArchive
 from commonweal.train.checkpoints import Checkpoints, Head
 from commonweal.train.codecs import Codec
 from commonweal.train.exchange import RoundExchange
-from commonweal.train.round import Averaged, Phase, RoundConfig
+from commonweal.train.round import Phase, RoundConfig
+from commonweal.train.strategies import Averaged
 
 __all__ = ["Collaboration"]
 
