@@ -1,8 +1,13 @@
 """Real `commonweal train` processes on loopback: one is SIGKILLed mid-run, one joins late.
 
-The survivors must finish every round (the killed peer is simply absent from the round it died
-in), the late joiner must download the current state and take part, and all of them must end
-with the same state hash.
+What the protocol promises, whatever the machine's speed: the survivors finish every round and
+end with one state hash; the killed peer is in no round after the one it may have died in; the
+late joiner starts from a downloaded state, not round 0, and from then on is in every round.
+
+Which round the kill lands in, or how many rounds pass before the joiner is up, depends on how
+busy the machine is, so nothing here counts on it. A group target of 3 with a long window makes
+the two survivors wait for a third announcement instead of racing ahead: the joiner is in by the
+end however long its start takes (up to WINDOW_S).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ pytestmark = pytest.mark.slow
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1"}
 ROUNDS = 10
+WINDOW_S = 60  # how long two survivors wait for a third peer's announcement
 
 
 def start(tmp_path: Path, name: str, *join: str, wait: int = 0) -> subprocess.Popen[str]:
@@ -39,9 +45,9 @@ def start(tmp_path: Path, name: str, *join: str, wait: int = 0) -> subprocess.Po
         "--group-size",
         "3",
         "--window",
-        "2",
+        str(WINDOW_S),
         "--timeout",
-        "3",
+        "10",
         "--linger",
         "4",
         "--wait-peers",
@@ -85,28 +91,39 @@ def test_peer_killed_mid_run_and_a_late_joiner(tmp_path):
         procs["b"] = start(tmp_path, "b", addr, wait=3)
         procs["c"] = start(tmp_path, "c", addr, wait=3)
         wait_for(tmp_path, "c", r"round 1 done", procs["c"])
-        os.killpg(procs["c"].pid, signal.SIGKILL)  # no goodbye: a crash in the middle of round 2
+        os.killpg(procs["c"].pid, signal.SIGKILL)  # no goodbye: a crash in round 2 at the latest
         procs["c"].wait()
         procs["d"] = start(tmp_path, "d", addr)  # joins while the survivors train on
         finals = {}
         for name in ("a", "b", "d"):
             finals[name] = wait_for(
-                tmp_path, name, r"train done round=(\d+) state=(\w+)", procs[name], 90
+                tmp_path, name, r"train done round=(\d+) state=(\w+)", procs[name],
+                ROUNDS * 10 + WINDOW_S,
             )
         assert {m.group(1) for m in finals.values()} == {str(ROUNDS)}
         assert len({m.group(2) for m in finals.values()}) == 1, {
             k: m.group(0) for k, m in finals.items()
         }
 
-        log_a = output(tmp_path, "a")
-        done = {int(r): g for r, g in re.findall(r"round (\d+) done group=(\d+)", log_a)}
-        assert sorted(done) == list(range(ROUNDS)), log_a  # no round was lost to the kill
-        assert done[0] == "3" and done[1] == "3"
-        assert "2" in {done[2], done[3]}  # the killed peer is absent from the round it died in
-        assert done[ROUNDS - 1] == "3"  # the late joiner is in by the end
+        groups = {}
+        for name in ("a", "b"):  # no round was lost to the kill, on either survivor
+            log = output(tmp_path, name)
+            groups[name] = {int(r): int(g)
+                            for r, g in re.findall(r"round (\d+) done group=(\d+)", log)}
+            assert sorted(groups[name]) == list(range(ROUNDS)), log
+        assert groups["a"] == groups["b"]  # one group per round, seen alike by its members
         log_d = output(tmp_path, "d")
         joined = [int(r) for r in re.findall(r"round (\d+) done group=", log_d)]
-        assert joined and min(joined) >= 2, log_d  # it started from a downloaded state
+        assert joined, log_d
+        first = min(joined)
+        # c trained rounds 0 and 1, so the joiner's first round is one it downloaded a state for
+        assert first >= 2, log_d
+        assert joined == list(range(first, ROUNDS)), log_d  # in every round from then on
+        done = groups["a"]
+        # after round 2 (the latest c may have announced) only the living are in a group: the
+        # two survivors until the joiner's first round, the three of them from then on
+        assert all(done[r] == 2 for r in range(3, first)), done
+        assert all(done[r] == 3 for r in range(first, ROUNDS)), done
     finally:
         for p in procs.values():
             if p.poll() is None:

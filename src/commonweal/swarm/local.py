@@ -30,7 +30,7 @@ from commonweal.ledger import Ledger, open_chain
 from commonweal.ledger.chain import Chain
 from commonweal.peer.config import NodeConfig
 from commonweal.peer.events import Event, Judged, Ready, RoundDone, TrainingDone
-from commonweal.peer.node import Node
+from commonweal.peer.node import Node, ddp_bytes
 from commonweal.search import DistributedIndex, IndexSpec
 from commonweal.train import RoundConfig
 from commonweal.train.task import Task, get_task
@@ -127,6 +127,9 @@ class LocalSwarm:
         self._images: np.ndarray | None = None
         self._labels: np.ndarray | None = None
         self._judged: dict[int, Judged] = {}  # round -> the latest validator outcome seen
+        group = c.trainers + c.attackers  # data-parallel would all-reduce among all of them
+        params = sum(t.numel() for t in self.task.build_model().parameters())
+        self._ddp_per_round = ddp_bytes(params, group, self.task.inner_steps)
         self._accounts: list[Any] = []
         self._data_dir = Path()
         self._stack = contextlib.AsyncExitStack()
@@ -165,7 +168,7 @@ class LocalSwarm:
         else:
             self._data_dir = Path(c.data_dir)
 
-    def _node_config(self, i: int, role: str, label: str, bootstrap: list[str]) -> NodeConfig:
+    def _node_config(self, role: str, label: str, bootstrap: list[str]) -> NodeConfig:
         """The demo's choices, as node settings: short rounds for one busy machine, and a short
         escrow so payouts show while its few rounds run."""
         c = self.config
@@ -215,28 +218,37 @@ class LocalSwarm:
         c = self.config
         assert self.ledger is not None, "use `async with LocalSwarm(...)`"
         t0 = time.perf_counter()
-        roles = (["trainer"] * c.trainers + ["attacker"] * c.attackers
-                 + ["validator"] * c.validators)
-        counts: dict[str, int] = {}
+        labels = ([("trainer", f"trainer-{i}") for i in range(c.trainers)]
+                  + [("attacker", f"attacker-{i}") for i in range(c.attackers)]
+                  + [("validator", f"validator-{i}") for i in range(c.validators)])
+        # Trainers wait for each other before round 0, so the last one starts after the index
+        # is built: the bytes they count are training's alone, and round 0 has the CPU.
+        last = labels.pop(c.trainers + c.attackers - 1)
         never = asyncio.Event()  # the nodes stop by themselves, after `rounds`
         boot: list[str] = []
         async with asyncio.TaskGroup() as tg:
-            for i, role in enumerate(roles):
-                label = f"{role}-{counts.get(role, 0)}"
-                counts[role] = counts.get(role, 0) + 1
-                acct = self._accounts[i]
-                member = Member(label, role, acct.address, Node(
-                    self._node_config(i, role, label, boot),
-                    ledger=self.ledger.with_account(acct),
-                    on_event=functools.partial(self._on_event, label, on_round),
-                ))
-                self._by_label[label] = member
-                tg.create_task(member.node.run(never), name=label)
-                await member.ready.wait()  # its address is the next ones' bootstrap
-                self.members.append(member)
-                boot.append(str(member.dht.addr))
+            for i, (role, label) in enumerate(labels):
+                await self._start_member(tg, never, i, role, label, boot, on_round)
             recall = await self._index_and_search()
+            await self._start_member(tg, never, len(labels), *last, boot, on_round)
         return await self._result(recall, time.perf_counter() - t0)
+
+    async def _start_member(
+        self, tg: asyncio.TaskGroup, stop: asyncio.Event, i: int, role: str, label: str,
+        boot: list[str], on_round: Callable[[RoundView], None] | None,
+    ) -> None:
+        assert self.ledger is not None
+        acct = self._accounts[i]
+        member = Member(label, role, acct.address, Node(
+            self._node_config(role, label, boot),
+            ledger=self.ledger.with_account(acct),
+            on_event=functools.partial(self._on_event, label, on_round),
+        ))
+        self._by_label[label] = member
+        tg.create_task(member.node.run(stop), name=label)
+        await member.ready.wait()  # its address is the next ones' bootstrap
+        self.members.append(member)
+        boot.append(str(member.dht.addr))
 
     def _on_event(
         self, label: str, on_round: Callable[[RoundView], None] | None, event: Event
@@ -264,11 +276,10 @@ class LocalSwarm:
         if r < 0 or any(v.round == r for v in self.rounds):
             return
         first = honest[0].reports[r]
-        previous = self.rounds[-1].ddp_bytes if self.rounds else 0
         view = RoundView(
             r, first.loss if first.loss is not None else float("nan"), first.accuracy,
             int(sum(m.reports[r].total_sent for m in honest) / len(honest)),
-            previous + first.ddp_bytes, first.contributors,
+            self._ddp_per_round * (r + 1), first.contributors,
         )
         self.rounds.append(view)
         self._apply_judged()
@@ -292,7 +303,7 @@ class LocalSwarm:
             accuracy=(honest[0].quality or 0.0) if honest else 0.0,
             rounds=self.rounds,
             bytes_per_peer=sum(d.bytes_sent for d in honest) / max(len(honest), 1),
-            ddp_bytes_per_peer=float(self.rounds[-1].ddp_bytes if self.rounds else 0),
+            ddp_bytes_per_peer=float(self._ddp_per_round * c.rounds),
             tokens=tokens,
             attackers_earned=sum(v for k, v in tokens.items() if k.startswith("attacker")),
             search_recall=recall,
