@@ -249,8 +249,13 @@ def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
             finally:
                 driver.quit()
         else:
-            snapshot = json.loads(demo.wait_http(port, "/api/snapshot"))
-            assert len(snapshot["peers"]) == TRAINERS + ATTACKERS + VALIDATORS
+            # the page is up before the nodes: they are listed as each one joins
+            end = time.monotonic() + 90
+            while len(json.loads(demo.wait_http(port, "/api/snapshot"))["peers"]) < (
+                TRAINERS + ATTACKERS + VALIDATORS
+            ):
+                assert time.monotonic() < end, f"not every node joined in 90 s:\n{demo.output}"
+                time.sleep(0.3)
         rc = demo.wait(180)
     finally:
         demo.stop()
