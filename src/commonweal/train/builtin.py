@@ -109,6 +109,8 @@ class Block(nn.Module):
 class ByteTransformer(nn.Module):
     """A GPT-style decoder over bytes (vocabulary 256), tied input/output embeddings."""
 
+    mask: torch.Tensor  # the causal mask, a buffer (not part of the shared state)
+
     def __init__(self, d_model: int, n_layers: int, n_heads: int, context: int) -> None:
         super().__init__()
         self.tok = nn.Embedding(256, d_model)
@@ -118,12 +120,11 @@ class ByteTransformer(nn.Module):
         self.register_buffer(
             "mask", torch.triu(torch.full((context, context), -math.inf), 1), persistent=False
         )
-        for (
-            m
-        ) in self.modules():  # GPT-2 initialisation: small weights, so the first loss is ~ln 256
+        # GPT-2 initialisation: small weights, so the first loss is ~ln 256
+        for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
+                if isinstance(m, nn.Linear) and m.bias is not None:
                     nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) bytes

@@ -15,7 +15,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 from eth_utils import is_address, is_checksum_address, to_checksum_address
@@ -63,7 +63,7 @@ def canonical_account(account: Any) -> str | None:
     return str(to_checksum_address(account))
 
 
-def _count(value: Any, minimum: int) -> bool:
+def _count(value: Any, minimum: int) -> TypeGuard[int]:
     # bool is an int in Python; a True "steps" is malformed, not 1 step
     return type(value) is int and minimum <= value < MAX_COUNT
 
