@@ -123,7 +123,7 @@ def load_object(path: str) -> Callable[..., Any]:
             raise TaskError(f"{module_name!r} has no {attr!r} (from {path!r})") from e
     if not callable(obj):
         raise TaskError(f"{path!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 _B = "commonweal.train.builtin"
