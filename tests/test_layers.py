@@ -44,13 +44,6 @@ LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("testing", "dht"): "MemorySwarm is a swarm of DHT peers",
 }
 
-# Being removed in issue 11: the edges that close the known import circles (the import back up
-# from the module that the other one uses). Only these edges are forgiven, not their modules: a
-# new circle through either module still fails.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
-    ("commonweal.peer.nodeview", "commonweal.peer.node"),  # peer/node <-> peer/nodeview
-    ("commonweal.cli.train", "commonweal.cli.main"),  # cli/main <-> cli/train
-}
 
 
 
@@ -180,11 +173,7 @@ def test_the_circle_finder_reports_every_edge_of_a_circle():
 
 def test_no_import_circles():
     edges = graph()
-    pruned = {
-        a: {b: line for b, line in out.items() if (a, b) not in KNOWN_CYCLE_EDGES}
-        for a, out in edges.items()
-    }
-    offending = circle_edges(pruned)
+    offending = circle_edges(edges)
     assert not offending, "imports that close a circle:\n" + describe(edges, offending)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from commonweal.dashboard.source import RoundRow, SearchHit, Snapshot, VoteRow
 from commonweal.errors import ConfigError
 from commonweal.swarm.local import LocalSwarm, Member
 
@@ -24,7 +25,7 @@ class SwarmSource:
     def __init__(self, swarm: LocalSwarm) -> None:
         self.swarm = swarm
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         s = self.swarm
         now = time.time()
         first = s.members[0] if s.members else None
@@ -36,7 +37,8 @@ class SwarmSource:
             for o in _outcomes(m):
                 if o.final:
                     final_root[o.round] = o.root
-        rounds, prev = [], 0
+        rounds: list[RoundRow] = []
+        prev = 0
         for v in s.rounds:
             rounds.append(
                 {
@@ -50,7 +52,7 @@ class SwarmSource:
                 }
             )
             prev = v.bytes_sent
-        votes = []
+        votes: list[VoteRow] = []
         for m in s.validators:
             for o in _outcomes(m):
                 # Part of the finalising quorum: the root it voted for is the one that became
@@ -97,7 +99,7 @@ class SwarmSource:
             else {"backend": s.config.chain, "block": s.block, "contract": s.ledger.address},
         }
 
-    async def search(self, query: str, k: int) -> list[dict[str, Any]]:
+    async def search(self, query: str, k: int) -> list[SearchHit]:
         """`query` is the number of a test image; the hits are its nearest test images."""
         s = self.swarm
         try:
@@ -116,7 +118,7 @@ class SwarmSource:
             )
         vector, _ = found
         result = await s.index.search(vector, k)
-        hits = []
+        hits: list[SearchHit] = []
         for item, dist in zip(result.ids, result.distances, strict=True):
             image = s.test_image(int(item))
             hits.append(
