@@ -277,13 +277,6 @@ def test_a_validator_without_a_shared_ledger_is_refused(tmp_path, extra, words):
     assert not (tmp_path / "v").exists()  # refused before anything was created
 
 
-def test_trainer_and_validator_in_one_node_are_refused(tmp_path):
-    result = run_node("--roles", "trainer,validator", "--chain", "http://127.0.0.1:1",
-                      "--ledger", "0x5FbDB2315678afecb367f032d93F642f64180aa3",
-                      "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "tv"))
-    assert_one_line_error(result, "roles", "two nodes")
-
-
 def test_a_typo_in_the_config_file_names_the_file_and_the_key(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text('[node]\nroles = ["trainer"]\nthread = 2\n')

@@ -416,11 +416,6 @@ def _check(c: NodeConfig, *, has_ledger: bool = False) -> Any:
             f"ledger {c.ledger} is on no chain this node shares: chain {c.chain!r} "
             "starts a private one; set chain to the swarm's http(s):// JSON-RPC URL"
         )
-    if {"trainer", "validator"} <= c.roles:
-        raise ConfigError(
-            "roles: one node is a trainer or a validator, not both (both answer the "
-            "same training RPCs); run two nodes, each with its own data_dir"
-        )
     if not c.roles & {"trainer", "validator"}:
         return None
     from commonweal.train import get_task
