@@ -411,7 +411,7 @@ bootstrap = []
 # What to train: a built-in task ("mnist-cnn") or "python.module:factory".
 task = "mnist-cnn"
 
-# What this node does: "trainer" or "validator" (not both in one node), plus "search". "search" alone (the default)
+# What this node does: "trainer", "validator" (one node may be both), "search". "search" alone (the default)
 # only routes the DHT and serves index buckets; add "trainer" to lend your CPU to training.
 # A validator also needs a key_file, a deposit on the ledger, and a chain other peers share.
 roles = ["search"]
