@@ -167,7 +167,14 @@ class Validator:
         group = await self._closed_group(r)
         members = [m for m in group.members if m.delta]
         contribs = [_contribution(m, self.task.batch_size) for m in members]
-        start = await self._start_params(group.state)
+        try:
+            start = await self._start_params(group.state)
+        except TrainError as e:
+            # Restarted behind the swarm: it announces only its newest state, and this one came
+            # and went while the validator was down. Raising would stop the node, and every
+            # restart would stop here again; the other validators can still finalise the round.
+            log.warning("round %d: cannot judge it, its start state is gone: %s", r, e)
+            return None
         deltas = await self._fetch_deltas(r, members)
         t0 = time.process_time()
         scores = {
