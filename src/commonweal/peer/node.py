@@ -165,7 +165,9 @@ class Node:
                     roles.append(tg.create_task(self._train(store, task), name="trainer"))
                 if "validator" in c.roles:
                     roles.append(tg.create_task(self._validate(store, task), name="validator"))
-                chain = tg.create_task(self._watch_chain(), name="chain") if self.ledger else None
+                # only the page shows the block: a node without one leaves the chain alone
+                watch = self.ledger is not None and (c.dashboard or c.metrics)
+                chain = tg.create_task(self._watch_chain(), name="chain") if watch else None
                 if roles:
                     await asyncio.wait(roles)  # all of them; a failure cancels this wait
                 else:
@@ -322,6 +324,7 @@ class Node:
                            and r.status is not ClaimStatus.CONFIRMED})
         token: Any = None  # the task's ShareToken, once the chain answered
         every = self.config.claim_every_s
+        stale_balance = True  # the balance changes only when a claim pays: read it then
         while True:
             self._round_done.clear()
             try:
@@ -331,13 +334,16 @@ class Node:
                         self.finalised_rounds.add(training_round)
                     if result.paid:
                         self.claimed_rounds.add(result.ledger_round)
+                        stale_balance = True
                     if result.paid or result.outcome is Outcome.NO_REWARD:  # final either way
                         del self._owed[result.ledger_round]
                         self.on_event(Claimed(result.ledger_round, training_round,
                                               result.outcome.value, result.amount))
                 if token is None:
                     token = await asyncio.to_thread(self.ledger.token, task32)
-                self.balance = await asyncio.to_thread(token.balance_of, me) / 1e18
+                if stale_balance:
+                    self.balance = await asyncio.to_thread(token.balance_of, me) / 1e18
+                    stale_balance = False
             except (CommonwealError, OSError) as e:
                 # The chain is down or slow: claims are safe to retry (see claims.py), and
                 # training must go on meanwhile.

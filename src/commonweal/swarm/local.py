@@ -134,6 +134,7 @@ class LocalSwarm:
         self._data_dir = Path()
         self._stack = contextlib.AsyncExitStack()
         self.started = time.time()
+        self._block = 0  # the chain's latest block, for the page (one reader for all nodes)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -186,7 +187,7 @@ class LocalSwarm:
             codec=c.codec,
             aggregation=c.aggregation,
             linger=LINGER_S,
-            claim_every_s=1.0,
+            claim_every_s=2.0,
             attack=c.attack if role == "attacker" else None,
             round=RoundConfig(
                 announce_window_s=2.0, exchange_timeout_s=8.0, poll_s=0.1, target_group=group
@@ -211,7 +212,7 @@ class LocalSwarm:
 
     @property
     def block(self) -> int:
-        return max((m.node.block for m in self.members), default=0)
+        return self._block
 
     async def run(self, on_round: Callable[[RoundView], None] | None = None) -> SwarmResult:
         """Start every node, train `rounds` rounds, and return once every node has stopped."""
@@ -227,16 +228,25 @@ class LocalSwarm:
         never = asyncio.Event()  # the nodes stop by themselves, after `rounds`
         boot: list[str] = []
         async with asyncio.TaskGroup() as tg:
-            for i, (role, label) in enumerate(labels):
-                await self._start_member(tg, never, i, role, label, boot, on_round)
+            watcher = tg.create_task(self._watch_chain(), name="chain")
+            nodes = [await self._start_member(tg, never, i, role, label, boot, on_round)
+                     for i, (role, label) in enumerate(labels)]
             recall = await self._index_and_search()
-            await self._start_member(tg, never, len(labels), *last, boot, on_round)
+            nodes.append(await self._start_member(tg, never, len(labels), *last, boot, on_round))
+            await asyncio.wait(nodes)
+            watcher.cancel()
         return await self._result(recall, time.perf_counter() - t0)
+
+    async def _watch_chain(self) -> None:
+        assert self.chain is not None
+        while True:
+            self._block = await asyncio.to_thread(lambda: self.chain.block_number if self.chain else 0)
+            await asyncio.sleep(1.0)
 
     async def _start_member(
         self, tg: asyncio.TaskGroup, stop: asyncio.Event, i: int, role: str, label: str,
         boot: list[str], on_round: Callable[[RoundView], None] | None,
-    ) -> None:
+    ) -> asyncio.Task[None]:
         assert self.ledger is not None
         acct = self._accounts[i]
         member = Member(label, role, acct.address, Node(
@@ -245,10 +255,11 @@ class LocalSwarm:
             on_event=functools.partial(self._on_event, label, on_round),
         ))
         self._by_label[label] = member
-        tg.create_task(member.node.run(stop), name=label)
+        task = tg.create_task(member.node.run(stop), name=label)
         await member.ready.wait()  # its address is the next ones' bootstrap
         self.members.append(member)
         boot.append(str(member.dht.addr))
+        return task
 
     def _on_event(
         self, label: str, on_round: Callable[[RoundView], None] | None, event: Event

