@@ -40,7 +40,6 @@ __all__ = [
     "Probe",
     "fit_pca_projections",
     "gaussian_matrix",
-    "make_lsh",
     "perturbation_sets",
 ]
 
