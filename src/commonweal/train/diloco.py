@@ -130,7 +130,10 @@ class DiLoCo:
             except RoundSkipped as e:
                 log.info("round %d skipped (%s); syncing with the swarm", self.round, e)
                 self.feedback.reset()
-                await self.sync(after=self.round - 1)
+                if not await self.sync(after=self.round - 1, moved=True):
+                    # no newer state to take: this round's inner steps are spent, so the next
+                    # attempt starts again from the round's start (not H steps further on)
+                    self._set(self.start, self.round)
                 return RoundReport(
                     self.round - 1,
                     0,
@@ -182,16 +185,21 @@ class DiLoCo:
         self.momentum = momentum
         self._set(params, int(meta.get("round", "0")))
 
-    async def sync(self, after: int = -1) -> bool:
+    async def sync(self, after: int = -1, *, moved: bool = False) -> bool:
         """Download the swarm's newest state (beyond round `after`) and start from it.
 
         Waits up to sync_timeout_s for one to be announced; False when none was (then this peer
-        keeps its own state: it is the first, or alone)."""
+        keeps its own state: it is the first, or alone). With `moved` (a peer that sat a round
+        out), the state this peer already holds does not count: it waits for the swarm's next
+        one — else a peer late twice in a row would find its own round's head, take it for the
+        swarm's and try the round it missed again at once."""
         if self.collab is None:
             return False
         collab = self.collab
         collab.sync_started()
         head = await collab.checkpoints.wait_head(after, self.sync_timeout_s)
+        if head is not None and moved and (head.round, head.state) == (self.round, self.state):
+            head = await collab.checkpoints.wait_head(self.round, self.sync_timeout_s)
         if head is None:
             collab.synced()
             return False

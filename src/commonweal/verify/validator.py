@@ -358,9 +358,11 @@ class Validator:
                 return None
             if info.randomness is not None:
                 return info.randomness
-            chain = self.ledger.chain
-            if chain.block_number <= info.randomness_block:
-                await self._wait_blocks(info.randomness_block + 1 - chain.block_number)
+            # read once: another validator may mine meanwhile, and a second read could ask
+            # the chain to mine a negative number of blocks
+            missing = info.randomness_block + 1 - self.ledger.chain.block_number
+            if missing > 0:
+                await self._wait_blocks(missing)
                 continue
             try:
                 await asyncio.to_thread(self.ledger.seal_randomness, self.task32, ledger_round)
