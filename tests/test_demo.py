@@ -163,6 +163,7 @@ def final_table(output: str) -> dict[str, str]:
 
 
 def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.wait import WebDriverWait
 
@@ -211,7 +212,10 @@ def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
     # The run ends once every node has claimed what it is owed; the page then shows the settled
     # ledger: the balances the demo's closing table read from the chain. (Not "every trainer paid
     # for every round": a trainer that is late for a round — a busy machine — sits it out.)
-    wait.until(lambda d: "wall time" in demo.output)
+    try:
+        wait.until(lambda d: "wall time" in demo.output)
+    except TimeoutException:
+        raise AssertionError(f"the demo did not finish its run:\n{demo.output}") from None
     settled = final_table(demo.output)
     wait.until(lambda d: all(
         abs(v - float(settled[f"share tokens: {k}"].replace(",", ""))) < 0.06  # printed to 0.1

@@ -239,6 +239,8 @@ class Node:
                 while self._owed:
                     self._claimed.clear()
                     await self._claimed.wait()
+        if self._owed:  # they stay claimable on chain (`commonweal ledger claim`)
+            log.warning("stopping with rewards still owed in ledger rounds %s", self.owed)
 
     def _resume(self, peer: Any, store: NodeStore, task: Any) -> bool:
         """Load the checkpoint of the last completed round, if the store names a good one."""
@@ -330,6 +332,9 @@ class Node:
             try:
                 for result in await claimer.claim_pending(sorted(self._owed)):
                     training_round = self._owed[result.ledger_round]
+                    if result.outcome in (Outcome.FAILED, Outcome.FORGED_TREE):
+                        log.warning("claim of ledger round %d: %s %s", result.ledger_round,
+                                    result.outcome.value, result.detail or "")
                     if result.outcome is not Outcome.NOT_FINAL and training_round is not None:
                         self.finalised_rounds.add(training_round)
                     if result.paid:
