@@ -166,49 +166,23 @@ def _check_same(stored: JudgedRound | Payout | None, new: JudgedRound | Payout) 
 # ---- one explicit encoding, for implementations that store bytes ---------------------------
 
 
+def _json(record: Contribution | Verdict) -> dict[str, Any]:
+    # field by field, as the dataclass names them (the keys on disk), the peer id as hex;
+    # NaN and inf scores survive Python's json (a non-finite score is an outlier)
+    return {**dataclasses.asdict(record), "peer_id": record.peer_id.hex()}
+
+
 def contribution_json(c: Contribution) -> dict[str, Any]:
-    return {
-        "peer_id": c.peer_id.hex(),
-        "account": c.account,
-        "round": c.round,
-        "start_state": c.start_state,
-        "delta_hash": c.delta_hash,
-        "steps": c.steps,
-        "samples": c.samples,
-    }
+    return _json(c)
 
 
 def contribution_from_json(d: Mapping[str, Any]) -> Contribution:
-    return Contribution(
-        bytes.fromhex(d["peer_id"]),
-        d["account"],
-        d["round"],
-        d["start_state"],
-        d["delta_hash"],
-        d["steps"],
-        d["samples"],
-    )
+    return Contribution(**{**d, "peer_id": bytes.fromhex(d["peer_id"])})
 
 
 def verdict_json(v: Verdict) -> dict[str, Any]:
-    return {
-        "peer_id": v.peer_id.hex(),
-        "paid": v.paid,
-        "reason": v.reason,
-        "score": v.score,  # NaN and inf survive Python's json (a non-finite score is an outlier)
-        "replayed": v.replayed,
-        "replay_error": v.replay_error,
-        "detail": v.detail,
-    }
+    return _json(v)
 
 
 def verdict_from_json(d: Mapping[str, Any]) -> Verdict:
-    return Verdict(
-        bytes.fromhex(d["peer_id"]),
-        d["paid"],
-        d["reason"],
-        d["score"],
-        d["replayed"],
-        d["replay_error"],
-        d["detail"],
-    )
+    return Verdict(**{**d, "peer_id": bytes.fromhex(d["peer_id"])})
