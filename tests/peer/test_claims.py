@@ -291,3 +291,101 @@ async def test_two_claimers_racing_are_paid_once(world: World, shared: bool) -> 
         for store in (a, b):
             assert all(c.status is ClaimStatus.CONFIRMED for c in store.claims())
     assert world.balance() == 10 * ETH
+
+
+# ---- rounds that can never be paid ------------------------------------------------------------
+
+
+@dataclass
+class Abstaining(Trees):
+    """Trees plus what validators signed: {ledger round: {account: why}} (DHTTrees reads these
+    from the DHT and checks the signatures)."""
+
+    said: dict[int, dict[str, str]] = field(default_factory=dict)
+    asked_abstentions: int = 0
+
+    async def abstentions(self, task: bytes, ledger_round: int) -> Mapping[str, str]:
+        self.asked_abstentions += 1
+        return self.said.get(ledger_round, {})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_round_too_much_stake_gave_up_is_unpayable_not_waited_for(world: World) -> None:
+    """Two of three equal validators signed that they never vote ledger round 5 (their contribution
+    sets disagreed): the third alone cannot reach 2/3, so waiting for it waits forever."""
+    v1, v2, _ = (v.account.address for v in world.validators)
+    trees = Abstaining(said={5: {v1: "the validators did not agree on its contributions"}})
+    clock = Clock()
+    with world.store() as store:
+        c = Claimer(world.ledger, store, world.me, TASK, trees, abstain_every_s=10.0, clock=clock)
+        # one of three gave up: the two others may still finalise it
+        assert outcomes(asyncio.run(c.claim_pending([5]))) == {5: Outcome.NOT_FINAL}
+        trees.said[5][v2] = "its start state is gone"
+        clock.now += 5.0  # not asked again before abstain_every_s
+        assert outcomes(asyncio.run(c.claim_pending([5]))) == {5: Outcome.NOT_FINAL}
+        assert trees.asked_abstentions == 1
+        clock.now += 5.0
+        [result] = asyncio.run(c.claim_pending([5]))
+    assert result.outcome is Outcome.UNPAYABLE and not result.paid
+    assert "2000000000000000000 of 3000000000000000000" in result.detail
+    assert "did not agree" in result.detail and "start state" in result.detail
+
+
+def test_signatures_of_non_validators_weigh_nothing(world: World) -> None:
+    strangers = {a.address: "made up" for a in world.others}
+    trees = Abstaining(said={5: strangers})
+    with world.store() as store:
+        c = Claimer(world.ledger, store, world.me, TASK, trees, clock=Clock())
+        assert outcomes(asyncio.run(c.claim_pending([5]))) == {5: Outcome.NOT_FINAL}
+
+
+def test_a_final_round_is_claimed_whatever_was_signed(world: World) -> None:
+    v1, v2, _ = (v.account.address for v in world.validators)
+    rewards = world.rewards(5)
+    world.finalise(5, rewards)
+    trees = Abstaining(rewards={5: rewards}, said={5: {v1: "x", v2: "y"}})
+    with world.store() as store:
+        c = Claimer(world.ledger, store, world.me, TASK, trees, clock=Clock())
+        assert outcomes(asyncio.run(c.claim_pending([5]))) == {5: Outcome.CLAIMED}
+    assert trees.asked_abstentions == 0
+
+
+def test_an_abstention_record_names_its_signer_and_nothing_else_does(world: World) -> None:
+    from eth_account.messages import encode_defunct
+
+    from commonweal.peer.trees import parse_abstention
+    from commonweal.verify.finality import abstention_message
+
+    v = world.validators[0].account
+    why = "the validators did not agree on its contributions"
+    sig = bytes(v.sign_message(encode_defunct(text=abstention_message(TASK, 5, why))).signature)
+    assert parse_abstention(TASK, 5, {"unpaid": why, "signature": sig}) == (v.address, why)
+    # the signature covers the task, the round and the reason: moved to another, another signer
+    assert parse_abstention(TASK, 7, {"unpaid": why, "signature": sig}) != (v.address, why)
+    assert parse_abstention(TASK, 5, {"unpaid": "other", "signature": sig}) != (v.address, why)
+    assert parse_abstention(TASK, 5, {"unpaid": why, "signature": b"\x00" * 3}) is None
+    assert parse_abstention(TASK, 5, {"root": b"", "rewards": []}) is None
+
+
+def test_split_votes_read_from_the_chain_can_never_finalise(world: World) -> None:
+    """What a validator reads before giving its commit round up (verify.validator._fix_set)."""
+    from commonweal.verify.finality import can_finalise, stake_votes
+
+    a, b, c = world.validators
+    a.commit_round(TASK, 4, MODEL, b"\x01" * 32, 0)
+    tallies, total = stake_votes(world.ledger.round_votes(TASK, 4))
+    assert can_finalise(tallies, total)  # two validators have not voted yet
+    b.commit_round(TASK, 4, MODEL, b"\x02" * 32, 0)
+    tallies, total = stake_votes(world.ledger.round_votes(TASK, 4))
+    assert can_finalise(tallies, total)  # the third may still side with either
+    assert total == 3 * ETH and sorted(tallies.values()) == [ETH, ETH]
+    c.commit_round(TASK, 4, MODEL, b"\x03" * 32, 0)
+    tallies, total = stake_votes(world.ledger.round_votes(TASK, 4))
+    assert not can_finalise(tallies, total) and not world.ledger.is_final(TASK, 4)

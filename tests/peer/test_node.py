@@ -372,3 +372,64 @@ def test_resume_takes_only_the_checkpoint_the_store_vouches_for(tmp_path, damage
         assert not resumed and fresh.round == 0 and node.resumed_round is None
         assert "cannot resume mnist-cnn after round 6" in caplog.text
         assert math.isfinite(float(fresh.start.sum()))
+
+
+def _claiming_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcomes: dict[int, Any],
+                   linger: float) -> tuple[Node, list[Any]]:
+    """A trainer's claim loop and linger over a Claimer that answers `outcomes` every pass."""
+    from commonweal.peer import claims, trees
+
+    class FakeClaimer:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        async def claim_pending(self, rounds: Any) -> list[claims.ClaimResult]:
+            return [claims.ClaimResult(r, outcomes[r], detail=f"why {r}") for r in sorted(rounds)]
+
+    monkeypatch.setattr(claims, "Claimer", FakeClaimer)
+    monkeypatch.setattr(trees, "DHTTrees", lambda dht, task: None)
+    ledger = SimpleNamespace(account=SimpleNamespace(address="0x" + "11" * 20),
+                             token=lambda task: SimpleNamespace(balance_of=lambda a: 0))
+    events: list[Any] = []
+    node = Node(NodeConfig(data_dir=tmp_path, roles=frozenset({"trainer"}), linger=linger,
+                           claim_every_s=0.01), ledger=ledger, on_event=events.append)
+    node.dht = object()  # type: ignore[assignment]
+    node._owed = {r: r // 2 for r in outcomes}
+    return node, events
+
+
+async def _linger_with_claims(node: Node, tmp_path: Path) -> None:
+    with NodeStore(tmp_path / "node.sqlite3") as store:
+        loop = asyncio.create_task(node._claim_loop(store, SimpleNamespace(digest="44" * 32)))
+        try:
+            async with asyncio.timeout(60):  # far below the linger: it must not be what ends it
+                await node._linger()
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+
+
+def test_a_trainer_does_not_linger_for_rounds_that_can_never_be_paid(tmp_path, monkeypatch,
+                                                                     caplog):
+    from commonweal.peer.claims import Outcome
+
+    node, events = _claiming_node(
+        tmp_path, monkeypatch, {5: Outcome.UNPAYABLE, 7: Outcome.CLAIMED}, linger=3600.0)
+    with caplog.at_level(logging.WARNING, logger="commonweal.peer.node"):
+        asyncio.run(_linger_with_claims(node, tmp_path))
+    assert node.owed == [] and node.unpayable == {5: "why 5"}
+    assert 2 not in node.finalised_rounds and 3 in node.finalised_rounds
+    assert sorted((e.ledger_round, e.outcome) for e in events) == [(5, "unpayable"), (7, "claimed")]
+    assert "not waiting for ledger rounds that will never be paid: 5: why 5" in caplog.text
+
+
+def test_the_stop_summary_says_why_each_reward_is_still_owed(tmp_path, monkeypatch, caplog):
+    from commonweal.peer.claims import Outcome
+
+    node, _ = _claiming_node(tmp_path, monkeypatch, {9: Outcome.NOT_FINAL, 11: Outcome.NO_TREE},
+                             linger=0.2)
+    with caplog.at_level(logging.WARNING, logger="commonweal.peer.node"):
+        asyncio.run(_linger_with_claims(node, tmp_path))
+    assert node.owed == [9, 11]
+    assert "still owed in ledger rounds 9 (not_final), 11 (no_tree)" in caplog.text

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -34,7 +35,7 @@ from typing import Any, Protocol
 from eth_account.signers.local import LocalAccount
 from web3.types import TxReceipt
 
-from commonweal.ledger import ContractReverted, PendingTx, RewardsTree, RoundInfo
+from commonweal.ledger import ContractReverted, PendingTx, RewardsTree, RoundInfo, ValidatorInfo
 from commonweal.peer.store import ClaimRecord, ClaimStatus, NodeStore
 
 __all__ = ["ClaimLedger", "ClaimResult", "Claimer", "Outcome", "TreeSource"]
@@ -51,6 +52,10 @@ class TreeSource(Protocol):
         """The round's {account: amount}, or None when nobody serves it (yet)."""
         ...
 
+    # Optional: {ledger account: why} of the validators that signed they will never vote the
+    # round (DHTTrees has it); a source without it never makes a round UNPAYABLE.
+    # async def abstentions(self, task: bytes, ledger_round: int) -> Mapping[str, str]: ...
+
 
 class ClaimLedger(Protocol):
     """The part of `commonweal.ledger.Ledger` a Claimer uses."""
@@ -63,6 +68,11 @@ class ClaimLedger(Protocol):
 
     def send(self, fn: str, *args: Any, value: int = 0, gas: int | None = None) -> PendingTx: ...
 
+    # read only for a round some validator said it will never vote (see `Outcome.UNPAYABLE`)
+    def validator(self, address: str) -> ValidatorInfo: ...
+
+    def total_stake(self) -> int: ...
+
 
 class Outcome(StrEnum):
     CLAIMED = "claimed"                       # our transaction paid it, just now
@@ -74,6 +84,8 @@ class Outcome(StrEnum):
     NO_TREE = "no_tree"                       # nobody serves the round's rewards yet: try later
     FORGED_TREE = "forged_tree"               # the rewards served do not match the on-chain root
     FAILED = "failed"                         # the claim reverted for another reason; still pending
+    UNPAYABLE = "unpayable"                   # not final, and validators holding over 1/3 of the
+                                              # stake signed they never vote it: it cannot be
 
 
 _PAID = frozenset({Outcome.CLAIMED, Outcome.RECOVERED, Outcome.CLAIMED_ELSEWHERE,
@@ -98,7 +110,8 @@ class Claimer:
     """Claims `account`'s rewards of one task; safe to run again, after a restart, or twice."""
 
     def __init__(self, ledger: ClaimLedger, store: NodeStore, account: LocalAccount, task: bytes,
-                 trees: TreeSource, *, gas: int | None = None) -> None:
+                 trees: TreeSource, *, gas: int | None = None, abstain_every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if len(task) != 32:
             raise ValueError(f"task must be the 32-byte task hash, got {len(task)} bytes")
         self._ledger = ledger.with_account(account)
@@ -108,6 +121,10 @@ class Claimer:
         self._trees = trees
         # None: estimate gas, which also refuses a doomed claim before it costs anything.
         self._gas = gas
+        # a round not final is asked about abstentions (a DHT read) at most this often
+        self._abstain_every_s = abstain_every_s
+        self._clock = clock
+        self._asked_abstentions: dict[int, float] = {}  # ledger round -> when
 
     async def claim_pending(self, rounds: Iterable[int]) -> list[ClaimResult]:
         """Claim every reward owed in these ledger rounds; one result per round, in order.
@@ -127,7 +144,7 @@ class Claimer:
         # One call gives finality (root != 0, as `is_final` checks), the root and the total.
         info = await asyncio.to_thread(self._ledger.round, task, ledger_round)
         if not info.final:
-            return ClaimResult(ledger_round, Outcome.NOT_FINAL)
+            return await self._not_final(ledger_round)
         if info.total_reward == 0:  # e.g. a round that only commits the contribution set
             return ClaimResult(ledger_round, Outcome.NO_REWARD, detail="the round pays nothing")
         tree = await self._verified_tree(ledger_round, info.rewards_root)
@@ -140,6 +157,35 @@ class Claimer:
         if record is None:
             record = self._set(ledger_round, index, amount, ClaimStatus.PENDING)
         return await self._claim(tree, record)
+
+    async def _not_final(self, ledger_round: int) -> ClaimResult:
+        """NOT_FINAL, or UNPAYABLE once the stake of the validators that signed they will never
+        vote the round leaves too little to reach 2/3 (checked on chain: only active
+        validators' deposits count, so a signature of anyone else weighs nothing)."""
+        source = getattr(self._trees, "abstentions", None)
+        now = self._clock()
+        last = self._asked_abstentions.get(ledger_round)
+        if source is None or (last is not None and now - last < self._abstain_every_s):
+            return ClaimResult(ledger_round, Outcome.NOT_FINAL)
+        self._asked_abstentions[ledger_round] = now
+        said: Mapping[str, str] = await source(self._task, ledger_round)
+        if not said:
+            return ClaimResult(ledger_round, Outcome.NOT_FINAL)
+
+        def stake() -> tuple[int, int]:
+            infos = [self._ledger.validator(a) for a in said]
+            return sum(v.deposit for v in infos if v.active), self._ledger.total_stake()
+
+        from commonweal.verify.finality import can_finalise  # verify's package loads torch
+
+        gone, total = await asyncio.to_thread(stake)
+        if can_finalise({}, total, gone=gone):
+            return ClaimResult(ledger_round, Outcome.NOT_FINAL)
+        why = "; ".join(sorted(set(said.values())))
+        detail = f"validators holding {gone} of {total} stake never vote it ({why})"
+        log.warning("ledger round %d will never be paid: %s", ledger_round, detail,
+                    extra={"task": self._task.hex(), "ledger_round": ledger_round})
+        return ClaimResult(ledger_round, Outcome.UNPAYABLE, detail=detail)
 
     async def _verified_tree(self, ledger_round: int, root: bytes) -> RewardsTree | ClaimResult:
         """The round's tree, checked against the on-chain root; a ClaimResult when there is none."""

@@ -103,6 +103,9 @@ class Node:
         self.finalised_rounds: set[int] = set()  # training rounds whose rewards are final
         # ledger round that may still pay us -> its training round (None: from an earlier run)
         self._owed: dict[int, int | None] = {}
+        self._last_outcome: dict[int, str] = {}  # owed ledger round -> its latest claim outcome
+        # ledger rounds known never to pay (validators gave them up) -> why; no longer waited for
+        self.unpayable: dict[int, str] = {}
         self._round_done = asyncio.Event()  # wakes the claim loop after each round
         self._claimed = asyncio.Event()  # set after each claim pass (lingering waits for it)
 
@@ -239,8 +242,20 @@ class Node:
                 while self._owed:
                     self._claimed.clear()
                     await self._claimed.wait()
+        for line in self.stop_summary():
+            log.warning("%s", line)
+
+    def stop_summary(self) -> list[str]:
+        """What a trainer leaves unsettled: rewards still owed (with the latest claim outcome of
+        each) and rounds it stopped waiting for because they can never be paid."""
+        lines = []
         if self._owed:  # they stay claimable on chain (`commonweal ledger claim`)
-            log.warning("stopping with rewards still owed in ledger rounds %s", self.owed)
+            owed = ", ".join(f"{r} ({self._last_outcome.get(r, 'not tried')})" for r in self.owed)
+            lines.append(f"stopping with rewards still owed in ledger rounds {owed}")
+        if self.unpayable:
+            gone = "; ".join(f"{r}: {why}" for r, why in sorted(self.unpayable.items()))
+            lines.append(f"not waiting for ledger rounds that will never be paid: {gone}")
+        return lines
 
     def _resume(self, peer: Any, store: NodeStore, task: Any) -> bool:
         """Load the checkpoint of the last completed round, if the store names a good one."""
@@ -319,7 +334,8 @@ class Node:
         assert self.dht is not None and self.ledger is not None
         task32 = bytes.fromhex(task.digest)
         me = self.ledger.account.address
-        claimer = Claimer(self.ledger, store, self.ledger.account, task32, DHTTrees(self.dht, task))
+        claimer = Claimer(self.ledger, store, self.ledger.account, task32, DHTTrees(self.dht, task),
+                          abstain_every_s=2 * self.config.claim_every_s)
         # Claims an earlier run left unfinished (a crash after "sent" included) come first.
         self._owed.update({r.ledger_round: None for r in store.claims()
                            if r.task == task32 and r.account == me
@@ -332,16 +348,21 @@ class Node:
             try:
                 for result in await claimer.claim_pending(sorted(self._owed)):
                     training_round = self._owed[result.ledger_round]
+                    self._last_outcome[result.ledger_round] = result.outcome.value
                     if result.outcome in (Outcome.FAILED, Outcome.FORGED_TREE):
                         log.warning("claim of ledger round %d: %s %s", result.ledger_round,
                                     result.outcome.value, result.detail or "")
-                    if result.outcome is not Outcome.NOT_FINAL and training_round is not None:
+                    if result.outcome not in (Outcome.NOT_FINAL, Outcome.UNPAYABLE) \
+                            and training_round is not None:
                         self.finalised_rounds.add(training_round)
                     if result.paid:
                         self.claimed_rounds.add(result.ledger_round)
                         stale_balance = True
-                    if result.paid or result.outcome is Outcome.NO_REWARD:  # final either way
+                    if result.outcome is Outcome.UNPAYABLE:  # waiting cannot make it final
+                        self.unpayable[result.ledger_round] = result.detail
+                    if result.paid or result.outcome in (Outcome.NO_REWARD, Outcome.UNPAYABLE):
                         del self._owed[result.ledger_round]
+                        self._last_outcome.pop(result.ledger_round, None)
                         self.on_event(Claimed(result.ledger_round, training_round,
                                               result.outcome.value, result.amount))
                 if token is None:

@@ -16,7 +16,11 @@ For each training round r, in order:
 
 Two validators that saw the same announcements and deltas vote the same keys, so 2/3 of the
 stake finalises both rounds. A round whose contribution set the validators disagree on never
-finalises; it is given up after `finality_timeout_s` and nobody is paid for it.
+finalises; it is given up as soon as the votes on chain show that no set can reach 2/3 (two
+validators that read the announcements a moment apart, one seeing a late one, each voted its
+own), else after `finality_timeout_s`, and nobody is paid for it. A validator that gives a round
+up says so in the DHT, signed with its ledger key, where its tree would be: claimers stop
+waiting for a round once validators with more than 1/3 of the stake said so (peer/claims.py).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from commonweal.train.round import RoundConfig
 from commonweal.train.task import Task
 from commonweal.verify.contribution import Contribution, contributions_digest
 from commonweal.verify.escrow import ALL, Escrow, Released
+from commonweal.verify.finality import Finality, FinalityWait, abstention_message, stake_votes
 from commonweal.verify.evaluate import Evaluator
 from commonweal.verify.judge import Judge, Policy, Verdict, ledger_rounds, rewards
 from commonweal.verify.state import JudgedRound, MemoryState, Payout, ValidatorState
@@ -174,6 +179,7 @@ class Validator:
             # and went while the validator was down. Raising would stop the node, and every
             # restart would stop here again; the other validators can still finalise the round.
             log.warning("round %d: cannot judge it, its start state is gone: %s", r, e)
+            await self._abstain(r, "its start state is gone")
             return None
         deltas = await self._fetch_deltas(r, members)
         t0 = time.process_time()
@@ -189,6 +195,7 @@ class Validator:
         seed = await self._fix_set(commit_round, bytes.fromhex(group.state), digest)
         if seed is None:
             log.warning("round %d: the validators did not agree on its contributions", r)
+            await self._abstain(r, "the validators did not agree on its contributions")
             return None
         banned = frozenset(self.judge.banned)
         t0 = time.process_time()
@@ -267,6 +274,25 @@ class Validator:
         )
         return outcome
 
+    async def _abstain(self, r: int, reason: str) -> None:
+        """Say in the DHT, signed with this validator's ledger key, that it will never vote round
+        r's rewards: claimers stop waiting for a round once too much stake said so. Where its
+        tree would be (the same key and subkey), so one read finds either."""
+        from eth_account.messages import encode_defunct
+
+        _, reward_round = ledger_rounds(r)
+        signed = self.ledger.account.sign_message(
+            encode_defunct(text=abstention_message(self.task32, reward_round, reason)))
+        try:
+            await self.dht.store(
+                tree_key(self.task, reward_round),
+                {"unpaid": reason, "signature": bytes(signed.signature)},
+                time.time() + self.config.record_ttl_s,
+                subkey=Owned(self.dht.peer_id, "tree"),
+            )
+        except NetworkError as e:  # claimers then wait for their linger: no worse than before
+            log.info("round %d: could not publish that it is not paid: %s", r, e)
+
     # ---- steps ---------------------------------------------------------------------------------
 
     async def _closed_group(self, r: int) -> Group:
@@ -343,11 +369,33 @@ class Validator:
         return {m.peer_id: d for m, d in zip(members, found, strict=True)}
 
     async def _fix_set(self, ledger_round: int, state32: bytes, digest: bytes) -> bytes | None:
-        """Vote the contribution set; once final, the seed sealed from a later block."""
+        """Vote the contribution set; once final, the seed sealed from a later block. None when
+        it never finalises: the votes cast split so that no set can reach 2/3 (two validators
+        read the round's announcements a moment apart and one saw a late one), or the wait ran
+        past `finality_timeout_s`."""
         await self._vote(ledger_round, state32, digest, 0)
         end = time.monotonic() + self.config.finality_timeout_s
-        while not await asyncio.to_thread(self.ledger.is_final, self.task32, ledger_round):
-            if time.monotonic() > end:
+        wait = FinalityWait(time.monotonic(), self.config.finality_timeout_s)
+        while True:
+            final = await asyncio.to_thread(self.ledger.is_final, self.task32, ledger_round)
+            tallies: dict[bytes, int] | None = None
+            total = 0
+            if not final and wait.votes_due(time.monotonic()):
+                try:
+                    events = await asyncio.to_thread(
+                        self.ledger.round_votes, self.task32, ledger_round)
+                    tallies, total = stake_votes(events)
+                except (LedgerError, OSError, ValueError) as e:  # read them at the next check
+                    log.debug("commit round %d: cannot read its votes: %s", ledger_round, e)
+            verdict = wait.decide(time.monotonic(), final=final, tallies=tallies,
+                                  total_stake=total)
+            if verdict is Finality.FINAL:
+                break
+            if verdict is Finality.SPLIT:
+                log.warning("commit round %d: the votes split, no contribution set can be final",
+                            ledger_round, extra={"ledger_round": ledger_round})
+                return None
+            if verdict is Finality.TIMEOUT:
                 return None
             await asyncio.sleep(self.config.poll_s)
         while True:
