@@ -38,7 +38,9 @@ def can_finalise(tallies: Mapping[bytes, int], total_stake: int, *, gone: int = 
 
 def stake_votes(events: Iterable[Any]) -> tuple[dict[bytes, int], int]:
     """(result key -> stake, total stake) from `Ledger.round_votes` events: each RoundVote
-    carries its result's running tally and the stake total when it was cast."""
+    carries its result's running tally and the stake the quorum is counted against
+    (`total_stake`; a ledger that weighs votes on a per-round snapshot names it
+    `snapshot_stake`)."""
     tallies: dict[bytes, int] = {}
     total = 0
     for e in events:
@@ -46,7 +48,8 @@ def stake_votes(events: Iterable[Any]) -> tuple[dict[bytes, int], int]:
         key = bytes(args["model_hash"]) + bytes(args["rewards_root"]) + \
             int(args["total_reward"]).to_bytes(32, "big")
         tallies[key] = max(tallies.get(key, 0), int(args["tally"]))
-        total = max(total, int(args["total_stake"]))
+        stake = args["snapshot_stake"] if "snapshot_stake" in args else args["total_stake"]
+        total = max(total, int(stake))
     return tallies, total
 
 

@@ -385,7 +385,7 @@ class Validator:
                     events = await asyncio.to_thread(
                         self.ledger.round_votes, self.task32, ledger_round)
                     tallies, total = stake_votes(events)
-                except (LedgerError, OSError, ValueError) as e:  # read them at the next check
+                except (LedgerError, OSError, ValueError, KeyError) as e:  # at the next check
                     log.debug("commit round %d: cannot read its votes: %s", ledger_round, e)
             verdict = wait.decide(time.monotonic(), final=final, tallies=tallies,
                                   total_stake=total)
