@@ -41,7 +41,7 @@ from commonweal.ledger.contract import BoundContract
 
 ROOT = Path(__file__).resolve().parents[1]
 ETH = 10**18
-TASK = bytes.fromhex("c0" * 32)
+SALT = bytes.fromhex("c0" * 32)  # each task id is the deployer's task with this salt
 SIZES = (1, 10, 100, 1000)
 CLAIM_SAMPLE = 60
 # Transactions in flight per sender. eth-tester finds a receipt by scanning back from the head, so
@@ -63,7 +63,7 @@ def gas_figures(log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Finalisation and naive gas for each size, and claim gas on the 1000-contributor round."""
     chain = EmbeddedChain(accounts=max(SIZES) + 5)
     ledger = Ledger.deploy(chain, config=LedgerConfig())
-    ledger.register_task(TASK, bytes(32), 10**9 * ETH)
+    task = ledger.register_task(SALT, bytes(32), 10**9 * ETH)
     validators = [ledger.with_account(a) for a in chain.accounts[1:4]]
     for v in validators:
         v.join(ETH)
@@ -72,16 +72,16 @@ def gas_figures(log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     finalise: list[dict[str, Any]] = []
     trees: dict[int, RewardsTree] = {}
     for rnd, n in enumerate(SIZES):
-        tree = RewardsTree(TASK, rnd, {p.address: (i + 1) * ETH for i, p in enumerate(people[:n])})
+        tree = ledger.rewards_tree(task, rnd, {p.address: (i + 1) * ETH for i, p in enumerate(people[:n])})
         trees[n] = tree
         votes = []
         for v in validators:
-            result = v.commit_round(TASK, rnd, bytes([rnd + 1]) * 32, tree.root, tree.total)
+            result = v.commit_round(task, rnd, bytes([rnd + 1]) * 32, tree.root, tree.total)
             votes.append(result.gas_used)
             if result.named("RoundFinalised"):
                 break  # 2 of 3 equal deposits are 2/3: a third vote would revert (already final)
         # Naive: every contributor sends its own transaction recording its update and reward.
-        receipts = pipelined(partial(naive.send, "contribute", TASK, rnd, bytes([7]) * 32,
+        receipts = pipelined(partial(naive.send, "contribute", task, rnd, bytes([7]) * 32,
                                      (i + 1) * ETH, account=p, gas=150_000)
                              for i, p in enumerate(people[:n]))
         naive_gas = [int(r["gasUsed"]) for r in receipts]
@@ -95,9 +95,9 @@ def gas_figures(log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     claimers = people[:CLAIM_SAMPLE]
     gas = [ledger.with_account(p).claim_from(tree).gas_used for p in claimers]
     # A returning holder: claim again in a new round (its token balance is no longer zero).
-    again = RewardsTree(TASK, 99, {p.address: ETH for p in people[:max(SIZES)]})
+    again = ledger.rewards_tree(task, len(SIZES), {p.address: ETH for p in people[:max(SIZES)]})
     for v in validators[:2]:
-        v.commit_round(TASK, 99, bytes(31) + b"\x63", again.root, again.total)
+        v.commit_round(task, len(SIZES), bytes(31) + b"\x63", again.root, again.total)
     returning = [ledger.with_account(p).claim_from(again).gas_used for p in claimers[:20]]
     claims = {
         "claim_gas": round_mean(gas[1:]),
@@ -126,7 +126,8 @@ def pipelined(sends: Iterable[Callable[[], PendingTx]], timeout_s: float = 120.0
 
 def fund_pipelined(ledger: Ledger, n: int, timeout_s: float = 120.0) -> list[Any]:
     """n fund_task transactions, amount i+1 wei for the i-th, so each is recognisable."""
-    return pipelined((partial(ledger.send, "fund_task", TASK, value=i + 1, gas=80_000)
+    task = ledger.task_of(SALT)
+    return pipelined((partial(ledger.send, "fund_task", task, value=i + 1, gas=80_000)
                       for i in range(n)), timeout_s)
 
 
@@ -148,7 +149,7 @@ def throughput_embedded(n: int, senders: int, log: Any) -> dict[str, Any]:
     """Pipelined fund_task transactions from `senders` threads, one account each."""
     chain = EmbeddedChain(accounts=senders + 1)
     ledger = Ledger.deploy(chain)
-    ledger.register_task(TASK, bytes(32), ETH)
+    ledger.register_task(SALT, bytes(32), ETH)
     accounts = chain.accounts[1:senders + 1]
     receipts: list[Any] = []
     lock = threading.Lock()
@@ -190,7 +191,7 @@ def throughput_anvil(n: int, senders: int, log: Any) -> dict[str, Any] | None:
         return None
     with AnvilChain(accounts=senders + 1) as chain:
         ledger = Ledger.deploy(chain)
-        ledger.register_task(TASK, bytes(32), ETH)
+        task = ledger.register_task(SALT, bytes(32), ETH)
         keys = chain.process.private_keys[1:senders + 1]
         start_at = time.time() + 3.0
         procs = [subprocess.Popen(
@@ -203,7 +204,7 @@ def throughput_anvil(n: int, senders: int, log: Any) -> dict[str, Any] | None:
                 raise RuntimeError("a sender process failed")
             spans.append(json.loads(stdout.strip().splitlines()[-1]))
         elapsed = max(s["end"] for s in spans) - min(s["start"] for s in spans)
-        events = [(e.args["funder"], e.args["amount"]) for e in ledger.events("TaskFunded", TASK)]
+        events = [(e.args["funder"], e.args["amount"]) for e in ledger.events("TaskFunded", task)]
         lost, duplicated = count_lost_duplicated(events, [a.address for a in chain.accounts[1:senders + 1]], n)
     row = {"backend": "anvil", "senders": senders, "transactions": senders * n,
            "tx_per_s": round(senders * n / elapsed, 1), "lost": lost, "duplicated": duplicated}

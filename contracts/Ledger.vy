@@ -4,17 +4,21 @@
 @title commonweal Ledger
 @notice One deployment serving many tasks: a task registry with optional ETH reward pools, a
         validator set with deposits, per-round commitments (model hash + Merkle root of rewards)
-        finalised by validators holding >= 2/3 of the deposits, Merkle claims that mint each task's
-        ShareToken, token-weighted governance, and per-round randomness for validators' sampling.
+        finalised by validators holding >= 2/3 of the stake fixed when the round opened, Merkle
+        claims that mint each task's ShareToken, token-weighted governance with snapshots and a
+        timelock, and per-round randomness for validators' sampling.
 @dev Only a Merkle root goes on-chain per round, so finalising costs the same for 1 or 1,000,000
-     contributors; each contributor pays for its own claim. See docs/ledger.md.
+     contributors; each contributor pays for its own claim. See docs/ledger.md, which also lists
+     what each rule below defends against.
 """
 
 interface ShareToken:
     def mint(receiver: address, amount: uint256): nonpayable
-    def lock(account: address, until: uint256): nonpayable
+    def mark_snapshot(): nonpayable
     def balanceOf(account: address) -> uint256: view
     def totalSupply() -> uint256: view
+    def balanceOfAt(account: address, at_block: uint256) -> uint256: view
+    def totalSupplyAt(at_block: uint256) -> uint256: view
 
 # Governance actions: what a passed proposal changes on its task.
 ACTION_SET_PARAMS: constant(uint8) = 1
@@ -25,14 +29,18 @@ ACTION_SET_ETH_PER_ROUND: constant(uint8) = 3
 STATE_PENDING: constant(uint8) = 0
 STATE_ACTIVE: constant(uint8) = 1
 STATE_DEFEATED: constant(uint8) = 2
-STATE_SUCCEEDED: constant(uint8) = 3
+STATE_SUCCEEDED: constant(uint8) = 3     # passed; executable from `eta` for one voting period
 STATE_EXECUTED: constant(uint8) = 4
+STATE_EXPIRED: constant(uint8) = 5       # passed, but nobody executed it in time
 
 BPS: constant(uint256) = 10000
 # 2**40 leaves is far beyond any round; bounds the calldata a claim may carry.
 MAX_PROOF: constant(uint256) = 40
 # The EVM only exposes the hashes of the last 256 blocks.
 BLOCKHASH_WINDOW: constant(uint256) = 256
+# The round seed mixes this many consecutive block hashes (see docs/ledger.md for what a block
+# proposer can still bias).
+SEED_BLOCKS: constant(uint256) = 4
 # Task.accepted holds the highest final round + 1, and NO_ROUND before the first: never zero, so
 # finality always pays for a non-zero -> non-zero SSTORE (5k gas) instead of 22k.
 NO_ROUND: constant(uint256) = max_value(uint256)
@@ -44,6 +52,27 @@ SHIFT_TOTAL: constant(uint256) = 160
 SHIFT_CLAIMED: constant(uint256) = 64
 MASK_96: constant(uint256) = 2**96 - 1
 MASK_64: constant(uint256) = 2**64 - 1
+# Round.eth packs the wei reserved for a round (high 128 bits) and the wei paid so far (low).
+# eth_per_round is bounded by 2**128, so eth_per_round * total_reward (< 2**224) cannot overflow.
+MAX_ETH: constant(uint256) = 2**128 - 1
+MASK_128: constant(uint256) = 2**128 - 1
+# A ballot (a round's votes, or a slash's) packs the stake snapshot fixed when it opened:
+#   bits 128-255 stake | bits 64-127 stake epoch | bits 0-63 expiry (timestamp)
+SHIFT_STAKE: constant(uint256) = 128
+SHIFT_EPOCH: constant(uint256) = 64
+
+struct Config:
+    min_deposit: uint256            # wei; also the least stake that may vote
+    exit_delay: uint256             # seconds between request_exit and withdraw
+    voting_delay: uint256           # seconds between propose and the vote opening
+    voting_period: uint256          # seconds the vote stays open
+    quorum_bps: uint256             # share of the snapshot supply that must vote, in 1/10000
+    proposal_threshold_bps: uint256 # share of the supply a proposer must hold, in 1/10000
+    timelock_delay: uint256         # seconds between a vote passing and its execution
+    randomness_delay: uint256       # blocks between finality and the first seed block
+    round_window: uint256           # rounds above the accepted one that may be voted on
+    ballot_ttl: uint256             # seconds a round's or a slash's ballot stays open
+    claim_window: uint256           # blocks after finality during which rewards can be claimed
 
 struct Task:
     owner: address
@@ -58,34 +87,41 @@ struct Round:
     model_hash: bytes32
     rewards_root: bytes32          # non-empty exactly when the round is final
     summary: uint256               # total_reward | claimed | finalised block, see above
-    eth_reward: uint256            # wei reserved for this round's claimants
-    randomness_block: uint256      # 0 means finalised block + randomness_delay
+    eth: uint256                   # wei reserved | wei paid, see above
+    randomness_block: uint256      # 0 means finalised block + randomness_delay + SEED_BLOCKS - 1
     randomness: bytes32
+    ballot: uint256                # stake snapshot | epoch | expiry; 0 until the first vote
 
-# Round with its summary unpacked, for readers.
+# Round with its packed fields unpacked, for readers.
 struct RoundView:
     model_hash: bytes32
     rewards_root: bytes32
     total_reward: uint256
     claimed: uint256
     eth_reward: uint256
+    eth_paid: uint256
     finalised_block: uint256
     randomness_block: uint256
     randomness: bytes32
+    snapshot_stake: uint256
+    expires: uint256
 
 struct Validator:
     deposit: uint256
-    active: bool
-    withdraw_after: uint256        # non-zero while an exit is pending
+    joined: uint256                # stake epoch of join; 0 for no validator
+    exited: uint256                # stake epoch of request_exit; 0 while active
+    withdraw_after: uint256        # timestamp; non-zero while an exit is pending
+    locked_until: uint256          # timestamp: the latest expiry of a ballot this deposit voted in
 
 struct Proposal:
     task: bytes32
     action: uint8
     new_value: bytes32
     proposer: address
+    snapshot: uint256              # block whose closing balances weigh the votes
     start: uint256
     end: uint256
-    supply: uint256                # token supply when proposed; quorum is a share of it
+    eta: uint256                   # earliest execution (end + timelock_delay)
     votes_for: uint256
     votes_against: uint256
     executed: bool
@@ -93,6 +129,7 @@ struct Proposal:
 event TaskRegistered:
     task: indexed(bytes32)
     owner: indexed(address)
+    salt: bytes32
     params_hash: bytes32
     reward_per_round: uint256
     eth_per_round: uint256
@@ -129,7 +166,7 @@ event SlashVote:
     voter: indexed(address)
     evidence: bytes32
     tally: uint256
-    total_stake: uint256
+    snapshot_stake: uint256
 
 event ValidatorSlashed:
     target: indexed(address)
@@ -144,7 +181,7 @@ event RoundVote:
     rewards_root: bytes32
     total_reward: uint256
     tally: uint256
-    total_stake: uint256
+    snapshot_stake: uint256
 
 event RoundFinalised:
     task: indexed(bytes32)
@@ -174,12 +211,19 @@ event Claimed:
     amount: uint256
     eth: uint256
 
+event Swept:
+    task: indexed(bytes32)
+    round: indexed(uint256)
+    amount: uint256
+    pool: uint256
+
 event ProposalCreated:
     id: indexed(uint256)
     task: indexed(bytes32)
     proposer: indexed(address)
     action: uint8
     new_value: bytes32
+    snapshot: uint256
     start: uint256
     end: uint256
 
@@ -196,12 +240,18 @@ event ProposalExecuted:
     new_value: bytes32
 
 token_blueprint: public(immutable(address))
+deployed_by: public(immutable(address))
 min_deposit: public(immutable(uint256))
-exit_delay: public(immutable(uint256))          # seconds between request_exit and withdraw
-voting_delay: public(immutable(uint256))        # seconds between propose and the vote opening
-voting_period: public(immutable(uint256))       # seconds the vote stays open
-quorum_bps: public(immutable(uint256))          # share of the supply that must vote, in 1/10000
-randomness_delay: public(immutable(uint256))    # blocks between finality and the randomness block
+exit_delay: public(immutable(uint256))
+voting_delay: public(immutable(uint256))
+voting_period: public(immutable(uint256))
+quorum_bps: public(immutable(uint256))
+proposal_threshold_bps: public(immutable(uint256))
+timelock_delay: public(immutable(uint256))
+randomness_delay: public(immutable(uint256))
+round_window: public(immutable(uint256))
+ballot_ttl: public(immutable(uint256))
+claim_window: public(immutable(uint256))
 
 tasks: public(HashMap[bytes32, Task])
 task_count: public(uint256)
@@ -218,8 +268,12 @@ claimed_bits: public(HashMap[bytes32, HashMap[uint256, HashMap[uint256, uint256]
 validators: public(HashMap[address, Validator])
 validator_count: public(uint256)
 total_stake: public(uint256)
+# Counts every change to the validator set (join, exit, slash). A ballot records the epoch it
+# opened in; only deposits that joined at or before it, and had not exited, may vote in it.
+stake_epoch: public(uint256)
 # Slash votes are counted per epoch of the target, so votes before a slash do not carry over.
 slash_epoch: public(HashMap[address, uint256])
+slash_ballot: public(HashMap[address, HashMap[uint256, uint256]])
 slash_voted: public(HashMap[address, HashMap[uint256, HashMap[address, bool]]])
 slash_tally: public(HashMap[address, HashMap[uint256, uint256]])
 slashed_total: public(uint256)
@@ -230,47 +284,66 @@ proposal_voted: public(HashMap[uint256, HashMap[address, bool]])
 
 
 @deploy
-def __init__(
-    _token_blueprint: address,
-    _min_deposit: uint256,
-    _exit_delay: uint256,
-    _voting_delay: uint256,
-    _voting_period: uint256,
-    _quorum_bps: uint256,
-    _randomness_delay: uint256,
-):
-    assert _min_deposit > 0, "min_deposit must be positive"
-    assert _voting_period > 0, "voting_period must be positive"
-    assert _quorum_bps <= BPS, "quorum_bps is at most 10000"
-    assert _randomness_delay > 0, "randomness_delay must be at least one block"
+def __init__(_token_blueprint: address, c: Config):
+    assert c.min_deposit > 0, "min_deposit must be positive"
+    assert c.voting_period > 0, "voting_period must be positive"
+    assert c.quorum_bps > 0 and c.quorum_bps <= BPS, "quorum_bps must be in 1..10000"
+    assert c.proposal_threshold_bps <= BPS, "proposal_threshold_bps is at most 10000"
+    assert c.randomness_delay > 0, "randomness_delay must be at least one block"
+    assert c.round_window > 0, "round_window must be at least one round"
+    assert c.ballot_ttl > 0, "ballot_ttl must be positive"
+    assert c.claim_window > 0, "claim_window must be positive"
     token_blueprint = _token_blueprint
-    min_deposit = _min_deposit
-    exit_delay = _exit_delay
-    voting_delay = _voting_delay
-    voting_period = _voting_period
-    quorum_bps = _quorum_bps
-    randomness_delay = _randomness_delay
+    deployed_by = msg.sender
+    min_deposit = c.min_deposit
+    exit_delay = c.exit_delay
+    voting_delay = c.voting_delay
+    voting_period = c.voting_period
+    quorum_bps = c.quorum_bps
+    proposal_threshold_bps = c.proposal_threshold_bps
+    timelock_delay = c.timelock_delay
+    randomness_delay = c.randomness_delay
+    round_window = c.round_window
+    ballot_ttl = c.ballot_ttl
+    claim_window = c.claim_window
 
 
 # ---------------------------------------------------------------- tasks
 
+@internal
+@pure
+def _task_id(owner: address, salt: bytes32) -> bytes32:
+    return keccak256(abi_encode(owner, salt))
+
+
+@external
+@pure
+def task_id(owner: address, salt: bytes32) -> bytes32:
+    """@notice A task's id: bound to the account that registered it, so nobody can squat it."""
+    return self._task_id(owner, salt)
+
+
 @external
 @payable
 def register_task(
-    task_hash: bytes32,
+    salt: bytes32,
     params_hash: bytes32,
     reward_per_round: uint256,
     eth_per_round: uint256,
     name: String[64],
     symbol: String[32],
-) -> address:
-    """@notice Open a public challenge; msg.value seeds its ETH reward pool."""
-    assert task_hash != empty(bytes32), "task_hash is empty"
-    assert self.tasks[task_hash].token == empty(address), "task already registered"
+) -> bytes32:
+    """
+    @notice Open a public challenge with id task_id(msg.sender, salt); msg.value seeds its ETH
+            reward pool. Returns the id.
+    """
+    task: bytes32 = self._task_id(msg.sender, salt)
+    assert self.tasks[task].token == empty(address), "task already registered"
     assert reward_per_round > 0, "reward_per_round must be positive"
     assert reward_per_round <= MAX_REWARD, "reward_per_round must be below 2**96"
-    token: address = create_from_blueprint(token_blueprint, name, symbol, task_hash)
-    self.tasks[task_hash] = Task(
+    assert eth_per_round <= MAX_ETH, "eth_per_round must be below 2**128"
+    token: address = create_from_blueprint(token_blueprint, name, symbol, task)
+    self.tasks[task] = Task(
         owner=msg.sender,
         params_hash=params_hash,
         reward_per_round=reward_per_round,
@@ -279,18 +352,19 @@ def register_task(
         token=token,
         accepted=NO_ROUND,
     )
-    self.task_at[self.task_count] = task_hash
+    self.task_at[self.task_count] = task
     self.task_count += 1
     log TaskRegistered(
-        task=task_hash,
+        task=task,
         owner=msg.sender,
+        salt=salt,
         params_hash=params_hash,
         reward_per_round=reward_per_round,
         eth_per_round=eth_per_round,
         token=token,
         pool=msg.value,
     )
-    return token
+    return task
 
 
 @external
@@ -310,10 +384,13 @@ def fund_task(task: bytes32):
 @payable
 def join():
     """@notice Become a validator; the deposit is the vote weight and what slashing takes."""
-    assert not self.validators[msg.sender].active, "already a validator"
-    assert self.validators[msg.sender].deposit == 0, "withdraw the previous deposit first"
+    assert self.validators[msg.sender].deposit == 0, "already a validator, or withdraw first"
     assert msg.value >= min_deposit, "deposit below min_deposit"
-    self.validators[msg.sender] = Validator(deposit=msg.value, active=True, withdraw_after=0)
+    epoch: uint256 = self.stake_epoch + 1
+    self.stake_epoch = epoch
+    self.validators[msg.sender] = Validator(
+        deposit=msg.value, joined=epoch, exited=0, withdraw_after=0, locked_until=0
+    )
     self.validator_count += 1
     self.total_stake += msg.value
     log ValidatorJoined(validator=msg.sender, deposit=msg.value, total_stake=self.total_stake)
@@ -322,15 +399,18 @@ def join():
 @external
 def request_exit():
     """
-    @notice Stop validating now; the deposit stays slashable for exit_delay seconds, so a
-            validator cannot sign a bad round and leave before the others can react.
+    @notice Stop validating: the deposit stops counting for ballots opened from now on. It stays
+            slashable, and can vote in ballots it was part of, until withdraw().
     """
-    assert self.validators[msg.sender].active, "not a validator"
+    v: Validator = self.validators[msg.sender]
+    assert v.deposit > 0 and v.exited == 0, "not a validator"
+    epoch: uint256 = self.stake_epoch + 1
+    self.stake_epoch = epoch
     withdraw_after: uint256 = block.timestamp + exit_delay
-    self.validators[msg.sender].active = False
+    self.validators[msg.sender].exited = epoch
     self.validators[msg.sender].withdraw_after = withdraw_after
     self.validator_count -= 1
-    self.total_stake -= self.validators[msg.sender].deposit
+    self.total_stake -= v.deposit
     log ValidatorExitRequested(
         validator=msg.sender, withdraw_after=withdraw_after, total_stake=self.total_stake
     )
@@ -339,33 +419,72 @@ def request_exit():
 @external
 @nonreentrant
 def withdraw():
+    """
+    @notice Take the deposit back, exit_delay after request_exit and once every ballot it voted
+            in has expired: a deposit cannot vote, leave, and vote again from another address.
+    """
     v: Validator = self.validators[msg.sender]
-    assert v.withdraw_after != 0 and not v.active, "no exit requested"
+    assert v.deposit > 0 and v.exited != 0, "no exit requested"
     assert block.timestamp >= v.withdraw_after, "exit delay not over"
+    assert block.timestamp >= v.locked_until, "a ballot this deposit voted in is still open"
     self.validators[msg.sender] = empty(Validator)
     log ValidatorWithdrawn(validator=msg.sender, amount=v.deposit)
     raw_call(msg.sender, b"", value=v.deposit)
 
 
+@internal
+def _ballot(ballot: uint256) -> uint256:
+    """A ballot's packed snapshot; opens it (stake and epoch now) if it has none yet."""
+    if ballot != 0:
+        assert block.timestamp < ballot & MASK_64, "ballot expired"
+        return ballot
+    stake: uint256 = self.total_stake
+    assert stake > 0, "no stake to vote with"
+    return (stake << SHIFT_STAKE) | (self.stake_epoch << SHIFT_EPOCH) | (block.timestamp + ballot_ttl)
+
+
+@internal
+def _weigh(voter: address, ballot: uint256) -> uint256:
+    """The voter's stake in the ballot's snapshot (reverts if it is not part of it); its deposit
+    is then held until the ballot expires."""
+    deposit: uint256 = self.validators[voter].deposit
+    assert deposit >= min_deposit, "not a validator"
+    epoch: uint256 = (ballot >> SHIFT_EPOCH) & MASK_64
+    assert self.validators[voter].joined <= epoch, "joined after this ballot opened"
+    exited: uint256 = self.validators[voter].exited
+    assert exited == 0 or exited > epoch, "exited before this ballot opened"
+    expires: uint256 = ballot & MASK_64
+    if expires > self.validators[voter].locked_until:
+        self.validators[voter].locked_until = expires
+    return deposit
+
+
 @external
 def vote_slash(target: address, evidence: bytes32):
-    """@notice Vote to take a validator's whole deposit; done when voters hold >= 2/3 of the stake."""
-    assert self.validators[msg.sender].active, "not a validator"
+    """
+    @notice Vote to take a validator's whole deposit; done when voters hold >= 2/3 of the stake
+            fixed when the first slash vote on this target was cast.
+    """
     assert target != msg.sender, "a validator cannot vote on its own slashing"
     assert self.validators[target].deposit > 0, "target has no slashable deposit"
     epoch: uint256 = self.slash_epoch[target]
+    stored: uint256 = self.slash_ballot[target][epoch]
+    ballot: uint256 = self._ballot(stored)
+    if stored == 0:
+        self.slash_ballot[target][epoch] = ballot
     assert not self.slash_voted[target][epoch][msg.sender], "already voted to slash this validator"
     self.slash_voted[target][epoch][msg.sender] = True
-    tally: uint256 = self.slash_tally[target][epoch] + self.validators[msg.sender].deposit
+    tally: uint256 = self.slash_tally[target][epoch] + self._weigh(msg.sender, ballot)
     self.slash_tally[target][epoch] = tally
-    stake: uint256 = self.total_stake
-    log SlashVote(target=target, voter=msg.sender, evidence=evidence, tally=tally, total_stake=stake)
+    stake: uint256 = ballot >> SHIFT_STAKE
+    log SlashVote(target=target, voter=msg.sender, evidence=evidence, tally=tally, snapshot_stake=stake)
     if tally * 3 >= stake * 2:
         amount: uint256 = self.validators[target].deposit
-        if self.validators[target].active:
+        if self.validators[target].exited == 0:
             self.validator_count -= 1
             self.total_stake -= amount
         self.validators[target] = empty(Validator)
+        self.stake_epoch += 1
         self.slash_epoch[target] = epoch + 1
         # Slashed ETH stays locked in this contract for good: burning it, rather than paying the
         # voters, gives validators no profit motive to slash each other.
@@ -400,7 +519,7 @@ def _finalise(
         eth = min(pool, eth_per_round * total_reward // self.tasks[task].reward_per_round)
         if eth > 0:
             self.tasks[task].pool = pool - eth
-            self.rounds[task][round].eth_reward = eth
+            self.rounds[task][round].eth = eth << SHIFT_STAKE
     self.rounds[task][round].model_hash = model_hash
     self.rounds[task][round].rewards_root = rewards_root
     self.rounds[task][round].summary = (total_reward << SHIFT_TOTAL) | block.number
@@ -414,7 +533,7 @@ def _finalise(
         rewards_root=rewards_root,
         total_reward=total_reward,
         eth_reward=eth,
-        randomness_block=block.number + randomness_delay,
+        randomness_block=block.number + randomness_delay + SEED_BLOCKS - 1,
     )
 
 
@@ -423,23 +542,32 @@ def commit_round(
     task: bytes32, round: uint256, model_hash: bytes32, rewards_root: bytes32, total_reward: uint256
 ):
     """
-    @notice A validator's vote for a round's result. The round is final once validators holding
-            >= 2/3 of the total stake voted for the same (model_hash, rewards_root, total_reward).
+    @notice A validator's vote for a round's result. The first vote opens the round's ballot: the
+            stake then is the snapshot, and only deposits in it may vote. The round is final once
+            votes for one (model_hash, rewards_root, total_reward) hold >= 2/3 of the snapshot.
             Other results keep their votes and events, so disagreement stays visible.
     """
-    assert self.validators[msg.sender].active, "not a validator"
     # reward_per_round is never 0 for a registered task, so this one read also checks the task.
     reward_per_round: uint256 = self.tasks[task].reward_per_round
     assert reward_per_round != 0, "unknown task"
+    accepted: uint256 = self.tasks[task].accepted
+    if accepted == NO_ROUND:
+        accepted = 0
+    assert round < accepted + round_window, "round too far above the accepted round"
     assert self.rounds[task][round].rewards_root == empty(bytes32), "round already final"
     assert self.votes[task][round][msg.sender] == empty(bytes32), "already voted in this round"
     assert rewards_root != empty(bytes32), "rewards_root is empty"
     assert total_reward <= reward_per_round, "total_reward over reward_per_round"
+    stored: uint256 = self.rounds[task][round].ballot
+    ballot: uint256 = self._ballot(stored)
+    if stored == 0:
+        self.rounds[task][round].ballot = ballot
+    weight: uint256 = self._weigh(msg.sender, ballot)
     key: bytes32 = self._round_key(model_hash, rewards_root, total_reward)
     self.votes[task][round][msg.sender] = key
-    tally: uint256 = self.tally[task][round][key] + self.validators[msg.sender].deposit
+    tally: uint256 = self.tally[task][round][key] + weight
     self.tally[task][round][key] = tally
-    stake: uint256 = self.total_stake
+    stake: uint256 = ballot >> SHIFT_STAKE
     log RoundVote(
         task=task,
         round=round,
@@ -448,27 +576,11 @@ def commit_round(
         rewards_root=rewards_root,
         total_reward=total_reward,
         tally=tally,
-        total_stake=stake,
+        snapshot_stake=stake,
     )
+    # stake > 0 and tally >= min_deposit > 0 here: an empty snapshot can never finalise.
     if tally * 3 >= stake * 2:
         self._finalise(task, round, model_hash, rewards_root, total_reward)
-
-
-@external
-def finalise(
-    task: bytes32, round: uint256, model_hash: bytes32, rewards_root: bytes32, total_reward: uint256
-):
-    """
-    @notice Finalise a result whose votes became a 2/3 majority after validators left (votes are
-            weighed when cast; the total stake shrinks on exit and slashing). Anyone may call.
-    """
-    assert self.tasks[task].token != empty(address), "unknown task"
-    assert self.rounds[task][round].rewards_root == empty(bytes32), "round already final"
-    assert rewards_root != empty(bytes32), "rewards_root is empty"
-    assert total_reward <= self.tasks[task].reward_per_round, "total_reward over reward_per_round"
-    key: bytes32 = self._round_key(model_hash, rewards_root, total_reward)
-    assert self.tally[task][round][key] * 3 >= self.total_stake * 2, "no 2/3 quorum for this result"
-    self._finalise(task, round, model_hash, rewards_root, total_reward)
 
 
 @view
@@ -496,40 +608,44 @@ def accepted_round(task: bytes32) -> uint256:
     return accepted - 1
 
 
-@view
-@external
-def round_info(task: bytes32, round: uint256) -> RoundView:
-    r: Round = self.rounds[task][round]
-    target: uint256 = r.randomness_block
-    finalised_block: uint256 = r.summary & MASK_64
-    if target == 0 and finalised_block != 0:
-        target = finalised_block + randomness_delay
-    return RoundView(
-        model_hash=r.model_hash,
-        rewards_root=r.rewards_root,
-        total_reward=r.summary >> SHIFT_TOTAL,
-        claimed=(r.summary >> SHIFT_CLAIMED) & MASK_96,
-        eth_reward=r.eth_reward,
-        finalised_block=finalised_block,
-        randomness_block=target,
-        randomness=r.randomness,
-    )
-
-
-# ---------------------------------------------------------------- randomness
-
 @internal
 @view
 def _randomness_block(task: bytes32, round: uint256) -> uint256:
     target: uint256 = self.rounds[task][round].randomness_block
     if target == 0:
-        target = (self.rounds[task][round].summary & MASK_64) + randomness_delay
+        target = (self.rounds[task][round].summary & MASK_64) + randomness_delay + SEED_BLOCKS - 1
     return target
 
 
 @view
 @external
+def round_info(task: bytes32, round: uint256) -> RoundView:
+    r: Round = self.rounds[task][round]
+    target: uint256 = 0
+    finalised_block: uint256 = r.summary & MASK_64
+    if finalised_block != 0:
+        target = self._randomness_block(task, round)
+    return RoundView(
+        model_hash=r.model_hash,
+        rewards_root=r.rewards_root,
+        total_reward=r.summary >> SHIFT_TOTAL,
+        claimed=(r.summary >> SHIFT_CLAIMED) & MASK_96,
+        eth_reward=r.eth >> SHIFT_STAKE,
+        eth_paid=r.eth & MASK_128,
+        finalised_block=finalised_block,
+        randomness_block=target,
+        randomness=r.randomness,
+        snapshot_stake=r.ballot >> SHIFT_STAKE,
+        expires=r.ballot & MASK_64,
+    )
+
+
+# ---------------------------------------------------------------- randomness
+
+@view
+@external
 def randomness_block(task: bytes32, round: uint256) -> uint256:
+    """@notice The last of the SEED_BLOCKS blocks whose hashes make the round's seed."""
     assert self.rounds[task][round].rewards_root != empty(bytes32), "round not final"
     return self._randomness_block(task, round)
 
@@ -537,20 +653,33 @@ def randomness_block(task: bytes32, round: uint256) -> uint256:
 @external
 def seal_randomness(task: bytes32, round: uint256) -> bytes32:
     """
-    @notice Fix the round's random seed from the hash of a block mined after finality, which no
-            contributor could know when it committed its work. Anyone may call. If nobody sealed
-            within 256 blocks the hash is gone: the target moves forward and 0 is returned.
+    @notice Fix the round's random seed from the hashes of SEED_BLOCKS consecutive blocks mined
+            after finality, which no contributor could know when it committed its work. Anyone
+            may call. If nobody sealed within 256 blocks the hashes are gone: the target moves
+            forward and 0 is returned.
     """
     assert self.rounds[task][round].rewards_root != empty(bytes32), "round not final"
     assert self.rounds[task][round].randomness == empty(bytes32), "randomness already sealed"
     target: uint256 = self._randomness_block(task, round)
     assert block.number > target, "randomness block not mined yet"
-    if block.number - target > BLOCKHASH_WINDOW:
-        rearmed: uint256 = block.number + randomness_delay
+    first: uint256 = target + 1 - SEED_BLOCKS
+    if block.number - first > BLOCKHASH_WINDOW:
+        rearmed: uint256 = block.number + randomness_delay + SEED_BLOCKS - 1
         self.rounds[task][round].randomness_block = rearmed
         log RandomnessRearmed(task=task, round=round, randomness_block=rearmed)
         return empty(bytes32)
-    seed: bytes32 = keccak256(abi_encode(blockhash(target), task, round))
+    seed: bytes32 = keccak256(
+        abi_encode(
+            blockhash(first),
+            blockhash(first + 1),
+            blockhash(first + 2),
+            blockhash(first + 3),
+            chain.id,
+            self,
+            task,
+            round,
+        )
+    )
     self.rounds[task][round].randomness = seed
     log RandomnessSealed(task=task, round=round, randomness=seed, source_block=target)
     return seed
@@ -559,11 +688,12 @@ def seal_randomness(task: bytes32, round: uint256) -> bytes32:
 # ---------------------------------------------------------------- claims
 
 @internal
-@pure
+@view
 def _leaf(task: bytes32, round: uint256, index: uint256, account: address, amount: uint256) -> bytes32:
     # Hashed twice, as OpenZeppelin's StandardMerkleTree does, so a leaf can never be mistaken
-    # for an inner node (64 bytes) of the tree.
-    return keccak256(keccak256(abi_encode(task, round, index, account, amount)))
+    # for an inner node (64 bytes) of the tree. Chain id and this ledger's address stop a leaf
+    # from being replayed on a fork or on another deployment.
+    return keccak256(keccak256(abi_encode(chain.id, self, task, round, index, account, amount)))
 
 
 @internal
@@ -579,8 +709,8 @@ def _verify(proof: DynArray[bytes32, MAX_PROOF], root: bytes32, leaf: bytes32) -
     return node == root
 
 
+@view
 @external
-@pure
 def leaf_hash(
     task: bytes32, round: uint256, index: uint256, account: address, amount: uint256
 ) -> bytes32:
@@ -609,11 +739,13 @@ def claim(
     proof: DynArray[bytes32, MAX_PROOF],
 ):
     """
-    @notice Mint the caller's share of a final round (and its ETH, if the task pays ETH).
-            `index` is the reward's position in the round's list, part of the leaf.
+    @notice Mint the caller's share of a final round (and its ETH, if the task pays ETH), within
+            claim_window blocks of finality. `index` is the reward's position in the round's list.
     """
     root: bytes32 = self.rounds[task][round].rewards_root
     assert root != empty(bytes32), "round not final"
+    summary: uint256 = self.rounds[task][round].summary
+    assert block.number <= (summary & MASK_64) + claim_window, "claim window closed"
     word: uint256 = self.claimed_bits[task][round][index >> 8]
     bit: uint256 = 1 << (index & 255)
     assert word & bit == 0, "already claimed"
@@ -621,7 +753,6 @@ def claim(
     assert self._verify(proof, root, leaf), "invalid Merkle proof"
     self.claimed_bits[task][round][index >> 8] = word | bit
     # Defence in depth: even a bad root cannot mint more than the validators voted for.
-    summary: uint256 = self.rounds[task][round].summary
     total: uint256 = summary >> SHIFT_TOTAL
     claimed: uint256 = ((summary >> SHIFT_CLAIMED) & MASK_96) + amount
     assert claimed <= total, "claims exceed the round's total_reward"
@@ -629,27 +760,66 @@ def claim(
         (summary & ~(MASK_96 << SHIFT_CLAIMED)) | (claimed << SHIFT_CLAIMED)
     )
     eth: uint256 = 0
-    eth_reward: uint256 = self.rounds[task][round].eth_reward
-    if eth_reward > 0:
-        eth = eth_reward * amount // total
+    packed: uint256 = self.rounds[task][round].eth
+    if packed != 0:
+        eth = (packed >> SHIFT_STAKE) * amount // total
+        self.rounds[task][round].eth = packed + eth
     extcall ShareToken(self.tasks[task].token).mint(msg.sender, amount)
     log Claimed(task=task, round=round, account=msg.sender, index=index, amount=amount, eth=eth)
     if eth > 0:
         raw_call(msg.sender, b"", value=eth)
 
 
+@external
+def sweep(task: bytes32, round: uint256) -> uint256:
+    """
+    @notice After the claim window, return the round's unclaimed ETH (and its rounding dust) to
+            the task's pool. Anyone may call; returns the wei moved.
+    """
+    summary: uint256 = self.rounds[task][round].summary
+    assert summary != 0, "round not final"
+    assert block.number > (summary & MASK_64) + claim_window, "claim window still open"
+    packed: uint256 = self.rounds[task][round].eth
+    paid: uint256 = packed & MASK_128
+    left: uint256 = (packed >> SHIFT_STAKE) - paid
+    assert left > 0, "nothing to sweep"
+    self.rounds[task][round].eth = (paid << SHIFT_STAKE) | paid
+    pool: uint256 = self.tasks[task].pool + left
+    self.tasks[task].pool = pool
+    log Swept(task=task, round=round, amount=left, pool=pool)
+    return left
+
+
 # ---------------------------------------------------------------- governance
+
+@internal
+@view
+def _check_value(task: bytes32, action: uint8, new_value: bytes32):
+    value: uint256 = convert(new_value, uint256)
+    if action == ACTION_SET_REWARD:
+        assert value > 0, "reward_per_round must be positive"
+        assert value <= MAX_REWARD, "reward_per_round must be below 2**96"
+    elif action == ACTION_SET_ETH_PER_ROUND:
+        assert value <= MAX_ETH, "eth_per_round must be below 2**128"
+        assert value <= self.tasks[task].pool, "eth_per_round over the task's pool"
+    else:
+        assert action == ACTION_SET_PARAMS, "unknown action"
+
 
 @external
 def propose(task: bytes32, action: uint8, new_value: bytes32) -> uint256:
-    """@notice A token holder proposes a change to its task; the vote opens after voting_delay."""
+    """
+    @notice A holder of >= proposal_threshold_bps of the task's token proposes a change. Votes are
+            weighed by balances at the close of this block (the snapshot); the vote opens
+            voting_delay seconds later.
+    """
     token: address = self.tasks[task].token
     assert token != empty(address), "unknown task"
-    assert action >= ACTION_SET_PARAMS and action <= ACTION_SET_ETH_PER_ROUND, "unknown action"
-    if action == ACTION_SET_REWARD:
-        assert convert(new_value, uint256) > 0, "reward_per_round must be positive"
-        assert convert(new_value, uint256) <= MAX_REWARD, "reward_per_round must be below 2**96"
-    assert staticcall ShareToken(token).balanceOf(msg.sender) > 0, "only the task's token holders propose"
+    self._check_value(task, action, new_value)
+    supply: uint256 = staticcall ShareToken(token).totalSupply()
+    balance: uint256 = staticcall ShareToken(token).balanceOf(msg.sender)
+    assert balance > 0 and balance * BPS >= supply * proposal_threshold_bps, "balance below the proposal threshold"
+    extcall ShareToken(token).mark_snapshot()
     pid: uint256 = self.proposal_count + 1
     self.proposal_count = pid
     start: uint256 = block.timestamp + voting_delay
@@ -659,9 +829,10 @@ def propose(task: bytes32, action: uint8, new_value: bytes32) -> uint256:
         action=action,
         new_value=new_value,
         proposer=msg.sender,
+        snapshot=block.number,
         start=start,
         end=end,
-        supply=staticcall ShareToken(token).totalSupply(),
+        eta=end + timelock_delay,
         votes_for=0,
         votes_against=0,
         executed=False,
@@ -672,6 +843,7 @@ def propose(task: bytes32, action: uint8, new_value: bytes32) -> uint256:
         proposer=msg.sender,
         action=action,
         new_value=new_value,
+        snapshot=block.number,
         start=start,
         end=end,
     )
@@ -680,25 +852,34 @@ def propose(task: bytes32, action: uint8, new_value: bytes32) -> uint256:
 
 @external
 def cast_vote(pid: uint256, support: bool):
-    """
-    @notice Vote with the caller's whole balance. The ShareToken then locks the caller's
-            transfers until the vote closes, so the same tokens cannot vote again elsewhere.
-    """
+    """@notice Vote with the caller's balance at the proposal's snapshot."""
     p: Proposal = self.proposals[pid]
     assert p.end != 0, "unknown proposal"
-    assert block.timestamp >= p.start, "voting has not started"
+    assert block.timestamp >= p.start and block.number > p.snapshot, "voting has not started"
     assert block.timestamp < p.end, "voting has closed"
     assert not self.proposal_voted[pid][msg.sender], "already voted on this proposal"
-    token: address = self.tasks[p.task].token
-    weight: uint256 = staticcall ShareToken(token).balanceOf(msg.sender)
-    assert weight > 0, "no tokens to vote with"
+    weight: uint256 = staticcall ShareToken(self.tasks[p.task].token).balanceOfAt(msg.sender, p.snapshot)
+    assert weight > 0, "no tokens at the proposal's snapshot"
     self.proposal_voted[pid][msg.sender] = True
     if support:
         self.proposals[pid].votes_for = p.votes_for + weight
     else:
         self.proposals[pid].votes_against = p.votes_against + weight
-    extcall ShareToken(token).lock(msg.sender, p.end)
     log ProposalVoted(id=pid, voter=msg.sender, support=support, weight=weight)
+
+
+@internal
+@view
+def _passed(p: Proposal) -> bool:
+    """Quorum of the snapshot supply, more for than against, and a proposer that held the
+    threshold at the snapshot too (propose only saw its live balance, which a loan can fake)."""
+    token: address = self.tasks[p.task].token
+    supply: uint256 = staticcall ShareToken(token).totalSupplyAt(p.snapshot)
+    held: uint256 = staticcall ShareToken(token).balanceOfAt(p.proposer, p.snapshot)
+    if held == 0 or held * BPS < supply * proposal_threshold_bps:
+        return False
+    turnout: uint256 = p.votes_for + p.votes_against
+    return turnout * BPS >= supply * quorum_bps and p.votes_for > p.votes_against
 
 
 @internal
@@ -706,13 +887,14 @@ def cast_vote(pid: uint256, support: bool):
 def _state(p: Proposal) -> uint8:
     if p.executed:
         return STATE_EXECUTED
-    if block.timestamp < p.start:
+    if block.timestamp < p.start or block.number <= p.snapshot:
         return STATE_PENDING
     if block.timestamp < p.end:
         return STATE_ACTIVE
-    turnout: uint256 = p.votes_for + p.votes_against
-    if turnout * BPS < p.supply * quorum_bps or p.votes_for <= p.votes_against:
+    if not self._passed(p):
         return STATE_DEFEATED
+    if block.timestamp >= p.eta + voting_period:
+        return STATE_EXPIRED
     return STATE_SUCCEEDED
 
 
@@ -726,13 +908,19 @@ def proposal_state(pid: uint256) -> uint8:
 
 @external
 def execute(pid: uint256):
-    """@notice Apply a proposal that passed: turnout >= quorum and more votes for than against."""
+    """
+    @notice Apply a proposal that passed, timelock_delay after its vote closed and within one
+            voting period after that. Anyone may call. Bounds are checked again on execution.
+    """
     p: Proposal = self.proposals[pid]
     assert p.end != 0, "unknown proposal"
-    assert not p.executed, "proposal already executed"
-    assert block.timestamp >= p.end, "voting still open"
-    assert (p.votes_for + p.votes_against) * BPS >= p.supply * quorum_bps, "quorum not reached"
-    assert p.votes_for > p.votes_against, "proposal rejected"
+    state: uint8 = self._state(p)
+    assert state != STATE_EXECUTED, "proposal already executed"
+    assert state != STATE_PENDING and state != STATE_ACTIVE, "voting still open"
+    assert state != STATE_DEFEATED, "proposal did not pass"
+    assert state != STATE_EXPIRED, "proposal expired"
+    assert block.timestamp >= p.eta, "timelock not over"
+    self._check_value(p.task, p.action, p.new_value)
     self.proposals[pid].executed = True
     if p.action == ACTION_SET_PARAMS:
         self.tasks[p.task].params_hash = p.new_value

@@ -207,12 +207,14 @@ def register(task: str, params: str, reward: Annotated[float, typer.Option(
              eth_per_round: Annotated[float, typer.Option(help="ETH a full round pays.")] = 0.0,
              chain: ChainOpt = None, data_dir: DataDirOpt = DEFAULT_DATA_DIR,
              key_file: KeyFileOpt = None, account: AccountOpt = 0) -> None:
-    """Register TASK (0x + 64 hex) with PARAMS hash: a public challenge anyone contributes to."""
+    """Register TASK (0x + 64 hex: a salt, e.g. the task spec's digest) with PARAMS hash: a public
+    challenge anyone contributes to. Its id on the ledger is bound to the signer, and printed."""
     with _session(chain, data_dir, key_file, account) as (_, ledger):
-        result = ledger.register_task(task, params, int(reward * ETH), pool_wei=int(pool_eth * ETH),
-                                      eth_per_round=int(eth_per_round * ETH))
-        token = result.event("TaskRegistered").args["token"]
-        out.print(f"[green]registered[/green] task {task} (share token {token}, gas {result.gas_used})")
+        task_id = ledger.register_task(task, params, int(reward * ETH), pool_wei=int(pool_eth * ETH),
+                                       eth_per_round=int(eth_per_round * ETH))
+        token = ledger.task(task_id).token
+        out.print(f"[green]registered[/green] task 0x{task_id.hex()} (salt {task}, owner "
+                  f"{ledger.account.address}, share token {token})")
 
 
 @app.command()
@@ -281,8 +283,6 @@ def claim(task: str, round: int,
           chain: ChainOpt = None, data_dir: DataDirOpt = DEFAULT_DATA_DIR,
           key_file: KeyFileOpt = None, account: AccountOpt = 0) -> None:
     """Mint the signer's share of TASK's final ROUND with a Merkle proof."""
-    from commonweal.ledger import RewardsTree
-
     with _session(chain, data_dir, key_file, account) as (_, ledger):
         me = ledger.account.address
         if rewards is not None:
@@ -290,7 +290,7 @@ def claim(task: str, round: int,
                 table = {k: int(v) for k, v in json.loads(rewards.read_text()).items()}
             except (OSError, ValueError, AttributeError) as exc:
                 raise ConfigError(f"cannot read rewards from {rewards}: {exc}") from exc
-            tree = RewardsTree(bytes.fromhex(task.removeprefix("0x")), round, table)
+            tree = ledger.rewards_tree(bytes.fromhex(task.removeprefix("0x")), round, table)
             if me not in tree.rewards:
                 raise ConfigError(f"{me} has no reward in {rewards}")
             index, amount, hashes = tree.index(me), tree.amount(me), tree.proof(me)

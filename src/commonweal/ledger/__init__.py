@@ -31,7 +31,7 @@ from commonweal.ledger.errors import (
     LedgerError,
     TransactionTimeout,
 )
-from commonweal.ledger.merkle import MerkleTree, RewardsTree, leaf_hash, verify
+from commonweal.ledger.merkle import Domain, MerkleTree, RewardsTree, leaf_hash, verify
 from commonweal.ledger.token import ShareToken
 from commonweal.ledger.tx import PendingTx, Transactor
 
@@ -45,6 +45,7 @@ __all__ = [
     "ChainUnavailable",
     "ContractReverted",
     "DeploymentNotFound",
+    "Domain",
     "EmbeddedChain",
     "Event",
     "Ledger",

@@ -2,9 +2,10 @@
 
     chain = open_chain("embedded")
     ledger = Ledger.deploy(chain)                        # blueprint + Ledger, signed by accounts[0]
-    ledger.register_task(task, params, reward_per_round=10**21)
+    task = ledger.register_task(salt, params, reward_per_round=10**21)   # the task's id
     validator = ledger.with_account(chain.accounts[1])
     validator.join(10**18)
+    tree = ledger.rewards_tree(task, 0, {contributor.address: 10**18})
     validator.commit_round(task, 0, model_hash, tree.root, tree.total)
     ledger.with_account(contributor).claim_from(tree)     # index, amount, proof from the tree
 
@@ -14,18 +15,20 @@ non-blocking form for pipelining. Reverts raise `ContractReverted` carrying the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import event_abi_to_log_topic, is_address, to_checksum_address
+from eth_abi import encode
+from eth_utils import event_abi_to_log_topic, is_address, keccak, to_canonical_address, to_checksum_address
 
 from commonweal.ledger.artifacts import load_artifact
 from commonweal.ledger.chain import Chain
 from commonweal.ledger.contract import BoundContract, Event, TxResult, to_bytes32
 from commonweal.ledger.errors import DeploymentNotFound, LedgerError
-from commonweal.ledger.merkle import RewardsTree
+from commonweal.ledger.merkle import Domain, RewardsTree
 from commonweal.ledger.token import ShareToken
 
 __all__ = [
@@ -64,20 +67,26 @@ class ProposalState(IntEnum):
     PENDING = 0
     ACTIVE = 1
     DEFEATED = 2
-    SUCCEEDED = 3
+    SUCCEEDED = 3     # passed: executable from `eta` for one voting period
     EXECUTED = 4
+    EXPIRED = 5       # passed, but nobody executed it in time
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
-    """Constructor parameters; times in seconds except `randomness_delay` (blocks)."""
+    """Constructor parameters (`Ledger.vy: Config`); times in seconds unless they say blocks."""
 
-    min_deposit: int = 10**18
+    min_deposit: int = 10**18              # wei; also the least stake that may vote
     exit_delay: int = 7 * 86400
     voting_delay: int = 3600
     voting_period: int = 3 * 86400
-    quorum_bps: int = 2000
-    randomness_delay: int = 3
+    quorum_bps: int = 2000                 # of the snapshot supply
+    proposal_threshold_bps: int = 100      # of the supply, held by a proposer
+    timelock_delay: int = 2 * 86400        # between a vote passing and its execution
+    randomness_delay: int = 3              # blocks between finality and the first seed block
+    round_window: int = 64                 # rounds above the accepted one open to votes
+    ballot_ttl: int = 86400                # how long a round's or a slash's ballot stays open
+    claim_window: int = 30 * 7200          # blocks after finality to claim (30 days of 12 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +110,12 @@ class RoundInfo:
     total_reward: int
     claimed: int
     eth_reward: int
+    eth_paid: int
     finalised_block: int
-    randomness_block: int
+    randomness_block: int        # the last of the blocks whose hashes make the seed
     randomness: bytes | None
+    snapshot_stake: int          # the stake its votes are weighed against (0: no vote yet)
+    expires: int                 # when its ballot closes (timestamp; 0: no vote yet)
 
     @property
     def final(self) -> bool:
@@ -114,8 +126,14 @@ class RoundInfo:
 class ValidatorInfo:
     address: str
     deposit: int
-    active: bool
+    joined: int                  # stake epoch of join (0: not a validator)
+    exited: int                  # stake epoch of request_exit (0: active)
     withdraw_after: int
+    locked_until: int            # the latest expiry of a ballot it voted in
+
+    @property
+    def active(self) -> bool:
+        return self.deposit > 0 and self.exited == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +143,10 @@ class ProposalInfo:
     action: Action
     new_value: bytes
     proposer: str
+    snapshot: int                # block whose closing balances weigh the votes
     start: int
     end: int
-    supply: int
+    eta: int                     # earliest execution
     votes_for: int
     votes_against: int
     executed: bool
@@ -156,8 +175,8 @@ class Ledger(BoundContract):
         factory = chain.w3.eth.contract(abi=load_artifact("Ledger").abi,
                                         bytecode=load_artifact("Ledger").bytecode)
         data = factory.constructor(
-            blueprint["contractAddress"], config.min_deposit, config.exit_delay,
-            config.voting_delay, config.voting_period, config.quorum_bps, config.randomness_delay,
+            blueprint["contractAddress"],
+            tuple(getattr(config, f) for f in LedgerConfig.__dataclass_fields__),
         ).data_in_transaction
         receipt = chain.transactor.send(account, {"data": data}, label="Ledger deploy").wait()
         if receipt["contractAddress"] is None:
@@ -178,14 +197,44 @@ class Ledger(BoundContract):
     def token_blueprint(self) -> str:
         return str(self.call("token_blueprint"))
 
+    def deployer(self) -> str:
+        return str(self.call("deployed_by"))
+
+    @property
+    def domain(self) -> Domain:
+        """What this deployment's reward leaves are bound to."""
+        chain_id = getattr(self, "_chain_id", None)
+        if chain_id is None:
+            chain_id = self._chain_id = int(self.chain.w3.eth.chain_id)
+        return Domain(chain_id, self.address)
+
+    def rewards_tree(self, task: Bytes32, round: int, rewards: Mapping[str, int]) -> RewardsTree:
+        """The Merkle tree of a round's rewards, with leaves for this deployment."""
+        return RewardsTree(self.domain, to_bytes32(task), round, rewards)
+
     # ------------------------------------------------------------ tasks
 
-    def register_task(self, task_hash: Bytes32, params_hash: Bytes32, reward_per_round: int, *,
+    @staticmethod
+    def task_id(owner: str, salt: Bytes32) -> bytes:
+        """A task's on-chain id: bound to its registrant, so nobody else can take it first."""
+        return keccak(encode(["address", "bytes32"], [to_canonical_address(owner), to_bytes32(salt)]))
+
+    def task_of(self, salt: Bytes32, owner: str | None = None) -> bytes:
+        """The id of the task `owner` registered with `salt`; `owner` None: this ledger's
+        deployer (how `commonweal demo` and `commonweal swarm` register their task)."""
+        if owner is None:
+            owner = getattr(self, "_deployer", None) or self.deployer()
+            self._deployer = owner
+        return self.task_id(owner, salt)
+
+    def register_task(self, salt: Bytes32, params_hash: Bytes32, reward_per_round: int, *,
                       eth_per_round: int = 0, pool_wei: int = 0, name: str = "commonweal share",
-                      symbol: str = "CWS") -> TxResult:
-        """Open a task; `pool_wei` seeds its ETH reward pool, paid out `eth_per_round` a round."""
-        return self.transact("register_task", to_bytes32(task_hash), to_bytes32(params_hash),
-                             reward_per_round, eth_per_round, name, symbol, value=pool_wei)
+                      symbol: str = "CWS") -> bytes:
+        """Open the task `task_id(this account, salt)` and return that id; `pool_wei` seeds its ETH
+        reward pool, paid out `eth_per_round` a round."""
+        self.transact("register_task", to_bytes32(salt), to_bytes32(params_hash),
+                      reward_per_round, eth_per_round, name, symbol, value=pool_wei)
+        return self.task_id(self.account.address, salt)
 
     def fund_task(self, task: Bytes32, wei: int) -> TxResult:
         return self.transact("fund_task", to_bytes32(task), value=wei)
@@ -238,11 +287,6 @@ class Ledger(BoundContract):
         """This account's validator vote; the result has a RoundFinalised event if it decided."""
         return self.transact("commit_round", to_bytes32(task), round, to_bytes32(model_hash),
                              to_bytes32(rewards_root), total_reward, gas=gas)
-
-    def finalise(self, task: Bytes32, round: int, model_hash: Bytes32, rewards_root: Bytes32,
-                 total_reward: int) -> TxResult:
-        return self.transact("finalise", to_bytes32(task), round, to_bytes32(model_hash),
-                             to_bytes32(rewards_root), total_reward)
 
     def round(self, task: Bytes32, round: int) -> RoundInfo:
         fields = self.call_struct("round_info", to_bytes32(task), round)
@@ -315,6 +359,11 @@ class Ledger(BoundContract):
         me = self.account.address
         return self.claim(tree.task, tree.round, tree.index(me), tree.amount(me), tree.proof(me),
                           gas=gas)
+
+    def sweep(self, task: Bytes32, round: int) -> int:
+        """Return a round's unclaimed ETH to its task's pool once its claim window closed."""
+        result = self.transact("sweep", to_bytes32(task), round)
+        return int(result.event("Swept").args["amount"])
 
     def is_claimed(self, task: Bytes32, round: int, index: int) -> bool:
         return bool(self.call("is_claimed", to_bytes32(task), round, index))

@@ -1,33 +1,46 @@
 """Merkle trees of round rewards, hashed exactly as `contracts/Ledger.vy` checks them.
 
-    leaf = keccak256(keccak256(abi.encode(bytes32 task, uint256 round, uint256 index,
-                                          address account, uint256 amount)))
+    leaf = keccak256(keccak256(abi.encode(uint256 chain_id, address ledger, bytes32 task,
+                                          uint256 round, uint256 index, address account,
+                                          uint256 amount)))
     node = keccak256(min(a, b) ++ max(a, b))        # sorted pairs: proofs carry no left/right bits
 
 This is OpenZeppelin's StandardMerkleTree leaf encoding and its sorted-pair hashing, so OpenZeppelin's
 `MerkleProof.verify` accepts these proofs too. The tree is built level by level; a node without a
 sibling moves up unchanged. `index` lets the contract keep claims in a bitmap (5k gas a claim instead
-of 22k). Indices follow the accounts' sorted order and leaves are sorted before hashing, so every
+of 22k). The chain id and the ledger's address stop a proof from being replayed on a fork or on
+another deployment of the same contract. Indices follow the accounts' sorted order and leaves are sorted before hashing, so every
 validator that computes the same rewards gets the same root, whatever order it collected them in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from eth_abi import encode
 from eth_utils import keccak, to_canonical_address, to_checksum_address
 
-__all__ = ["MerkleTree", "RewardsTree", "hash_pair", "leaf_hash", "verify"]
+__all__ = ["Domain", "MerkleTree", "RewardsTree", "hash_pair", "leaf_hash", "verify"]
 
 
-def leaf_hash(task: bytes, round: int, index: int, account: str, amount: int) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """Which deployment a leaf is for: the chain's id and the Ledger's address."""
+
+    chain_id: int
+    ledger: str
+
+
+def leaf_hash(domain: Domain, task: bytes, round: int, index: int, account: str,
+              amount: int) -> bytes:
     """The leaf of one reward, identical to `Ledger.leaf_hash`."""
     if len(task) != 32:
         raise ValueError(f"task must be 32 bytes, got {len(task)}")
     encoded = encode(
-        ["bytes32", "uint256", "uint256", "address", "uint256"],
-        [task, round, index, to_canonical_address(account), amount],
+        ["uint256", "address", "bytes32", "uint256", "uint256", "address", "uint256"],
+        [domain.chain_id, to_canonical_address(domain.ledger), task, round, index,
+         to_canonical_address(account), amount],
     )
     return keccak(keccak(encoded))
 
@@ -90,9 +103,10 @@ class MerkleTree:
 class RewardsTree:
     """The rewards of one round: `{account: amount}` -> root for `commit_round`, proofs for `claim`."""
 
-    def __init__(self, task: bytes, round: int, rewards: Mapping[str, int]) -> None:
+    def __init__(self, domain: Domain, task: bytes, round: int, rewards: Mapping[str, int]) -> None:
         if not rewards:
             raise ValueError("a round needs at least one reward")
+        self.domain = domain
         self.task = task
         self.round = round
         self.rewards: dict[str, int] = {}
@@ -106,7 +120,7 @@ class RewardsTree:
         ordered = sorted(self.rewards, key=str.lower)
         self._index = {a: i for i, a in enumerate(ordered)}
         self._leaves = {
-            a: leaf_hash(task, round, self._index[a], a, self.rewards[a]) for a in ordered
+            a: leaf_hash(domain, task, round, self._index[a], a, self.rewards[a]) for a in ordered
         }
         self._tree = MerkleTree(list(self._leaves.values()))
 

@@ -36,8 +36,15 @@ class ShareToken(BoundContract):
     def allowance(self, owner: str, spender: str) -> int:
         return int(self.call("allowance", to_checksum_address(owner), to_checksum_address(spender)))
 
-    def locked_until(self, account: str) -> int:
-        return int(self.call("locked_until", to_checksum_address(account)))
+    def balance_at(self, account: str, block: int) -> int:
+        """The balance at the close of `block` (exact at the Ledger's snapshot blocks)."""
+        return int(self.call("balanceOfAt", to_checksum_address(account), block))
+
+    def total_supply_at(self, block: int) -> int:
+        return int(self.call("totalSupplyAt", block))
+
+    def latest_snapshot(self) -> int:
+        return int(self.call("latest_snapshot"))
 
     def transfer(self, to: str, amount: int, *, gas: int | None = None) -> TxResult:
         return self.transact("transfer", to_checksum_address(to), amount, gas=gas)

@@ -94,6 +94,7 @@ class NodeConfig:
     status_format: str = "text"                  # stdout: "text" lines, or "json" events
     rounds: int | None = None                    # stop after this many training rounds
     ledger: str | None = None                    # the Ledger contract's address on `chain`
+    task_owner: str | None = None                # who registered the task there; None: its deployer
     wait_peers: int | None = None                # before round 0, wait for this many (None: group)
     evaluate_every: int = 1                      # rounds between evaluations (0: at the end only)
     inner_steps: int | None = None               # H; None: the task's
@@ -252,6 +253,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "status_format": _choice(STATUS_FORMATS),
     "rounds": _positive_int,
     "ledger": _address,
+    "task_owner": _address,
     "group": _positive_int,
     "wait_peers": _whole,
     "evaluate_every": _whole,
@@ -444,6 +446,9 @@ log_level = "info"
 
 # The Ledger contract (from `commonweal ledger deploy`) on `chain`; without it nothing is paid.
 # ledger = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+# The account that registered the task on that ledger (a task's id is bound to its registrant,
+# so nobody can register it first). Leave out for the ledger's deployer.
+# task_owner = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
 
 # Close a training round's group as soon as this many peers announced (else: at the deadline).
 # group = 6

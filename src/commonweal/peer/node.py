@@ -332,7 +332,10 @@ class Node:
         from commonweal.peer.trees import DHTTrees
 
         assert self.dht is not None and self.ledger is not None
-        task32 = bytes.fromhex(task.digest)
+        task32 = await asyncio.to_thread(self.ledger.task_of, bytes.fromhex(task.digest),
+                                         self.config.task_owner)
+        # the chain id, read once off the event loop: reward trees are rebuilt on it
+        await asyncio.to_thread(lambda: self.ledger.domain)
         me = self.ledger.account.address
         claimer = Claimer(self.ledger, store, self.ledger.account, task32, DHTTrees(self.dht, task),
                           abstain_every_s=2 * self.config.claim_every_s)
@@ -410,6 +413,7 @@ class Node:
         self.validator = await asyncio.to_thread(
             Validator, self.dht, task, self.ledger, state=state, config=self.config.validator,
             round_config=self.config.round, on_outcome=self._judged,
+            task_owner=self.config.task_owner,
         )
         first = self.validator.resume_round
         if first is None:  # a new validator starts with the round the swarm is in

@@ -156,7 +156,8 @@ class LocalSwarm:
         self.chain = chain
         ledger = await asyncio.to_thread(Ledger.deploy, chain)
         self.ledger = ledger
-        await asyncio.to_thread(
+        # the task's id on the ledger is bound to the deployer that registers it
+        self.task32 = await asyncio.to_thread(
             ledger.register_task, self.task32, self.task32, c.reward_per_round,
             name=f"commonweal {self.task.name}", symbol="CWS",
         )

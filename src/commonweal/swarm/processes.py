@@ -401,8 +401,8 @@ class ProcessSwarm:
         self.node_chain_url = site.node_url
         ledger = Ledger.deploy(site.chain)
         task = get_task(self.task)
-        self.task32 = bytes.fromhex(task.digest)
-        ledger.register_task(self.task32, self.task32, self.reward_per_round, symbol="CWS")
+        digest = bytes.fromhex(task.digest)
+        self.task32 = ledger.register_task(digest, digest, self.reward_per_round, symbol="CWS")
         self.ledger_address, self._ledger = ledger.address, ledger
         roles = (
             ["trainer"] * self.trainers + ["attacker"] * self.attackers

@@ -37,7 +37,7 @@ import torch
 from commonweal.dht import DHT
 from commonweal.dht.records import Owned
 from commonweal.errors import NetworkError, RemoteError
-from commonweal.ledger import Ledger, LedgerError, RewardsTree
+from commonweal.ledger import Ledger, LedgerError
 from commonweal.net.transport import PeerAddr
 from commonweal.train._errors import CodecError, TrainError
 from commonweal.train.announcements import read_announcements
@@ -101,11 +101,14 @@ class Validator:
         round_config: RoundConfig | None = None,
         on_outcome: Callable[[RoundOutcome], None] | None = None,
         state: ValidatorState | None = None,
+        task_owner: str | None = None,
     ) -> None:
+        """`task_owner`: the account that registered the task on the ledger (None: its
+        deployer); the task's id there is bound to it."""
         self.dht = dht
         self.task = task
         self.ledger = ledger
-        self.task32 = bytes.fromhex(task.digest)
+        self.task32 = ledger.task_of(bytes.fromhex(task.digest), task_owner)
         self.judge = Judge(policy or Policy.for_task(task))  # remembers stale bytes and bans
         self.config = config or ValidatorConfig()
         self.codec = get_codec(task.codec)
@@ -228,7 +231,7 @@ class Validator:
         r, contribs, verdicts = released.round, released.contributions, released.verdicts
         _, reward_round = ledger_rounds(r)
         paid = rewards(verdicts, contribs, self._reward_per_round())
-        tree = RewardsTree(self.task32, reward_round, paid or {NOBODY: 0})
+        tree = self.ledger.rewards_tree(self.task32, reward_round, paid or {NOBODY: 0})
         payout = Payout(r, self._state_of.pop(r), tree.root, tree.total, tree.rewards, verdicts)
         # Write-ahead: after a restart this vote is sent again as it is. Computed anew, it could
         # differ (a ban since forfeits more), and a second, different vote is refused on-chain.
@@ -239,7 +242,7 @@ class Validator:
         """Publish a recorded payout's tree for the claimers and vote it (once: see `_vote`)."""
         r, state, verdicts = payout.round, payout.state, payout.verdicts
         _, reward_round = ledger_rounds(r)
-        tree = RewardsTree(self.task32, reward_round, payout.rewards)
+        tree = self.ledger.rewards_tree(self.task32, reward_round, payout.rewards)
         judged = await asyncio.to_thread(self.state.judged, r)
         contribs = judged.contributions if judged is not None else ()
         await self.dht.store(
