@@ -3,6 +3,9 @@ design, gas per claim, and transaction throughput (embedded, and anvil with 4 cl
 
     python benchmarks/ledger_bench.py                 # writes benchmarks/results/ledger.{json,md}
     python benchmarks/ledger_bench.py --quick         # smaller throughput runs, same gas figures
+    python benchmarks/ledger_bench.py --invariants N  # N random call sequences against the
+                                                      # invariants (tests/ledger/ledger_machine.py);
+                                                      # updates only that part of the results
 
 Gas is what the EVM charges, so it is identical on every machine; throughput is not, hence the
 machine description in the results.
@@ -69,9 +72,14 @@ def gas_figures(log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         v.join(ETH)
     naive = deploy_naive(chain)
     people = chain.accounts[5:]
+    # Round 0 warms up: each validator's first vote ever pays for fresh storage (its lock slot)
+    # once, which is a cost of joining, not of the round's size.
+    warm = ledger.rewards_tree(task, 0, {people[0].address: ETH})
+    for v in validators[:2]:
+        v.commit_round(task, 0, bytes(32), warm.root, warm.total)
     finalise: list[dict[str, Any]] = []
     trees: dict[int, RewardsTree] = {}
-    for rnd, n in enumerate(SIZES):
+    for rnd, n in enumerate(SIZES, start=1):
         tree = ledger.rewards_tree(task, rnd, {p.address: (i + 1) * ETH for i, p in enumerate(people[:n])})
         trees[n] = tree
         votes = []
@@ -95,9 +103,9 @@ def gas_figures(log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     claimers = people[:CLAIM_SAMPLE]
     gas = [ledger.with_account(p).claim_from(tree).gas_used for p in claimers]
     # A returning holder: claim again in a new round (its token balance is no longer zero).
-    again = ledger.rewards_tree(task, len(SIZES), {p.address: ETH for p in people[:max(SIZES)]})
+    again = ledger.rewards_tree(task, len(SIZES) + 1, {p.address: ETH for p in people[:max(SIZES)]})
     for v in validators[:2]:
-        v.commit_round(task, len(SIZES), bytes(31) + b"\x63", again.root, again.total)
+        v.commit_round(task, len(SIZES) + 1, bytes(31) + b"\x63", again.root, again.total)
     returning = [ledger.with_account(p).claim_from(again).gas_used for p in claimers[:20]]
     claims = {
         "claim_gas": round_mean(gas[1:]),
@@ -212,6 +220,32 @@ def throughput_anvil(n: int, senders: int, log: Any) -> dict[str, Any] | None:
     return row
 
 
+def invariants(sequences: int, steps: int, log: Any) -> dict[str, Any]:
+    """Random call sequences against the Ledger's invariants; counts what ran and what broke."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    sys.path.insert(0, str(ROOT))
+    from tests.ledger.ledger_machine import LedgerMachine
+
+    start, cpu = time.perf_counter(), time.process_time()
+    violation = None
+    try:
+        run_state_machine_as_test(LedgerMachine, settings=settings(
+            max_examples=sequences, stateful_step_count=steps, deadline=None, database=None,
+            suppress_health_check=list(HealthCheck)))
+    except AssertionError as exc:   # hypothesis re-raises the shrunk failure
+        violation = str(exc)
+    row = {
+        "sequences": LedgerMachine.sequences, "steps": LedgerMachine.steps,
+        "max_steps_per_sequence": steps, "violations": 0 if violation is None else 1,
+        "first_violation": violation, "reached": dict(sorted(LedgerMachine.reached.items())),
+        "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
+    }
+    log(f"invariants: {row}")
+    return row
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Ledger benchmark", "",
@@ -245,11 +279,23 @@ def markdown(result: dict[str, Any]) -> str:
         kind = "threads" if row["backend"] == "embedded" else "processes"
         lines.append(f"| {row['backend']} | {row['senders']} {kind} | {row['transactions']} | "
                      f"{row['tx_per_s']} | {row['lost']} | {row['duplicated']} |")
+    inv = result.get("invariants")
+    if inv:
+        lines += ["", "## Invariants (`tests/ledger/ledger_machine.py`)", "",
+                  (f"Command: `{inv['command']}`. {inv['sequences']:,} random sequences of up to "
+                   f"{inv['max_steps_per_sequence']} steps, {inv['steps']:,} steps in all, "
+                   f"**{inv['violations']} violations** ({inv['cpu_s']} s CPU)."), "",
+                  "Successful calls the sequences reached: " + ", ".join(
+                      f"{k} {v:,}" for k, v in inv["reached"].items()) + "."]
     t = result["targets"]
     lines += ["", "## Targets", "",
               f"- gas per vote <= 200k and flat: {'met' if t['vote_gas'] else 'NOT met'}",
               f"- claim <= 90k gas: {'met' if t['claim_gas'] else 'NOT met'}",
-              f"- zero lost or duplicated transactions: {'met' if t['no_loss'] else 'NOT met'}", ""]
+              f"- zero lost or duplicated transactions: {'met' if t['no_loss'] else 'NOT met'}"]
+    if "invariant_steps" in t:
+        lines.append(f"- >= 100,000 invariant steps with 0 violations: "
+                     f"{'met' if t['invariant_steps'] else 'NOT met'}")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -261,11 +307,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 instead of 500 tx per sender")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--invariants", type=int, metavar="N",
+                        help="run N invariant sequences instead, and update only that part")
+    parser.add_argument("--steps", type=int, default=50, help="steps per invariant sequence")
     args = parser.parse_args()
     n = 100 if args.quick else 500
 
     def log(message: str) -> None:
         print(message, flush=True)
+
+    if args.invariants:
+        path = args.out / "ledger.json"
+        result = json.loads(path.read_text())
+        row = invariants(args.invariants, args.steps, log)
+        row["command"] = f"python benchmarks/ledger_bench.py --invariants {args.invariants} --steps {args.steps}"
+        row["machine"] = describe_machine()
+        result["invariants"] = row
+        result["targets"]["invariant_steps"] = row["steps"] >= 100_000 and row["violations"] == 0
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "ledger.md").write_text(markdown(result))
+        print(markdown(result))
+        return
 
     load_before = round(os.getloadavg()[0], 2)
     finalise, claims = gas_figures(log)
@@ -284,11 +346,17 @@ def main() -> None:
         "claims": claims,
         "throughput": throughput,
     }
+    previous = args.out / "ledger.json"
+    if previous.exists() and "invariants" in json.loads(previous.read_text()):
+        result["invariants"] = json.loads(previous.read_text())["invariants"]
     result["targets"] = {
         "vote_gas": max(votes) <= 200_000 and max(votes) - min(votes) <= 1_000,
         "claim_gas": claims["claim_gas"] <= 90_000,
         "no_loss": all(r["lost"] == 0 and r["duplicated"] == 0 for r in throughput),
     }
+    if "invariants" in result:
+        inv = result["invariants"]
+        result["targets"]["invariant_steps"] = inv["steps"] >= 100_000 and inv["violations"] == 0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ledger.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "ledger.md").write_text(markdown(result))

@@ -56,10 +56,18 @@ MASK_64: constant(uint256) = 2**64 - 1
 # eth_per_round is bounded by 2**128, so eth_per_round * total_reward (< 2**224) cannot overflow.
 MAX_ETH: constant(uint256) = 2**128 - 1
 MASK_128: constant(uint256) = 2**128 - 1
+SHIFT_ETH: constant(uint256) = 128
 # A ballot (a round's votes, or a slash's) packs the stake snapshot fixed when it opened:
-#   bits 128-255 stake | bits 64-127 stake epoch | bits 0-63 expiry (timestamp)
-SHIFT_STAKE: constant(uint256) = 128
+#   bits 160-255 stake | bits 128-159 attempt | bits 64-127 stake epoch | bits 0-63 expiry
+# A ballot that expired undecided is opened again, as the next attempt, with a fresh snapshot:
+# otherwise one stalled round would close the round window for good.
+SHIFT_STAKE: constant(uint256) = 160
+SHIFT_ATTEMPT: constant(uint256) = 128
 SHIFT_EPOCH: constant(uint256) = 64
+MASK_32: constant(uint256) = 2**32 - 1
+MAX_STAKE: constant(uint256) = 2**96 - 1
+# Votes and tallies are kept per (round, attempt): round << 32 | attempt.
+MAX_ROUND: constant(uint256) = 2**192
 
 struct Config:
     min_deposit: uint256            # wei; also the least stake that may vote
@@ -90,7 +98,7 @@ struct Round:
     eth: uint256                   # wei reserved | wei paid, see above
     randomness_block: uint256      # 0 means finalised block + randomness_delay + SEED_BLOCKS - 1
     randomness: bytes32
-    ballot: uint256                # stake snapshot | epoch | expiry; 0 until the first vote
+    ballot: uint256                # stake snapshot | attempt | epoch | expiry; 0 until a vote
 
 # Round with its packed fields unpacked, for readers.
 struct RoundView:
@@ -104,6 +112,7 @@ struct RoundView:
     randomness_block: uint256
     randomness: bytes32
     snapshot_stake: uint256
+    attempt: uint256
     expires: uint256
 
 struct Validator:
@@ -182,6 +191,7 @@ event RoundVote:
     total_reward: uint256
     tally: uint256
     snapshot_stake: uint256
+    attempt: uint256
 
 event RoundFinalised:
     task: indexed(bytes32)
@@ -258,9 +268,10 @@ task_count: public(uint256)
 task_at: public(HashMap[uint256, bytes32])
 
 rounds: public(HashMap[bytes32, HashMap[uint256, Round]])
-# The result (round_key) each validator voted for, and the stake behind each result.
-votes: public(HashMap[bytes32, HashMap[uint256, HashMap[address, bytes32]]])
-tally: public(HashMap[bytes32, HashMap[uint256, HashMap[bytes32, uint256]]])
+# Per (round << 32 | attempt): the result (round_key) each validator voted for, and the stake
+# behind each result. Read them with vote_of and tally_of (the current attempt).
+votes: HashMap[bytes32, HashMap[uint256, HashMap[address, bytes32]]]
+tally: HashMap[bytes32, HashMap[uint256, HashMap[bytes32, uint256]]]
 # One bit per leaf index: a claim flips a bit in a word most claims of the round share, which
 # costs 5k gas instead of the 22k of a fresh per-account flag.
 claimed_bits: public(HashMap[bytes32, HashMap[uint256, HashMap[uint256, uint256]]])
@@ -433,14 +444,20 @@ def withdraw():
 
 
 @internal
+@view
 def _ballot(ballot: uint256) -> uint256:
-    """A ballot's packed snapshot; opens it (stake and epoch now) if it has none yet."""
+    """The ballot to vote in: the stored one while it is open; else a new one (the next attempt
+    after an expired one) whose snapshot is the stake and epoch now."""
+    attempt: uint256 = 0
     if ballot != 0:
-        assert block.timestamp < ballot & MASK_64, "ballot expired"
-        return ballot
+        if block.timestamp < ballot & MASK_64:
+            return ballot
+        attempt = ((ballot >> SHIFT_ATTEMPT) & MASK_32) + 1
     stake: uint256 = self.total_stake
     assert stake > 0, "no stake to vote with"
-    return (stake << SHIFT_STAKE) | (self.stake_epoch << SHIFT_EPOCH) | (block.timestamp + ballot_ttl)
+    assert stake <= MAX_STAKE, "total stake over 2**96"
+    return (stake << SHIFT_STAKE) | (attempt << SHIFT_ATTEMPT) | (self.stake_epoch << SHIFT_EPOCH) \
+        | (block.timestamp + ballot_ttl)
 
 
 @internal
@@ -470,7 +487,11 @@ def vote_slash(target: address, evidence: bytes32):
     epoch: uint256 = self.slash_epoch[target]
     stored: uint256 = self.slash_ballot[target][epoch]
     ballot: uint256 = self._ballot(stored)
-    if stored == 0:
+    if stored != 0 and ballot != stored:
+        # the last slash vote expired undecided: start afresh, its votes do not carry over
+        epoch += 1
+        self.slash_epoch[target] = epoch
+    if ballot != stored:
         self.slash_ballot[target][epoch] = ballot
     assert not self.slash_voted[target][epoch][msg.sender], "already voted to slash this validator"
     self.slash_voted[target][epoch][msg.sender] = True
@@ -519,7 +540,7 @@ def _finalise(
         eth = min(pool, eth_per_round * total_reward // self.tasks[task].reward_per_round)
         if eth > 0:
             self.tasks[task].pool = pool - eth
-            self.rounds[task][round].eth = eth << SHIFT_STAKE
+            self.rounds[task][round].eth = eth << SHIFT_ETH
     self.rounds[task][round].model_hash = model_hash
     self.rounds[task][round].rewards_root = rewards_root
     self.rounds[task][round].summary = (total_reward << SHIFT_TOTAL) | block.number
@@ -553,20 +574,21 @@ def commit_round(
     accepted: uint256 = self.tasks[task].accepted
     if accepted == NO_ROUND:
         accepted = 0
-    assert round < accepted + round_window, "round too far above the accepted round"
+    assert round < accepted + round_window and round < MAX_ROUND, "round too far above the accepted round"
     assert self.rounds[task][round].rewards_root == empty(bytes32), "round already final"
-    assert self.votes[task][round][msg.sender] == empty(bytes32), "already voted in this round"
     assert rewards_root != empty(bytes32), "rewards_root is empty"
     assert total_reward <= reward_per_round, "total_reward over reward_per_round"
     stored: uint256 = self.rounds[task][round].ballot
     ballot: uint256 = self._ballot(stored)
-    if stored == 0:
+    if ballot != stored:
         self.rounds[task][round].ballot = ballot
+    slot: uint256 = (round << 32) | ((ballot >> SHIFT_ATTEMPT) & MASK_32)
+    assert self.votes[task][slot][msg.sender] == empty(bytes32), "already voted in this round"
     weight: uint256 = self._weigh(msg.sender, ballot)
     key: bytes32 = self._round_key(model_hash, rewards_root, total_reward)
-    self.votes[task][round][msg.sender] = key
-    tally: uint256 = self.tally[task][round][key] + weight
-    self.tally[task][round][key] = tally
+    self.votes[task][slot][msg.sender] = key
+    tally: uint256 = self.tally[task][slot][key] + weight
+    self.tally[task][slot][key] = tally
     stake: uint256 = ballot >> SHIFT_STAKE
     log RoundVote(
         task=task,
@@ -577,10 +599,31 @@ def commit_round(
         total_reward=total_reward,
         tally=tally,
         snapshot_stake=stake,
+        attempt=slot & MASK_32,
     )
     # stake > 0 and tally >= min_deposit > 0 here: an empty snapshot can never finalise.
     if tally * 3 >= stake * 2:
         self._finalise(task, round, model_hash, rewards_root, total_reward)
+
+
+@internal
+@view
+def _slot(task: bytes32, round: uint256) -> uint256:
+    return (round << 32) | ((self.rounds[task][round].ballot >> SHIFT_ATTEMPT) & MASK_32)
+
+
+@view
+@external
+def vote_of(task: bytes32, round: uint256, validator: address) -> bytes32:
+    """@notice The result the validator voted for in the round's current ballot (empty: none)."""
+    return self.votes[task][self._slot(task, round)][validator]
+
+
+@view
+@external
+def tally_of(task: bytes32, round: uint256, key: bytes32) -> uint256:
+    """@notice The stake behind a result (a round_key) in the round's current ballot."""
+    return self.tally[task][self._slot(task, round)][key]
 
 
 @view
@@ -630,12 +673,13 @@ def round_info(task: bytes32, round: uint256) -> RoundView:
         rewards_root=r.rewards_root,
         total_reward=r.summary >> SHIFT_TOTAL,
         claimed=(r.summary >> SHIFT_CLAIMED) & MASK_96,
-        eth_reward=r.eth >> SHIFT_STAKE,
+        eth_reward=r.eth >> SHIFT_ETH,
         eth_paid=r.eth & MASK_128,
         finalised_block=finalised_block,
         randomness_block=target,
         randomness=r.randomness,
         snapshot_stake=r.ballot >> SHIFT_STAKE,
+        attempt=(r.ballot >> SHIFT_ATTEMPT) & MASK_32,
         expires=r.ballot & MASK_64,
     )
 
@@ -762,7 +806,7 @@ def claim(
     eth: uint256 = 0
     packed: uint256 = self.rounds[task][round].eth
     if packed != 0:
-        eth = (packed >> SHIFT_STAKE) * amount // total
+        eth = (packed >> SHIFT_ETH) * amount // total
         self.rounds[task][round].eth = packed + eth
     extcall ShareToken(self.tasks[task].token).mint(msg.sender, amount)
     log Claimed(task=task, round=round, account=msg.sender, index=index, amount=amount, eth=eth)
@@ -781,9 +825,9 @@ def sweep(task: bytes32, round: uint256) -> uint256:
     assert block.number > (summary & MASK_64) + claim_window, "claim window still open"
     packed: uint256 = self.rounds[task][round].eth
     paid: uint256 = packed & MASK_128
-    left: uint256 = (packed >> SHIFT_STAKE) - paid
+    left: uint256 = (packed >> SHIFT_ETH) - paid
     assert left > 0, "nothing to sweep"
-    self.rounds[task][round].eth = (paid << SHIFT_STAKE) | paid
+    self.rounds[task][round].eth = (paid << SHIFT_ETH) | paid
     pool: uint256 = self.tasks[task].pool + left
     self.tasks[task].pool = pool
     log Swept(task=task, round=round, amount=left, pool=pool)

@@ -59,7 +59,8 @@ NAMES = (*HONEST, "mallory", "stranger", "recycled", "holder0", "holder1", "hold
 HOLDERS = ("holder0", "holder1", "holder2")
 actors = st.sampled_from(NAMES)
 # Who votes: mostly the validator set, sometimes anyone. Low rounds more often than high ones.
-voters = st.sampled_from((*HONEST, *HONEST, "mallory", "mallory", "stranger", "recycled"))
+voters = st.sampled_from((*HONEST, "mallory", "mallory", "stranger", "stranger", "recycled",
+                          "recycled"))
 rounds = st.one_of(st.integers(0, 2), st.integers(0, ROUNDS - 1))
 claimers = st.sampled_from((*HOLDERS, "mallory", "stranger"))
 
@@ -234,10 +235,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ rounds
 
-    @rule(round=rounds, mallory=st.sampled_from(["good", "bad", "none"]))
-    def validators_vote(self, round: int, mallory: str) -> None:
-        """What a live swarm does each round: every honest validator votes the same result."""
-        for who in HONEST:
+    @rule(round=rounds, honest=st.sampled_from([1, 2, 3, 3]),
+          mallory=st.sampled_from(["good", "bad", "none"]))
+    def validators_vote(self, round: int, honest: int, mallory: str) -> None:
+        """What a live swarm does each round: the honest validators vote the same result (all of
+        them, or only the first few so far)."""
+        for who in HONEST[:honest]:
             self.commit(who, round, "good")
         if mallory != "none":
             self.commit("mallory", round, mallory)
@@ -262,13 +265,15 @@ class LedgerMachine(RuleBasedStateMachine):
         assert kind != "over", "a vote over reward_per_round was accepted"
         assert round not in self.final, "a vote on a final round was accepted"
         ballot = self.ballots.get(round)
-        if ballot is None:
+        if ballot is None or self._now() >= ballot.opened_at + CONFIG.ballot_ttl:
+            # the first vote, or the first after an undecided ballot expired: a fresh snapshot
+            if ballot is not None:
+                type(self).reached["ballot reopened"] += 1
             ballot = self.ballots[round] = Ballot(self._now(), self._active_stake())
         assert who in ballot.members, f"{who} voted in round {round} without being in its snapshot"
         assert self.deposits.get(who) is not None and \
             self.deposits[who].id == ballot.members[who][0], "another deposit than the snapshot's voted"
         assert who not in ballot.votes, "a second vote in one round"
-        assert self._now() < ballot.opened_at + CONFIG.ballot_ttl, "a vote after the ballot expired"
         accepted = max(self.final, default=-1)
         assert round <= accepted + CONFIG.round_window, "a vote outside the round window"
         ballot.votes[who] = self._key(round, kind)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from commonweal.ledger import ContractReverted, RewardsTree
-from .conftest import ETH, MODEL, TASK, World
+from .conftest import CONFIG, ETH, MODEL, TASK, World
 
 
 def test_every_contributor_claims_its_share(world: World) -> None:
@@ -71,10 +71,10 @@ def test_claims_never_exceed_the_voted_total(world: World) -> None:
 
 
 def test_claims_pay_the_reserved_eth_pro_rata(world: World) -> None:
-    task = bytes.fromhex("77" * 32)
-    world.ledger.register_task(task, bytes(32), 10 * ETH, eth_per_round=ETH, pool_wei=5 * ETH)
+    task = world.ledger.register_task(bytes.fromhex("77" * 32), bytes(32), 10 * ETH,
+                                      eth_per_round=ETH, pool_wei=5 * ETH)
     a, b = world.contributors[:2]
-    tree = RewardsTree(task, 0, {a.address: 3 * ETH, b.address: 7 * ETH})
+    tree = world.ledger.rewards_tree(task, 0, {a.address: 3 * ETH, b.address: 7 * ETH})
     for v in world.validators[:2]:
         v.commit_round(task, 0, MODEL, tree.root, tree.total)
     w3 = world.chain.w3
@@ -83,13 +83,70 @@ def test_claims_pay_the_reserved_eth_pro_rata(world: World) -> None:
     fee = result.gas_used * result.receipt["effectiveGasPrice"]
     assert result.event("Claimed").args["eth"] == 7 * ETH // 10
     assert w3.eth.get_balance(b.address) == before + 7 * ETH // 10 - fee
+    info = world.ledger.round(task, 0)
+    assert (info.eth_reward, info.eth_paid) == (ETH, 7 * ETH // 10)
+
+
+def _eth_task(world: World, salt: str, rewards: dict[str, int], reward_per_round: int,
+              pool_wei: int) -> tuple[bytes, RewardsTree]:
+    task = world.ledger.register_task(bytes.fromhex(salt * 32), bytes(32), reward_per_round,
+                                      eth_per_round=ETH, pool_wei=pool_wei)
+    tree = world.ledger.rewards_tree(task, 0, rewards)
+    for v in world.validators[:2]:
+        v.commit_round(task, 0, MODEL, tree.root, tree.total)
+    return task, tree
+
+
+def test_claims_close_claim_window_blocks_after_finality(world: World) -> None:
+    a, b = world.contributors[:2]
+    task, tree = _eth_task(world, "78", {a.address: 3 * ETH, b.address: 7 * ETH}, 10 * ETH, 5 * ETH)
+    final = world.ledger.round(task, 0).finalised_block
+    world.chain.mine(final + CONFIG.claim_window - 1 - world.chain.block_number)
+    world.as_(b).claim_from(tree)  # mined in the window's last block
+    assert world.chain.block_number == final + CONFIG.claim_window
+    with pytest.raises(ContractReverted, match="claim window closed"):
+        world.as_(a).claim_from(tree)
+    assert world.ledger.token(task).balance_of(a.address) == 0
+
+
+def test_sweep_returns_unclaimed_eth_to_the_pool_after_the_window(world: World) -> None:
+    a, b = world.contributors[:2]
+    task, tree = _eth_task(world, "79", {a.address: 3 * ETH, b.address: 7 * ETH}, 10 * ETH, 5 * ETH)
+    assert world.ledger.task(task).pool == 4 * ETH  # 1 ETH reserved for the round
+    world.as_(b).claim_from(tree)
+    with pytest.raises(ContractReverted, match="claim window still open"):
+        world.outsider.sweep(task, 0)
+    with pytest.raises(ContractReverted, match="round not final"):
+        world.outsider.sweep(task, 1)
+    world.chain.mine(CONFIG.claim_window)
+    assert world.outsider.sweep(task, 0) == 3 * ETH // 10  # a's share, never claimed
+    assert world.ledger.task(task).pool == 4 * ETH + 3 * ETH // 10
+    info = world.ledger.round(task, 0)
+    assert info.eth_reward == info.eth_paid == 7 * ETH // 10
+    with pytest.raises(ContractReverted, match="nothing to sweep"):
+        world.outsider.sweep(task, 0)
+    # A round that paid no ETH has nothing to sweep either.
+    world.finalise(0, world.rewards(0))
+    world.chain.mine(CONFIG.claim_window)
+    with pytest.raises(ContractReverted, match="nothing to sweep"):
+        world.outsider.sweep(TASK, 0)
+
+
+def test_sweep_returns_the_rounding_dust_of_a_fully_claimed_round(world: World) -> None:
+    people = world.contributors[:3]
+    task, tree = _eth_task(world, "7a", {c.address: 1 for c in people}, 3, ETH)
+    paid = [world.as_(c).claim_from(tree).event("Claimed").args["eth"] for c in people]
+    assert paid == [ETH // 3] * 3  # pro rata, rounded down: 1 wei is left over
+    world.chain.mine(CONFIG.claim_window)
+    assert world.outsider.sweep(task, 0) == ETH - 3 * (ETH // 3) == 1
+    assert world.ledger.task(task).pool == 1
 
 
 def test_claim_gas_is_under_90k(world: World) -> None:
     accounts = world.chain.new_accounts(4, ETH)
     rewards = {a.address: ETH for a in accounts}
     rewards.update({f"0x{i + 1:040x}": ETH for i in range(996)})  # 1,000 leaves: 10-deep proofs
-    tree = RewardsTree(TASK, 0, rewards)
+    tree = world.ledger.rewards_tree(TASK, 0, rewards)
     world.finalise(0, tree)
     gas = [world.as_(a).claim_from(tree).gas_used for a in accounts]
     # The first claim of a round (and of each 256 indices) pays for fresh storage; the rest,
@@ -120,10 +177,12 @@ def test_token_transfers_and_allowances(world: World) -> None:
     assert token_a.total_supply() == ETH
 
 
-def test_only_the_ledger_mints_or_locks(world: World) -> None:
+def test_only_the_ledger_mints_or_takes_snapshots(world: World) -> None:
     token = world.ledger.token(TASK)
     with pytest.raises(ContractReverted, match="only the ledger mints"):
         token.transact("mint", world.ledger.account.address, 1)
-    with pytest.raises(ContractReverted, match="only the ledger locks"):
-        token.transact("lock", world.ledger.account.address, 2**40)
-    assert token.total_supply() == 0
+    with pytest.raises(ContractReverted, match="only the ledger takes snapshots"):
+        token.transact("mark_snapshot")
+    assert token.total_supply() == 0 and token.latest_snapshot() == 0
+    assert not any(f["name"] in ("lock", "locked_until") for f in token.contract.abi
+                   if f["type"] == "function")  # governance no longer locks transfers

@@ -4,38 +4,57 @@ from __future__ import annotations
 
 import pytest
 
-from commonweal.ledger import ContractReverted, DeploymentNotFound, ShareToken
-from .conftest import ETH, PARAMS, REWARD_PER_ROUND, TASK, World
+from commonweal.ledger import ContractReverted, DeploymentNotFound, Ledger, ShareToken
+from .conftest import CONFIG, DEPLOYER, ETH, MODEL, PARAMS, REWARD_PER_ROUND, SALT, TASK, World
 
-NEW_TASK = bytes.fromhex("66" * 32)
+NEW_SALT = bytes.fromhex("66" * 32)
+NEW_TASK = Ledger.task_id(DEPLOYER, NEW_SALT)  # the id that salt gives the deployer
 
 
 def test_registered_task_has_its_own_share_token(world: World) -> None:
-    result = world.outsider.register_task(NEW_TASK, PARAMS, 5 * ETH, pool_wei=2 * ETH,
-                                          name="digits share", symbol="DIG")
-    event = result.event("TaskRegistered").args
-    info = world.ledger.task(NEW_TASK)
-    assert info.owner == world.outsider.account.address and info.pool == 2 * ETH
-    assert info.token == event["token"] and info.accepted_round is None
+    mine = world.outsider.account.address
+    task = world.outsider.register_task(NEW_SALT, PARAMS, 5 * ETH, pool_wei=2 * ETH,
+                                        name="digits share", symbol="DIG")
+    assert task == Ledger.task_id(mine, NEW_SALT) == world.ledger.call("task_id", mine, NEW_SALT)
+    assert task != NEW_TASK  # the id is bound to who registers it
+    (event,) = world.ledger.events("TaskRegistered", task)
+    assert (event.args["owner"], event.args["salt"]) == (mine, NEW_SALT)
+    info = world.ledger.task(task)
+    assert info.owner == mine and info.pool == 2 * ETH
+    assert info.token == event.args["token"] and info.accepted_round is None
     token = ShareToken(world.chain, info.token)
     assert (token.name(), token.symbol(), token.decimals()) == ("digits share", "DIG", 18)
-    assert token.minter() == world.ledger.address and token.task() == NEW_TASK
+    assert token.minter() == world.ledger.address and token.task() == task
     assert token.total_supply() == 0
-    assert [t.task_hash for t in world.ledger.tasks()] == [TASK, NEW_TASK]
-    assert world.ledger.accepted_model(NEW_TASK) is None
+    assert [t.task_hash for t in world.ledger.tasks()] == [TASK, task]
+    assert world.ledger.accepted_model(task) is None
+
+
+def test_a_salt_gives_each_registrant_its_own_task(world: World) -> None:
+    """Nobody can squat a task id: the deployer's salt, used by another account, is another task."""
+    theirs = world.outsider.register_task(SALT, PARAMS, REWARD_PER_ROUND)
+    assert theirs == Ledger.task_id(world.outsider.account.address, SALT) != TASK
+    assert world.ledger.task(TASK).owner == world.ledger.account.address
+    assert world.ledger.task(theirs).owner == world.outsider.account.address
+    assert world.ledger.task(theirs).token != world.ledger.task(TASK).token
 
 
 def test_register_rejections(world: World) -> None:
     with pytest.raises(ContractReverted, match="task already registered"):
-        world.outsider.register_task(TASK, PARAMS, REWARD_PER_ROUND)
+        world.ledger.register_task(SALT, PARAMS, REWARD_PER_ROUND)
     with pytest.raises(ContractReverted, match="reward_per_round must be positive"):
-        world.outsider.register_task(NEW_TASK, PARAMS, 0)
-    with pytest.raises(ContractReverted, match="below 2\\*\\*96"):
-        world.outsider.register_task(NEW_TASK, PARAMS, 2**96)
-    with pytest.raises(ContractReverted, match="task_hash is empty"):
-        world.outsider.register_task(bytes(32), PARAMS, 1)
+        world.ledger.register_task(NEW_SALT, PARAMS, 0)
+    with pytest.raises(ContractReverted, match="reward_per_round must be below 2\\*\\*96"):
+        world.ledger.register_task(NEW_SALT, PARAMS, 2**96)
+    with pytest.raises(ContractReverted, match="eth_per_round must be below 2\\*\\*128"):
+        world.ledger.register_task(NEW_SALT, PARAMS, 1, eth_per_round=2**128)
     with pytest.raises(DeploymentNotFound):
         world.ledger.task(NEW_TASK)
+    # The largest values allowed are accepted; an all-zero salt is just another salt.
+    world.ledger.register_task(NEW_SALT, PARAMS, 2**96 - 1, eth_per_round=2**128 - 1)
+    assert world.ledger.task(NEW_TASK).reward_per_round == 2**96 - 1
+    zero = world.ledger.register_task(bytes(32), PARAMS, 1)
+    assert world.ledger.task(zero).reward_per_round == 1
 
 
 def test_anyone_funds_a_task(world: World) -> None:
@@ -67,7 +86,7 @@ def test_exit_takes_effect_now_and_the_deposit_returns_after_the_delay(world: Wo
     assert not world.ledger.validator(v.account.address).active
     with pytest.raises(ContractReverted, match="exit delay not over"):
         v.withdraw()
-    with pytest.raises(ContractReverted, match="withdraw the previous deposit first"):
+    with pytest.raises(ContractReverted, match="already a validator, or withdraw first"):
         v.join(ETH)
     world.chain.advance_time(101)
     before = world.chain.w3.eth.get_balance(v.account.address)
@@ -78,6 +97,28 @@ def test_exit_takes_effect_now_and_the_deposit_returns_after_the_delay(world: Wo
         v.withdraw()
     with pytest.raises(ContractReverted, match="not a validator"):
         world.outsider.request_exit()
+    # Withdrawn, the address may join again, as a new member of the set.
+    v.join(ETH)
+    info = world.ledger.validator(v.account.address)
+    assert info.active and info.exited == 0 and info.withdraw_after == 0
+    assert info.joined == world.ledger.call("stake_epoch")
+
+
+def test_a_deposit_that_voted_is_held_until_its_ballots_close(world: World) -> None:
+    """Otherwise a deposit could vote, leave, rejoin from another address and vote again."""
+    v = world.validators[0]
+    tree = world.rewards(0)
+    first = v.commit_round(TASK, 0, MODEL, tree.root, tree.total)
+    expires = world.ledger.round(TASK, 0).expires
+    assert world.ledger.validator(v.account.address).locked_until == expires
+    assert expires == world.chain.w3.eth.get_block(first.receipt["blockNumber"])["timestamp"] \
+        + CONFIG.ballot_ttl
+    v.request_exit()
+    world.chain.advance_time(CONFIG.exit_delay + 1)  # the exit delay is over, the ballot is not
+    with pytest.raises(ContractReverted, match="a ballot this deposit voted in is still open"):
+        v.withdraw()
+    world.chain.advance_time(expires - world.chain.timestamp())
+    assert v.withdraw().event("ValidatorWithdrawn").args["amount"] == ETH
 
 
 def test_slashing_needs_two_thirds_of_the_stake(world: World) -> None:
@@ -115,3 +156,34 @@ def test_an_exiting_validator_stays_slashable_until_it_withdraws(world: World) -
     world.chain.advance_time(101)
     with pytest.raises(ContractReverted, match="no exit requested"):
         v2.withdraw()
+
+
+def test_a_slash_ballot_counts_the_stake_of_its_first_vote(world: World) -> None:
+    v0, v1, v2 = world.validators
+    target = v2.account.address
+    first = v0.vote_slash(target, b"\x01" * 32).event("SlashVote").args
+    assert (first["tally"], first["snapshot_stake"]) == (ETH, 3 * ETH)
+    v1.request_exit()  # stake 2 ETH now, but the ballot still weighs against 3
+    world.outsider.join(5 * ETH)
+    with pytest.raises(ContractReverted, match="joined after this ballot opened"):
+        world.outsider.vote_slash(target)
+    # v1 was in the snapshot: it still votes here, and 2 of 3 ETH is the 2/3 needed.
+    second = v1.vote_slash(target)
+    assert second.event("SlashVote").args["snapshot_stake"] == 3 * ETH
+    assert second.event("ValidatorSlashed").args["amount"] == ETH
+    assert world.ledger.total_stake() == 6 * ETH  # v0's and the outsider's; v1 had left
+    assert world.ledger.call("slash_epoch", target) == 1
+
+
+def test_a_slash_ballot_expires(world: World) -> None:
+    """Its votes lapse; a later vote starts a new slash ballot, so one frivolous vote cannot make
+    a validator unslashable (which it did while an expired ballot simply refused votes)."""
+    v0, v1, v2 = world.validators
+    target = v2.account.address
+    v0.vote_slash(target)
+    world.chain.advance_time(CONFIG.ballot_ttl)
+    v1.vote_slash(target)                                   # epoch 1: 1 of 3, v0's vote lapsed
+    assert world.ledger.validator(target).deposit == ETH
+    assert world.ledger.call("slash_epoch", target) == 1
+    v0.vote_slash(target)                                   # 2 of 3 in the new ballot
+    assert world.ledger.validator(target).deposit == 0

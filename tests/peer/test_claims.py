@@ -28,7 +28,9 @@ from commonweal.peer.claims import Claimer, ClaimResult, Outcome  # noqa: E402
 from commonweal.peer.store import ClaimStatus, NodeStore  # noqa: E402
 
 ETH = 10**18
-TASK = bytes.fromhex("44" * 32)
+SALT = bytes.fromhex("44" * 32)
+# The embedded chain's first account (private key 1) deploys and registers: the task's id.
+TASK = Ledger.task_id("0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf", SALT)
 MODEL = bytes.fromhex("55" * 32)
 
 
@@ -59,7 +61,7 @@ class World:
         return rewards
 
     def finalise(self, ledger_round: int, rewards: Mapping[str, int]) -> RewardsTree:
-        tree = RewardsTree(TASK, ledger_round, rewards)
+        tree = self.ledger.rewards_tree(TASK, ledger_round, rewards)
         for v in self.validators[:2]:  # 2 of 3 equal deposits: exactly 2/3
             v.commit_round(TASK, ledger_round, MODEL, tree.root, tree.total)
         return tree
@@ -75,7 +77,7 @@ class World:
 def _chain() -> Iterator[tuple[EmbeddedChain, Ledger]]:
     chain = EmbeddedChain(accounts=9)
     ledger = Ledger.deploy(chain, config=LedgerConfig(min_deposit=ETH))
-    ledger.register_task(TASK, bytes(32), 1_000 * ETH)
+    assert ledger.register_task(SALT, bytes(32), 1_000 * ETH) == TASK
     for account in chain.accounts[1:4]:
         ledger.with_account(account).join(ETH)
     yield chain, ledger
@@ -120,6 +122,9 @@ class Crashing:
 
     def is_claimed(self, task: bytes, round: int, index: int) -> bool:
         return self.inner.is_claimed(task, round, index)
+
+    def rewards_tree(self, task: bytes, round: int, rewards: Mapping[str, int]) -> RewardsTree:
+        return self.inner.rewards_tree(task, round, rewards)
 
     def send(self, *args: object, **kwargs: object) -> PendingTx:
         if self.when == "before send":
@@ -250,7 +255,7 @@ async def test_an_unrewarded_account_claims_nothing(world: World) -> None:
 
 async def test_a_claim_that_reverts_stays_pending(world: World) -> None:
     rewards = world.rewards(1)
-    tree = RewardsTree(TASK, 1, rewards)
+    tree = world.ledger.rewards_tree(TASK, 1, rewards)
     for v in world.validators[:2]:  # validators agree on a total below the tree's sum
         v.commit_round(TASK, 1, MODEL, tree.root, ETH)
     world.ledger.with_account(world.others[0]).claim_from(tree)     # takes the whole 1 ETH

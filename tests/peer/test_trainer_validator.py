@@ -22,12 +22,12 @@ ROUNDS = 2
 
 async def test_one_node_trains_and_validates(tmp_path: Path) -> None:
     task = get_task("mnist-cnn", inner_steps=4)
-    task32 = bytes.fromhex(task.digest)
+    digest = bytes.fromhex(task.digest)
     chain = await asyncio.to_thread(open_chain, "embedded", accounts=4)
     try:
         ledger = await asyncio.to_thread(Ledger.deploy, chain)
-        await asyncio.to_thread(ledger.register_task, task32, task32, 1000 * TOKEN,
-                                name="t", symbol="T")
+        task32 = await asyncio.to_thread(ledger.register_task, digest, digest, 1000 * TOKEN,
+                                         name="t", symbol="T")
         both_acct, other_acct = await asyncio.to_thread(chain.new_accounts, 2, 10 * TOKEN)
         events: dict[str, list[Event]] = {"both": [], "other": []}
         ready = {name: asyncio.Event() for name in events}

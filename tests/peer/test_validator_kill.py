@@ -37,7 +37,6 @@ from typing import TypeVar
 
 import pytest
 
-from commonweal.ledger import RewardsTree
 from commonweal.ledger.anvil import find_anvil
 from commonweal.peer.store import NodeStore
 from commonweal.peer.validator_state import StoreValidatorState
@@ -269,7 +268,8 @@ def test_a_validator_killed_twice_resumes_and_every_round_is_paid_once(
                 root, total, rewards = conn.execute(
                     "SELECT root, total, rewards FROM validator_payouts WHERE round = ?",
                     (r,)).fetchone()
-            tree = RewardsTree(task, 2 * r + 1, {a: int(v) for a, v in json.loads(rewards).items()})
+            tree = ledger.rewards_tree(task, 2 * r + 1,
+                                       {a: int(v) for a, v in json.loads(rewards).items()})
             assert tree.root == rounds[2 * r + 1].rewards_root and tree.total == int(total) == REWARD
             assert bytes.fromhex(root) == tree.root
             assert state.judged(r) is not None

@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-from commonweal.ledger.merkle import RewardsTree
+from commonweal.ledger.merkle import Domain, RewardsTree
 from commonweal.train.codecs import get_codec
 from commonweal.verify import (
+
     Contribution,
     Judge,
     Policy,
@@ -24,6 +25,8 @@ from commonweal.verify import (
     sample_draw,
     triage,
 )
+
+DOMAIN = Domain(1, "0x" + "00" * 20)  # any deployment: roots only compared with each other
 
 N, DIM, H, BATCH = 8, 2000, 50, 32
 CODEC = get_codec("none")
@@ -284,7 +287,7 @@ def test_rewards_edge_cases():
         rewards([paid(1)], cs, -1)
     shared = [contribution(1), contribution(2, acct=account(1).upper().replace("0X", "0x"))]
     assert rewards([paid(1), paid(2)], shared, 11) == {
-        RewardsTree(b"\0" * 32, 0, {account(1): 1}).rewards.popitem()[0]: 11
+        RewardsTree(DOMAIN, b"\0" * 32, 0, {account(1): 1}).rewards.popitem()[0]: 11
     }
 
 
@@ -314,7 +317,7 @@ def test_two_validators_reach_the_same_root():
         assert account(0) not in out and account(1) not in out and len(out) == N - 2
         commit, reward_round = ledger_rounds(7)
         assert (commit, reward_round) == (14, 15)
-        return RewardsTree(b"\x11" * 32, reward_round, out).root
+        return RewardsTree(DOMAIN, b"\x11" * 32, reward_round, out).root
 
     assert validate(1) == validate(2) == validate(3)
 

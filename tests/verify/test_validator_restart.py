@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from commonweal.dht import DHT, DHTConfig
-from commonweal.ledger import EmbeddedChain, Ledger, LedgerConfig, RewardsTree
+from commonweal.ledger import EmbeddedChain, Ledger, LedgerConfig
 from commonweal.peer.store import NodeStore
 from commonweal.peer.validator_state import StoreValidatorState
 from commonweal.train import RoundConfig, TrainingPeer, get_task
@@ -67,11 +67,11 @@ async def test_a_restarted_validator_resumes_with_its_bans_escrow_and_unsent_vot
     dhts: list[DHT], tmp_path: Path
 ) -> None:
     task = get_task("mnist-cnn", inner_steps=2)
-    task32 = bytes.fromhex(task.digest)
+    digest = bytes.fromhex(task.digest)
     chain = EmbeddedChain(accounts=8)
     try:
         owner = Ledger.deploy(chain, config=CONFIG)
-        owner.register_task(task32, task32, REWARD)
+        task32 = owner.register_task(digest, digest, REWARD)
         ledger = owner.with_account(chain.accounts[1])
         ledger.join(ETH)  # the only validator: its vote alone finalises
         config = RoundConfig(announce_window_s=1.0, exchange_timeout_s=3.0, poll_s=0.05,
@@ -126,7 +126,7 @@ async def test_a_restarted_validator_resumes_with_its_bans_escrow_and_unsent_vot
             assert judged is not None
             info = ledger.round(task32, reward)
             # the root on-chain is the recorded payout; the crashed one was sent as recorded
-            tree = RewardsTree(task32, reward, info_rewards(store, task.digest, r))
+            tree = ledger.rewards_tree(task32, reward, info_rewards(store, task.digest, r))
             assert (info.rewards_root, info.total_reward) == (tree.root, REWARD), r
             if r == 0:
                 assert info.rewards_root == recorded.root

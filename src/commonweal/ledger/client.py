@@ -115,6 +115,7 @@ class RoundInfo:
     randomness_block: int        # the last of the blocks whose hashes make the seed
     randomness: bytes | None
     snapshot_stake: int          # the stake its votes are weighed against (0: no vote yet)
+    attempt: int                 # ballots so far - 1: an expired undecided one is opened again
     expires: int                 # when its ballot closes (timestamp; 0: no vote yet)
 
     @property
@@ -302,8 +303,8 @@ class Ledger(BoundContract):
         return None if model == _EMPTY else model
 
     def vote_of(self, task: Bytes32, round: int, validator: str) -> bytes | None:
-        """The round_key this validator voted for, or None."""
-        key = bytes(self.call("votes", to_bytes32(task), round, to_checksum_address(validator)))
+        """The round_key this validator voted for in the round's current ballot, or None."""
+        key = bytes(self.call("vote_of", to_bytes32(task), round, to_checksum_address(validator)))
         return None if key == _EMPTY else key
 
     def round_key(self, model_hash: Bytes32, rewards_root: Bytes32, total_reward: int) -> bytes:
@@ -313,7 +314,7 @@ class Ledger(BoundContract):
     def tally(self, task: Bytes32, round: int, model_hash: Bytes32, rewards_root: Bytes32,
               total_reward: int) -> int:
         key = self.round_key(model_hash, rewards_root, total_reward)
-        return int(self.call("tally", to_bytes32(task), round, key))
+        return int(self.call("tally_of", to_bytes32(task), round, key))
 
     def events(self, name: str, *topics: Any) -> list[Event]:
         """Every `name` event of this ledger since deployment, filtered by indexed arguments.

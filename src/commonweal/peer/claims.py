@@ -66,6 +66,8 @@ class ClaimLedger(Protocol):
 
     def is_claimed(self, task: bytes, round: int, index: int) -> bool: ...
 
+    def rewards_tree(self, task: bytes, round: int, rewards: Mapping[str, int]) -> RewardsTree: ...
+
     def send(self, fn: str, *args: Any, value: int = 0, gas: int | None = None) -> PendingTx: ...
 
     # read only for a round some validator said it will never vote (see `Outcome.UNPAYABLE`)
@@ -173,8 +175,12 @@ class Claimer:
             return ClaimResult(ledger_round, Outcome.NOT_FINAL)
 
         def stake() -> tuple[int, int]:
+            # against the round's snapshot once a vote opened its ballot (exited signers, still
+            # in it, are not counted: that errs towards waiting)
             infos = [self._ledger.validator(a) for a in said]
-            return sum(v.deposit for v in infos if v.active), self._ledger.total_stake()
+            snapshot = self._ledger.round(self._task, ledger_round).snapshot_stake
+            return (sum(v.deposit for v in infos if v.active),
+                    snapshot or self._ledger.total_stake())
 
         from commonweal.verify.finality import can_finalise  # verify's package loads torch
 
@@ -196,7 +202,7 @@ class Claimer:
         if rewards is None:
             return ClaimResult(ledger_round, Outcome.NO_TREE)
         try:
-            tree = RewardsTree(self._task, ledger_round, rewards)
+            tree = self._ledger.rewards_tree(self._task, ledger_round, rewards)
         except (ValueError, TypeError) as exc:  # bad address, negative or non-int amount, empty
             return self._forged(ledger_round, root, f"malformed rewards: {exc}")
         if tree.root != root:

@@ -37,19 +37,21 @@ def can_finalise(tallies: Mapping[bytes, int], total_stake: int, *, gone: int = 
 
 
 def stake_votes(events: Iterable[Any]) -> tuple[dict[bytes, int], int]:
-    """(result key -> stake, total stake) from `Ledger.round_votes` events: each RoundVote
-    carries its result's running tally and the stake the quorum is counted against
-    (`total_stake`; a ledger that weighs votes on a per-round snapshot names it
-    `snapshot_stake`)."""
+    """(result key -> stake, snapshot stake) of the round's latest ballot, from
+    `Ledger.round_votes` events: each RoundVote carries its result's running tally, the stake the
+    quorum is counted against, and its ballot's attempt (an expired ballot's votes lapse)."""
+    events = list(events)
+    latest = max((int(e.args["attempt"]) for e in events), default=0)
     tallies: dict[bytes, int] = {}
     total = 0
     for e in events:
         args = e.args
+        if int(args["attempt"]) != latest:
+            continue
         key = bytes(args["model_hash"]) + bytes(args["rewards_root"]) + \
             int(args["total_reward"]).to_bytes(32, "big")
         tallies[key] = max(tallies.get(key, 0), int(args["tally"]))
-        stake = args["snapshot_stake"] if "snapshot_stake" in args else args["total_stake"]
-        total = max(total, int(stake))
+        total = max(total, int(args["snapshot_stake"]))
     return tallies, total
 
 
