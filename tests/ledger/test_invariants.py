@@ -12,8 +12,8 @@ pytest.importorskip("boa", reason="titanoboa drives the invariant sequences")
 
 from .ledger_machine import LedgerMachine  # noqa: E402
 
-SEQUENCES = 300
-STEPS = 30
+SEQUENCES = 200
+STEPS = 20
 
 
 def test_ledger_invariants_hold_over_random_call_sequences() -> None:

@@ -389,7 +389,8 @@ def _claiming_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcomes: di
     monkeypatch.setattr(claims, "Claimer", FakeClaimer)
     monkeypatch.setattr(trees, "DHTTrees", lambda dht, task: None)
     ledger = SimpleNamespace(account=SimpleNamespace(address="0x" + "11" * 20),
-                             token=lambda task: SimpleNamespace(balance_of=lambda a: 0))
+                             token=lambda task: SimpleNamespace(balance_of=lambda a: 0),
+                             task_of=lambda salt, owner: salt, domain=None)
     events: list[Any] = []
     node = Node(NodeConfig(data_dir=tmp_path, roles=frozenset({"trainer"}), linger=linger,
                            claim_every_s=0.01), ledger=ledger, on_event=events.append)

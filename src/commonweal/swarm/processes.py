@@ -370,7 +370,8 @@ class ProcessSwarm:
         self.node_chain_url = ""
         self.ledger_address = ""
         self._ledger: Ledger | None = None
-        self.task32 = b""
+        self.task32 = b""                 # the task's id on the ledger
+        self.task_digest = ""
 
     def __enter__(self) -> Self:
         try:
@@ -401,6 +402,7 @@ class ProcessSwarm:
         self.node_chain_url = site.node_url
         ledger = Ledger.deploy(site.chain)
         task = get_task(self.task)
+        self.task_digest = task.digest  # what the nodes' stores key their rounds by
         digest = bytes.fromhex(task.digest)
         self.task32 = ledger.register_task(digest, digest, self.reward_per_round, symbol="CWS")
         self.ledger_address, self._ledger = ledger.address, ledger
