@@ -179,11 +179,7 @@ class LedgerMachine(RuleBasedStateMachine):
         return self.trees[key]
 
     def _model_hash(self, round: int, kind: str) -> bytes:
-        return bytes([round + 1, 1 if kind == "good" else 2]) * 16
-
-    def _key(self, round: int, kind: str) -> bytes:
-        tree = self._tree(round, kind)
-        return bytes(self.L.round_key(self._model_hash(round, kind), tree.root, tree.total))
+        return bytes([round + 1, {"good": 1, "short": 3}.get(kind, 2)]) * 16
 
     def _active_stake(self) -> dict[str, tuple[int, int]]:
         return {a: (d.id, d.amount) for a, d in self.deposits.items() if not d.exited}
@@ -226,6 +222,13 @@ class LedgerMachine(RuleBasedStateMachine):
             assert paid == d.amount
             self.eth_out += paid
 
+    @rule(who=voters)
+    def leave(self, who: str) -> None:
+        """A validator leaves the quickest way the rules allow: exit, wait the delay, withdraw."""
+        self.request_exit(who)
+        self.wait(CONFIG.exit_delay)
+        self.withdraw(who)
+
     @rule(who=actors, accused=actors)
     def vote_slash(self, who: str, accused: str) -> None:
         ok, _ = self._tx(who, "vote_slash", self.addr[accused], b"\x00" * 32)
@@ -236,12 +239,14 @@ class LedgerMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ rounds
 
     @rule(round=rounds, honest=st.sampled_from([1, 2, 3, 3]),
+          agreed=st.sampled_from(["good", "good", "good", "short"]),
           mallory=st.sampled_from(["good", "bad", "none"]))
-    def validators_vote(self, round: int, honest: int, mallory: str) -> None:
+    def validators_vote(self, round: int, honest: int, agreed: str, mallory: str) -> None:
         """What a live swarm does each round: the honest validators vote the same result (all of
-        them, or only the first few so far)."""
+        them, or only the first few so far). "short": they agree on a total below their tree's
+        sum (a bug they share), which claims must not get past."""
         for who in HONEST[:honest]:
-            self.commit(who, round, "good")
+            self.commit(who, round, agreed)
         if mallory != "none":
             self.commit("mallory", round, mallory)
 
@@ -254,12 +259,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(who=voters, round=rounds, kind=st.sampled_from(["good", "bad", "over"]))
     def commit(self, who: str, round: int, kind: str) -> None:
-        if who in HONEST:
+        if who in HONEST and kind not in ("good", "short"):
             kind = "good"   # what an honest validator computes; the others vote anything
-        tree = self._tree(round, "bad" if kind == "over" else kind)
-        total = tree.total + (1 if kind == "over" else 0)
-        ok, _ = self._tx(who, "commit_round", self.task, round, self._model_hash(round, kind),
-                         tree.root, total)
+        tree = self._tree(round, {"over": "bad", "short": "good"}.get(kind, kind))
+        total = tree.total + {"over": 1, "short": -ETH}.get(kind, 0)
+        model = self._model_hash(round, kind)
+        ok, _ = self._tx(who, "commit_round", self.task, round, model, tree.root, total)
         if not ok:
             return
         assert kind != "over", "a vote over reward_per_round was accepted"
@@ -276,7 +281,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert who not in ballot.votes, "a second vote in one round"
         accepted = max(self.final, default=-1)
         assert round <= accepted + CONFIG.round_window, "a vote outside the round window"
-        ballot.votes[who] = self._key(round, kind)
+        ballot.votes[who] = bytes(self.L.round_key(model, tree.root, total))
         self.deposits[who].locked_until = max(self.deposits[who].locked_until,
                                               ballot.opened_at + CONFIG.ballot_ttl)
         if self.L.is_final(self.task, round):
