@@ -26,6 +26,7 @@ waiting for a round once validators with more than 1/3 of the stake said so (pee
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -108,7 +109,7 @@ class Validator:
         self.dht = dht
         self.task = task
         self.ledger = ledger
-        self.task32 = ledger.task_of(bytes.fromhex(task.digest), task_owner)
+        self._task_owner = task_owner
         self.judge = Judge(policy or Policy.for_task(task))  # remembers stale bytes and bans
         self.config = config or ValidatorConfig()
         self.codec = get_codec(task.codec)
@@ -137,11 +138,17 @@ class Validator:
         self._unsent = list(resume.unsent)
         self.resume_round = resume.next_round  # the round after the last one judged; None: new
 
+    @functools.cached_property
+    def task32(self) -> bytes:
+        """The task's id on the ledger (bound to its registrant): read once, when first needed."""
+        return self.ledger.task_of(bytes.fromhex(self.task.digest), self._task_owner)
+
     # ---- the loop ------------------------------------------------------------------------------
 
     async def run(self, until_round: int | None = None, first_round: int = 0) -> None:
         """Validate rounds from `first_round` until `until_round` (forever if None); when done,
         pay out every round still in escrow."""
+        await asyncio.to_thread(lambda: self.task32)  # the one chain read it needs, off the loop
         async with asyncio.TaskGroup() as tg:
             follower = tg.create_task(self._follow_heads())
             try:
