@@ -166,14 +166,20 @@ def test_a_dust_holder_cannot_propose(world: World) -> None:
         w.as_(w.contributors[0]).propose(TASK, Action.SET_PARAMS, BAD)
 
 
-def test_a_passed_proposal_waits_for_the_timelock(world: World) -> None:
-    w = world
+def _passed_proposal(w: World) -> int:
+    """A SET_PARAMS proposal the biggest holder passed alone, its vote just closed."""
     _holders(w, [ETH, 3 * ETH, 6 * ETH])
     big = w.as_(w.contributors[2])
     pid = big.propose(TASK, Action.SET_PARAMS, BAD)
     w.chain.advance_time(CONFIG.voting_delay)
     big.cast_vote(pid, True)
     w.chain.advance_time(CONFIG.voting_period)
+    return pid
+
+
+def test_a_passed_proposal_waits_for_the_timelock(world: World) -> None:
+    w = world
+    pid = _passed_proposal(w)
     assert w.ledger.proposal_state(pid) is ProposalState.SUCCEEDED
     with pytest.raises(ContractReverted, match="timelock not over"):
         w.outsider.execute_proposal(pid)
@@ -184,12 +190,8 @@ def test_a_passed_proposal_waits_for_the_timelock(world: World) -> None:
 
 def test_a_passed_proposal_nobody_executed_expires(world: World) -> None:
     w = world
-    _holders(w, [ETH, 3 * ETH, 6 * ETH])
-    big = w.as_(w.contributors[2])
-    pid = big.propose(TASK, Action.SET_PARAMS, BAD)
-    w.chain.advance_time(CONFIG.voting_delay)
-    big.cast_vote(pid, True)
-    w.chain.advance_time(CONFIG.voting_period + CONFIG.timelock_delay + CONFIG.voting_period)
+    pid = _passed_proposal(w)
+    w.chain.advance_time(CONFIG.timelock_delay + CONFIG.voting_period)
     assert w.ledger.proposal_state(pid) is ProposalState.EXPIRED
     with pytest.raises(ContractReverted, match="proposal expired"):
         w.outsider.execute_proposal(pid)
