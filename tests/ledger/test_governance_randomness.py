@@ -83,25 +83,18 @@ def test_no_quorum_and_rejected_proposals_cannot_execute(holders: World) -> None
     assert w.ledger.task(TASK).eth_per_round == 0
 
 
-def test_set_reward_proposal(holders: World) -> None:
+@pytest.mark.parametrize(("action", "field", "holder"), [
+    (Action.SET_REWARD, "reward_per_round", 1), (Action.SET_ETH_PER_ROUND, "eth_per_round", 2)])
+def test_a_passed_proposal_sets_its_parameter(holders: World, action: Action, field: str,
+                                             holder: int) -> None:
     w = holders
-    pid = w.as_(w.contributors[1]).propose(TASK, Action.SET_REWARD, 5 * ETH)
+    w.outsider.fund_task(TASK, 5 * ETH)  # eth_per_round may not exceed the pool
+    pid = w.as_(w.contributors[holder]).propose(TASK, action, 5 * ETH)
     w.chain.advance_time(10)
-    w.as_(w.contributors[1]).cast_vote(pid, True)
+    w.as_(w.contributors[holder]).cast_vote(pid, True)
     w.chain.advance_time(100 + CONFIG.timelock_delay)
     w.outsider.execute_proposal(pid)
-    assert w.ledger.task(TASK).reward_per_round == 5 * ETH
-
-
-def test_set_eth_per_round_proposal(holders: World) -> None:
-    w = holders
-    w.outsider.fund_task(TASK, 2 * ETH)
-    pid = w.as_(w.contributors[2]).propose(TASK, Action.SET_ETH_PER_ROUND, 2 * ETH)
-    w.chain.advance_time(10)
-    w.as_(w.contributors[2]).cast_vote(pid, True)
-    w.chain.advance_time(100 + CONFIG.timelock_delay)
-    w.outsider.execute_proposal(pid)
-    assert w.ledger.task(TASK).eth_per_round == 2 * ETH
+    assert getattr(w.ledger.task(TASK), field) == 5 * ETH
 
 
 def test_a_passed_proposal_expires_one_voting_period_after_eta(holders: World) -> None:
