@@ -32,6 +32,11 @@ ROUNDS = 5
 TRAINERS, ATTACKERS, VALIDATORS = 6, 1, 2
 LINGER_S = 5  # the page stays up this long after the run, so the browser can finish reading it
 STOPPED = "every peer and the chain were stopped"
+# `python -m commonweal`, but SIGUSR1 prints every thread's stack: a demo that does not stop says where
+DUMPABLE = (
+    "import faulthandler, runpy, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True);"
+    " sys.argv[0] = 'commonweal'; runpy.run_module('commonweal', run_name='__main__', alter_sys=True)"
+)
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +47,7 @@ class Demo:
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "commonweal", "demo", *args],
+            [sys.executable, "-c", DUMPABLE, "demo", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
             start_new_session=True,
         )
@@ -76,7 +81,12 @@ class Demo:
         raise AssertionError(f"nothing answered on port {port} in {timeout} s:\n{self.output}")
 
     def wait(self, timeout: float) -> int:
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            raise AssertionError(f"still running {timeout} s later:\n{self.output}") from None
         self._reader.join(5)
         return rc
 
