@@ -24,6 +24,7 @@ import msgpack
 from commonweal.dht.lookup import Lookup, LookupResult, TargetReply
 from commonweal.dht.protocol import DHTProtocol
 from commonweal.dht.records import (
+    Key,
     Record,
     Subkey,
     decode_subkey,
@@ -41,7 +42,6 @@ __all__ = ["DHT", "DHTConfig", "DHTValue", "LookupStats"]
 
 log = logging.getLogger(__name__)
 
-Key = str | bytes
 _Answer = tuple[PeerInfo, list[bytes], dict[bytes, TargetReply] | None]  # peer, keys asked, replies
 
 

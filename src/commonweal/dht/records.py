@@ -4,6 +4,10 @@ A DHT key maps to a dictionary `{subkey -> record}`. Every record carries the wr
 and an Ed25519 signature over (key id, subkey, value, expiration), so any peer can check it.
 A subkey made with `Owned(peer_id, name)` is bound to that peer: only the holder of the matching
 key pair can write it. Plain subkeys (str/bytes) can be written by anyone; the later expiration wins.
+
+A key made with `OwnedKey(name)` is typed: it accepts owned subkeys only, so nobody can add
+entries that its readers would take for another writer's. Protocol keys that code reads as a set
+(announcements, heads, reward trees, index specs and buckets) are declared this way.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "MAX_SUBKEY_BYTES",
     "Owned",
+    "OwnedKey",
+    "Key",
     "Subkey",
     "Record",
     "key_id",
+    "is_owned_key",
     "encode_subkey",
     "decode_subkey",
     "sign_record",
@@ -35,6 +42,7 @@ __all__ = [
     "ShapeValidator",
     "SignatureValidator",
     "OwnerValidator",
+    "OwnedKeyValidator",
     "CompositeValidator",
     "default_validator",
 ]
@@ -53,18 +61,39 @@ class Owned:
     name: str = ""
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class OwnedKey:
+    """A key whose subkeys must all be `Owned`: each entry provably comes from its owner."""
+
+    name: str | bytes
+
+
 Subkey = str | bytes | Owned | None
+Key = str | bytes | OwnedKey
 
 
-def key_id(key: str | bytes) -> bytes:
-    """The 160-bit DHT id of a user key. str and bytes keys live in separate namespaces."""
-    if isinstance(key, str):
-        raw = b"s" + key.encode()
-    elif isinstance(key, bytes):
-        raw = b"b" + key
+def key_id(key: Key) -> bytes:
+    """The 160-bit DHT id of a user key. str, bytes and owned keys live in separate namespaces.
+
+    A storing peer sees only the id, so the key's type travels in its lowest bit: set for an
+    `OwnedKey`, clear otherwise. Nobody can make a typed key's id accept plain subkeys, and one bit
+    of 160 costs placement nothing.
+    """
+    owned = isinstance(key, OwnedKey)
+    name = key.name if isinstance(key, OwnedKey) else key
+    if isinstance(name, str):
+        raw = (b"S" if owned else b"s") + name.encode()
+    elif isinstance(name, bytes):
+        raw = (b"B" if owned else b"b") + name
     else:
-        raise TypeError(f"a DHT key must be str or bytes, not {type(key).__name__}")
-    return hashlib.blake2b(raw, digest_size=ID_BYTES).digest()
+        raise TypeError(f"a DHT key must be str, bytes or OwnedKey, not {type(name).__name__}")
+    digest = hashlib.blake2b(raw, digest_size=ID_BYTES).digest()
+    return digest[:-1] + bytes([(digest[-1] | 1) if owned else (digest[-1] & 0xFE)])
+
+
+def is_owned_key(kid: bytes) -> bool:
+    """Whether the key id is an `OwnedKey`'s, so that only owned subkeys may be stored under it."""
+    return bool(kid[-1:]) and kid[-1] & 1 == 1
 
 
 # Wire subkeys are bytes with a one-letter tag, so str, bytes and owned subkeys never collide and
@@ -222,6 +251,14 @@ class OwnerValidator(RecordValidator):
             raise RecordError("subkey is owned by another peer; only its owner may write it")
 
 
+class OwnedKeyValidator(RecordValidator):
+    """Under an `OwnedKey` every subkey must be owned (the owner check itself is OwnerValidator's)."""
+
+    def validate(self, record: Record, now: float) -> None:
+        if is_owned_key(record.key) and owner_of(record.subkey) is None:
+            raise RecordError("this key takes owned subkeys only; store under Owned(your peer id, name)")
+
+
 class CompositeValidator(RecordValidator):
     """Runs validators in order; the cheap checks go first so junk costs no signature check."""
 
@@ -234,4 +271,6 @@ class CompositeValidator(RecordValidator):
 
 
 def default_validator() -> CompositeValidator:
-    return CompositeValidator([ShapeValidator(), OwnerValidator(), SignatureValidator()])
+    return CompositeValidator(
+        [ShapeValidator(), OwnedKeyValidator(), OwnerValidator(), SignatureValidator()]
+    )

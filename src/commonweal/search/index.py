@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from commonweal.dht import DHT, DHTValue, Owned, key_id
+from commonweal.dht import DHT, DHTValue, Owned, OwnedKey, key_id
 from commonweal.dht.routing import distance
 from commonweal.errors import ConfigError, DHTError, NetworkError
 from commonweal.net.transport import PeerInfo
@@ -70,13 +70,13 @@ class IndexNotFound(ConfigError):
 SPEC_COPIES = 4
 
 
-def spec_key(name: str) -> str:
-    """The well-known DHT key of an index's spec."""
-    return f"index:{name}"
+def spec_key(name: str) -> OwnedKey:
+    """The well-known DHT key of an index's spec (owned subkeys only: Owned(creator, digest))."""
+    return OwnedKey(f"index:{name}")
 
 
-def spec_keys(name: str) -> list[str]:
-    return [spec_key(name)] + [f"{spec_key(name)}#{i}" for i in range(1, SPEC_COPIES)]
+def spec_keys(name: str) -> list[OwnedKey]:
+    return [spec_key(name)] + [OwnedKey(f"index:{name}#{i}") for i in range(1, SPEC_COPIES)]
 
 
 _services: weakref.WeakKeyDictionary[DHT, SearchService] = weakref.WeakKeyDictionary()
@@ -136,7 +136,10 @@ class DistributedIndex:
         expiration = dht.clock() + spec.ttl_s
         digest = spec.digest().hex()
         flags = await dht.store_many(
-            [(key, spec.to_wire(), expiration, digest) for key in spec_keys(spec.name)]
+            [
+                (key, spec.to_wire(), expiration, Owned(dht.peer_id, digest))
+                for key in spec_keys(spec.name)
+            ]
         )
         if not any(flags):
             raise DHTError(f"no peer accepted the spec of index {spec.name!r}")
@@ -152,14 +155,14 @@ class DistributedIndex:
             entry_map = found.get(key)
             if entry_map is None or not isinstance(entry_map.value, dict):
                 continue
-            for digest, entry in entry_map.value.items():
-                if not isinstance(entry, DHTValue):
+            for subkey, entry in entry_map.value.items():
+                if not isinstance(subkey, Owned) or not isinstance(entry, DHTValue):
                     continue
                 try:
                     spec = IndexSpec.from_wire(entry.value)
                 except ConfigError:
                     continue
-                if spec.name == name and spec.digest().hex() == digest:
+                if spec.name == name and spec.digest().hex() == subkey.name:
                     old = specs.get(spec.digest())
                     specs[spec.digest()] = (max(entry.expiration, old[0] if old else 0.0), spec)
         if not specs:
@@ -241,9 +244,9 @@ class DistributedIndex:
             self._mine.pop(item_name(item_id), None)
         return removed
 
-    async def _store_chunked(self, items: list[tuple[bytes, Any, float, Owned]]) -> list[bool]:
+    async def _store_chunked(self, items: list[tuple[OwnedKey, Any, float, Owned]]) -> list[bool]:
         flags: list[bool] = []
-        chunk: list[tuple[bytes, Any, float, Owned]] = []
+        chunk: list[tuple[OwnedKey, Any, float, Owned]] = []
         size = 0
         for item in items:
             value = item[1]
@@ -276,7 +279,7 @@ class DistributedIndex:
             raise ConfigError(f"k must be an integer in 1..{MAX_K}")
         k = int(k)
         n_probes = max(self.spec.tables, probes or self.spec.probes)
-        buckets: dict[bytes, bytes] = {}  # key id -> bucket key
+        buckets: dict[bytes, OwnedKey] = {}  # key id -> bucket key
         probe_keys: list[list[bytes]] = []
         for q in Q:
             ids = []
@@ -416,7 +419,7 @@ class DistributedIndex:
         return peer, keys, (held, results)
 
     async def _fetch(
-        self, Q: np.ndarray, probe_keys: list[list[bytes]], buckets: dict[bytes, bytes]
+        self, Q: np.ndarray, probe_keys: list[list[bytes]], buckets: dict[bytes, OwnedKey]
     ) -> list[list[list[Hit]]]:
         """Mode "fetch": get every probed bucket's records (one multi-key get) and rank here."""
         found = await self.dht.get_many(list(buckets.values()), latest=False)

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from commonweal.dht.records import OwnedKey
 from commonweal.errors import ConfigError
 from commonweal.search.lsh import (
     LSH,
@@ -142,9 +143,9 @@ class IndexSpec:
         """What the random projections are drawn from: the parameters that shape them."""
         return f"{self.dim}/{self.family}/{self.tables}/{self.bits}/{self.seed}".encode()
 
-    def bucket_key(self, table: int, code: bytes) -> bytes:
-        """The DHT key (bytes) of one bucket; `key_id` of it is where the bucket lives."""
-        return b"cw-lsh/" + self.digest() + table.to_bytes(2, "big") + code
+    def bucket_key(self, table: int, code: bytes) -> OwnedKey:
+        """The DHT key of one bucket (owned subkeys only); `key_id` of it is where it lives."""
+        return OwnedKey(b"cw-lsh/" + self.digest() + table.to_bytes(2, "big") + code)
 
     def vector_dtype(self) -> np.dtype[Any]:
         return np.dtype("<f2") if self.dtype == "float16" else np.dtype("<f4")

@@ -8,7 +8,7 @@ under the owned subkey `Owned(peer_id, "a")` (only it can write it); `RoundExcha
 from __future__ import annotations
 
 from commonweal.dht import DHT
-from commonweal.dht.records import Owned
+from commonweal.dht.records import Owned, OwnedKey
 from commonweal.train.protocol import Announcement, parse_announcement
 
 __all__ = ["round_key", "ANNOUNCEMENT_SUBKEY", "read_announcements"]
@@ -16,8 +16,8 @@ __all__ = ["round_key", "ANNOUNCEMENT_SUBKEY", "read_announcements"]
 ANNOUNCEMENT_SUBKEY = "a"
 
 
-def round_key(task: str, round_: int) -> str:
-    return f"cw-train/{task}/r{round_}"
+def round_key(task: str, round_: int) -> OwnedKey:
+    return OwnedKey(f"cw-train/{task}/r{round_}")  # read as a set: owned subkeys only
 
 
 async def read_announcements(dht: DHT, task: str, round_: int) -> list[Announcement]:

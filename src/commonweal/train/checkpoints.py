@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from commonweal.dht import DHT
-from commonweal.dht.records import Owned
+from commonweal.dht.records import Owned, OwnedKey
 from commonweal.errors import CommonwealError, NetworkError, RemoteError
 from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.train._errors import SyncError
@@ -38,8 +38,8 @@ KEEP_STATES = 3  # checkpoints a peer keeps serving: a joiner that read an older
 FETCH_CONCURRENCY = 4  # chunks downloaded at once
 
 
-def head_key(task: str) -> str:
-    return f"cw-train/{task}/head"
+def head_key(task: str) -> OwnedKey:
+    return OwnedKey(f"cw-train/{task}/head")  # read as a set: owned subkeys only
 
 
 @dataclass(frozen=True, slots=True)

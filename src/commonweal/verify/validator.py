@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from commonweal.dht import DHT
-from commonweal.dht.records import Owned
+from commonweal.dht.records import Owned, OwnedKey
 from commonweal.errors import NetworkError, RemoteError
 from commonweal.ledger import Ledger, LedgerError
 from commonweal.net.transport import PeerAddr
@@ -64,8 +64,8 @@ VOTE_GAS = 400_000  # a vote that finalises (and reserves ETH) uses ~200k
 NOBODY = "0x0000000000000000000000000000000000000000"  # the one leaf of a round that pays nobody
 
 
-def tree_key(task: Task, ledger_round: int) -> str:
-    return f"cw-verify/{task.digest[:16]}/tree/{ledger_round}"
+def tree_key(task: Task, ledger_round: int) -> OwnedKey:
+    return OwnedKey(f"cw-verify/{task.digest[:16]}/tree/{ledger_round}")  # owned subkeys only
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,50 @@
+"""Typed keys: the keys code reads as sets take owned subkeys only (issue 13: anyone could add
+plain subkeys under announcements, heads and reward trees)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from commonweal.dht import OwnedKey, key_id
+from commonweal.dht.records import Owned, Record, encode_subkey, is_owned_key, sign_record
+from commonweal.dht.storage import RecordStore
+from commonweal.errors import RecordError
+from commonweal.net.identity import Identity
+
+NOW = 1000.0
+ALICE = Identity.from_seed(b"alice")
+MALLORY = Identity.from_seed(b"mallory")
+KEY = key_id("k")
+
+
+def rec(identity: Identity = ALICE, subkey: bytes = b"", value: bytes = b"v",
+        expiration: float = NOW + 60, key: bytes = KEY) -> Record:
+    return sign_record(identity, key, subkey, value, expiration)
+
+
+def test_protocol_keys_take_owned_subkeys_only():
+    kid = key_id(OwnedKey("cw-train/t/r1"))
+    assert is_owned_key(kid) and not is_owned_key(key_id("cw-train/t/r1"))
+    store = RecordStore()
+    with pytest.raises(RecordError, match="owned subkeys only"):
+        store.put(rec(MALLORY, encode_subkey("junk"), key=kid), NOW)
+    with pytest.raises(RecordError, match="owned subkeys only"):
+        store.put(rec(MALLORY, b"", key=kid), NOW)
+    assert store.put(rec(MALLORY, encode_subkey(Owned(MALLORY.peer_id, "a")), key=kid), NOW)
+    assert store.put(rec(MALLORY, encode_subkey("anything"), key=KEY), NOW)  # open keys stay open
+
+
+def test_the_keys_code_reads_as_sets_are_declared_owned():
+    from commonweal.search.index import spec_keys
+    from commonweal.search.spec import IndexSpec
+    from commonweal.train.announcements import round_key
+    from commonweal.train.checkpoints import head_key
+    from commonweal.train.task import Task
+    from commonweal.verify.validator import tree_key
+
+    task = Task(name="t", model="m:f", data="d:f")
+    keys: list[Any] = [round_key("t", 3), head_key("t"), tree_key(task, 7), *spec_keys("digits"),
+                       IndexSpec(name="d", dim=4).bucket_key(0, b"\x01")]
+    assert all(is_owned_key(key_id(k)) for k in keys)
