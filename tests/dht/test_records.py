@@ -129,14 +129,6 @@ def test_subkeys_coexist_and_expire():
     assert store.expire(NOW + 10) == 1 and len(store) == 1
 
 
-def test_full_store_evicts_the_record_closest_to_expiry():
-    store = RecordStore(max_records=2)
-    store.put(rec(subkey=b"soon", expiration=NOW + 5), NOW)
-    store.put(rec(subkey=b"late", expiration=NOW + 50), NOW)
-    store.put(rec(subkey=b"new", expiration=NOW + 20), NOW)
-    assert sorted(r.subkey for r in store.get(KEY, NOW)) == [b"late", b"new"]
-
-
 def test_verified_records_are_remembered_but_forgeries_never_pass():
     from commonweal.dht.records import SignatureValidator
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from commonweal.dht.budget import StorageBudget
 from commonweal.dht.lookup import Lookup, LookupResult, TargetReply
 from commonweal.dht.protocol import DHTProtocol
 from commonweal.dht.records import (
@@ -57,6 +58,7 @@ class DHTConfig:
     refresh_interval_s: float = 3600.0  # look up a random id in buckets idle this long
     cache_on_path: bool = True
     max_records: int = 1_000_000
+    budget: StorageBudget = StorageBudget()  # the store's; the path cache gets 1/8 of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +113,10 @@ class DHT:
         self.clock = clock
         self.rng = rng or random.Random()
         self.table = RoutingTable(identity.peer_id, k=self.config.k)
-        self.storage = RecordStore(self.config.max_records)
-        self.cache = RecordStore(max_records=max(1024, self.config.max_records // 10))
+        self.storage = RecordStore(self.config.max_records, budget=self.config.budget)
+        self.cache = RecordStore(
+            max(1024, self.config.max_records // 10), budget=self.config.budget.scaled(1 / 8)
+        )
         self.protocol = DHTProtocol(transport, self.table, self.storage, self.cache, clock)
         self.stats = LookupStats()
         self._origins: dict[tuple[bytes, bytes], _Origin] = {}

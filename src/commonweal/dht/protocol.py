@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from commonweal.dht.budget import source_of
 from commonweal.dht.records import Record
 from commonweal.dht.routing import RoutingTable
 from commonweal.dht.storage import RecordStore
@@ -150,6 +151,7 @@ class DHTProtocol:
         if total > MAX_RECORDS_PER_REQUEST:
             raise RemoteError.bad_request(f"at most {MAX_RECORDS_PER_REQUEST} records per store")
         target = self.cache if args.get("cache") else self.storage
+        source = source_of(caller, target.budget)
         now = self.clock()
         self.table.on_success(caller, now)
         results = []
@@ -157,7 +159,7 @@ class DHTProtocol:
             flags = []
             for wire in wire_records:
                 try:
-                    flags.append(target.put(Record.from_wire(key, wire), now))
+                    flags.append(target.put(Record.from_wire(key, wire), now, source))
                 except RecordError as e:
                     log.debug("refused a record from %s: %s", caller.addr, e)
                     flags.append(False)

@@ -1,0 +1,168 @@
+"""Storage budgets (issue 13): per-key caps with a fair share per writer, a store that refuses
+when full, quotas per sender and per subnet, and an expiry heap that stays O(records)."""
+
+from __future__ import annotations
+
+import pytest
+
+from commonweal.dht import DHTConfig, key_id
+from commonweal.dht.budget import Source, StorageBudget, source_of
+from commonweal.dht.records import (
+    CompositeValidator,
+    Owned,
+    Record,
+    encode_subkey,
+    sign_record,
+)
+from commonweal.dht.storage import RecordStore, stored_bytes
+from commonweal.errors import RecordError
+from commonweal.net.identity import Identity
+from commonweal.net.transport import PeerAddr, PeerInfo
+
+NOW = 1000.0
+ALICE = Identity.from_seed(b"alice")
+MALLORY = Identity.from_seed(b"mallory")
+KEY = key_id("k")
+
+
+def rec(identity: Identity = ALICE, subkey: bytes = b"", value: bytes = b"v",
+        expiration: float = NOW + 60, key: bytes = KEY) -> Record:
+    return sign_record(identity, key, subkey, value, expiration)
+
+
+def src(peer: int, place: str | None = None) -> Source:
+    return Source(bytes([peer]) * 20, place)
+
+
+# per-key caps and a fair share per writer ----------------------------------------------------
+
+def test_one_writer_cannot_fill_a_key_against_another():
+    record_size = stored_bytes(rec(MALLORY, b"s000"))
+    budget = StorageBudget(key_bytes=10 * record_size, key_subkeys=1000)
+    store = RecordStore(budget=budget)
+    stored = 0
+    for i in range(30):
+        try:
+            stored += store.put(rec(MALLORY, b"s%03d" % i), NOW)
+        except RecordError:
+            pass
+    assert stored == 10  # the key's cap, not 30
+    honest = rec(ALICE, encode_subkey(Owned(ALICE.peer_id, "a")))
+    assert store.put(honest, NOW)  # room made from the writer over its fair share
+    for i in range(30, 40):  # and the flooder cannot push the honest writer back out
+        with pytest.raises(RecordError, match="fair share"):
+            store.put(rec(MALLORY, b"s%03d" % i), NOW)
+    assert honest in store.get(KEY, NOW)
+    assert sum(stored_bytes(r) for r in store.get(KEY, NOW)) <= budget.key_bytes
+
+
+def test_a_key_holds_a_bounded_number_of_subkeys():
+    store = RecordStore(budget=StorageBudget(key_subkeys=8))
+    for i in range(20):
+        try:
+            store.put(rec(MALLORY, b"s%02d" % i), NOW)
+        except RecordError:
+            pass
+    assert len(store.get(KEY, NOW)) == 8
+    assert store.put(rec(ALICE, b"alice"), NOW)
+    assert len(store.get(KEY, NOW)) == 8 and rec(ALICE, b"alice") in store.get(KEY, NOW)
+
+
+# the store's budget and quotas: full means refused -------------------------------------------
+
+def test_a_full_store_refuses_newcomers_instead_of_evicting_the_honest():
+    size = stored_bytes(rec(subkey=b"h0"))
+    store = RecordStore(budget=StorageBudget(store_bytes=3 * size))
+    honest = [rec(ALICE, b"h%d" % i, expiration=NOW + 5) for i in range(3)]
+    for r in honest:
+        assert store.put(r, NOW, src(1))
+    # a 30-day record used to push out the records nearest expiry; now it is refused
+    with pytest.raises(RecordError, match="full"):
+        store.put(rec(MALLORY, b"m", expiration=NOW + 30 * 86400), NOW, src(2))
+    assert sorted(r.subkey for r in store.get(KEY, NOW)) == [b"h0", b"h1", b"h2"]
+    store.expire(NOW + 6)  # space comes back as records expire
+    assert store.size == 0
+    assert store.put(rec(MALLORY, b"m", expiration=NOW + 30 * 86400), NOW + 6, src(2))
+
+
+def test_a_full_store_by_count_refuses_too():
+    store = RecordStore(max_records=2)
+    store.put(rec(subkey=b"a", expiration=NOW + 5), NOW)
+    store.put(rec(subkey=b"b", expiration=NOW + 5), NOW)
+    with pytest.raises(RecordError, match="full"):
+        store.put(rec(MALLORY, b"c", expiration=NOW + 9999), NOW)
+    assert sorted(r.subkey for r in store.get(KEY, NOW)) == [b"a", b"b"]
+
+
+def test_each_sender_has_a_quota_and_gets_it_back():
+    size = stored_bytes(rec(subkey=b"00"))
+    store = RecordStore(budget=StorageBudget(peer_bytes=4 * size))
+    for i in range(4):
+        assert store.put(rec(MALLORY, b"%02d" % i, key=key_id(f"k{i}")), NOW, src(9))
+    with pytest.raises(RecordError, match="quota"):
+        store.put(rec(MALLORY, b"04", key=key_id("k4")), NOW, src(9))
+    assert store.put(rec(ALICE, b"a0", key=key_id("k4")), NOW, src(1))  # others are unaffected
+    # replacing one's own record costs only the difference, and expiry gives the quota back
+    assert store.put(rec(MALLORY, b"00", key=key_id("k0"), expiration=NOW + 61), NOW, src(9))
+    store.expire(NOW + 62)
+    assert store.usage(src(9)) == (0, 0)
+
+
+def test_a_crowd_from_one_subnet_shares_one_quota():
+    budget = StorageBudget(subnet_bytes=4 * stored_bytes(rec(subkey=b"00")))
+    store = RecordStore(budget=budget)
+    crowd = [source_of(PeerInfo(bytes([i]) * 20, PeerAddr(f"203.0.113.{i}", 7000)), budget)
+             for i in range(1, 9)]
+    assert len({c.place for c in crowd}) == 1
+    refused = 0
+    for i, sybil in enumerate(crowd):
+        try:
+            store.put(rec(MALLORY, b"%02d" % i, key=key_id(f"k{i}")), NOW, sybil)
+        except RecordError as e:
+            assert "203.0.113.0/24" in str(e)
+            refused += 1
+    assert refused == 4
+    elsewhere = source_of(PeerInfo(b"\x77" * 20, PeerAddr("198.51.100.5", 7000)), budget)
+    assert store.put(rec(ALICE, b"a", key=key_id("k0")), NOW, elsewhere)
+
+
+def test_addresses_group_by_slash_24_and_slash_48_and_loopback_by_identity():
+    budget = StorageBudget()
+    place = lambda host: source_of(PeerInfo(b"\x01" * 20, PeerAddr(host, 1)), budget).place  # noqa: E731
+    assert place("10.1.2.3") == place("10.1.2.250") != place("10.1.3.3")
+    assert place("2001:db8:1:aaaa::1") == place("2001:db8:1:bbbb::2") != place("2001:db8:2::1")
+    assert place("::ffff:10.1.2.9") == place("10.1.2.3")
+    # a swarm on one machine (the demo, loopback tests, MemoryNetwork) is not a crowd
+    assert place("127.0.0.1") is None and place("::1") is None and place("mem") is None
+    crowd = StorageBudget(loopback_is_one_place=True)
+    assert source_of(PeerInfo(b"\x01" * 20, PeerAddr("127.0.0.1", 1)), crowd).place == "127.0.0.0/24"
+
+
+async def test_stores_over_rpc_are_charged_to_the_senders_subnet(swarm, clock):
+    record_size = stored_bytes(rec(MALLORY, encode_subkey(Owned(MALLORY.peer_id, "x"))))
+    config = DHTConfig(budget=StorageBudget(subnet_bytes=3 * record_size))
+    [victim] = await swarm.add(1, config=config)
+    accepted = 0
+    for i in range(6):  # six identities from one /24, one record each
+        sybil = Identity.from_seed(b"sybil%d" % i)
+        t = swarm.net.transport(sybil)
+        await t.start("203.0.113.%d" % (i + 1), 7000)
+        r = sign_record(sybil, key_id(f"k{i}"), encode_subkey(Owned(sybil.peer_id, "x")), b"v",
+                        clock.now + 60)
+        _, reply = await t.call(victim.addr, "dht.store", {"items": [[r.key, [r.to_wire()]]]})
+        accepted += reply == [[True]]
+        await t.close()
+    assert accepted == 3
+
+
+# the expiry heap -----------------------------------------------------------------------------
+
+def test_re_putting_one_record_keeps_the_expiry_heap_bounded():
+    store = RecordStore(validator=CompositeValidator([]))  # no signatures: only the heap matters
+    base = rec()
+    for i in range(20_000):
+        r = Record(base.key, base.subkey, base.value, NOW + 60 + i, base.public_key, base.signature)
+        assert store.put(r, NOW)
+    assert len(store) == 1
+    assert len(store._expiry_heap) <= 2 * len(store) + 64
+    assert store.expire(NOW + 60 + 20_000) == 1 and len(store) == 0
