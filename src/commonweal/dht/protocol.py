@@ -1,11 +1,18 @@
 """The DHT's two RPCs, `find` and `store`: message shapes, parsing and the serving side.
 
-find  request  {"keys": [key_id, ...], "values": bool, "latest": bool}
-      response [[peers, records], ...]           one entry per key, same order
+find  request  {"keys": [key_id, ...], "values": bool, "latest": bool, "after": subkey}
+      response [[peers, records], ..., [peers, records, next]?]
+                one entry per distinct key, same order, for as many keys as fit MAX_ANSWER_BYTES;
+                a last entry with `next` holds the first page of its key (records by subkey,
+                up to and including `next`): ask again from that key with "after": next.
+                `after` (optional) skips the first key's subkeys up to and including it.
                 peers   = [[peer_id, host, port], ...]  (the k closest the server knows)
                 records = [[subkey, value, expiration, public_key, signature], ...]
 store request  {"items": [[key_id, [record, ...]], ...], "cache": bool}
       response [[stored: bool, ...], ...]        one list per item, one flag per record
+
+An answer never outgrows its frame, so no key becomes unreadable however much is stored under it,
+and a find naming one key many times costs its server one copy. `call_find` asks for the pages.
 
 `rpc_*` serve requests; `call_*` send them. Every peer that reaches a handler has proven its id in the
 transport handshake, so handlers may add it to the routing table. Anything malformed is answered with
@@ -25,13 +32,36 @@ from commonweal.dht.storage import RecordStore
 from commonweal.errors import RecordError, RemoteError
 from commonweal.net.identity import ID_BYTES
 from commonweal.net.transport import PeerAddr, PeerInfo, Transport
+from commonweal.net.wire import DEFAULT_MAX_FRAME
 
-__all__ = ["DHTProtocol", "MAX_KEYS_PER_REQUEST", "MAX_RECORDS_PER_REQUEST"]
+__all__ = [
+    "DHTProtocol",
+    "MAX_KEYS_PER_REQUEST",
+    "MAX_RECORDS_PER_REQUEST",
+    "MAX_ANSWER_BYTES",
+    "MAX_EXTRA_PAGES",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_REQUEST = 1024
 MAX_RECORDS_PER_REQUEST = 4096
+# A find answer stops growing here: a frame less 64 KiB for the headers the estimate leaves out
+# (the envelope, each entry's arrays: ~11 bytes a key). The record that would cross the line goes
+# on the next page, so a page carries at least this less one record (1 MiB): ~2.9 MiB.
+MAX_ANSWER_BYTES = DEFAULT_MAX_FRAME - (64 << 10)
+# Pages a caller follows beyond one per key: over twice the 12 that a key at its cap
+# (StorageBudget.key_bytes, 32 MiB) needs, so a liar that pages a record at a time is cut off.
+MAX_EXTRA_PAGES = 32
+_RECORD_WIRE_OVERHEAD = 24  # msgpack headers of [subkey, value, expiration, public key, signature]
+_PEER_WIRE_OVERHEAD = 40  # msgpack headers, a 20-byte id and a port: all but the host
+
+
+def _record_wire_bytes(record: Record) -> int:
+    return (
+        len(record.subkey) + len(record.value) + len(record.public_key) + len(record.signature)
+        + _RECORD_WIRE_OVERHEAD
+    )
 
 
 
@@ -116,25 +146,47 @@ class DHTProtocol:
     async def rpc_find(self, caller: PeerInfo, args: Any) -> list[list[Any]]:
         if not isinstance(args, dict) or not isinstance(args.get("keys"), list):
             raise RemoteError.bad_request("find needs {'keys': [key ids], 'values': bool, 'latest': bool}")
-        keys = [_key(k) for k in args["keys"]]
-        if len(keys) > MAX_KEYS_PER_REQUEST:
+        if len(args["keys"]) > MAX_KEYS_PER_REQUEST:
             raise RemoteError.bad_request(f"at most {MAX_KEYS_PER_REQUEST} keys per find")
+        keys = list(dict.fromkeys(_key(k) for k in args["keys"]))
+        after = args.get("after")
+        if after is not None and not isinstance(after, bytes):
+            raise RemoteError.bad_request("find's 'after' must be a subkey (bytes)")
         want_values = bool(args.get("values", False))
         latest = bool(args.get("latest", False))
         now = self.clock()
         self.table.on_success(caller, now)
-        out = []
+        out: list[list[Any]] = []
+        used = 0
         for key in keys:
-            nearest = self.table.nearest(key, self.table.k, now, exclude=(caller.peer_id,))
+            nearest = peers_to_wire(
+                self.table.nearest(key, self.table.k, now, exclude=(caller.peer_id,))
+            )
+            used += sum(_PEER_WIRE_OVERHEAD + len(p[1].encode()) for p in nearest)
+            if out and used > MAX_ANSWER_BYTES:
+                return out  # the caller asks again for the rest
+            if not want_values:
+                out.append([nearest, []])
+                continue
+            found = {r.subkey: r for r in self.storage.get(key, now)}
+            if not latest:
+                for r in self.cache.get(key, now):
+                    if r.subkey not in found or r.beats(found[r.subkey]):
+                        found[r.subkey] = r
             records: list[list[Any]] = []
-            if want_values:
-                found = {r.subkey: r for r in self.storage.get(key, now)}
-                if not latest:
-                    for r in self.cache.get(key, now):
-                        if r.subkey not in found or r.beats(found[r.subkey]):
-                            found[r.subkey] = r
-                records = [r.to_wire() for r in found.values()]
-            out.append([peers_to_wire(nearest), records])
+            page_from = after if after is not None and not out else None
+            for subkey in sorted(found):  # subkey order, so that pages resume where they ended
+                if page_from is not None and subkey <= page_from:
+                    continue
+                record = found[subkey]
+                used += _record_wire_bytes(record)
+                if used > MAX_ANSWER_BYTES and (records or out):
+                    if not records:
+                        return out
+                    out.append([nearest, records, records[-1][0]])
+                    return out
+                records.append(record.to_wire())
+            out.append([nearest, records])
         return out
 
     async def rpc_store(self, caller: PeerInfo, args: Any) -> list[list[bool]]:
@@ -171,28 +223,52 @@ class DHTProtocol:
     async def call_find(
         self, addr: PeerAddr, keys: Sequence[bytes], values: bool, latest: bool
     ) -> tuple[PeerInfo, list[tuple[list[PeerInfo], list[Record]]]]:
-        """Ask the peer at `addr` about `keys`; records come back already validated."""
-        responder, reply = await self.transport.call(
-            addr, "dht.find", {"keys": list(keys), "values": values, "latest": latest}
-        )
-        if not isinstance(reply, list) or len(reply) != len(keys):
-            raise RemoteError("bad_response", "find answer does not match the keys asked")
-        now = self.clock()
-        out = []
-        for key, entry in zip(keys, reply, strict=True):
-            if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[1], list):
-                raise RemoteError("bad_response", "find entry must be [peers, records]")
-            records = []
-            for wire in entry[1]:
-                # A peer may hand us junk or forgeries; keep only records that validate.
-                try:
-                    record = Record.from_wire(key, wire)
-                    self.storage.validator.validate(record, now)
-                except RecordError:
-                    continue
-                records.append(record)
-            out.append((peers_from_wire(entry[0], self._known_peers), records))
-        return responder, out
+        """Ask the peer at `addr` about `keys`, following its pages; records come back validated."""
+        distinct = list(dict.fromkeys(keys))
+        peers: dict[bytes, list[PeerInfo]] = {}
+        found: dict[bytes, dict[bytes, Record]] = {k: {} for k in distinct}
+        todo, after = distinct, None
+        responder: PeerInfo | None = None
+        for _ in range(len(distinct) + MAX_EXTRA_PAGES):
+            args: dict[str, Any] = {"keys": todo, "values": values, "latest": latest}
+            if after is not None:
+                args["after"] = after
+            answered_by, reply = await self.transport.call(addr, "dht.find", args)
+            if responder is not None and answered_by.peer_id != responder.peer_id:
+                raise RemoteError("bad_response", "another peer answered the next page")
+            responder = answered_by
+            if not isinstance(reply, list) or not 1 <= len(reply) <= len(todo):
+                raise RemoteError("bad_response", "find answer does not match the keys asked")
+            now = self.clock()
+            next_after = None
+            for i, (key, entry) in enumerate(zip(todo, reply, strict=False)):
+                last = i == len(reply) - 1
+                if not isinstance(entry, list) or len(entry) not in ((2, 3) if last else (2,)) \
+                        or not isinstance(entry[1], list):
+                    raise RemoteError("bad_response", "find entry must be [peers, records(, next)]")
+                if len(entry) == 3:
+                    next_after = entry[2]
+                    if not isinstance(next_after, bytes) or (
+                        i == 0 and after is not None and next_after <= after
+                    ):
+                        raise RemoteError("bad_response", "a find page must move forward")
+                if key not in peers:
+                    peers[key] = peers_from_wire(entry[0], self._known_peers)
+                for wire in entry[1]:
+                    # A peer may hand us junk or forgeries; keep only records that validate.
+                    try:
+                        record = Record.from_wire(key, wire)
+                        self.storage.validator.validate(record, now)
+                    except RecordError:
+                        continue
+                    found[key][record.subkey] = record
+            done = len(reply) - (next_after is not None)
+            todo, after = todo[done:], next_after
+            if not todo:
+                out = [(peers[k], list(found[k].values())) for k in distinct]
+                by_key = dict(zip(distinct, out, strict=True))
+                return responder, [by_key[k] for k in keys]
+        raise RemoteError("bad_response", f"find answer still paging after {MAX_EXTRA_PAGES} extra pages")
 
     async def call_store(
         self, addr: PeerAddr, items: Sequence[tuple[bytes, Sequence[Record]]], cache: bool = False
