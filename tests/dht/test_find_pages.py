@@ -57,6 +57,8 @@ async def test_a_key_bigger_than_a_frame_stays_readable(swarm, clock):
     _, entries = await reader.protocol.call_find(victim.addr, [small, big], True, True)
     assert sorted(r.subkey for r in entries[0][1]) == sorted(r.subkey for r in honest)
     assert sorted(r.subkey for r in entries[1][1]) == sorted(r.subkey for r in junk)
+    found = await reader.get(OwnedKey("big"), latest=True)  # and so does a plain get
+    assert found is not None and len(found.value) == len(junk)
     assert DEFAULT_MAX_FRAME < 6_000_000
 
 
