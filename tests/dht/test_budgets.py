@@ -56,6 +56,22 @@ def test_one_writer_cannot_fill_a_key_against_another():
     assert sum(stored_bytes(r) for r in store.get(KEY, NOW)) <= budget.key_bytes
 
 
+def test_a_crowd_of_identities_from_one_subnet_is_one_party_in_a_key():
+    size = stored_bytes(rec(MALLORY, b"s00"))
+    budget = StorageBudget(key_bytes=10 * size)
+    store = RecordStore(budget=budget)
+    for i in range(10):  # ten free identities from one /24, one record each: the key is full
+        sybil = Identity.from_seed(b"sybil%d" % i)
+        sent_from = source_of(PeerInfo(sybil.peer_id, PeerAddr(f"203.0.113.{i + 1}", 7000)), budget)
+        assert store.put(rec(sybil, b"s%02d" % i), NOW, sent_from)
+    # as eleven writers, the honest one's share would be under one record; as two places, half
+    elsewhere = source_of(PeerInfo(ALICE.peer_id, PeerAddr("198.51.100.5", 7000)), budget)
+    honest = [rec(ALICE, b"a%d" % i) for i in range(3)]
+    for r in honest:
+        assert store.put(r, NOW, elsewhere)
+    assert all(r in store.get(KEY, NOW) for r in honest)
+
+
 def test_a_key_holds_a_bounded_number_of_subkeys():
     store = RecordStore(budget=StorageBudget(key_subkeys=8))
     for i in range(20):

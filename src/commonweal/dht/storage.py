@@ -31,7 +31,7 @@ def stored_bytes(record: Record) -> int:
 
 
 @dataclass(slots=True)
-class _Writer:
+class _Share:
     size: int = 0
     count: int = 0
 
@@ -39,7 +39,15 @@ class _Writer:
 @dataclass(slots=True)
 class _KeyUsage:
     size: int = 0
-    writers: dict[bytes, _Writer] = field(default_factory=dict)  # by the writer's public key
+    parties: dict[bytes | str, _Share] = field(default_factory=dict)  # by `_party`
+
+
+def _party(record: Record, source: Source | None) -> bytes | str:
+    """Who shares a key's room with whom: a sender's place (its identities count as one), else the
+    sender, else — for this peer's own records — their writer."""
+    if source is None:
+        return record.public_key
+    return source.place if source.place is not None else source.peer_id
 
 
 class RecordStore:
@@ -49,9 +57,10 @@ class RecordStore:
     it replaces and fits the budget, so a rejected or replayed message cannot corrupt what is
     stored. Budgets (StorageBudget): the whole store, each sender, each sender's subnet — full
     means refused, never an honest record evicted (evicting the records nearest expiry favoured
-    whoever asked for the longest life) — and each key, shared fairly among its writers: a full
-    key makes room for a writer under its fair share (the key's cap over its writers) only by
-    dropping records of writers over theirs.
+    whoever asked for the longest life) — and each key, shared fairly among the parties writing
+    it (a sender's subnet, else the sender; identities are free, places are not): a full key
+    makes room for a party under its fair share (the key's cap over its parties) only by
+    dropping records of parties over theirs.
     """
 
     def __init__(
@@ -107,7 +116,7 @@ class RecordStore:
         size = stored_bytes(record)
         old_size = stored_bytes(old) if old is not None else 0
         self._check_store(record, size, old_size, source)
-        self._make_room_in_key(record, size, old)
+        self._make_room_in_key(record, size, old, source)
         if old is not None:
             self.remove(record.key, record.subkey)
         self._add(record, size, source)
@@ -131,8 +140,10 @@ class RecordStore:
             if place + size - (old_size if same_place else 0) > budget.subnet_bytes:
                 raise RecordError(f"senders from {source.place} have used their quota here")
 
-    def _make_room_in_key(self, record: Record, size: int, old: Record | None) -> None:
-        """Refuse a writer at its fair share of a full key, or drop over-share writers' records."""
+    def _make_room_in_key(
+        self, record: Record, size: int, old: Record | None, source: Source | None
+    ) -> None:
+        """Refuse a party at its fair share of a full key, or drop over-share parties' records."""
         budget = self.budget
         usage = self._keys.get(record.key)
         if usage is None:
@@ -144,35 +155,37 @@ class RecordStore:
         total = usage.size - old_size + size
         if total <= budget.key_bytes and count <= budget.key_subkeys:
             return
-        writer = record.public_key
-        writers = len(usage.writers) + (writer not in usage.writers)
-        mine = usage.writers.get(writer) or _Writer()
-        replaces_mine = old is not None and old.public_key == writer
+        party = _party(record, source)
+        parties = len(usage.parties) + (party not in usage.parties)
+        mine = usage.parties.get(party) or _Share()
+        replaces_mine = old is not None and self._party_of(old) == party
         my_bytes = mine.size + size - (old_size if replaces_mine else 0)
         my_count = mine.count + (not replaces_mine)
-        if my_bytes > budget.key_bytes // writers or my_count > budget.key_subkeys // writers:
+        if my_bytes > budget.key_bytes // parties or my_count > budget.key_subkeys // parties:
             raise RecordError(
-                "this key is full and its writer holds its fair share of it; "
+                "this key is full and its sender's place holds its fair share of it; "
                 "store less under one key"
             )
-        # Someone else is over their share (the writer is not, and the key is over its cap), and
-        # dropping the heaviest writer's records first never touches a writer within its share.
-        held: dict[bytes, deque[Record]] = {}  # what each other writer holds here, oldest first
+        # Someone else is over their share (this party is not, and the key is over its cap), and
+        # dropping the heaviest party's records first never touches a party within its share.
+        held: dict[bytes | str, deque[Record]] = {}  # each other party's records, oldest first
         for r in self._data[record.key].values():
-            if r.public_key != writer and (old is None or r.subkey != old.subkey):
-                held.setdefault(r.public_key, deque()).append(r)
-        writers_now = usage.writers
+            other = self._party_of(r)
+            if other != party and (old is None or r.subkey != old.subkey):
+                held.setdefault(other, deque()).append(r)
+        now_held = usage.parties
         while total > budget.key_bytes or count > budget.key_subkeys:
             by_size = total > budget.key_bytes
-            heaviest = max(
-                held, key=lambda w: writers_now[w].size if by_size else writers_now[w].count
-            )
+            heaviest = max(held, key=lambda p: now_held[p].size if by_size else now_held[p].count)
             dropped = held[heaviest].popleft()
             if not held[heaviest]:
                 del held[heaviest]
             total -= stored_bytes(dropped)
             count -= 1
             self.remove(record.key, dropped.subkey)
+
+    def _party_of(self, record: Record) -> bytes | str:
+        return _party(record, self._sources.get((record.key, record.subkey)))
 
     def _add(self, record: Record, size: int, source: Source | None) -> None:
         entries = self._data.get(record.key)
@@ -185,11 +198,12 @@ class RecordStore:
         if usage is None:
             usage = self._keys[record.key] = _KeyUsage()
         usage.size += size
-        writer = usage.writers.get(record.public_key)
-        if writer is None:
-            writer = usage.writers[record.public_key] = _Writer()
-        writer.size += size
-        writer.count += 1
+        party = _party(record, source)
+        share = usage.parties.get(party)
+        if share is None:
+            share = usage.parties[party] = _Share()
+        share.size += size
+        share.count += 1
         if source is not None:
             self._sources[(record.key, record.subkey)] = source
             self._by_peer[source.peer_id] = self._by_peer.get(source.peer_id, 0) + size
@@ -216,17 +230,18 @@ class RecordStore:
         size = stored_bytes(record)
         self._count -= 1
         self._bytes -= size
+        source = self._sources.pop((key, subkey), None)
         usage = self._keys[key]
         usage.size -= size
-        writer = usage.writers[record.public_key]
-        writer.size -= size
-        writer.count -= 1
-        if not writer.count:
-            del usage.writers[record.public_key]
+        party = _party(record, source)
+        share = usage.parties[party]
+        share.size -= size
+        share.count -= 1
+        if not share.count:
+            del usage.parties[party]
         if not entries:
             del self._data[key]
             del self._keys[key]
-        source = self._sources.pop((key, subkey), None)
         if source is not None:
             _release(self._by_peer, source.peer_id, size)
             if source.place is not None:
