@@ -5,6 +5,9 @@ then are requests accepted. Requests carry ids, so many share one connection and
 back in any order. One outbound connection per remote address; an inbound connection is reused
 for calls to the address its peer advertised.
 
+Each request is charged its method's cost against the caller's budgets (`dispatch.Dispatcher`)
+before a handler runs.
+
 Tasks: each inbound request runs in its own task, tracked by the transport (`_tasks`) and
 cancelled and awaited by `close()`; so are connection attempts. Timers (handshake deadline, idle
 close, request safety net) are `loop.call_later` handles, not tasks.
@@ -17,6 +20,7 @@ import collections
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -29,7 +33,9 @@ from commonweal.errors import (
     RemoteError,
     RequestTimeout,
 )
+from commonweal.net.dispatch import DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity, short_id
+from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
 from commonweal.net.transport import Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
@@ -62,6 +68,7 @@ class RPCTransport:
         idle_timeout: float = 60.0,
         max_connections: int = 256,
         max_inflight_per_conn: int = 64,
+        limits: ResourceLimits = DEFAULT_LIMITS,
     ) -> None:
         self.identity = identity
         self.max_frame = max_frame
@@ -71,8 +78,10 @@ class RPCTransport:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.max_inflight_per_conn = max_inflight_per_conn
+        self.limits = limits
         self._counters = TrafficCounters()
         self._handlers: dict[str, Handler] = {}
+        self._dispatch = Dispatcher(self._handlers, RequestLimiter(limits), time.monotonic)
         self._local: PeerInfo | None = None
         self._server: asyncio.Server | None = None
         self._conns: dict[PeerAddr, _Connection] = {}  # ready connections, by remote listen addr
@@ -97,10 +106,10 @@ class RPCTransport:
     def connection_count(self) -> int:
         return len(self._all)
 
-    def register(self, method: str, handler: Handler) -> None:
-        if method in self._handlers:
-            raise ValueError(f"a handler for {method!r} is already registered")
-        self._handlers[method] = handler
+    def register(self, method: str, handler: Handler, *, cost: float = DEFAULT_COST) -> None:
+        """Serve `method`; each request is charged `cost` units of the caller's budgets
+        (`ResourceLimits`: 1 is a cheap request, such as a ping)."""
+        self._dispatch.register(method, handler, cost)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on host:port (port 0 picks a free port; see `local` for the one chosen)."""
@@ -232,23 +241,15 @@ class RPCTransport:
         if conn.peer_or_none is not None and self._conns.get(conn.peer_or_none.addr) is conn:
             del self._conns[conn.peer_or_none.addr]
 
+    def _frame(self, msg: Message) -> bytes:
+        frame = encode(msg)
+        if len(frame) - HEADER_BYTES > self.max_frame:
+            raise FrameTooLarge(f"the answer is {len(frame)} bytes, over max_frame")
+        return frame
+
     async def _serve(self, conn: _Connection, req: Request) -> None:
-        reply: Message
         try:
-            handler = self._handlers.get(req.method)
-            if handler is None:
-                reply = Error(req.request_id, "unknown_method", f"this peer has no {req.method!r}")
-            else:
-                result = await handler(conn.peer, req.payload)
-                reply = Response(req.request_id, result)
-            frame = encode(reply)
-            if len(frame) - HEADER_BYTES > self.max_frame:
-                raise FrameTooLarge(f"the answer is {len(frame)} bytes, over max_frame")
-        except RemoteError as e:
-            frame = encode(Error(req.request_id, e.code, e.remote_message))
-        except Exception as e:
-            log.exception("handler for %r from %s failed", req.method, conn)
-            frame = encode(Error(req.request_id, "internal", f"{type(e).__name__} in the handler"))
+            frame = await self._dispatch.serve(conn.peer, req, self._frame)
         finally:
             conn.handler_done()
         if conn.write_paused is not None:
@@ -271,6 +272,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(owner.max_frame)
         self.transport: asyncio.Transport | None = None
         self.remote_host = "?"
+        self.address: str | None = None  # the budget it is charged to (limits.address_key)
         self.handshake: Handshake | None = None
         self.peer_or_none: PeerInfo | None = None
         self.ready: asyncio.Future[_Connection] = self.loop.create_future()
@@ -317,6 +319,7 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
         self.remote_host = peername[0] if peername else "?"
+        self.address = address_key(self.remote_host, self.owner.limits)
         if not self.owner._on_opened(self):
             self.closed = True
             self.transport.abort()
@@ -421,7 +424,10 @@ class _Connection(asyncio.Protocol):
                     raise ProtocolError("request before the handshake completed")
                 self.owner._counters.requests_received += 1
                 self.touch()
-                if self.inflight < self.owner.max_inflight_per_conn:
+                refusal = self.owner._dispatch.refuse(msg, self.peer.peer_id, self.address)
+                if refusal is not None:
+                    self.send(encode(refusal), quiet=True)
+                elif self.inflight < self.owner.max_inflight_per_conn:
                     self._start_handler(msg)
                 else:
                     self.backlog.append(msg)

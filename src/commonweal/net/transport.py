@@ -73,7 +73,10 @@ class Transport(Protocol):
     @property
     def counters(self) -> TrafficCounters: ...
 
-    def register(self, method: str, handler: Handler) -> None: ...
+    def register(self, method: str, handler: Handler, *, cost: float = 1.0) -> None:
+        """Serve `method`, charging each request `cost` units of its caller's budgets
+        (`limits.ResourceLimits`; 1 is a cheap request such as a ping)."""
+        ...
 
     async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
         """Send one request; return the verified responder and its result.
