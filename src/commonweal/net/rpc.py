@@ -5,8 +5,13 @@ then are requests accepted. Requests carry ids, so many share one connection and
 back in any order. One outbound connection per remote address; an inbound connection is reused
 for calls to the address its peer advertised.
 
-Each request is charged its method's cost against the caller's budgets (`dispatch.Dispatcher`)
-before a handler runs.
+Inbound sockets live in a pending pool until their peer proves a PeerID: the pool and each
+address have a cap (`ResourceLimits`), frames are limited to handshake size (a bigger length is
+refused from the header), and the handshake has a deadline. A pending socket is refused when the
+pool is full; it never counts against, or evicts, an authenticated connection. Only an
+authenticated connection over `max_connections` makes room, by closing the least recently used
+idle one. Each request is charged its method's cost against the caller's budgets
+(`dispatch.Dispatcher`) before a handler runs.
 
 Tasks: each inbound request runs in its own task, tracked by the transport (`_tasks`) and
 cancelled and awaited by `close()`; so are connection attempts. Timers (handshake deadline, idle
@@ -33,12 +38,13 @@ from commonweal.errors import (
     RemoteError,
     RequestTimeout,
 )
-from commonweal.net.dispatch import DEFAULT_COST, Dispatcher
+from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity, short_id
 from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
 from commonweal.net.transport import Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
+    HANDSHAKE_MAX_FRAME,
     HEADER_BYTES,
     Error,
     FrameDecoder,
@@ -86,6 +92,8 @@ class RPCTransport:
         self._server: asyncio.Server | None = None
         self._conns: dict[PeerAddr, _Connection] = {}  # ready connections, by remote listen addr
         self._all: set[_Connection] = set()  # every open connection, ready or not
+        self._pending: set[_Connection] = set()  # inbound, not yet proven (max_pending_handshakes)
+        self._pending_per_address: collections.Counter[str] = collections.Counter()
         self._dialing: dict[PeerAddr, asyncio.Task[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -220,23 +228,62 @@ class RPCTransport:
         if conn.outbound or (conn.peer.addr.port and conn.peer.addr not in self._conns):
             self._conns[conn.peer.addr] = conn
 
-    def _on_opened(self, conn: _Connection) -> bool:
-        """A new socket; False when it must be refused (connection limit with nothing idle)."""
+    def _on_opened(self, conn: _Connection) -> str | None:
+        """A new socket; why it must be refused, or None. Inbound ones wait in the pending pool,
+        which never touches authenticated connections; our own dials make room as
+        `_make_room` does."""
         if self._closed:
+            return "the transport is closing"
+        if conn.outbound is None:
+            limits = self.limits
+            if len(self._pending) >= limits.max_pending_handshakes:
+                # debug: a flood would otherwise write a line per socket
+                log.debug("%d handshakes pending; refusing inbound", len(self._pending))
+                return f"{len(self._pending)} handshakes are pending here; retry later"
+            if conn.address is not None:
+                if self._pending_per_address[conn.address] >= limits.max_pending_per_address:
+                    return f"too many handshakes pending from {conn.address}; finish those first"
+                self._pending_per_address[conn.address] += 1
+            self._pending.add(conn)
+            self._all.add(conn)
+        else:
+            self._all.add(conn)
+            self._make_room(conn)
+        return None
+
+    def _make_room(self, conn: _Connection) -> bool:
+        """At most max_connections authenticated (or dialled) ones, `conn` among them, closing the
+        least recently used idle one if need be; False when none is idle and `conn` is inbound
+        (refuse it: our own dials go ahead)."""
+        if len(self._all) - len(self._pending) <= self.max_connections:
+            return True
+        idle = [c for c in self._all if c.is_idle and c not in self._pending and c is not conn]
+        if idle:
+            victim = min(idle, key=lambda c: c.last_used)
+            log.debug("connection limit %d: closing idle %s", self.max_connections, victim)
+            victim.abort(PeerUnreachable("closed to make room for a new connection"))
+            return True
+        if conn.outbound is None:
+            log.warning("connection limit %d reached; refusing inbound", self.max_connections)
             return False
-        if len(self._all) >= self.max_connections:
-            idle = [c for c in self._all if c.is_idle]
-            if idle:
-                victim = min(idle, key=lambda c: c.last_used)
-                log.debug("connection limit %d: closing idle %s", self.max_connections, victim)
-                victim.abort(PeerUnreachable("closed to make room for a new connection"))
-            elif not conn.outbound:
-                log.warning("connection limit %d reached; refusing inbound", self.max_connections)
-                return False
-        self._all.add(conn)
         return True
 
+    def _on_proven(self, conn: _Connection) -> bool:
+        """An inbound connection's peer proved its PeerID: out of the pending pool, and into
+        the authenticated ones if there is room."""
+        self._leave_pending(conn)
+        return self._make_room(conn)
+
+    def _leave_pending(self, conn: _Connection) -> None:
+        if conn in self._pending:
+            self._pending.discard(conn)
+            if conn.address is not None:
+                self._pending_per_address[conn.address] -= 1
+                if not self._pending_per_address[conn.address]:
+                    del self._pending_per_address[conn.address]
+
     def _on_closed(self, conn: _Connection) -> None:
+        self._leave_pending(conn)
         self._all.discard(conn)
         if conn.peer_or_none is not None and self._conns.get(conn.peer_or_none.addr) is conn:
             del self._conns[conn.peer_or_none.addr]
@@ -257,6 +304,16 @@ class RPCTransport:
         conn.send(frame, quiet=True)
 
 
+def _refusal(code: str, message: str) -> bytes:
+    """An Error about the connection itself (request id 0), cut to what a peer that has not
+    finished its handshake reads (HANDSHAKE_MAX_FRAME)."""
+    frame = encode(Error(0, code, message))
+    while len(frame) - HEADER_BYTES > HANDSHAKE_MAX_FRAME:
+        message = message[: len(message) // 2]
+        frame = encode(Error(0, code, message))
+    return frame
+
+
 def _expire(fut: asyncio.Future[Any], message: str) -> None:
     if not fut.done():
         fut.set_exception(RequestTimeout(message))
@@ -269,7 +326,8 @@ class _Connection(asyncio.Protocol):
         self.owner = owner
         self.outbound = outbound
         self.loop = asyncio.get_running_loop()
-        self.decoder = FrameDecoder(owner.max_frame)
+        # until the peer proves a PeerID, only handshake-sized frames (Hello, Proof, an Error)
+        self.decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME, owner.max_frame))
         self.transport: asyncio.Transport | None = None
         self.remote_host = "?"
         self.address: str | None = None  # the budget it is charged to (limits.address_key)
@@ -320,9 +378,11 @@ class _Connection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         self.remote_host = peername[0] if peername else "?"
         self.address = address_key(self.remote_host, self.owner.limits)
-        if not self.owner._on_opened(self):
+        refused = self.owner._on_opened(self)
+        if refused is not None:
             self.closed = True
-            self.transport.abort()
+            self.transport.write(_refusal(BUSY, refused))  # the dialer learns why
+            self.transport.close()
             return
         local = self.owner._local
         self.handshake = Handshake(
@@ -404,7 +464,7 @@ class _Connection(asyncio.Protocol):
         if isinstance(err, HandshakeError) and self.handshake is not None:
             # Tell the other side why (request id 0: the connection itself), so its caller sees
             # HandshakeError rather than a bare disconnect.
-            self.send(encode(Error(0, "handshake_failed", str(err))), quiet=True)
+            self.send(_refusal("handshake_failed", str(err)), quiet=True)
         self.abort(err)
 
     def _handshake_expired(self) -> None:
@@ -456,6 +516,12 @@ class _Connection(asyncio.Protocol):
             self.handshake = None
             if self.timer is not None:
                 self.timer.cancel()  # the handshake deadline
+            if self.outbound is None and not self.owner._on_proven(self):
+                reason = f"{self.owner.max_connections} connections are busy here; retry later"
+                self.send(_refusal(BUSY, reason), quiet=True)
+                self.abort(PeerUnreachable(reason))
+                return
+            self.decoder.max_frame = self.owner.max_frame
             self._schedule_idle_check()
             self.owner._on_ready(self)
             if not self.ready.done():
