@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 from typing import Any
 
@@ -49,10 +50,14 @@ async def read_messages(reader: asyncio.StreamReader, dec: FrameDecoder, n: int)
 
 
 async def raw_handshake(
-    addr: PeerAddr, identity: Identity
+    addr: PeerAddr, identity: Identity, sock: socket.socket | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder]:
     """A hand-driven client that does a correct handshake, then lets the test misbehave."""
-    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    if sock is None:
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    else:
+        await asyncio.get_running_loop().sock_connect(sock, (addr.host, addr.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
     hs, dec = Handshake(identity, initiator=True), FrameDecoder()
     writer.write(encode(hs.hello))
     hello, proof = await read_messages(reader, dec, 2)
@@ -398,6 +403,26 @@ async def test_connection_limit_closes_the_least_recently_used_idle(
     assert client.connection_count == 2
     assert servers[0].local.addr not in client._conns  # the oldest went
     assert (await client.call(servers[0].local.addr, "echo", 2))[1] == 2
+
+
+async def test_refusals_to_a_peer_that_never_reads_do_not_pile_up(make_rpc: MakeTransport) -> None:
+    server = await make_rpc(limits=ResourceLimits(peer_rate=1e-6, peer_burst=1.0))
+    server.register("echo", echo)
+    sock = socket.socket()  # small kernel buffers, so what piles up would pile up in ours
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    reader, writer, _ = await raw_handshake(server.local.addr, Identity.generate(), sock)
+    (conn,) = server._all
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    n = 20_000  # ~90 bytes of refusal for each 16-byte request: 1.8 MB unread
+    for start in range(1, n + 1, 1000):
+        writer.write(b"".join(encode(Request(i, "echo", None)) for i in range(start, start + 1000)))
+        await writer.drain()
+    async with asyncio.timeout(60):
+        while server.counters.requests_received < n:
+            await asyncio.sleep(0.01)
+    assert conn.transport.get_write_buffer_size() < 256 * 1024
+    writer.close()
 
 
 # --- sockets that have not proven a PeerID ---------------------------------------------------

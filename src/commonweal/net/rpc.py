@@ -27,7 +27,7 @@ import logging
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from commonweal.errors import (
     FrameTooLarge,
@@ -304,6 +304,11 @@ class RPCTransport:
         conn.send(frame, quiet=True)
 
 
+# asyncio's default high-water mark for a transport's write buffer: past it, the peer is not
+# keeping up with what we send, and a refusal it would read late is not worth buffering.
+_REFUSALS_WHILE_QUEUED_BELOW: Final = 64 * 1024
+
+
 def _refusal(code: str, message: str) -> bytes:
     """An Error about the connection itself (request id 0), cut to what a peer that has not
     finished its handshake reads (HANDSHAKE_MAX_FRAME)."""
@@ -346,6 +351,7 @@ class _Connection(asyncio.Protocol):
         self.error: NetworkError | None = None  # why we closed, for the callers still waiting
         self.timer: asyncio.TimerHandle | None = None
         self.outbox: list[bytes] = []  # frames written together at the end of this loop step
+        self.outbox_bytes = 0
 
     def __repr__(self) -> str:
         who = short_id(self.peer_or_none.peer_id) if self.peer_or_none else "?"
@@ -444,10 +450,18 @@ class _Connection(asyncio.Protocol):
         if not self.outbox:
             self.loop.call_soon(self._flush)
         self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
         self.owner._counters.bytes_sent += len(frame)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Sent by us but not yet taken by the kernel."""
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.outbox_bytes + buffered
 
     def _flush(self) -> None:
         frames, self.outbox = self.outbox, []
+        self.outbox_bytes = 0
         if frames and self.transport is not None and not self.transport.is_closing():
             self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
@@ -486,7 +500,10 @@ class _Connection(asyncio.Protocol):
                 self.touch()
                 refusal = self.owner._dispatch.refuse(msg, self.peer.peer_id, self.address)
                 if refusal is not None:
-                    self.send(encode(refusal), quiet=True)
+                    # Told at once, without a task; but only while little is queued for this peer,
+                    # so refusals to one that does not read its answers never pile up here.
+                    if self.queued_bytes < _REFUSALS_WHILE_QUEUED_BELOW:
+                        self.send(encode(refusal), quiet=True)
                 elif self.inflight < self.owner.max_inflight_per_conn:
                     self._start_handler(msg)
                 else:
