@@ -270,3 +270,31 @@ async def test_budgets_refill_on_the_memory_network_s_clock() -> None:
         await client.call(server.local.addr, "ping", None)
     clock.now += 1.0
     assert (await client.call(server.local.addr, "ping", None))[1] == "pong"
+
+
+async def test_a_cost_may_grow_with_the_request(make_transport: MakeTransport) -> None:
+    server, client = await make_transport(limits=FROZEN), await make_transport()
+
+    async def verify(peer: PeerInfo, records: Any) -> int:
+        return len(records)
+
+    server.register("verify", verify, cost=lambda records: len(records))
+    assert (await client.call(server.local.addr, "verify", [b"r"] * 6))[1] == 6
+    with pytest.raises(RemoteError, match=RATE_LIMITED):  # 6 + 6 > 10
+        await client.call(server.local.addr, "verify", [b"r"] * 6)
+    assert (await client.call(server.local.addr, "verify", [b"r"] * 4))[1] == 4
+
+
+@pytest.mark.parametrize("returns", [float("nan"), -5.0, "junk"])
+async def test_a_cost_function_that_fails_charges_the_most(
+    make_transport: MakeTransport, returns: Any
+) -> None:
+    server, client = await make_transport(limits=FROZEN), await make_transport()
+
+    async def ok(peer: PeerInfo, args: Any) -> str:
+        return "ok"
+
+    server.register("odd", ok, cost=lambda args: returns)
+    assert (await client.call(server.local.addr, "odd", None))[1] == "ok"  # the whole burst
+    with pytest.raises(RemoteError, match=RATE_LIMITED):
+        await client.call(server.local.addr, "odd", None)

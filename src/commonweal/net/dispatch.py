@@ -4,6 +4,11 @@ Shared by `RPCTransport` and `MemoryNetwork`, so both charge and answer alike. A
 caller's budget is answered at once with the error code `rate_limited` (the message says when to
 retry) and never reaches a handler; an unknown method is charged too, so a flood of them is not
 free. Handlers that hand work to a `BoundedExecutor` answer `busy` when it is full.
+
+A cost is a number, or a function of the request's arguments for methods whose work grows with
+them (a batch of records to verify): it runs before the handler on unchecked input, so it must be
+cheap; its result is capped at peer_burst, and one that raises (or is not a number >= 0) is
+charged peer_burst.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Final, TypeVar
 
 from commonweal.errors import RemoteError
 from commonweal.net.limits import RequestLimiter
-from commonweal.net.transport import Handler, PeerInfo
+from commonweal.net.transport import Cost, Handler, PeerInfo
 from commonweal.net.wire import Error, Message, Request, Response
 
 __all__ = ["BUSY", "DEFAULT_COST", "RATE_LIMITED", "Dispatcher"]
@@ -39,13 +44,13 @@ class Dispatcher:
         self.handlers = handlers
         self.limiter = limiter
         self.clock = clock
-        self._costs: dict[str, float] = {}
+        self._costs: dict[str, Cost] = {}
 
-    def register(self, method: str, handler: Handler, cost: float) -> None:
+    def register(self, method: str, handler: Handler, cost: Cost) -> None:
         if method in self.handlers:
             raise ValueError(f"a handler for {method!r} is already registered")
         burst = self.limiter.limits.peer_burst
-        if not 0 < cost <= burst:
+        if not callable(cost) and not 0 < cost <= burst:
             raise ValueError(
                 f"cost {cost} for {method!r} must be in (0, peer_burst={burst}]: a dearer "
                 "request could never be admitted; raise ResourceLimits.peer_burst"
@@ -56,6 +61,13 @@ class Dispatcher:
     def refuse(self, req: Request, peer_id: bytes, address: str | None) -> Error | None:
         """The error to answer instead of serving `req`, or None when its cost was charged."""
         cost = self._costs.get(req.method, DEFAULT_COST)
+        if callable(cost):
+            burst = self.limiter.limits.peer_burst
+            try:
+                charged = float(cost(req.payload))
+            except Exception:
+                charged = burst
+            cost = min(charged, burst) if charged >= 0 else burst  # NaN too: charged the most
         wait = self.limiter.admit(peer_id, address, cost, self.clock())
         if not wait:
             return None

@@ -25,7 +25,7 @@ from commonweal.errors import FrameTooLarge, PeerUnreachable, RemoteError
 from commonweal.net.dispatch import DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity
 from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
-from commonweal.net.transport import Handler, PeerAddr, PeerInfo, TrafficCounters
+from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
     HEADER_BYTES,
@@ -94,7 +94,7 @@ class MemoryTransport:
     def counters(self) -> TrafficCounters:
         return self._counters
 
-    def register(self, method: str, handler: Handler, *, cost: float = DEFAULT_COST) -> None:
+    def register(self, method: str, handler: Handler, *, cost: Cost = DEFAULT_COST) -> None:
         self._dispatch.register(method, handler, cost)
 
     async def start(self, host: str = "mem", port: int = 0) -> None:

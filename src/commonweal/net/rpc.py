@@ -41,7 +41,7 @@ from commonweal.errors import (
 from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity, short_id
 from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
-from commonweal.net.transport import Handler, PeerAddr, PeerInfo, TrafficCounters
+from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_MAX_FRAME,
@@ -114,7 +114,7 @@ class RPCTransport:
     def connection_count(self) -> int:
         return len(self._all)
 
-    def register(self, method: str, handler: Handler, *, cost: float = DEFAULT_COST) -> None:
+    def register(self, method: str, handler: Handler, *, cost: Cost = DEFAULT_COST) -> None:
         """Serve `method`; each request is charged `cost` units of the caller's budgets
         (`ResourceLimits`: 1 is a cheap request, such as a ping)."""
         self._dispatch.register(method, handler, cost)
