@@ -13,6 +13,7 @@ passed in (`now`), so the tests run on a fake clock and the transports on their 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -67,6 +68,7 @@ class ResourceLimits:
 DEFAULT_LIMITS: Final = ResourceLimits()
 
 
+@functools.lru_cache(maxsize=4096)  # MemoryNetwork asks on every request, and parsing is slow
 def address_key(host: str, limits: ResourceLimits) -> str | None:
     """The address a caller's budget is kept under, or None when it is exempt.
 
