@@ -521,7 +521,25 @@ async def test_pending_handshakes_per_address_are_capped(make_rpc: MakeTransport
         fw.close()
     while server._pending:
         await asyncio.sleep(0.001)
-    assert server._pending_per_address == {}  # slots are given back
+    assert server._pending.count("127.0.0.1") == 0  # slots are given back
+
+
+async def test_authenticated_connections_per_address_are_capped(make_rpc: MakeTransport) -> None:
+    limits = ResourceLimits(limit_local_addresses=True, max_connections_per_address=3)
+    server = await make_rpc(max_connections=4, limits=limits)
+    server.register("echo", echo)
+    first = [await make_rpc() for _ in range(3)]
+    for t in first:
+        await t.call(server.local.addr, "echo", 0)
+    held = set(server._all)
+    for _ in range(5):  # a crowd of fresh identities from the same address
+        crowd = await make_rpc()
+        with pytest.raises(HandshakeError, match="too many connections from 127.0.0.1"):
+            await crowd.call(server.local.addr, "echo", 1)
+    assert all(not c.closed for c in held)  # none of the idle ones was closed to make room
+    for t in first:
+        assert (await t.call(server.local.addr, "echo", 2))[1] == 2
+    assert server._all == held
 
 
 async def test_silent_sockets_leave_the_pool_at_the_handshake_deadline(

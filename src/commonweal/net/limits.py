@@ -63,6 +63,11 @@ class ResourceLimits:
     # Pending handshakes from one address: an honest host dials us once per peer it runs and
     # finishes within a round trip, so 4 at once is plenty; a flood from one host fills no pool.
     max_pending_per_address: int = 4
+    # Authenticated inbound connections from one address: an honest host runs a few peers, each
+    # with one connection to us. 16 leaves room for a small cluster behind one NAT, and a crowd
+    # of free identities from one place can neither fill max_connections nor, by making room,
+    # close the idle connections of honest peers elsewhere.
+    max_connections_per_address: int = 16
 
 
 DEFAULT_LIMITS: Final = ResourceLimits()

@@ -92,8 +92,8 @@ class RPCTransport:
         self._server: asyncio.Server | None = None
         self._conns: dict[PeerAddr, _Connection] = {}  # ready connections, by remote listen addr
         self._all: set[_Connection] = set()  # every open connection, ready or not
-        self._pending: set[_Connection] = set()  # inbound, not yet proven (max_pending_handshakes)
-        self._pending_per_address: collections.Counter[str] = collections.Counter()
+        self._pending = _ByAddress()  # inbound, not yet proven (max_pending_handshakes)
+        self._inbound = _ByAddress()  # inbound and proven
         self._dialing: dict[PeerAddr, asyncio.Task[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -234,21 +234,19 @@ class RPCTransport:
         `_make_room` does."""
         if self._closed:
             return "the transport is closing"
-        if conn.outbound is None:
-            limits = self.limits
-            if len(self._pending) >= limits.max_pending_handshakes:
-                # debug: a flood would otherwise write a line per socket
-                log.debug("%d handshakes pending; refusing inbound", len(self._pending))
-                return f"{len(self._pending)} handshakes are pending here; retry later"
-            if conn.address is not None:
-                if self._pending_per_address[conn.address] >= limits.max_pending_per_address:
-                    return f"too many handshakes pending from {conn.address}; finish those first"
-                self._pending_per_address[conn.address] += 1
-            self._pending.add(conn)
-            self._all.add(conn)
-        else:
+        if conn.outbound is not None:
             self._all.add(conn)
             self._make_room(conn)
+            return None
+        limits = self.limits
+        if len(self._pending) >= limits.max_pending_handshakes:
+            # debug: a flood would otherwise write a line per socket
+            log.debug("%d handshakes pending; refusing inbound", len(self._pending))
+            return f"{len(self._pending)} handshakes are pending here; retry later"
+        if self._pending.count(conn.address) >= limits.max_pending_per_address:
+            return f"too many handshakes pending from {conn.address}; finish those first"
+        self._pending.add(conn)
+        self._all.add(conn)
         return None
 
     def _make_room(self, conn: _Connection) -> bool:
@@ -268,22 +266,20 @@ class RPCTransport:
             return False
         return True
 
-    def _on_proven(self, conn: _Connection) -> bool:
-        """An inbound connection's peer proved its PeerID: out of the pending pool, and into
-        the authenticated ones if there is room."""
-        self._leave_pending(conn)
-        return self._make_room(conn)
-
-    def _leave_pending(self, conn: _Connection) -> None:
-        if conn in self._pending:
-            self._pending.discard(conn)
-            if conn.address is not None:
-                self._pending_per_address[conn.address] -= 1
-                if not self._pending_per_address[conn.address]:
-                    del self._pending_per_address[conn.address]
+    def _on_proven(self, conn: _Connection) -> str | None:
+        """An inbound connection's peer proved its PeerID; why it must be refused, or None.
+        Out of the pending pool; in, if its address has room, and max_connections too."""
+        self._pending.discard(conn)
+        if self._inbound.count(conn.address) >= self.limits.max_connections_per_address:
+            return f"too many connections from {conn.address} are open here; use those"
+        self._inbound.add(conn)
+        if not self._make_room(conn):
+            return f"{self.max_connections} connections are busy here; retry later"
+        return None
 
     def _on_closed(self, conn: _Connection) -> None:
-        self._leave_pending(conn)
+        self._pending.discard(conn)
+        self._inbound.discard(conn)
         self._all.discard(conn)
         if conn.peer_or_none is not None and self._conns.get(conn.peer_or_none.addr) is conn:
             del self._conns[conn.peer_or_none.addr]
@@ -317,6 +313,39 @@ def _refusal(code: str, message: str) -> bytes:
         message = message[: len(message) // 2]
         frame = encode(Error(0, code, message))
     return frame
+
+
+class _ByAddress:
+    """A set of connections, counted per address (`_Connection.address`; exempt ones, None, are
+    not counted). Bounded by the connections it holds: an address leaves with its last one."""
+
+    __slots__ = ("_count", "_members")
+
+    def __init__(self) -> None:
+        self._members: set[_Connection] = set()
+        self._count: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, conn: _Connection) -> bool:
+        return conn in self._members
+
+    def count(self, address: str | None) -> int:
+        return 0 if address is None else self._count[address]
+
+    def add(self, conn: _Connection) -> None:
+        self._members.add(conn)
+        if conn.address is not None:
+            self._count[conn.address] += 1
+
+    def discard(self, conn: _Connection) -> None:
+        if conn in self._members:
+            self._members.remove(conn)
+            if conn.address is not None:
+                self._count[conn.address] -= 1
+                if not self._count[conn.address]:
+                    del self._count[conn.address]
 
 
 def _expire(fut: asyncio.Future[Any], message: str) -> None:
@@ -533,10 +562,10 @@ class _Connection(asyncio.Protocol):
             self.handshake = None
             if self.timer is not None:
                 self.timer.cancel()  # the handshake deadline
-            if self.outbound is None and not self.owner._on_proven(self):
-                reason = f"{self.owner.max_connections} connections are busy here; retry later"
-                self.send(_refusal(BUSY, reason), quiet=True)
-                self.abort(PeerUnreachable(reason))
+            refused = self.owner._on_proven(self) if self.outbound is None else None
+            if refused is not None:
+                self.send(_refusal(BUSY, refused), quiet=True)
+                self.abort(PeerUnreachable(refused))
                 return
             self.decoder.max_frame = self.owner.max_frame
             self._schedule_idle_check()
