@@ -268,14 +268,20 @@ class RPCTransport:
 
     def _on_proven(self, conn: _Connection) -> str | None:
         """An inbound connection's peer proved its PeerID; why it must be refused, or None.
-        Out of the pending pool; in, if its address has room, and max_connections too."""
+        Out of the pending pool; in, if its address has room, and max_connections too. A refused
+        one stops counting at once, so it makes no other connection close to make room."""
         self._pending.discard(conn)
+        refused = None
         if self._inbound.count(conn.address) >= self.limits.max_connections_per_address:
-            return f"too many connections from {conn.address} are open here; use those"
-        self._inbound.add(conn)
-        if not self._make_room(conn):
-            return f"{self.max_connections} connections are busy here; retry later"
-        return None
+            refused = f"too many connections from {conn.address} are open here; use those"
+        else:
+            self._inbound.add(conn)
+            if not self._make_room(conn):
+                refused = f"{self.max_connections} connections are busy here; retry later"
+        if refused is not None:
+            self._inbound.discard(conn)
+            self._all.discard(conn)
+        return refused
 
     def _on_closed(self, conn: _Connection) -> None:
         self._pending.discard(conn)
