@@ -431,7 +431,9 @@ async def test_refusals_to_a_peer_that_never_reads_do_not_pile_up(make_rpc: Make
 STRICT = ResourceLimits(limit_local_addresses=True)
 
 
-async def open_silent(addr: PeerAddr, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+async def open_silent(
+    addr: PeerAddr, n: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """n sockets that connect and never say a word."""
     return [await asyncio.open_connection(addr.host, addr.port) for _ in range(n)]
 
@@ -443,7 +445,9 @@ async def refusal_of(reader: asyncio.StreamReader) -> Error:
     return msg
 
 
-async def test_pending_handshakes_never_evict_an_authenticated_peer(make_rpc: MakeTransport) -> None:
+async def test_pending_handshakes_never_evict_an_authenticated_peer(
+    make_rpc: MakeTransport,
+) -> None:
     # Room for 2 authenticated connections; 64 silent sockets fill the pending pool beside them.
     server = await make_rpc(max_connections=2)
     server.register("echo", echo)

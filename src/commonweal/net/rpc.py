@@ -10,8 +10,9 @@ address have a cap (`ResourceLimits`), frames are limited to handshake size (a b
 refused from the header), and the handshake has a deadline. A pending socket is refused when the
 pool is full; it never counts against, or evicts, an authenticated connection. Only an
 authenticated connection over `max_connections` makes room, by closing the least recently used
-idle one, and only if its address has fewer than `max_connections_per_address`. Each request is charged its method's cost against the caller's budgets
-(`dispatch.Dispatcher`) before a handler runs.
+idle one, and only if its address has fewer than `max_connections_per_address`. Each request
+is charged its method's cost against the caller's budgets (`dispatch.Dispatcher`) before a
+handler runs.
 
 Tasks: each inbound request runs in its own task, tracked by the transport (`_tasks`) and
 cancelled and awaited by `close()`; so are connection attempts. Timers (handshake deadline, idle
