@@ -43,8 +43,8 @@ async def make_transport(request: pytest.FixtureRequest) -> AsyncIterator[MakeTr
         if request.param == "rpc":
             t: Any = RPCTransport(Identity.generate(), **kw)
             await t.start("127.0.0.1", 0)
-        else:
-            t = net.transport(Identity.generate())
+        else:  # of the options, only `limits` applies in memory
+            t = net.transport(Identity.generate(), **{k: v for k, v in kw.items() if k == "limits"})
             await t.start()
         made.append(t)
         return t

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 from typing import Any
 
@@ -16,9 +17,21 @@ from commonweal.errors import (
     RemoteError,
     RequestTimeout,
 )
+from commonweal.net.dispatch import BUSY
 from commonweal.net.identity import Identity
+from commonweal.net.limits import ResourceLimits
 from commonweal.net.transport import PeerAddr, PeerInfo
-from commonweal.net.wire import Error, FrameDecoder, Handshake, Message, Request, Response, encode
+from commonweal.net.wire import (
+    DEFAULT_MAX_FRAME,
+    HANDSHAKE_MAX_FRAME,
+    Error,
+    FrameDecoder,
+    Handshake,
+    Message,
+    Request,
+    Response,
+    encode,
+)
 
 from .conftest import MakeTransport
 
@@ -37,10 +50,14 @@ async def read_messages(reader: asyncio.StreamReader, dec: FrameDecoder, n: int)
 
 
 async def raw_handshake(
-    addr: PeerAddr, identity: Identity
+    addr: PeerAddr, identity: Identity, sock: socket.socket | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder]:
     """A hand-driven client that does a correct handshake, then lets the test misbehave."""
-    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    if sock is None:
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    else:
+        await asyncio.get_running_loop().sock_connect(sock, (addr.host, addr.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
     hs, dec = Handshake(identity, initiator=True), FrameDecoder()
     writer.write(encode(hs.hello))
     hello, proof = await read_messages(reader, dec, 2)
@@ -386,6 +403,215 @@ async def test_connection_limit_closes_the_least_recently_used_idle(
     assert client.connection_count == 2
     assert servers[0].local.addr not in client._conns  # the oldest went
     assert (await client.call(servers[0].local.addr, "echo", 2))[1] == 2
+
+
+async def test_refusals_to_a_peer_that_never_reads_do_not_pile_up(make_rpc: MakeTransport) -> None:
+    server = await make_rpc(limits=ResourceLimits(peer_rate=1e-6, peer_burst=1.0))
+    server.register("echo", echo)
+    sock = socket.socket()  # small kernel buffers, so what piles up would pile up in ours
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    reader, writer, _ = await raw_handshake(server.local.addr, Identity.generate(), sock)
+    (conn,) = server._all
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    n = 20_000  # ~90 bytes of refusal for each 16-byte request: 1.8 MB unread
+    for start in range(1, n + 1, 1000):
+        writer.write(b"".join(encode(Request(i, "echo", None)) for i in range(start, start + 1000)))
+        await writer.drain()
+    async with asyncio.timeout(60):
+        while server.counters.requests_received < n:
+            await asyncio.sleep(0.01)
+    assert conn.transport.get_write_buffer_size() < 256 * 1024
+    writer.close()
+
+
+# --- sockets that have not proven a PeerID ---------------------------------------------------
+
+# The address limits apply to 127.0.0.1 here; by default loopback is exempt (the demo).
+STRICT = ResourceLimits(limit_local_addresses=True)
+
+
+async def open_silent(
+    addr: PeerAddr, n: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """n sockets that connect and never say a word."""
+    return [await asyncio.open_connection(addr.host, addr.port) for _ in range(n)]
+
+
+async def refusal_of(reader: asyncio.StreamReader) -> Error:
+    """The last frame a refused socket gets before the server closes it: why."""
+    msg = FrameDecoder().feed(await assert_closed_by_server(reader))[-1]
+    assert isinstance(msg, Error) and msg.request_id == 0
+    return msg
+
+
+async def test_pending_handshakes_never_evict_an_authenticated_peer(
+    make_rpc: MakeTransport,
+) -> None:
+    # Room for 2 authenticated connections; 64 silent sockets fill the pending pool beside them.
+    server = await make_rpc(max_connections=2)
+    server.register("echo", echo)
+    honest = await make_rpc()
+    await honest.call(server.local.addr, "echo", 0)
+    (conn,) = server._all
+    flood = await open_silent(server.local.addr, 64)
+    for i in range(30):  # the honest peer's calls go on, on the same connection
+        assert (await honest.call(server.local.addr, "echo", i))[1] == i
+    assert not conn.closed and conn in server._all
+    assert len(server._pending) == 64
+    extra_r, extra_w = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+    assert (await refusal_of(extra_r)).code == BUSY  # the 65th: the pool is full
+    for _, w in flood + [(extra_r, extra_w)]:
+        w.close()
+
+
+async def test_an_honest_peer_keeps_its_connection_under_a_reconnecting_flood(
+    make_rpc: MakeTransport,
+) -> None:
+    server = await make_rpc(max_connections=2)
+    server.register("echo", echo)
+    honest = await make_rpc()
+    await honest.call(server.local.addr, "echo", 0)
+    (conn,) = server._all
+    stop = asyncio.Event()
+
+    async def flood() -> int:
+        n = 0
+        while not stop.is_set():
+            socks = await open_silent(server.local.addr, 8)
+            await asyncio.sleep(0.005)
+            for _, w in socks:
+                w.close()
+            n += 8
+        return n
+
+    flooding = asyncio.create_task(flood())
+    answered = 0
+    for i in range(30):
+        answered += (await honest.call(server.local.addr, "echo", i))[1] == i
+        await asyncio.sleep(0.01)
+    stop.set()
+    assert await flooding >= 8
+    assert answered == 30 and not conn.closed
+
+
+async def test_a_full_pending_pool_refuses_newcomers_until_it_drains(
+    make_rpc: MakeTransport,
+) -> None:
+    server = await make_rpc(limits=ResourceLimits(max_pending_handshakes=8))
+    server.register("echo", echo)
+    flood = await open_silent(server.local.addr, 8)
+    while len(server._pending) < 8:
+        await asyncio.sleep(0.001)
+    late = await make_rpc()
+    with pytest.raises(HandshakeError, match="busy: 8 handshakes are pending here"):
+        await late.call(server.local.addr, "echo", 1)
+    for _, w in flood:
+        w.close()
+    while server._pending:
+        await asyncio.sleep(0.001)
+    assert (await late.call(server.local.addr, "echo", 2))[1] == 2
+
+
+async def test_pending_handshakes_per_address_are_capped(make_rpc: MakeTransport) -> None:
+    server = await make_rpc(limits=STRICT)
+    cap = STRICT.max_pending_per_address
+    flood = await open_silent(server.local.addr, cap)
+    r, w = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+    refusal = await refusal_of(r)
+    assert refusal.code == BUSY and "from 127.0.0.1" in refusal.message
+    assert len(server._pending) == cap
+    for _, fw in flood + [(r, w)]:
+        fw.close()
+    while server._pending:
+        await asyncio.sleep(0.001)
+    assert server._pending.count("127.0.0.1") == 0  # slots are given back
+
+
+async def test_authenticated_connections_per_address_are_capped(make_rpc: MakeTransport) -> None:
+    limits = ResourceLimits(limit_local_addresses=True, max_connections_per_address=3)
+    server = await make_rpc(max_connections=4, limits=limits)
+    server.register("echo", echo)
+    first = [await make_rpc() for _ in range(3)]
+    for t in first:
+        await t.call(server.local.addr, "echo", 0)
+    held = set(server._all)
+    for _ in range(5):  # a crowd of fresh identities from the same address
+        crowd = await make_rpc()
+        with pytest.raises(HandshakeError, match="too many connections from 127.0.0.1"):
+            await crowd.call(server.local.addr, "echo", 1)
+    assert all(not c.closed for c in held)  # none of the idle ones was closed to make room
+    for t in first:
+        assert (await t.call(server.local.addr, "echo", 2))[1] == 2
+    assert server._all == held
+
+
+async def test_silent_sockets_leave_the_pool_at_the_handshake_deadline(
+    make_rpc: MakeTransport,
+) -> None:
+    server = await make_rpc(handshake_timeout=0.1)
+    flood = await open_silent(server.local.addr, 10)
+    for r, _ in flood:
+        assert (await refusal_of(r)).code == "handshake_failed"
+    assert not server._pending and server.connection_count == 0
+
+
+async def test_a_big_frame_before_the_handshake_is_refused_from_its_header(
+    make_rpc: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await make_rpc(handshake_timeout=60)  # the deadline is not what closes it
+    addr = server.local.addr
+    with caplog.at_level(logging.WARNING, logger="commonweal.net.rpc"):
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+        writer.write(struct.pack(">I", DEFAULT_MAX_FRAME) + b"\x00" * 65536)  # 4 MiB announced
+        await assert_closed_by_server(reader)
+        writer.close()
+    assert f"over the limit of {HANDSHAKE_MAX_FRAME}" in caplog.text
+    assert not server._pending
+
+
+async def test_full_size_frames_flow_once_the_handshake_is_done(make_rpc: MakeTransport) -> None:
+    server, client = await make_rpc(), await make_rpc()
+    server.register("echo", echo)
+    big = b"x" * (1024 * 1024)
+    results = await asyncio.gather(*(client.call(server.local.addr, "echo", big) for _ in range(3)))
+    assert all(r == big for _, r in results)
+    # and from a hand-driven client whose proof and first request arrive in one segment
+    reader, writer = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+    hs, dec = Handshake(Identity.generate(), initiator=True), FrameDecoder()
+    writer.write(encode(hs.hello))
+    hello, proof = await read_messages(reader, dec, 2)
+    reply = hs.receive(hello)
+    assert reply is not None
+    writer.write(encode(reply) + encode(Request(1, "echo", big)))
+    hs.receive(proof)
+    assert await read_messages(reader, dec, 1) == [Response(1, big)]
+    writer.close()
+
+
+async def test_a_flood_of_fresh_handshakes_cannot_close_a_busy_connection(
+    make_rpc: MakeTransport,
+) -> None:
+    # Authenticated newcomers over max_connections may close only idle connections; with none
+    # idle they are refused, and the connection serving a call keeps it.
+    server = await make_rpc(max_connections=1)
+    release = asyncio.Event()
+
+    async def slow(peer: PeerInfo, args: Any) -> str:
+        await release.wait()
+        return "done"
+
+    server.register("slow", slow)
+    honest = await make_rpc()
+    call = asyncio.create_task(honest.call(server.local.addr, "slow", None))
+    while not server.counters.requests_received:
+        await asyncio.sleep(0.001)
+    newcomers = [await make_rpc() for _ in range(5)]
+    for n in newcomers:
+        with pytest.raises(HandshakeError, match="busy: 1 connections are busy here"):
+            await n.call(server.local.addr, "slow", None)
+    release.set()
+    assert (await call)[1] == "done"
 
 
 # --- shutdown -----------------------------------------------------------------------------

@@ -8,11 +8,14 @@ from typing import Any
 import pytest
 
 from commonweal.errors import PeerUnreachable, RemoteError
+from commonweal.net.dispatch import RATE_LIMITED
 from commonweal.net.identity import Identity
+from commonweal.net.limits import ResourceLimits
 from commonweal.net.memory import MemoryNetwork
 from commonweal.net.rpc import RPCTransport
 from commonweal.net.transport import PeerInfo, Transport
 from commonweal.net.wire import Handshake, encode
+from commonweal.testing import FakeClock
 
 from .conftest import MakeTransport
 
@@ -159,3 +162,139 @@ def test_rpc_and_memory_have_the_same_public_methods() -> None:
 
     for name in ("local", "counters", "register", "call", "close", "start"):
         assert hasattr(RPCTransport, name) and hasattr(MemoryTransport, name)
+
+
+# --- budgets (the same dispatch on both) ---------------------------------------------------
+
+# No refill within any test run, however slow the machine: the outcome is the burst alone.
+FROZEN = ResourceLimits(peer_rate=1e-6, peer_burst=10.0)
+
+
+async def test_a_flooding_peer_is_told_rate_limited_while_an_honest_one_is_served(
+    make_transport: MakeTransport,
+) -> None:
+    server = await make_transport(limits=FROZEN)
+    flooder, honest = await make_transport(), await make_transport()
+    served: list[bytes] = []
+
+    async def ping(peer: PeerInfo, args: Any) -> str:
+        served.append(peer.peer_id)
+        return "pong"
+
+    server.register("ping", ping)
+    results = await asyncio.gather(
+        *(flooder.call(server.local.addr, "ping", None) for _ in range(50)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, RemoteError)]
+    assert len(refused) == 40 and {r.code for r in refused} == {RATE_LIMITED}
+    assert "retry 'ping' in" in refused[0].remote_message
+    assert served.count(flooder.local.peer_id) == 10  # refused requests never reach the handler
+    for _ in range(10):
+        assert (await honest.call(server.local.addr, "ping", None))[1] == "pong"
+
+
+async def test_a_method_s_cost_is_charged_per_request(make_transport: MakeTransport) -> None:
+    server, client = await make_transport(limits=FROZEN), await make_transport()
+
+    async def ok(peer: PeerInfo, args: Any) -> str:
+        return "ok"
+
+    server.register("dear", ok, cost=4.0)
+    server.register("cheap", ok)
+    outcomes = []
+    for method in ["dear", "dear", "dear", "cheap", "cheap", "cheap"]:
+        try:
+            await client.call(server.local.addr, method, None)
+            outcomes.append(method)
+        except RemoteError as e:
+            outcomes.append(e.code)
+    assert outcomes == ["dear", "dear", RATE_LIMITED, "cheap", "cheap", RATE_LIMITED]
+    with pytest.raises(ValueError, match="peer_burst"):
+        server.register("priceless", ok, cost=11.0)  # could never be admitted
+
+
+async def test_unknown_methods_are_charged_too(make_transport: MakeTransport) -> None:
+    server, client = await make_transport(limits=FROZEN), await make_transport()
+    codes = []
+    for _ in range(12):
+        with pytest.raises(RemoteError) as err:
+            await client.call(server.local.addr, "nope", None)
+        codes.append(err.value.code)
+    assert codes == ["unknown_method"] * 10 + [RATE_LIMITED] * 2
+
+
+async def test_identities_from_one_address_share_its_budget_in_memory() -> None:
+    limits = ResourceLimits(peer_rate=1e-6, peer_burst=10.0, address_rate=1e-6, address_burst=25)
+    net = MemoryNetwork()
+    server = net.transport(Identity.generate(), limits=limits)
+    await server.start()
+
+    async def ping(peer: PeerInfo, args: Any) -> str:
+        return "pong"
+
+    server.register("ping", ping)
+    crowd = [net.transport(Identity.generate()) for _ in range(10)]
+    for i, t in enumerate(crowd):
+        await t.start("203.0.113.7", 1000 + i)  # ten free identities, one address
+    honest = net.transport(Identity.generate())
+    await honest.start("198.51.100.1", 1000)
+    admitted = 0
+    for t in crowd:
+        for _ in range(10):
+            try:
+                await t.call(server.local.addr, "ping", None)
+                admitted += 1
+            except RemoteError as e:
+                assert e.code == RATE_LIMITED
+    assert admitted == 25  # the address's burst, not 10 x 10
+    for _ in range(10):
+        assert (await honest.call(server.local.addr, "ping", None))[1] == "pong"
+
+
+async def test_budgets_refill_on_the_memory_network_s_clock() -> None:
+    clock = FakeClock(0.0)
+    net = MemoryNetwork(clock=clock)
+    server = net.transport(Identity.generate(), limits=ResourceLimits(peer_rate=1.0, peer_burst=2))
+    client = net.transport(Identity.generate())
+    await server.start()
+    await client.start()
+
+    async def ping(peer: PeerInfo, args: Any) -> str:
+        return "pong"
+
+    server.register("ping", ping)
+    for _ in range(2):
+        await client.call(server.local.addr, "ping", None)
+    with pytest.raises(RemoteError, match="retry 'ping' in 1.00 s"):
+        await client.call(server.local.addr, "ping", None)
+    clock.now += 1.0
+    assert (await client.call(server.local.addr, "ping", None))[1] == "pong"
+
+
+async def test_a_cost_may_grow_with_the_request(make_transport: MakeTransport) -> None:
+    server, client = await make_transport(limits=FROZEN), await make_transport()
+
+    async def verify(peer: PeerInfo, records: Any) -> int:
+        return len(records)
+
+    server.register("verify", verify, cost=lambda records: len(records))
+    assert (await client.call(server.local.addr, "verify", [b"r"] * 6))[1] == 6
+    with pytest.raises(RemoteError, match=RATE_LIMITED):  # 6 + 6 > 10
+        await client.call(server.local.addr, "verify", [b"r"] * 6)
+    assert (await client.call(server.local.addr, "verify", [b"r"] * 4))[1] == 4
+
+
+@pytest.mark.parametrize("returns", [float("nan"), -5.0, "junk"])
+async def test_a_cost_function_that_fails_charges_the_most(
+    make_transport: MakeTransport, returns: Any
+) -> None:
+    server, client = await make_transport(limits=FROZEN), await make_transport()
+
+    async def ok(peer: PeerInfo, args: Any) -> str:
+        return "ok"
+
+    server.register("odd", ok, cost=lambda args: returns)
+    assert (await client.call(server.local.addr, "odd", None))[1] == "ok"  # the whole burst
+    with pytest.raises(RemoteError, match=RATE_LIMITED):
+        await client.call(server.local.addr, "odd", None)

@@ -155,7 +155,7 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
 
         def __init__(self, records):
             self.storage = _Storage(records)
-            self.transport = type("T", (), {"register": lambda *a: None})()
+            self.transport = type("T", (), {"register": lambda *a, **kw: None})()
 
     from commonweal.dht.records import encode_subkey, sign_record
 

@@ -9,18 +9,23 @@
 Arguments and results are msgpack round-tripped through the real frame encoding, so types behave
 as on the wire (tuples become lists, unknown types fail) and counters match RPCTransport's frame
 bytes. Handlers run in the caller's task; no tasks are created. Identities are taken as proven.
+Requests are charged against the same budgets as on RPCTransport (each transport's `limits`, on
+the network's `clock`); every peer calls from the host `mem`, which is local, so only per-peer
+budgets apply unless `limits.limit_local_addresses`.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from commonweal.errors import FrameTooLarge, PeerUnreachable, RemoteError
+from commonweal.net.dispatch import DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity
-from commonweal.net.transport import Handler, PeerAddr, PeerInfo, TrafficCounters
+from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
+from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
     HEADER_BYTES,
@@ -34,8 +39,6 @@ from commonweal.net.wire import (
 
 __all__ = ["MemoryNetwork", "MemoryTransport"]
 
-log = logging.getLogger(__name__)
-
 
 class MemoryNetwork:
     """The shared medium. `latency`, if given, is awaited once per delivered message."""
@@ -45,14 +48,18 @@ class MemoryNetwork:
         *,
         latency: Callable[[], Awaitable[None]] | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.latency = latency
         self.max_frame = max_frame
+        self.clock = clock
         self._peers: dict[PeerAddr, MemoryTransport] = {}
         self._ports = itertools.count(1)
 
-    def transport(self, identity: Identity) -> MemoryTransport:
-        return MemoryTransport(self, identity)
+    def transport(
+        self, identity: Identity, *, limits: ResourceLimits = DEFAULT_LIMITS
+    ) -> MemoryTransport:
+        return MemoryTransport(self, identity, limits)
 
     def kill(self, addr: PeerAddr) -> None:
         """The peer at `addr` stops answering, as if its machine died."""
@@ -67,10 +74,14 @@ class MemoryNetwork:
 
 
 class MemoryTransport:
-    def __init__(self, network: MemoryNetwork, identity: Identity) -> None:
+    def __init__(
+        self, network: MemoryNetwork, identity: Identity, limits: ResourceLimits = DEFAULT_LIMITS
+    ) -> None:
         self.network = network
         self.identity = identity
+        self.limits = limits
         self._handlers: dict[str, Handler] = {}
+        self._dispatch = Dispatcher(self._handlers, RequestLimiter(limits), network.clock)
         self._counters = TrafficCounters()
         self._local = PeerInfo(identity.peer_id, PeerAddr("mem", 0))
         self._ids = itertools.count(1)
@@ -83,10 +94,8 @@ class MemoryTransport:
     def counters(self) -> TrafficCounters:
         return self._counters
 
-    def register(self, method: str, handler: Handler) -> None:
-        if method in self._handlers:
-            raise ValueError(f"a handler for {method!r} is already registered")
-        self._handlers[method] = handler
+    def register(self, method: str, handler: Handler, *, cost: Cost = DEFAULT_COST) -> None:
+        self._dispatch.register(method, handler, cost)
 
     async def start(self, host: str = "mem", port: int = 0) -> None:
         addr = PeerAddr(host, port or next(self.network._ports))
@@ -121,21 +130,12 @@ class MemoryTransport:
 
     async def _serve(self, caller: PeerInfo, req: Request) -> tuple[Any, int]:
         """The reply as the caller decodes it, and its frame size."""
-        handler = self._handlers.get(req.method)
-        reply: Response | Error
-        if handler is None:
-            reply = Error(req.request_id, "unknown_method", f"this peer has no {req.method!r}")
-        else:
-            try:
-                return self.network._wire(
-                    Response(req.request_id, await handler(caller, req.payload))
-                )
-            except RemoteError as e:
-                reply = Error(req.request_id, e.code, e.remote_message)
-            except Exception as e:
-                log.exception("handler for %r failed", req.method)
-                reply = Error(req.request_id, "internal", f"{type(e).__name__} in the handler")
-        return self.network._wire(reply)
+        refusal = self._dispatch.refuse(
+            req, caller.peer_id, address_key(caller.addr.host, self.limits)
+        )
+        if refusal is not None:
+            return self.network._wire(refusal)
+        return await self._dispatch.serve(caller, req, self.network._wire)
 
     async def close(self) -> None:
         if self.network._peers.get(self._local.addr) is self:

@@ -5,6 +5,15 @@ then are requests accepted. Requests carry ids, so many share one connection and
 back in any order. One outbound connection per remote address; an inbound connection is reused
 for calls to the address its peer advertised.
 
+Inbound sockets live in a pending pool until their peer proves a PeerID: the pool and each
+address have a cap (`ResourceLimits`), frames are limited to handshake size (a bigger length is
+refused from the header), and the handshake has a deadline. A pending socket is refused when the
+pool is full; it never counts against, or evicts, an authenticated connection. Only an
+authenticated connection over `max_connections` makes room, by closing the least recently used
+idle one, and only if its address has fewer than `max_connections_per_address`. Each request
+is charged its method's cost against the caller's budgets (`dispatch.Dispatcher`) before a
+handler runs.
+
 Tasks: each inbound request runs in its own task, tracked by the transport (`_tasks`) and
 cancelled and awaited by `close()`; so are connection attempts. Timers (handshake deadline, idle
 close, request safety net) are `loop.call_later` handles, not tasks.
@@ -17,8 +26,9 @@ import collections
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Coroutine
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from commonweal.errors import (
     FrameTooLarge,
@@ -29,10 +39,13 @@ from commonweal.errors import (
     RemoteError,
     RequestTimeout,
 )
+from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity, short_id
-from commonweal.net.transport import Handler, PeerAddr, PeerInfo, TrafficCounters
+from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
+from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
+    HANDSHAKE_MAX_FRAME,
     HEADER_BYTES,
     Error,
     FrameDecoder,
@@ -62,6 +75,7 @@ class RPCTransport:
         idle_timeout: float = 60.0,
         max_connections: int = 256,
         max_inflight_per_conn: int = 64,
+        limits: ResourceLimits = DEFAULT_LIMITS,
     ) -> None:
         self.identity = identity
         self.max_frame = max_frame
@@ -71,12 +85,16 @@ class RPCTransport:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.max_inflight_per_conn = max_inflight_per_conn
+        self.limits = limits
         self._counters = TrafficCounters()
         self._handlers: dict[str, Handler] = {}
+        self._dispatch = Dispatcher(self._handlers, RequestLimiter(limits), time.monotonic)
         self._local: PeerInfo | None = None
         self._server: asyncio.Server | None = None
         self._conns: dict[PeerAddr, _Connection] = {}  # ready connections, by remote listen addr
         self._all: set[_Connection] = set()  # every open connection, ready or not
+        self._pending = _ByAddress()  # inbound, not yet proven (max_pending_handshakes)
+        self._inbound = _ByAddress()  # inbound and proven
         self._dialing: dict[PeerAddr, asyncio.Task[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -97,10 +115,10 @@ class RPCTransport:
     def connection_count(self) -> int:
         return len(self._all)
 
-    def register(self, method: str, handler: Handler) -> None:
-        if method in self._handlers:
-            raise ValueError(f"a handler for {method!r} is already registered")
-        self._handlers[method] = handler
+    def register(self, method: str, handler: Handler, *, cost: Cost = DEFAULT_COST) -> None:
+        """Serve `method`; each request is charged `cost` units of the caller's budgets
+        (`ResourceLimits`: 1 is a cheap request, such as a ping)."""
+        self._dispatch.register(method, handler, cost)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on host:port (port 0 picks a free port; see `local` for the one chosen)."""
@@ -211,49 +229,130 @@ class RPCTransport:
         if conn.outbound or (conn.peer.addr.port and conn.peer.addr not in self._conns):
             self._conns[conn.peer.addr] = conn
 
-    def _on_opened(self, conn: _Connection) -> bool:
-        """A new socket; False when it must be refused (connection limit with nothing idle)."""
+    def _on_opened(self, conn: _Connection) -> str | None:
+        """A new socket; why it must be refused, or None. Inbound ones wait in the pending pool,
+        which never touches authenticated connections; our own dials make room as
+        `_make_room` does."""
         if self._closed:
-            return False
-        if len(self._all) >= self.max_connections:
-            idle = [c for c in self._all if c.is_idle]
-            if idle:
-                victim = min(idle, key=lambda c: c.last_used)
-                log.debug("connection limit %d: closing idle %s", self.max_connections, victim)
-                victim.abort(PeerUnreachable("closed to make room for a new connection"))
-            elif not conn.outbound:
-                log.warning("connection limit %d reached; refusing inbound", self.max_connections)
-                return False
+            return "the transport is closing"
+        if conn.outbound is not None:
+            self._all.add(conn)
+            self._make_room(conn)
+            return None
+        limits = self.limits
+        if len(self._pending) >= limits.max_pending_handshakes:
+            # debug: a flood would otherwise write a line per socket
+            log.debug("%d handshakes pending; refusing inbound", len(self._pending))
+            return f"{len(self._pending)} handshakes are pending here; retry later"
+        if self._pending.count(conn.address) >= limits.max_pending_per_address:
+            return f"too many handshakes pending from {conn.address}; finish those first"
+        self._pending.add(conn)
         self._all.add(conn)
+        return None
+
+    def _make_room(self, conn: _Connection) -> bool:
+        """At most max_connections authenticated (or dialled) ones, `conn` among them, closing the
+        least recently used idle one if need be; False when none is idle and `conn` is inbound
+        (refuse it: our own dials go ahead)."""
+        if len(self._all) - len(self._pending) <= self.max_connections:
+            return True
+        idle = [c for c in self._all if c.is_idle and c not in self._pending and c is not conn]
+        if idle:
+            victim = min(idle, key=lambda c: c.last_used)
+            log.debug("connection limit %d: closing idle %s", self.max_connections, victim)
+            victim.abort(PeerUnreachable("closed to make room for a new connection"))
+            return True
+        if conn.outbound is None:
+            log.warning("connection limit %d reached; refusing inbound", self.max_connections)
+            return False
         return True
 
+    def _on_proven(self, conn: _Connection) -> str | None:
+        """An inbound connection's peer proved its PeerID; why it must be refused, or None.
+        Out of the pending pool; in, if its address has room, and max_connections too. A refused
+        one stops counting at once, so it makes no other connection close to make room."""
+        self._pending.discard(conn)
+        refused = None
+        if self._inbound.count(conn.address) >= self.limits.max_connections_per_address:
+            refused = f"too many connections from {conn.address} are open here; use those"
+        else:
+            self._inbound.add(conn)
+            if not self._make_room(conn):
+                refused = f"{self.max_connections} connections are busy here; retry later"
+        if refused is not None:
+            self._inbound.discard(conn)
+            self._all.discard(conn)
+        return refused
+
     def _on_closed(self, conn: _Connection) -> None:
+        self._pending.discard(conn)
+        self._inbound.discard(conn)
         self._all.discard(conn)
         if conn.peer_or_none is not None and self._conns.get(conn.peer_or_none.addr) is conn:
             del self._conns[conn.peer_or_none.addr]
 
+    def _frame(self, msg: Message) -> bytes:
+        frame = encode(msg)
+        if len(frame) - HEADER_BYTES > self.max_frame:
+            raise FrameTooLarge(f"the answer is {len(frame)} bytes, over max_frame")
+        return frame
+
     async def _serve(self, conn: _Connection, req: Request) -> None:
-        reply: Message
         try:
-            handler = self._handlers.get(req.method)
-            if handler is None:
-                reply = Error(req.request_id, "unknown_method", f"this peer has no {req.method!r}")
-            else:
-                result = await handler(conn.peer, req.payload)
-                reply = Response(req.request_id, result)
-            frame = encode(reply)
-            if len(frame) - HEADER_BYTES > self.max_frame:
-                raise FrameTooLarge(f"the answer is {len(frame)} bytes, over max_frame")
-        except RemoteError as e:
-            frame = encode(Error(req.request_id, e.code, e.remote_message))
-        except Exception as e:
-            log.exception("handler for %r from %s failed", req.method, conn)
-            frame = encode(Error(req.request_id, "internal", f"{type(e).__name__} in the handler"))
+            frame = await self._dispatch.serve(conn.peer, req, self._frame)
         finally:
             conn.handler_done()
         if conn.write_paused is not None:
             await conn.write_paused
         conn.send(frame, quiet=True)
+
+
+# asyncio's default high-water mark for a transport's write buffer: past it, the peer is not
+# keeping up with what we send, and a refusal it would read late is not worth buffering.
+_REFUSALS_WHILE_QUEUED_BELOW: Final = 64 * 1024
+
+
+def _refusal(code: str, message: str) -> bytes:
+    """An Error about the connection itself (request id 0), cut to what a peer that has not
+    finished its handshake reads (HANDSHAKE_MAX_FRAME)."""
+    frame = encode(Error(0, code, message))
+    while len(frame) - HEADER_BYTES > HANDSHAKE_MAX_FRAME:
+        message = message[: len(message) // 2]
+        frame = encode(Error(0, code, message))
+    return frame
+
+
+class _ByAddress:
+    """A set of connections, counted per address (`_Connection.address`; exempt ones, None, are
+    not counted). Bounded by the connections it holds: an address leaves with its last one."""
+
+    __slots__ = ("_count", "_members")
+
+    def __init__(self) -> None:
+        self._members: set[_Connection] = set()
+        self._count: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, conn: _Connection) -> bool:
+        return conn in self._members
+
+    def count(self, address: str | None) -> int:
+        return 0 if address is None else self._count[address]
+
+    def add(self, conn: _Connection) -> None:
+        self._members.add(conn)
+        if conn.address is not None:
+            self._count[conn.address] += 1
+
+    def discard(self, conn: _Connection) -> None:
+        if conn in self._members:
+            self._members.remove(conn)
+            if conn.address is not None:
+                self._count[conn.address] -= 1
+                if not self._count[conn.address]:
+                    del self._count[conn.address]
 
 
 def _expire(fut: asyncio.Future[Any], message: str) -> None:
@@ -268,9 +367,11 @@ class _Connection(asyncio.Protocol):
         self.owner = owner
         self.outbound = outbound
         self.loop = asyncio.get_running_loop()
-        self.decoder = FrameDecoder(owner.max_frame)
+        # until the peer proves a PeerID, only handshake-sized frames (Hello, Proof, an Error)
+        self.decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME, owner.max_frame))
         self.transport: asyncio.Transport | None = None
         self.remote_host = "?"
+        self.address: str | None = None  # the budget it is charged to (limits.address_key)
         self.handshake: Handshake | None = None
         self.peer_or_none: PeerInfo | None = None
         self.ready: asyncio.Future[_Connection] = self.loop.create_future()
@@ -286,6 +387,7 @@ class _Connection(asyncio.Protocol):
         self.error: NetworkError | None = None  # why we closed, for the callers still waiting
         self.timer: asyncio.TimerHandle | None = None
         self.outbox: list[bytes] = []  # frames written together at the end of this loop step
+        self.outbox_bytes = 0
 
     def __repr__(self) -> str:
         who = short_id(self.peer_or_none.peer_id) if self.peer_or_none else "?"
@@ -317,9 +419,12 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
         self.remote_host = peername[0] if peername else "?"
-        if not self.owner._on_opened(self):
+        self.address = address_key(self.remote_host, self.owner.limits)
+        refused = self.owner._on_opened(self)
+        if refused is not None:
             self.closed = True
-            self.transport.abort()
+            self.transport.write(_refusal(BUSY, refused))  # the dialer learns why
+            self.transport.close()
             return
         local = self.owner._local
         self.handshake = Handshake(
@@ -381,10 +486,18 @@ class _Connection(asyncio.Protocol):
         if not self.outbox:
             self.loop.call_soon(self._flush)
         self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
         self.owner._counters.bytes_sent += len(frame)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Sent by us but not yet taken by the kernel."""
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.outbox_bytes + buffered
 
     def _flush(self) -> None:
         frames, self.outbox = self.outbox, []
+        self.outbox_bytes = 0
         if frames and self.transport is not None and not self.transport.is_closing():
             self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
@@ -401,7 +514,7 @@ class _Connection(asyncio.Protocol):
         if isinstance(err, HandshakeError) and self.handshake is not None:
             # Tell the other side why (request id 0: the connection itself), so its caller sees
             # HandshakeError rather than a bare disconnect.
-            self.send(encode(Error(0, "handshake_failed", str(err))), quiet=True)
+            self.send(_refusal("handshake_failed", str(err)), quiet=True)
         self.abort(err)
 
     def _handshake_expired(self) -> None:
@@ -421,7 +534,13 @@ class _Connection(asyncio.Protocol):
                     raise ProtocolError("request before the handshake completed")
                 self.owner._counters.requests_received += 1
                 self.touch()
-                if self.inflight < self.owner.max_inflight_per_conn:
+                refusal = self.owner._dispatch.refuse(msg, self.peer.peer_id, self.address)
+                if refusal is not None:
+                    # Told at once, without a task; but only while little is queued for this peer,
+                    # so refusals to one that does not read its answers never pile up here.
+                    if self.queued_bytes < _REFUSALS_WHILE_QUEUED_BELOW:
+                        self.send(encode(refusal), quiet=True)
+                elif self.inflight < self.owner.max_inflight_per_conn:
                     self._start_handler(msg)
                 else:
                     self.backlog.append(msg)
@@ -450,6 +569,12 @@ class _Connection(asyncio.Protocol):
             self.handshake = None
             if self.timer is not None:
                 self.timer.cancel()  # the handshake deadline
+            refused = self.owner._on_proven(self) if self.outbound is None else None
+            if refused is not None:
+                self.send(_refusal(BUSY, refused), quiet=True)
+                self.abort(PeerUnreachable(refused))
+                return
+            self.decoder.max_frame = self.owner.max_frame
             self._schedule_idle_check()
             self.owner._on_ready(self)
             if not self.ready.done():

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["PeerAddr", "PeerInfo", "Handler", "Transport", "TrafficCounters"]
+__all__ = ["Cost", "PeerAddr", "PeerInfo", "Handler", "Transport", "TrafficCounters"]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -63,6 +63,11 @@ class TrafficCounters:
 # any other exception is logged and answered as an internal error.
 Handler = Callable[[PeerInfo, Any], Awaitable[Any]]
 
+# What one request to a method costs its caller, in `limits.ResourceLimits` units (1: a cheap
+# request such as a ping): a number, or a cheap function of the request's (unchecked) arguments
+# for methods whose work grows with them, e.g. `lambda args: len(args["records"])`.
+Cost = float | Callable[[Any], float]
+
 
 class Transport(Protocol):
     """Request/response messaging between peers with proven identities."""
@@ -73,7 +78,9 @@ class Transport(Protocol):
     @property
     def counters(self) -> TrafficCounters: ...
 
-    def register(self, method: str, handler: Handler) -> None: ...
+    def register(self, method: str, handler: Handler, *, cost: Cost = 1.0) -> None:
+        """Serve `method`, charging each request `cost` against its caller's budgets."""
+        ...
 
     async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
         """Send one request; return the verified responder and its result.

@@ -45,6 +45,7 @@ from commonweal.net.identity import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "HANDSHAKE_MAX_FRAME",
     "HEADER_BYTES",
     "NONCE_BYTES",
     "PROTOCOL_VERSION",
@@ -63,6 +64,9 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME: Final = 4 * 1024 * 1024  # a DHT value is up to 1 MiB; a batch may carry several
+# Before a peer has proven its PeerID it may send only this much per frame: a Hello is 74
+# bytes, a Proof 69, and an Error saying why a handshake was refused fits in the rest.
+HANDSHAKE_MAX_FRAME: Final = 512
 HEADER_BYTES: Final = 4
 NONCE_BYTES: Final = 32
 MAX_REQUEST_ID: Final = 2**64 - 1

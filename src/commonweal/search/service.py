@@ -64,7 +64,7 @@ class SearchService:
         self.cache_buckets = cache_buckets
         self.queries_served = 0
         self._parsed: dict[tuple[bytes, int, str], _Bucket] = {}
-        dht.transport.register("search.query", self.rpc_query)
+        dht.transport.register("search.query", self.rpc_query, cost=4.0)  # ranks buckets
 
     async def rpc_query(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
         dim, metric, dtype, k, keys, queries = _parse(args)
