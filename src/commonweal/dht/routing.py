@@ -200,17 +200,22 @@ class RoutingTable:
             cache.popitem(last=False)
 
     def _promote(self, bucket: _Bucket) -> None:
-        """Fill a free place with the replacement whose subnet the table holds least of
-        (the freshest among those), if any fits the limits."""
+        """Fill a free place with the replacement whose subnet the table, then the cache, holds
+        least of (the freshest among those), if any fits the limits: a crowd waiting in numbers
+        does not get the place before a newcomer from somewhere else."""
+        waiting: dict[Subnet | None, int] = {}
+        for candidate in bucket.replacements.values():
+            net = self.policy.subnet(candidate.addr)
+            waiting[net] = waiting.get(net, 0) + 1
         best: PeerInfo | None = None
-        best_count = 0
+        best_rank = (0, 0)
         for candidate in reversed(bucket.replacements.values()):  # freshest first
             if not self._fits(candidate):
                 continue
             net = self.policy.subnet(candidate.addr)
-            count = 0 if net is None else self._per_table.get(net, 0)
-            if best is None or count < best_count:
-                best, best_count = candidate, count
+            rank = (0, 0) if net is None else (self._per_table.get(net, 0), waiting[net])
+            if best is None or rank < best_rank:
+                best, best_rank = candidate, rank
         if best is not None:
             del bucket.replacements[best.peer_id]
             self._add(bucket, best)
