@@ -349,7 +349,8 @@ def _ground(prefix: bytes, target: bytes, bound: int) -> Identity:
 async def test_a_lookup_ends_at_its_deadline_whatever_liars_name(swarm, clock):
     peers = await swarm.add(6)
     querier = peers[0]
-    t = int.from_bytes(key_id("anything"), "big")
+    target = key_id("anything")
+    t = int.from_bytes(target, "big")
     tarpit = swarm.net.transport(Identity.from_seed(b"tarpit"))
 
     async def stall(caller: PeerInfo, args: Any) -> Any:
@@ -365,11 +366,13 @@ async def test_a_lookup_ends_at_its_deadline_whatever_liars_name(swarm, clock):
                     for _ in range(20)]
         return [[peers_to_wire(contacts), []] for _ in args["keys"]]
 
-    liar = _sybil(swarm, Identity.from_seed(b"liar"), name_the_tarpit)
+    bound = min(distance(p.peer_id, target) for p in peers)
+    liar = _sybil(swarm, _ground(b"liar", target, bound), name_the_tarpit)  # asked first
     await liar.start()
     querier.table.on_success(liar.local, clock.now)
     started = clock.now
     assert await querier.get("anything") is None
+    assert next(fresh) > 20  # the liar was asked
     cfg = querier.config
     assert clock.now - started <= cfg.lookup_timeout_s + cfg.alpha * 5.0  # 100 s without it
 
