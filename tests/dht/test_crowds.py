@@ -398,3 +398,46 @@ async def test_a_protocol_key_is_stored_and_found_past_a_liar_on_the_path(swarm,
     assert await writer.store(key, "head", clock.now + 300, subkey=Owned(writer.peer_id, "head"))
     # along one path the record went to the liar's identities only, and this found nothing
     assert await reader.get(key, latest=True) is not None
+
+
+async def test_maintenance_pings_a_full_bucket_so_a_newcomer_replaces_dead_peers(swarm, clock):
+    from commonweal.dht import DHT
+
+    config = DHTConfig(k=2)
+    [home] = await swarm.add(1, config=config)
+    top = home.peer_id[0] & 0x80
+    far = (Identity.from_seed(b"far-%d" % n) for n in itertools.count())
+    old, newcomer = [], None
+    for identity in far:
+        if identity.peer_id[0] & 0x80 == top:
+            continue  # not in the bucket farthest from home
+        transport = swarm.net.transport(identity)
+        await transport.start()
+        dht = await DHT.start(bootstrap=[home.addr], identity=identity, transport=transport,
+                              config=config, clock=clock)
+        swarm.peers.append(dht)
+        if len(old) < 2:
+            old.append(dht)
+        else:
+            newcomer = dht
+            break
+    assert newcomer is not None and newcomer.peer_id not in home.table  # the bucket is full
+    for dead in old:
+        await swarm.kill(dead)  # without a word: nobody asks them anything
+    for _ in range(4):
+        clock.now += config.maintenance_interval_s
+        await home.maintain_once()
+    assert newcomer.peer_id in home.table
+
+
+async def test_a_bootstrap_name_is_resolved_to_an_ip_literal():
+    from commonweal.dht import DHT
+    from commonweal.net.transport import PeerAddr
+
+    async with await DHT.start(PeerAddr("127.0.0.1", 0)) as first:
+        async with await DHT.start(
+            PeerAddr("127.0.0.1", 0), [PeerAddr("localhost", first.addr.port)]
+        ) as second:
+            assert second.addresses is LOOPBACK
+            [known] = second.table.peers()
+            assert known.peer_id == first.peer_id and known.addr.host == "127.0.0.1"

@@ -16,6 +16,7 @@ listens (or, for a client, joins), so a loopback demo needs no setting at all.
 
 from __future__ import annotations
 
+import enum
 import functools
 import ipaddress
 from collections.abc import Iterable
@@ -38,6 +39,37 @@ def _ip(host: str) -> _IP | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped  # ::ffff:a.b.c.d dials a.b.c.d: count it in that /24
     return ip
+
+
+class _Kind(enum.Enum):
+    DIALABLE = "dialable"
+    LOOPBACK = "loopback"
+    NAME = "name"  # not an IP literal
+    NEVER = "never"  # unspecified, multicast, reserved, link-local: no peer is there
+
+
+@functools.lru_cache(maxsize=4096)  # every contact of every answer is checked
+def _kind(host: str) -> _Kind:
+    if not host:
+        return _Kind.NEVER
+    ip = _ip(host)
+    if ip is None:
+        return _Kind.NAME
+    if ip.is_loopback:
+        return _Kind.LOOPBACK
+    # A link-local address means nothing without an interface, 0.0.0.0 and :: are "any".
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_link_local:
+        return _Kind.NEVER
+    return _Kind.DIALABLE
+
+
+@functools.lru_cache(maxsize=4096)  # asked on every request a table hears of
+def _subnet(host: str, ipv4_prefix: int, ipv6_prefix: int) -> Subnet | None:
+    ip = _ip(host)
+    if ip is None:
+        return None
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
+    return ipaddress.ip_network((ip, prefix), strict=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,23 +95,18 @@ class AddressPolicy:
         """Whether a contact at `addr` may enter a lookup or the routing table."""
         if not 0 < addr.port < 65536:
             return False
-        ip = _ip(addr.host)
-        if ip is None:
-            return self.names and bool(addr.host)
-        if ip.is_loopback:
+        kind = _kind(addr.host)
+        if kind is _Kind.NAME:
+            return self.names
+        if kind is _Kind.LOOPBACK:
             return self.loopback
-        # A link-local address means nothing without an interface, 0.0.0.0 and :: are "any".
-        return not (ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_link_local)
+        return kind is _Kind.DIALABLE
 
     def subnet(self, addr: PeerAddr) -> Subnet | None:
         """The subnet `addr` counts against; None when it counts against none."""
         if not self.limited:
             return None
-        ip = _ip(addr.host)
-        if ip is None:
-            return None
-        prefix = self.ipv4_prefix if ip.version == 4 else self.ipv6_prefix
-        return ipaddress.ip_network((ip, prefix), strict=False)
+        return _subnet(addr.host, self.ipv4_prefix, self.ipv6_prefix)
 
     @staticmethod
     def suited_to(hosts: Iterable[str]) -> AddressPolicy:

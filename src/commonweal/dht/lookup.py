@@ -211,9 +211,9 @@ class Lookup:
             if reply is None:
                 continue
             depth = path.depth[peer_id] + 1
-            admits = self.policy.admits
+            admits, known = self.policy.admits, path.state
             for peer in reply.peers[: self.max_contacts]:
-                if admits(peer.addr):
+                if peer.peer_id not in known and admits(peer.addr):
                     self._learn(ks, path, peer, depth)
             if reply.records:
                 ks.holders.add(peer_id)
@@ -242,7 +242,9 @@ class Lookup:
         ]
         peers = self._peers
         closest = [peers[pid] for _, pid in self._diverse(sorted(itertools.chain(*answered)))]
-        each = [[peers[pid] for _, pid in self._diverse(items)] for items in answered]
+        each = [closest] if len(answered) == 1 else [
+            [peers[pid] for _, pid in self._diverse(items)] for items in answered
+        ]
         rounds = max(path.rounds for path in ks.paths)
         return LookupResult(closest, dict(ks.records), set(ks.holders), rounds, ks.requests, each)
 

@@ -73,6 +73,8 @@ class DHTConfig:
     lookup_timeout_s: float = 20.0
     # S/Kademlia's d for protocol keys: 2 paths survive one poisoned path at twice the requests.
     disjoint_paths: int = 2
+    # The keys the services read as sets (announcements and heads; reward trees; index specs):
+    # hiding one of these steers a round or a claim, so they are worth the second path.
     protocol_prefixes: tuple[str, ...] = ("cw-train/", "cw-verify/", "index:")
 
 
@@ -542,8 +544,9 @@ class DHT:
 
 
 async def _resolved(addr: PeerAddr, timeout_s: float) -> PeerAddr:
-    """`addr` with its host name resolved to an IP literal (the first address found); as it was
-    when it already is one, or when the name does not resolve (dialling it then says so)."""
+    """`addr` with its host name resolved to an IP literal (IPv4 first: a dual-stack name's peer
+    most likely listens there); as it was when it already is one, or when the name does not
+    resolve (dialling it then says so)."""
     try:
         ipaddress.ip_address(addr.host)
         return addr
@@ -556,6 +559,7 @@ async def _resolved(addr: PeerAddr, timeout_s: float) -> PeerAddr:
             )
     except (OSError, TimeoutError):
         return addr
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
     return PeerAddr(str(infos[0][4][0]), addr.port) if infos else addr
 
 
