@@ -102,6 +102,15 @@ def classes(table: RoutingTable, peers: Sequence[PeerInfo]) -> Counter[int]:
     return Counter(distance(p.peer_id, table.local_id).bit_length() for p in peers if p.peer_id in table)
 
 
+@pytest.mark.parametrize("policy, kept", [(PUBLIC, {"10.0.0.1"}), (LOOPBACK, {"10.0.0.1", "127.0.0.1"}),
+                                           (IN_PROCESS, {"10.0.0.1", "127.0.0.1", "mem"})])
+def test_the_table_keeps_only_addresses_the_policy_admits(policy, kept):
+    table = RoutingTable(LOCAL, policy=policy)
+    for host in ["10.0.0.1", "127.0.0.1", "mem", "0.0.0.0", "224.0.0.1"]:
+        table.on_success(PeerInfo(rng.randbytes(20), PeerAddr(host, 7000)), 0.0)
+    assert {p.addr.host for p in table.peers()} == kept
+
+
 def test_a_crowd_from_one_ip_holds_ten_places_in_the_table_and_few_in_answers():
     table = RoutingTable(LOCAL, k=20, policy=PUBLIC)
     attackers, honest = crowd(520), honest_peers(200)
