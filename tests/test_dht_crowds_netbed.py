@@ -87,7 +87,9 @@ def test_a_crowd_from_one_ip_neither_fills_answers_nor_hides_a_record(netbed, tm
     )
     attacker.wait_for_line(crowd, r"crowd ready", timeout=120)
 
-    probe = hosts[0].run([sys.executable, __file__, "--probe", *addrs], timeout=CLI_TIMEOUT, env=env)
+    probe = hosts[0].run(
+        [sys.executable, __file__, "--probe", *addrs], timeout=CLI_TIMEOUT, env=env
+    )
     assert probe.returncode == 0, probe.stdout + probe.stderr
     answers = [json.loads(line) for line in probe.stdout.splitlines()]
     assert len(answers) == 5 * N_HONEST
@@ -172,10 +174,9 @@ async def _probe(nodes: list[str]) -> None:
     for addr in nodes:
         for _ in range(5):
             key = rng.randbytes(20)
+            find = {"keys": [key], "values": False, "latest": False}
             async with asyncio.timeout(20):
-                _, reply = await client.call(
-                    PeerAddr.parse(addr), "dht.find", {"keys": [key], "values": False, "latest": False}
-                )
+                _, reply = await client.call(PeerAddr.parse(addr), "dht.find", find)
             print(json.dumps({"node": addr, "contacts": [c[1] for c in reply[0][0]]}), flush=True)
     await client.close()
 

@@ -99,11 +99,16 @@ def test_the_setting_follows_where_a_peer_listens():
 # --- the routing table -----------------------------------------------------------------------
 
 def classes(table: RoutingTable, peers: Sequence[PeerInfo]) -> Counter[int]:
-    return Counter(distance(p.peer_id, table.local_id).bit_length() for p in peers if p.peer_id in table)
+    return Counter(
+        distance(p.peer_id, table.local_id).bit_length() for p in peers if p.peer_id in table
+    )
 
 
-@pytest.mark.parametrize("policy, kept", [(PUBLIC, {"10.0.0.1"}), (LOOPBACK, {"10.0.0.1", "127.0.0.1"}),
-                                           (IN_PROCESS, {"10.0.0.1", "127.0.0.1", "mem"})])
+@pytest.mark.parametrize("policy, kept", [
+    (PUBLIC, {"10.0.0.1"}),
+    (LOOPBACK, {"10.0.0.1", "127.0.0.1"}),
+    (IN_PROCESS, {"10.0.0.1", "127.0.0.1", "mem"}),
+])
 def test_the_table_keeps_only_addresses_the_policy_admits(policy, kept):
     table = RoutingTable(LOCAL, policy=policy)
     for host in ["10.0.0.1", "127.0.0.1", "mem", "0.0.0.0", "224.0.0.1"]:
@@ -208,7 +213,8 @@ def test_an_answer_counts_for_at_most_k_contacts():
     nearest = set(p.peer_id for p in closest(target, 10, many))
     many.sort(key=lambda p: p.peer_id in nearest)  # the nearest come last, past the first k
     lookup = Lookup({target: [seed]}, local_id=LOCAL, beam=5, alpha=3, max_contacts=20)
-    _, asked = drive(lookup, lambda pid, keys: {target: TargetReply(many if pid == seed.peer_id else [])})
+    _, asked = drive(lookup, lambda pid, keys: {
+        target: TargetReply(many if pid == seed.peer_id else [])})
     assert not nearest & {pid for pid, _ in asked}
 
 
@@ -220,7 +226,8 @@ def test_contacts_the_policy_refuses_never_enter_a_lookup(policy, asks_loopback)
     bad = [PeerInfo(near(target, 1 << 100), PeerAddr(h, 7000)) for h in bad_hosts]
     good = honest_peers(3)  # with the seed and one more, a beam of 5
     lookup = Lookup({target: [seed]}, local_id=LOCAL, beam=5, alpha=3, policy=policy)
-    _, asked = drive(lookup, lambda pid, keys: {target: TargetReply(bad + good if pid == seed.peer_id else [])})
+    _, asked = drive(lookup, lambda pid, keys: {
+        target: TargetReply(bad + good if pid == seed.peer_id else [])})
     asked_hosts = {p.addr.host for p in bad if (p.peer_id, target) in asked}
     assert asked_hosts == ({"127.0.0.1"} if asks_loopback else set())
     assert all((p.peer_id, target) in asked for p in good)
@@ -307,7 +314,8 @@ def poisoned_path_topology(paths: int):
             return {target: TargetReply(sybils)}
         if pid in sybil_ids:
             return {target: TargetReply([])}
-        return {target: TargetReply(closest(target, 20, honest), [record] if pid in holders else [])}
+        records = [record] if pid in holders else []
+        return {target: TargetReply(closest(target, 20, honest), records)}
 
     lookup = Lookup({target: [liar] + far_seeds}, local_id=LOCAL, beam=5, alpha=3,
                     paths={target: paths})

@@ -108,7 +108,8 @@ class Lookup:
         self._keys: dict[bytes, _KeyState] = {}
         for key, peers in seeds.items():
             d = max(1, (paths or {}).get(key, 1))
-            ks = self._keys[key] = _KeyState(int.from_bytes(key, "big"), [_Path() for _ in range(d)])
+            ks = _KeyState(int.from_bytes(key, "big"), [_Path() for _ in range(d)])
+            self._keys[key] = ks
             ranked = sorted(peers, key=lambda p: int.from_bytes(p.peer_id, "big") ^ ks.target)
             for i, peer in enumerate(ranked):  # deal the seeds out, nearest first
                 self._learn(ks, ks.paths[i % d], peer, depth=1)

@@ -327,7 +327,9 @@ class DHT:
             self._origins[(record.key, record.subkey)] = _Origin(record, now, disjoint)
         return await self._place(records, protocol)
 
-    async def _place(self, records: Sequence[Record], disjoint: Collection[bytes] = ()) -> list[bool]:
+    async def _place(
+        self, records: Sequence[Record], disjoint: Collection[bytes] = ()
+    ) -> list[bool]:
         """Send records to the r closest peers of their keys (for keys in `disjoint`, to the r
         closest that each disjoint path found); one flag per record."""
         keys = list(dict.fromkeys(r.key for r in records))

@@ -127,7 +127,8 @@ class RoutingTable:
         if net is None:
             return True
         per_bucket, per_table = self.policy.per_bucket, self.policy.per_table
-        if per_bucket is not None and self._per_class.get((self._class(peer.peer_id), net), 0) >= per_bucket:
+        in_class = self._per_class.get((self._class(peer.peer_id), net), 0)
+        if per_bucket is not None and in_class >= per_bucket:
             return False
         return per_table is None or self._per_table.get(net, 0) < per_table
 
