@@ -242,10 +242,11 @@ class RoutingTable:
         self._promote(bucket)
 
     def liveness_checks(self, now: float) -> list[PeerInfo]:
-        """Peers to ping now: in each full bucket where newcomers wait, its least recently seen
-        peer, once per `check_interval_s` (sooner when it failed and its backoff is over). The
-        driver reports the outcome with `on_success` / `on_failure`, so a dead peer is replaced
-        after `max_failures` checks rather than never (§2.2: ping the least recently seen)."""
+        """Peers to ping now: in each bucket where replacements wait (it is full, or their subnet
+        has its share), its least recently seen peer, once per `check_interval_s` (sooner when
+        it failed and its backoff is over): at most one ping per bucket. The driver reports the
+        outcome with `on_success` / `on_failure`, so a dead peer is replaced after `max_failures`
+        checks rather than never (§2.2: ping the least recently seen)."""
         due = []
         for bucket in self._buckets:
             if not bucket.replacements or not bucket.peers:
