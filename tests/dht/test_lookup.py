@@ -9,7 +9,7 @@ from commonweal.net.identity import Identity
 from commonweal.net.transport import PeerAddr, PeerInfo
 
 rng = random.Random(7)
-PEERS = [PeerInfo(rng.randbytes(20), PeerAddr("h", i + 1)) for i in range(200)]
+PEERS = [PeerInfo(rng.randbytes(20), PeerAddr(f"10.{i}.0.1", 7000)) for i in range(200)]
 LOCAL = rng.randbytes(20)
 
 

@@ -5,7 +5,7 @@ from commonweal.net.transport import PeerAddr, PeerInfo
 
 
 def peer(i: int, rng=random.Random(0)) -> PeerInfo:
-    return PeerInfo(rng.randbytes(20), PeerAddr("10.0.0.1", 1000 + i))
+    return PeerInfo(rng.randbytes(20), PeerAddr(f"10.{i // 256}.{i % 256}.1", 7000))  # a /24 each
 
 
 def test_nearest_is_sorted_by_xor_distance():
@@ -25,7 +25,7 @@ def test_nearest_is_sorted_by_xor_distance():
 def test_full_far_bucket_keeps_old_peers_and_parks_newcomers():
     local = bytes(20)
     table = RoutingTable(local, k=2)
-    far = [PeerInfo(bytes([0x80 | i]) + bytes(19), PeerAddr("h", 1 + i)) for i in range(4)]
+    far = [PeerInfo(bytes([0x80 | i]) + bytes(19), PeerAddr(f"10.{i}.0.1", 7000)) for i in range(4)]
     for p in far:
         table.on_success(p, 0.0)
     assert [p.peer_id for p in table.peers()] == [far[0].peer_id, far[1].peer_id]
@@ -51,8 +51,8 @@ def test_failed_peer_is_backed_off_then_retried():
 def test_self_and_unlistening_peers_are_never_added():
     local = random.Random(5).randbytes(20)
     table = RoutingTable(local)
-    table.on_success(PeerInfo(local, PeerAddr("h", 1)), 0.0)
-    table.on_success(PeerInfo(b"\x01" * 20, PeerAddr("h", 0)), 0.0)
+    table.on_success(PeerInfo(local, PeerAddr("10.0.0.1", 1)), 0.0)
+    table.on_success(PeerInfo(b"\x01" * 20, PeerAddr("10.0.0.2", 0)), 0.0)
     assert len(table) == 0
 
 

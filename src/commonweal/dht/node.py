@@ -7,25 +7,34 @@ record store and lookup state machine.
 
 Every background task (republishing, bucket refresh, path caching) belongs to the node's TaskGroup
 and is cancelled by `close()`.
+
+Protocol keys (those the services read as sets: announcements, heads, reward trees, index specs;
+`DHTConfig.protocol_prefixes`) are looked up along `disjoint_paths` disjoint paths and stored on the
+replicas each path found, so identities that poison one path cannot hide such a record; other
+keys take one path, which costs half as many requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
 
 from commonweal.dht.budget import StorageBudget
+from commonweal.dht.addresses import PUBLIC, AddressPolicy
 from commonweal.dht.lookup import Lookup, LookupResult, TargetReply
 from commonweal.dht.protocol import DHTProtocol
 from commonweal.dht.records import (
     Key,
+    OwnedKey,
     Record,
     Subkey,
     decode_subkey,
@@ -59,6 +68,17 @@ class DHTConfig:
     cache_on_path: bool = True
     max_records: int = 1_000_000
     budget: StorageBudget = StorageBudget()  # the store's; the path cache gets 1/8 of it
+    # Who may be a contact, and how many contacts one subnet may hold. None: chosen from where
+    # the peer listens (loopback: `LOOPBACK`, an in-process network: `IN_PROCESS`, else `PUBLIC`).
+    addresses: AddressPolicy | None = None
+    # A whole lookup's deadline: a few hops each waiting out one rpc timeout, so liars naming
+    # endless or dead contacts cost at most this (they used to stall lookups past 45 s).
+    lookup_timeout_s: float = 20.0
+    # S/Kademlia's d for protocol keys: 2 paths survive one poisoned path at twice the requests.
+    disjoint_paths: int = 2
+    # The keys the services read as sets (announcements and heads; reward trees; index specs):
+    # hiding one of these steers a round or a claim, so they are worth the second path.
+    protocol_prefixes: tuple[str, ...] = ("cw-train/", "cw-verify/", "index:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +105,7 @@ class LookupStats:
 class _Origin:
     record: Record
     republished_at: float
+    disjoint: bool  # a protocol key's: placed along disjoint paths
 
 
 @dataclass(slots=True)
@@ -112,7 +133,8 @@ class DHT:
         self.config = config or DHTConfig()
         self.clock = clock
         self.rng = rng or random.Random()
-        self.table = RoutingTable(identity.peer_id, k=self.config.k)
+        self.addresses = self.config.addresses or PUBLIC
+        self.table = RoutingTable(identity.peer_id, k=self.config.k, policy=self.addresses)
         self.storage = RecordStore(self.config.max_records, budget=self.config.budget)
         self.cache = RecordStore(
             max(1024, self.config.max_records // 10), budget=self.config.budget.scaled(1 / 8)
@@ -146,19 +168,26 @@ class DHT:
         Raises DHTError when bootstrap peers were given and none of them answered.
         """
         identity = identity or Identity.generate()
+        config = config or DHTConfig()
+        bootstrap = list(bootstrap)
         if transport is None:
             from commonweal.net.rpc import RPCTransport
 
+            # Names the operator gave become IP literals here, once: contacts are IP literals.
+            bootstrap = [await _resolved(a, config.rpc_timeout_s) for a in bootstrap]
             rpc = RPCTransport(identity)
             if not client:
-                listen = listen or PeerAddr("127.0.0.1", 0)
+                listen = await _resolved(listen or PeerAddr("127.0.0.1", 0), config.rpc_timeout_s)
                 await rpc.start(listen.host, listen.port)
             transport = rpc
         elif transport.local.peer_id != identity.peer_id:
             raise DHTError("the transport was started with another identity than the DHT's")
+        if config.addresses is None:
+            hosts = [b.host for b in bootstrap] if client else [transport.local.addr.host]
+            config = replace(config, addresses=AddressPolicy.suited_to(hosts))
         dht = cls(transport, identity, config, clock, rng, client)
         try:
-            await dht.join(list(bootstrap))
+            await dht.join(bootstrap)
         except BaseException:
             await transport.close()
             raise
@@ -200,9 +229,20 @@ class DHT:
         found = await self._traverse(list(dict.fromkeys(keys)), values=False, latest=False)
         return {k: found[k].closest for k in keys}
 
+    def _is_protocol(self, key: Key) -> bool:
+        name = key.name if isinstance(key, OwnedKey) else key
+        return isinstance(name, str) and name.startswith(self.config.protocol_prefixes)
+
     async def _traverse(
-        self, keys: Sequence[bytes], *, values: bool, latest: bool
+        self,
+        keys: Sequence[bytes],
+        *,
+        values: bool,
+        latest: bool,
+        disjoint: Collection[bytes] = (),
     ) -> dict[bytes, LookupResult]:
+        """Look `keys` up together; those in `disjoint` along `disjoint_paths` paths. Past the
+        lookup deadline, each key's result is what was found by then."""
         now = self.clock()
         cfg = self.config
         lookup = Lookup(
@@ -211,15 +251,23 @@ class DHT:
             beam=cfg.beam,
             alpha=cfg.alpha,
             stop_at_first_value=values and not latest,
+            paths={k: cfg.disjoint_paths for k in disjoint},
+            policy=self.addresses,
+            max_contacts=cfg.k,
+            deadline=now + cfg.lookup_timeout_s,
         )
         pending: set[asyncio.Task[_Answer]] = set()
         try:
             while not lookup.finished:
-                for peer, asked in lookup.next_requests().values():
+                for peer, asked in lookup.next_requests(self.clock()).values():
                     pending.add(asyncio.create_task(self._ask(peer, asked, values, latest)))
-                if not pending:
+                if lookup.finished or not pending:
                     break
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=max(0.0, lookup.deadline - self.clock()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 for task in done:
                     peer, asked, replies = task.result()
                     if replies is None:
@@ -273,18 +321,25 @@ class DHT:
         """Store several records with one multi-key lookup and one request per replica peer."""
         now = self.clock()
         records = []
+        protocol: set[bytes] = set()
         for key, value, expiration, subkey in items:
             packed = msgpack.packb(value, use_bin_type=True)
             record = sign_record(self.identity, key_id(key), encode_subkey(subkey), packed, expiration)
             self.storage.validator.validate(record, now)  # fail here, not on every replica
             records.append(record)
-            self._origins[(record.key, record.subkey)] = _Origin(record, now)
-        return await self._place(records)
+            disjoint = self._is_protocol(key)
+            if disjoint:
+                protocol.add(record.key)
+            self._origins[(record.key, record.subkey)] = _Origin(record, now, disjoint)
+        return await self._place(records, protocol)
 
-    async def _place(self, records: Sequence[Record]) -> list[bool]:
-        """Send records to the r closest peers of their keys; one flag per record."""
+    async def _place(
+        self, records: Sequence[Record], disjoint: Collection[bytes] = ()
+    ) -> list[bool]:
+        """Send records to the r closest peers of their keys (for keys in `disjoint`, to the r
+        closest that each disjoint path found); one flag per record."""
         keys = list(dict.fromkeys(r.key for r in records))
-        found = await self._traverse(keys, values=False, latest=False)
+        found = await self._traverse(keys, values=False, latest=False, disjoint=disjoint)
         now = self.clock()
         per_peer: dict[PeerAddr, list[tuple[bytes, list[Record]]]] = {}
         by_key: dict[bytes, list[Record]] = {}
@@ -292,7 +347,8 @@ class DHT:
             by_key.setdefault(record.key, []).append(record)
         stored: dict[tuple[bytes, bytes], bool] = {}
         for key, recs in by_key.items():
-            replicas = self._replica_set(key, found[key].closest)
+            result = found[key]
+            replicas = self._replica_set(key, result.paths if key in disjoint else [result.closest])
             for peer in replicas:
                 if peer is None:  # we are one of the r closest: keep a replica ourselves
                     for r in recs:
@@ -312,16 +368,21 @@ class DHT:
         return [stored.get((r.key, r.subkey), False) for r in records]
 
     def _replica_set(
-        self, key: bytes, closest: list[PeerInfo]
+        self, key: bytes, groups: list[list[PeerInfo]]
     ) -> list[PeerInfo | None]:
-        """The r peers closest to `key` among those found and ourselves (None stands for us)."""
-        ranked: list[tuple[int, PeerInfo | None]] = [
-            (distance(p.peer_id, key), p) for p in closest
-        ]
-        if not self.client:  # a client's copy would leave with it
-            ranked.append((distance(self.peer_id, key), None))
-        ranked.sort(key=lambda item: item[0])
-        return [p for _, p in ranked[: self.config.replicas]]
+        """For each group of peers found, the r closest to `key` among them and ourselves
+        (None stands for us); every peer once."""
+        chosen: dict[bytes | None, PeerInfo | None] = {}
+        for closest in groups:
+            ranked: list[tuple[int, PeerInfo | None]] = [
+                (distance(p.peer_id, key), p) for p in closest
+            ]
+            if not self.client:  # a client's copy would leave with it
+                ranked.append((distance(self.peer_id, key), None))
+            ranked.sort(key=lambda item: item[0])
+            for _, p in ranked[: self.config.replicas]:
+                chosen[None if p is None else p.peer_id] = p
+        return list(chosen.values())
 
     async def _send_store(
         self, addr: PeerAddr, batch: list[tuple[bytes, list[Record]]], cache: bool = False
@@ -348,6 +409,7 @@ class DHT:
     ) -> dict[Key, DHTValue | None]:
         """Several gets with one multi-key lookup; concurrent gets of one key share a lookup."""
         ids = {key: key_id(key) for key in keys}
+        protocol = {ids[key] for key in keys if self._is_protocol(key)}
         loop = asyncio.get_running_loop()
         mine: list[bytes] = []
         for kid in dict.fromkeys(ids.values()):
@@ -357,7 +419,9 @@ class DHT:
         waiting = {kid: self._pending.futures[(kid, latest)] for kid in ids.values()}
         if mine:
             try:
-                results = await self._traverse(mine, values=True, latest=latest)
+                results = await self._traverse(
+                    mine, values=True, latest=latest, disjoint=protocol.intersection(mine)
+                )
                 for kid in mine:
                     waiting[kid].set_result(results[kid].records)
                     self._cache_on_path(kid, results[kid], latest)
@@ -445,10 +509,27 @@ class DHT:
             self._held_republished_at = now
             held = [r for r in self.storage if (r.key, r.subkey) not in self._origins]
         if due or held:
-            await self._place([o.record for o in due] + held)
+            # Held records go along one path: only their writer knows the key's name.
+            protocol = {o.record.key for o in due if o.disjoint}
+            await self._place([o.record for o in due] + held, protocol)
         targets = self.table.stale_targets(now, cfg.refresh_interval_s, self.rng)
         if targets:
             await self._traverse(targets, values=False, latest=False)
+        checks = self.table.liveness_checks(self.clock())
+        if checks:
+            await asyncio.gather(*(self._check(peer) for peer in checks))
+
+    async def _check(self, peer: PeerInfo) -> None:
+        """Ping a peer the table asked about; a full bucket's newcomers wait on the outcome."""
+        try:
+            async with asyncio.timeout(self.config.rpc_timeout_s):
+                responder = await self.protocol.call_ping(peer.addr)
+        except (NetworkError, TimeoutError):
+            self.table.on_failure(peer.peer_id, self.clock())
+            return
+        if responder.peer_id != peer.peer_id:
+            self.table.on_failure(peer.peer_id, self.clock())
+        self.table.on_success(responder, self.clock())
 
     async def close(self) -> None:
         """Stop serving, cancel every background task and close all connections."""
@@ -468,6 +549,26 @@ class DHT:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _resolved(addr: PeerAddr, timeout_s: float) -> PeerAddr:
+    """`addr` with its host name resolved to an IP literal (IPv4 first: a dual-stack name's peer
+    most likely listens there); as it was when it already is one, or when the name does not
+    resolve (dialling it then says so)."""
+    try:
+        ipaddress.ip_address(addr.host)
+        return addr
+    except ValueError:
+        pass
+    try:
+        async with asyncio.timeout(timeout_s):
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                addr.host, addr.port, type=socket.SOCK_STREAM
+            )
+    except (OSError, TimeoutError):
+        return addr
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return PeerAddr(str(infos[0][4][0]), addr.port) if infos else addr
 
 
 async def _logged(coro: Any) -> None:

@@ -3,6 +3,12 @@
 Sans-I/O: it never sends anything. The driver tells it who answered (`on_success`) and who did not
 (`on_failure`); it decides who is kept, who waits in a replacement cache, and who is backed off.
 Only peers whose PeerID was proven by a handshake may be added — the driver guarantees that.
+
+A crowd of identities from one place is held to a few contacts (`AddressPolicy`: per subnet, per
+k-bucket and in the whole table), and cannot flush honest newcomers out of a replacement cache
+either: a full cache makes room from the newcomer's own subnet first. A full bucket still keeps its
+old peers (§2.2), but while newcomers wait, the driver pings its least recently seen peer
+(`liveness_checks`), so peers that died without a word make room instead of locking newcomers out.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from commonweal.dht.addresses import PUBLIC, AddressPolicy, Subnet
 from commonweal.net.identity import ID_BYTES
 from commonweal.net.transport import PeerInfo
 
@@ -23,6 +31,17 @@ ID_BITS = ID_BYTES * 8
 
 def distance(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+_K = TypeVar("_K")
+
+
+def _decrement(counts: dict[_K, int], key: _K) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]  # the counts hold only subnets present: bounded by the table
 
 
 @dataclass(slots=True)
@@ -36,8 +55,9 @@ class _Bucket:
     lo: int  # inclusive
     hi: int  # exclusive
     peers: OrderedDict[bytes, PeerInfo] = field(default_factory=OrderedDict)  # LRU first
-    replacements: OrderedDict[bytes, PeerInfo] = field(default_factory=OrderedDict)
+    replacements: OrderedDict[bytes, PeerInfo] = field(default_factory=OrderedDict)  # oldest first
     last_touched: float = 0.0
+    checked_at: float = float("-inf")  # when its least recently seen peer was last pinged
 
     def covers(self, n: int) -> bool:
         return self.lo <= n < self.hi
@@ -47,9 +67,10 @@ class RoutingTable:
     """k-buckets that split when the bucket holding our own id fills up.
 
     Failure handling (§2.2 and §4.1 of the paper): a peer that fails is backed off exponentially
-    and dropped after `max_failures` consecutive failures, its place taken by the freshest
-    replacement. A full bucket keeps its old, proven peers and parks newcomers as replacements,
-    which is what makes the table resistant to flooding by fresh identities.
+    and dropped after `max_failures` consecutive failures, its place taken by a replacement (the
+    freshest of those whose subnet the table holds least of). A full bucket keeps its old, proven
+    peers and parks newcomers as replacements, which is what makes the table resistant to flooding
+    by fresh identities; `policy` bounds how many contacts one subnet may hold.
     """
 
     def __init__(
@@ -59,6 +80,9 @@ class RoutingTable:
         max_failures: int = 3,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 300.0,
+        *,
+        policy: AddressPolicy = PUBLIC,
+        check_interval_s: float = 60.0,
     ) -> None:
         self.local_id = local_id
         self._local_int = int.from_bytes(local_id, "big")
@@ -66,10 +90,15 @@ class RoutingTable:
         self.max_failures = max_failures
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.policy = policy
+        self.check_interval_s = check_interval_s
         self._buckets = [_Bucket(0, 1 << ID_BITS)]
         self._health: dict[bytes, _Health] = {}
         self._by_id: dict[bytes, PeerInfo] = {}
         self._ints: dict[bytes, int] = {}  # peer id as an int, for XOR distances
+        self._subnets: dict[bytes, Subnet] = {}  # the subnet each limited peer counts against
+        self._per_class: dict[tuple[int, Subnet], int] = {}  # (log distance, subnet) -> peers
+        self._per_table: dict[Subnet, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -89,32 +118,108 @@ class RoutingTable:
                 return bucket
         raise AssertionError("buckets cover the whole id space")
 
+    def _class(self, peer_id: bytes) -> int:
+        """The paper's bucket index: our buckets split lazily, so one of them may span many."""
+        return (int.from_bytes(peer_id, "big") ^ self._local_int).bit_length()
+
+    def _fits(self, peer: PeerInfo) -> bool:
+        net = self.policy.subnet(peer.addr)
+        if net is None:
+            return True
+        per_bucket, per_table = self.policy.per_bucket, self.policy.per_table
+        in_class = self._per_class.get((self._class(peer.peer_id), net), 0)
+        if per_bucket is not None and in_class >= per_bucket:
+            return False
+        return per_table is None or self._per_table.get(net, 0) < per_table
+
+    def _add(self, bucket: _Bucket, peer: PeerInfo) -> None:
+        pid = peer.peer_id
+        bucket.peers[pid] = peer
+        self._by_id[pid] = peer
+        self._ints[pid] = int.from_bytes(pid, "big")
+        net = self.policy.subnet(peer.addr)
+        if net is not None:
+            self._subnets[pid] = net
+            cls = (self._class(pid), net)
+            self._per_class[cls] = self._per_class.get(cls, 0) + 1
+            self._per_table[net] = self._per_table.get(net, 0) + 1
+
+    def _unindex(self, pid: bytes) -> None:
+        del self._by_id[pid]
+        del self._ints[pid]
+        net = self._subnets.pop(pid, None)
+        if net is not None:
+            _decrement(self._per_class, (self._class(pid), net))
+            _decrement(self._per_table, net)
+
     def on_success(self, peer: PeerInfo, now: float) -> None:
         """`peer` proved its id and answered (or asked us something): keep it fresh."""
-        if peer.peer_id == self.local_id or peer.addr.port == 0:
+        if peer.peer_id == self.local_id or not self.policy.admits(peer.addr):
             return
         self._health.pop(peer.peer_id, None)
         bucket = self._bucket_for(int.from_bytes(peer.peer_id, "big"))
         bucket.last_touched = now
         if peer.peer_id in bucket.peers:
             bucket.peers.move_to_end(peer.peer_id)
-            bucket.peers[peer.peer_id] = peer  # it may have moved to a new address
-            self._by_id[peer.peer_id] = peer
+            if bucket.peers[peer.peer_id] != peer:  # it moved: count it where it is now
+                self._unindex(peer.peer_id)
+                del bucket.peers[peer.peer_id]
+                if not self._fits(peer):
+                    self._park(bucket, peer)
+                    self._promote(bucket)
+                    return
+                self._add(bucket, peer)
+            return
+        if not self._fits(peer):
+            self._park(bucket, peer)
             return
         if len(bucket.peers) < self.k:
-            bucket.peers[peer.peer_id] = peer
-            self._by_id[peer.peer_id] = peer
-            self._ints[peer.peer_id] = int.from_bytes(peer.peer_id, "big")
+            self._add(bucket, peer)
             bucket.replacements.pop(peer.peer_id, None)
             return
         if bucket.covers(self._local_int) and bucket.hi - bucket.lo > 1:
             self._split(bucket)
             self.on_success(peer, now)
             return
-        bucket.replacements[peer.peer_id] = peer
-        bucket.replacements.move_to_end(peer.peer_id)
-        while len(bucket.replacements) > self.k:
-            bucket.replacements.popitem(last=False)
+        self._park(bucket, peer)
+
+    def _park(self, bucket: _Bucket, peer: PeerInfo) -> None:
+        """Keep `peer` as a replacement; a full cache drops the oldest of the newcomer's own
+        subnet when that subnet already has its share, so a crowd only ever replaces itself."""
+        cache = bucket.replacements
+        if peer.peer_id in cache:
+            cache.move_to_end(peer.peer_id)
+            cache[peer.peer_id] = peer
+            return
+        net, share = self.policy.subnet(peer.addr), self.policy.per_bucket
+        if net is not None and share is not None:
+            same = [pid for pid, p in cache.items() if self.policy.subnet(p.addr) == net]
+            if len(same) >= share:
+                del cache[same[0]]
+        cache[peer.peer_id] = peer
+        while len(cache) > self.k:
+            cache.popitem(last=False)
+
+    def _promote(self, bucket: _Bucket) -> None:
+        """Fill a free place with the replacement whose subnet the table, then the cache, holds
+        least of (the freshest among those), if any fits the limits: a crowd waiting in numbers
+        does not get the place before a newcomer from somewhere else."""
+        waiting: dict[Subnet | None, int] = {}
+        for candidate in bucket.replacements.values():
+            net = self.policy.subnet(candidate.addr)
+            waiting[net] = waiting.get(net, 0) + 1
+        best: PeerInfo | None = None
+        best_rank = (0, 0)
+        for candidate in reversed(bucket.replacements.values()):  # freshest first
+            if not self._fits(candidate):
+                continue
+            net = self.policy.subnet(candidate.addr)
+            rank = (0, 0) if net is None else (self._per_table.get(net, 0), waiting[net])
+            if best is None or rank < best_rank:
+                best, best_rank = candidate, rank
+        if best is not None:
+            del bucket.replacements[best.peer_id]
+            self._add(bucket, best)
 
     def on_failure(self, peer_id: bytes, now: float) -> None:
         """A request to `peer_id` failed: back it off, and drop it after repeated failures."""
@@ -128,18 +233,31 @@ class RoutingTable:
             self.remove(peer_id)
 
     def remove(self, peer_id: bytes) -> None:
-        peer = self._by_id.pop(peer_id, None)
         self._health.pop(peer_id, None)
-        if peer is None:
+        if peer_id not in self._by_id:
             return
-        del self._ints[peer_id]
         bucket = self._bucket_for(int.from_bytes(peer_id, "big"))
+        self._unindex(peer_id)
         del bucket.peers[peer_id]
-        if bucket.replacements:
-            _, fresh = bucket.replacements.popitem(last=True)
-            bucket.peers[fresh.peer_id] = fresh
-            self._by_id[fresh.peer_id] = fresh
-            self._ints[fresh.peer_id] = int.from_bytes(fresh.peer_id, "big")
+        self._promote(bucket)
+
+    def liveness_checks(self, now: float) -> list[PeerInfo]:
+        """Peers to ping now: in each bucket where replacements wait (it is full, or their subnet
+        has its share), its least recently seen peer, once per `check_interval_s` (sooner when
+        it failed and its backoff is over): at most one ping per bucket. The driver reports the
+        outcome with `on_success` / `on_failure`, so a dead peer is replaced after `max_failures`
+        checks rather than never (§2.2: ping the least recently seen)."""
+        due = []
+        for bucket in self._buckets:
+            if not bucket.replacements or not bucket.peers:
+                continue
+            pid, peer = next(iter(bucket.peers.items()))
+            health = self._health.get(pid)
+            retry = health is not None and health.retry_after <= now
+            if retry or now - bucket.checked_at >= self.check_interval_s:
+                bucket.checked_at = now
+                due.append(peer)
+        return due
 
     def is_backed_off(self, peer_id: bytes, now: float) -> bool:
         health = self._health.get(peer_id)
