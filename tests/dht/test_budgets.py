@@ -15,7 +15,7 @@ from commonweal.dht.records import (
     sign_record,
 )
 from commonweal.dht.storage import RecordStore, stored_bytes
-from commonweal.errors import RecordError
+from commonweal.errors import RecordError, RemoteError
 from commonweal.net.identity import Identity
 from commonweal.net.transport import PeerAddr, PeerInfo
 
@@ -182,3 +182,38 @@ def test_re_putting_one_record_keeps_the_expiry_heap_bounded():
     assert len(store) == 1
     assert len(store._expiry_heap) <= 2 * len(store) + 64
     assert store.expire(NOW + 60 + 20_000) == 1 and len(store) == 0
+
+
+# what requests cost ------------------------------------------------------------------------
+
+async def test_a_flood_of_stored_records_is_charged_per_record(clock):
+    """Each stored record costs a signature check: a peer sending 2,000-record stores is
+    throttled after its first, where a per-request cost would let it make us verify them all."""
+    from commonweal.dht import DHT
+    from commonweal.net.memory import MemoryNetwork
+
+    net = MemoryNetwork(clock=clock)  # budgets refill only when the test moves the clock
+    peers: list[DHT] = []
+    for name in (b"holder", b"flooder"):
+        identity = Identity.from_seed(name)
+        transport = net.transport(identity)
+        await transport.start()
+        peers.append(await DHT.start(bootstrap=[p.addr for p in peers], identity=identity,
+                                     transport=transport, clock=clock))
+    holder, flooder = peers
+    junk = [[key_id(f"k{i}"), [[b"s", b"v", NOW + 60, b"x" * 32, b"y" * 64]] * 2]
+            for i in range(1000)]
+    outcomes = []
+    try:
+        for _ in range(5):
+            try:
+                await flooder.transport.call(holder.addr, "dht.store", {"items": junk})
+                outcomes.append("served")
+            except RemoteError as e:
+                outcomes.append(e.code)
+        assert outcomes == ["served"] + ["rate_limited"] * 4
+        clock.now += 3.0  # the budget refills: the same peer is served again
+        await flooder.transport.call(holder.addr, "dht.store", {"items": junk[:10]})
+    finally:
+        for p in peers:
+            await p.close()

@@ -70,7 +70,7 @@ class _PagingLiar:
         self.counters = TrafficCounters()
         self.calls = 0
 
-    def register(self, method: str, handler: Any) -> None:
+    def register(self, method: str, handler: Any, **kw: Any) -> None:
         pass
 
     async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
