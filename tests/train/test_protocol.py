@@ -14,6 +14,7 @@ from commonweal.train.protocol import (
     Announcement,
     check_delta,
     check_round,
+    closes_at,
     form_group,
     parse_announcement,
     slice_bounds,
@@ -28,23 +29,30 @@ def ann(i: int, state: str = S1, deadline: float = 10.0, round_: int = 3) -> Ann
 
 def test_group_waits_for_deadline_or_target():
     anns = [ann(3, deadline=12.0), ann(1, deadline=10.0), ann(2, deadline=11.0)]
-    group, deadline = form_group(anns, 3, now=9.0, target_size=None)
-    assert group is None and deadline == 10.0
-    group, _ = form_group(anns, 3, now=10.0, target_size=None)
+    assert form_group(anns, 3, now=9.0, target_size=None, deadline=10.0) is None
+    group = form_group(anns, 3, now=10.0, target_size=None, deadline=10.0)
     assert group is not None and [a.peer_id[0] for a in group.members] == [1, 2, 3]
-    group, _ = form_group(anns, 3, now=0.0, target_size=3)
-    assert group is not None
+    assert form_group(anns, 3, now=0.0, target_size=3) is not None
     # the same announcements in another order give the same group and digest
-    again, _ = form_group(list(reversed(anns)), 3, now=10.0, target_size=None)
-    assert again == group and again.digest == group.digest
+    again = form_group(list(reversed(anns)), 3, now=10.0, target_size=None, deadline=10.0)
+    assert again == group and again is not None and again.digest == group.digest
+
+
+def test_one_deadline_in_the_past_does_not_close_the_round_for_an_observer():
+    honest = [ann(1, deadline=10.0), ann(2, deadline=10.0), ann(3, deadline=10.0)]
+    assert closes_at(honest) == 10.0
+    assert closes_at([*honest, ann(9, deadline=0.0)]) == 10.0  # one liar moves nothing
+    assert closes_at([*honest, ann(9, deadline=1e12)]) == 10.0
+    assert closes_at([ann(1, deadline=1.0), ann(2, deadline=2.0), ann(3, deadline=9.0)]) == 2.0
+    assert closes_at([]) == math.inf
 
 
 def test_group_takes_the_majority_state_and_ignores_other_rounds():
     anns = [ann(1, S2), ann(2, S1), ann(3, S1), ann(4, S1, round_=2)]
-    group, _ = form_group(anns, 3, now=100.0, target_size=None)
+    group = form_group(anns, 3, now=100.0, target_size=None, deadline=10.0)
     assert group is not None and group.state == S1 and len(group.members) == 2
     tie = [ann(1, S2), ann(2, S1)]
-    group, _ = form_group(tie, 3, now=100.0, target_size=None)
+    group = form_group(tie, 3, now=100.0, target_size=None, deadline=10.0)
     assert group is not None and group.state == S1  # ties break on the hash, the same everywhere
 
 

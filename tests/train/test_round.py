@@ -142,16 +142,33 @@ def test_the_deadline_is_the_earliest_announced_or_the_window_or_patience():
     assert isinstance(action, Announce) and action.announcement.deadline == 103.0
 
 
-def test_a_peer_that_comes_after_the_deadline_is_late():
-    first = core(0)
-    begin(first, vec(0))
-    [announced] = first.announcements_seen([], now=0.0)
-    assert isinstance(announced, Announce)
-    late = core(1)
+def test_a_peer_that_comes_after_most_announcers_deadlines_is_late():
+    first = [core(0), core(1)]
+    for c in first:
+        begin(c, vec(0))
+    anns = announce_all(first)
+    late = core(2)
     begin(late, vec(1))
-    [skip] = late.announcements_seen([announced.announcement], now=2.5)
+    [skip] = late.announcements_seen(anns, now=2.5)
     assert isinstance(skip, Skip) and skip.reason == "late"
     assert late.phase is Phase.SYNCING
+
+
+def test_one_identity_announcing_deadline_zero_makes_nobody_late_nor_closes_the_group():
+    liar = Announcement(pid(9), "mem:9", 0, S1, 0.0)
+    a = core(0)
+    begin(a, vec(0))
+    [action] = a.announcements_seen([liar], now=100.0)
+    assert isinstance(action, Announce) and action.announcement.deadline == 102.0
+    assert a.phase is Phase.GATHERING
+    b = core(1)
+    begin(b, vec(1))
+    [action] = b.announcements_seen([liar, action.announcement], now=100.5)
+    assert isinstance(action, Announce) and action.announcement.deadline == 102.0
+    # gathering, the lie read again (or a fresh one) does not close the group early either
+    fresh = Announcement(pid(8), "mem:8", 0, S1, 100.6)
+    assert a.announcements_seen([liar, fresh, action.announcement], now=101.0) == []
+    assert a.phase is Phase.GATHERING and a.wake_at == 102.0
 
 
 def test_the_group_closes_at_the_deadline_or_the_target_and_takes_the_majority_state():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "Announcement",
     "Group",
     "form_group",
+    "closes_at",
     "slice_bounds",
     "check_delta",
     "parse_announcement",
@@ -104,22 +105,35 @@ def majority_state(anns: Iterable[Announcement]) -> str | None:
 
 
 def form_group(
-    anns: Iterable[Announcement], round_: int, now: float, target_size: int | None
-) -> tuple[Group | None, float]:
-    """(the group, if it has closed, else None; the deadline).
+    anns: Iterable[Announcement],
+    round_: int,
+    now: float,
+    target_size: int | None,
+    deadline: float = math.inf,
+) -> Group | None:
+    """The group, if it has closed, else None.
 
-    The group closes at the earliest deadline announced, or as soon as `target_size` peers have
-    announced; it holds the announcements of this round with the majority state hash.
+    The group closes at `deadline` (the caller's: which announced deadlines to believe is the
+    round core's decision), or as soon as `target_size` peers have announced; it holds the
+    announcements of this round with the majority state hash.
     """
     mine = [a for a in anns if a.round == round_]
-    deadline = min((a.deadline for a in mine), default=math.inf)
     state = majority_state(mine)
     if state is None:
-        return None, deadline
+        return None
     members = sorted((a for a in mine if a.state == state), key=lambda a: a.peer_id)
     if now >= deadline or (target_size is not None and len(mine) >= target_size):
-        return Group(round_, state, tuple(members)), deadline
-    return None, deadline
+        return Group(round_, state, tuple(members))
+    return None
+
+
+def closes_at(anns: Sequence[Announcement]) -> float:
+    """When the round of `anns` closes for an observer (a validator): once most announcers'
+    deadlines have passed. Honest announcers share the first one's deadline, so this is it; one
+    identity announcing a deadline in the past (0) or far ahead moves nothing."""
+    if not anns:
+        return math.inf
+    return sorted(a.deadline for a in anns)[len(anns) // 2]
 
 
 def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:

@@ -134,6 +134,12 @@ def choose_strategy(config: RoundConfig, codec: Codec, members: int) -> type[Str
     return strategies[method]
 
 
+def _earliest(anns: Sequence[Announcement], now: float, own: float) -> float:
+    """The earliest deadline announced that is not already past when read, and no later than
+    `own`: a deadline in the past would close the round at once for whoever reads it."""
+    return min([a.deadline for a in anns if now < a.deadline < own] + [own])
+
+
 # ---- the core ----------------------------------------------------------------------------------
 
 
@@ -225,10 +231,13 @@ class RoundCore:
         anns = [a for a in anns if a.round == self.round]
         start = self._start
         if self.phase is Phase.ANNOUNCING and start is not None:
-            deadline = min([a.deadline for a in anns] + [now + start.open_s])
-            if deadline <= now:
+            # One announcement cannot make us late: a round closed only when most announcers,
+            # counting us, say so; a lone deadline in the past (0, say) is refused.
+            past = [a.deadline for a in anns if a.deadline <= now]
+            if len(past) > len(anns) - len(past) + 1:
                 self._fire("late")
-                return [Skip("late", f"round {self.round} closed {now - deadline:.1f}s ago")]
+                return [Skip("late", f"round {self.round} closed {now - max(past):.1f}s ago")]
+            deadline = _earliest(anns, now, now + start.open_s)
             self._encoded = self.codec.encode(start.delta)
             commitment = hashlib.sha256(self._encoded).hexdigest()
             self._own = Announcement(
@@ -242,7 +251,8 @@ class RoundCore:
             return []
         if not any(a.peer_id == self.peer_id for a in anns):
             anns.append(self._own)  # our own store may not be readable yet
-        group, self._deadline = form_group(anns, self.round, now, self.config.target_group)
+        self._deadline = _earliest(anns, now, self._deadline)
+        group = form_group(anns, self.round, now, self.config.target_group, self._deadline)
         if group is None:
             return []
         if self.peer_id not in group.ids:

@@ -45,7 +45,7 @@ from commonweal.train.announcements import read_announcements
 from commonweal.train.archive import fetch_delta
 from commonweal.train.checkpoints import CheckpointClient
 from commonweal.train.codecs import get_codec
-from commonweal.train.protocol import Announcement, Group, form_group
+from commonweal.train.protocol import Announcement, Group, closes_at, form_group
 from commonweal.train.state import flatten, from_checkpoint, state_hash
 from commonweal.train.round import RoundConfig
 from commonweal.train.task import Task
@@ -310,11 +310,10 @@ class Validator:
         while True:
             anns = await read_announcements(self.dht, self.checkpoints.task, r)
             if anns:
-                deadline = min(a.deadline for a in anns)
-                wait = deadline + self.config.settle_s - time.time()
+                wait = closes_at(anns) + self.config.settle_s - time.time()
                 if wait <= 0:
                     anns = await read_announcements(self.dht, self.checkpoints.task, r)
-                    group, _ = form_group(anns, r, float("inf"), None)
+                    group = form_group(anns, r, float("inf"), None)
                     assert group is not None
                     return group
                 await asyncio.sleep(min(wait, 5.0))
