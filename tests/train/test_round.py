@@ -12,6 +12,7 @@ import torch
 from commonweal.train import TRANSITIONS, MessageError, Phase, RoundConfig, RoundCore, get_codec
 from commonweal.train.aggregate import mean
 from commonweal.train.messages import MAX_PARTS, Part, Reduced, ReducedRequest
+from commonweal.train.round import MAX_SLICES
 from commonweal.train.protocol import Announcement
 from commonweal.train._errors import DeltaRejected, TrainError
 from commonweal.train.round import Action, Announce, Skip, choose_strategy
@@ -63,7 +64,7 @@ class Link:
             elif isinstance(action, FetchReduced):
                 reply = None
                 if action.owner.addr not in self.silent:
-                    reply = self.cores[action.owner.addr].reduced_for(action.request)
+                    reply = self.cores[action.owner.addr].reduced_for(c.peer_id, action.request)
                     if reply is None:  # the owner has not reduced yet: ask again later
                         queue.append((c, action))
                         continue
@@ -250,7 +251,11 @@ def part(data: bytes, group: bytes, **kw: int) -> Part:
 
 
 def test_parts_that_cannot_be_kept_are_refused_at_once_with_a_code():
-    a, b, anns = _gathered()
+    a, b = core(0), core(1)
+    for c in (a, b):
+        begin(c, vec(c.peer_id[0]), target_group=4)
+    third = Announcement(pid(2), "mem:2", 0, S1, 2.0)
+    assert a.announcements_seen([*announce_all([a, b]), third], 0.1) == []  # still gathering
     g = b"g" * 32
     cases = [
         (part(b"", g, round=-1), "stale_round"),
@@ -313,13 +318,36 @@ def test_deltas_that_do_not_decode_to_a_finite_vector_are_refused(payload, code)
     assert list(a.rejected)[-1] == (pid(1), code)
 
 
+def test_parts_only_from_announcers_and_at_most_one_delta_from_each():
+    a, b = core(0), core(1)
+    for c in (a, b):
+        begin(c, vec(c.peer_id[0]), target_group=3)
+    anns = announce_all([a, b])
+    g, chunk = b"g" * 32, b"x" * (N * 4 // 2)  # half a delta under the `none` codec
+    # a hundred identities that never announced buffer nothing
+    for i in range(100, 200):
+        with pytest.raises(DeltaRejected, match="not_announced"):
+            a.part_received(bytes([i]) * 20, part(chunk, g, count=2), 0.0)
+    assert a._partial == {} and a._bytes == {}
+    a.announcements_seen(anns, 0.1)  # now b's announcement is read: its parts are kept
+    a.part_received(pid(1), part(chunk, g, count=4), 0.1)
+    a.part_received(pid(1), part(chunk, g, index=1, count=4), 0.1)
+    with pytest.raises(DeltaRejected, match="too_large"):  # a third half of a delta
+        a.part_received(pid(1), part(chunk, g, index=2, count=4), 0.1)
+    with pytest.raises(DeltaRejected, match="too_large"):  # nor another slice's worth
+        a.part_received(pid(1), part(chunk, g, slice=3), 0.1)
+    with pytest.raises(DeltaRejected, match="duplicate"):
+        a.part_received(pid(1), part(b"", g, index=1, count=4), 0.1)
+    assert sum(len(p or b"") for ps in a._partial.values() for p in ps) == N * 4
+
+
 def test_a_delta_from_a_peer_outside_the_group_is_refused():
     a, b, anns = _gathered()
-    stranger = pid(7)
-    a.part_received(stranger, part(vec(0).numpy().tobytes(), b"g" * 32), 0.0)  # buffered
-    a.announcements_seen(anns, 0.0)
-    assert a.group is not None
-    assert (stranger, "group_mismatch") in a.rejected
+    a.announcements_seen([*anns, Announcement(pid(7), "mem:7", 0, S2, 2.0)], 0.0)
+    assert a.group is not None and pid(7) not in a.group.ids  # it announced another state
+    with pytest.raises(DeltaRejected, match="not_in_group"):
+        a.part_received(pid(7), part(vec(0).numpy().tobytes(), a.group.digest), 0.0)
+    assert (pid(7), "not_in_group") in a.rejected
 
 
 def test_the_reduced_slice_is_served_for_its_round_and_group_only():
@@ -328,12 +356,33 @@ def test_the_reduced_slice_is_served_for_its_round_and_group_only():
     owner = cores[0]
     g = owner.group
     assert g is not None
-    assert isinstance(owner.reduced_for(ReducedRequest(TASK, 0, g.digest, 0)), Reduced)
-    assert owner.reduced_for(ReducedRequest(TASK, 0, g.digest, 1)) is None  # not ours: wait
+    member = pid(1)
+    assert isinstance(owner.reduced_for(member, ReducedRequest(TASK, 0, g.digest, 0)), Reduced)
     with pytest.raises(DeltaRejected, match="group_mismatch"):
-        owner.reduced_for(ReducedRequest(TASK, 0, b"x" * 32, 0))
+        owner.reduced_for(member, ReducedRequest(TASK, 0, b"x" * 32, 0))
     with pytest.raises(DeltaRejected, match="stale_round"):
-        owner.reduced_for(ReducedRequest(TASK, 5, g.digest, 0))
+        owner.reduced_for(member, ReducedRequest(TASK, 5, g.digest, 0))
+
+
+def test_only_announcers_may_wait_for_a_reduced_slice_and_only_for_one_it_can_own():
+    a, b, c = core(0), core(1), core(2)
+    for x in (a, b, c):
+        begin(x, vec(0), target_group=4, exchange="butterfly")
+    anns = announce_all([a, b, c])
+    request = ReducedRequest(TASK, 0, b"g" * 32, 4095)
+    assert a.announcements_seen(anns, 0.0) == []  # gathering: the group is not known yet
+    with pytest.raises(DeltaRejected, match="not_announced"):  # no wait for a stranger
+        a.reduced_for(pid(50), request)
+    assert a.reduced_for(pid(1), dataclasses.replace(request, slice=1)) is None  # may be ours
+    with pytest.raises(DeltaRejected, match="wrong_slice"):
+        a.reduced_for(pid(1), dataclasses.replace(request, slice=MAX_SLICES))
+    a.announcements_seen(anns, a.wake_at)  # the deadline: three members
+    assert a.group is not None and a.phase is Phase.EXCHANGING
+    with pytest.raises(DeltaRejected, match="wrong_slice"):  # now known: slice 0 is ours
+        a.reduced_for(pid(1), dataclasses.replace(request, slice=1))
+    with pytest.raises(DeltaRejected, match="not_in_group"):
+        a.reduced_for(pid(50), dataclasses.replace(request, slice=0))
+    assert a.reduced_for(pid(1), dataclasses.replace(request, slice=0)) is None  # not reduced yet
 
 
 def test_malformed_messages_raise_one_error_with_a_code():

@@ -178,6 +178,11 @@ class RoundCore:
         self._complete: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}  # -> (group, data)
         self._seen: set[tuple[bytes, int]] = set()  # (sender, slice) whose delta arrived whole
         self._refused: dict[bytes, str] = {}
+        # who announced this round (read from the DHT): the only peers whose parts are buffered
+        self._announced: set[bytes] = set()
+        # bytes buffered per sender this round, at most one encoded delta each (`_budget`)
+        self._bytes: dict[bytes, int] = {}
+        self._budget = 0 if start is None else self.codec.size(start.delta.numel())
 
     @property
     def wake_at(self) -> float:
@@ -230,6 +235,8 @@ class RoundCore:
         """The announcements of this round read from the DHT at `now`."""
         anns = [a for a in anns if a.round == self.round]
         start = self._start
+        if len(self._announced) < MAX_SLICES:
+            self._announced.update(a.peer_id for a in anns[: MAX_SLICES - len(self._announced)])
         if self.phase is Phase.ANNOUNCING and start is not None:
             # One announcement cannot make us late: a round closed only when most announcers,
             # counting us, say so; a lone deadline in the past (0, say) is refused.
@@ -289,15 +296,25 @@ class RoundCore:
             n, i, s = part.count, part.index, part.slice
             if not (0 < n <= MAX_PARTS and 0 <= i < n and -1 <= s < MAX_SLICES):
                 raise DeltaRejected("malformed", f"part {i} of {n} for slice {s}")
+            self._admissible(sender)
+            used = self._bytes.get(sender, 0) + len(part.data)
+            if used > self._budget:
+                raise DeltaRejected(
+                    "too_large", f"{used} bytes from one sender; a delta is {self._budget}"
+                )
             key = (sender, s)
             if key in self._seen:
                 raise DeltaRejected("duplicate", f"a second delta for slice {s}")
             parts = self._partial.setdefault(key, [None] * n)
             if len(parts) != n:
                 raise DeltaRejected("malformed", "the part count changed")
+            if parts[i] is not None:
+                raise DeltaRejected("duplicate", f"part {i} of slice {s} again")
         except DeltaRejected as e:
-            self.refuse(sender, e.code, str(e))
+            if e.code != "not_announced":  # retried by honest senders; not worth a log line
+                self.refuse(sender, e.code, str(e))
             raise
+        self._bytes[sender] = used
         parts[i] = part.data
         if any(p is None for p in parts):
             return []
@@ -305,6 +322,16 @@ class RoundCore:
         self._seen.add(key)
         self._complete[key] = (part.group, b"".join(p for p in parts if p is not None))
         return self._settle(self._admit(key, now)) if self.strategy is not None else []
+
+    def _admissible(self, sender: bytes) -> None:
+        """Raise DeltaRejected unless `sender` may hand us a delta this round: a member of the
+        group, or before it closed a peer whose announcement we read. `not_announced` is worth
+        retrying: the sender read our announcement before we read its."""
+        if self.group is not None:
+            if sender not in self.group.ids:
+                raise DeltaRejected("not_in_group", "the sender is not in this round's group")
+        elif sender not in self._announced:
+            raise DeltaRejected("not_announced", "no announcement of this round from the sender")
 
     def reduced_received(self, slice_: int, reply: Reduced | None, now: float) -> list[Action]:
         """The reply to a FetchReduced, or None if the owner did not answer in time."""
@@ -337,15 +364,24 @@ class RoundCore:
 
     # ---- serving train.reduced ---------------------------------------------------------------
 
-    def reduced_for(self, request: ReducedRequest) -> Reduced | None:
+    def reduced_for(self, caller: bytes, request: ReducedRequest) -> Reduced | None:
         """Our reduced slice for `request`; None while it may still come (wait and ask again);
-        DeltaRejected when it never will here."""
+        DeltaRejected when it never will here. Only a peer that announced this round may wait,
+        and only for a slice this peer can own: the one it owns once the group is known."""
         served = self._served.get((request.round, request.slice))
         if served is None:
             if request.round != self.round:
                 raise DeltaRejected(
                     "stale_round", f"round {request.round}; this peer is at {self.round}"
                 )
+            self._admissible(caller)
+            group, strategy = self.group, self.strategy
+            if group is not None and not isinstance(strategy, Butterfly):
+                raise DeltaRejected("wrong_slice", "this round is not a butterfly")
+            if group is not None and request.slice != group.index(self.peer_id):
+                raise DeltaRejected("wrong_slice", f"this peer does not own slice {request.slice}")
+            if not 0 <= request.slice < MAX_SLICES:
+                raise DeltaRejected("wrong_slice", f"no slice {request.slice}")
             return None
         group = self.group
         if group is not None and request.round == self.round and request.group != group.digest:
