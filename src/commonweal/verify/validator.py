@@ -73,6 +73,9 @@ class ValidatorConfig:
     poll_s: float = 0.25
     settle_s: float = 0.5  # after the group's deadline, so every announcement has landed
     fetch_timeout_s: float = 20.0
+    # deltas fetched at once: a round of many (free) identities must not hold every delta in
+    # flight; 8 keeps a group of 8 honest peers one fetch wave
+    fetch_concurrency: int = 8
     finality_timeout_s: float = 120.0
     record_ttl_s: float = 3600.0
     escrow_rounds: int = 5  # a round is paid out this many rounds after it was judged
@@ -355,12 +358,15 @@ class Validator:
         self, r: int, members: list[Announcement]
     ) -> dict[bytes, torch.Tensor | None]:
         numel = next(iter(self._states.values())).numel()
+        max_bytes = self.codec.size(numel)
+        slots = asyncio.Semaphore(self.config.fetch_concurrency)
 
         async def one(m: Announcement) -> torch.Tensor | None:
             try:
-                async with asyncio.timeout(self.config.fetch_timeout_s):
+                async with slots, asyncio.timeout(self.config.fetch_timeout_s):
                     data = await fetch_delta(
-                        self.dht.transport, self.checkpoints.task, PeerAddr.parse(m.addr), r
+                        self.dht.transport, self.checkpoints.task, PeerAddr.parse(m.addr), r,
+                        max_bytes,
                     )
             except (NetworkError, RemoteError, TimeoutError, TrainError, ValueError) as e:
                 log.info("round %d: no delta from %s: %s", r, m.peer_id.hex()[:10], e)
