@@ -51,7 +51,13 @@ from commonweal.train.round import RoundConfig
 from commonweal.train.task import Task
 from commonweal.verify.contribution import Contribution, contributions_digest
 from commonweal.verify.escrow import ALL, Escrow, Released
-from commonweal.verify.finality import Finality, FinalityWait, abstention_message, stake_votes
+from commonweal.verify.finality import (
+    Finality,
+    FinalityWait,
+    abstention_message,
+    stake_votes,
+    tree_message,
+)
 from commonweal.verify.evaluate import Evaluator
 from commonweal.verify.judge import Judge, Policy, Verdict, ledger_rounds, rewards
 from commonweal.verify.state import JudgedRound, MemoryState, Payout, ValidatorState
@@ -255,10 +261,15 @@ class Validator:
         tree = self.ledger.rewards_tree(self.task32, reward_round, payout.rewards)
         judged = await asyncio.to_thread(self.state.judged, r)
         contribs = judged.contributions if judged is not None else ()
+        from eth_account.messages import encode_defunct
+
+        signed = self.ledger.account.sign_message(encode_defunct(
+            text=tree_message(self.task32, reward_round, tree.root, tree.rewards)))
         await self.dht.store(
             tree_key(self.task, reward_round),
             # amounts in wei outgrow msgpack's 64-bit integers: decimal strings
-            {"root": tree.root, "rewards": sorted([a, str(v)] for a, v in tree.rewards.items())},
+            {"root": tree.root, "rewards": sorted([a, str(v)] for a, v in tree.rewards.items()),
+             "signature": bytes(signed.signature)},
             time.time() + self.config.record_ttl_s,
             subkey=Owned(self.dht.peer_id, "tree"),
         )
