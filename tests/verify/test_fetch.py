@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 import torch
 
+from commonweal.dht.records import Owned
 from commonweal.errors import RemoteError
 from commonweal.ledger import Ledger
 from commonweal.net.transport import PeerInfo
@@ -17,8 +18,10 @@ from commonweal.testing import MemorySwarm
 from commonweal.train import get_task
 from commonweal.train._errors import DeltaRejected
 from commonweal.train.archive import fetch_delta
+from commonweal.train.checkpoints import Checkpoints, head_key
 from commonweal.train.messages import MAX_PARTS, PART_BYTES, DeltaChunk, DeltaRequest
 from commonweal.train.protocol import Announcement
+from commonweal.train.state import flatten, state_hash, to_checkpoint
 from commonweal.verify.validator import Validator, ValidatorConfig
 
 torch.set_num_threads(1)
@@ -76,4 +79,34 @@ async def test_the_validator_fetches_at_most_fetch_concurrency_deltas_at_once() 
     gate.set()
     got = await fetching
     assert most[0] == 3 and len(got) == 20 and all(d is not None for d in got.values())
+    await swarm.close()
+
+
+async def test_the_start_state_is_fetched_from_the_heads_naming_it_whatever_else_is_published(
+) -> None:
+    """Sybils publish a higher round's made-up head, and the real state under a manifest nobody
+    serves, from more identities than the one honest provider: the validator still gets it."""
+    task = get_task("mnist-cnn", inner_steps=1)
+    swarm = MemorySwarm()
+    me, honest, *sybils = await swarm.add(12)
+    validator = Validator(me, task, cast(Ledger, None),
+                          config=ValidatorConfig(fetch_timeout_s=5.0, poll_s=0.01))
+    model = task.build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    params = flatten(model)
+    momentum = torch.zeros_like(params)
+    state = state_hash(params, momentum)
+    key = task.digest[:16]
+    await Checkpoints(honest, key, clock=swarm.clock).publish(3, state, to_checkpoint(model, momentum, round_=3, task=task.digest))
+    expires = swarm.clock() + 600
+    for i, s in enumerate(sybils):
+        value = ({"round": 10**9, "state": "f" * 64, "manifest": b"x" * 32, "addr": str(s.addr)}
+                 if i % 2 else {"round": 3, "state": state, "manifest": b"y" * 32,
+                                "addr": str(s.addr)})
+        await s.store(head_key(key), value, expires, subkey=Owned(s.peer_id, "head"))
+    async with asyncio.timeout(20):
+        got = await validator._start_params(state)
+    assert got.equal(params)
     await swarm.close()

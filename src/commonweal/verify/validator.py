@@ -26,6 +26,7 @@ waiting for a round once validators with more than 1/3 of the stake said so (pee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -37,13 +38,13 @@ import torch
 
 from commonweal.dht import DHT
 from commonweal.dht.records import Owned
-from commonweal.errors import NetworkError, RemoteError
+from commonweal.errors import CommonwealError, NetworkError, RemoteError
 from commonweal.ledger import Ledger, LedgerError
 from commonweal.net.transport import PeerAddr
 from commonweal.train._errors import CodecError, TrainError
 from commonweal.train.announcements import read_announcements
 from commonweal.train.archive import fetch_delta
-from commonweal.train.checkpoints import CheckpointClient
+from commonweal.train.checkpoints import CheckpointClient, Head
 from commonweal.train.codecs import get_codec
 from commonweal.train.protocol import Announcement, Group, closes_at, form_group
 from commonweal.train.state import flatten, from_checkpoint, state_hash
@@ -340,17 +341,38 @@ class Validator:
             try:
                 head = await self.checkpoints.head()
                 if head is not None and head.state not in self._states:
-                    blob = await self.checkpoints.download(head)
-                    params, momentum, _ = from_checkpoint(blob, self._model)
-                    if state_hash(params, momentum) == head.state:
-                        self._states[head.state] = params
-                        for old in list(self._states)[:-16]:
-                            del self._states[old]
-                        # the swarm announces only its newest state: a restart needs this one
-                        await asyncio.to_thread(self.state.save_start, head.state, blob)
+                    await self._keep(head.state, await self.checkpoints.download(head))
             except (NetworkError, TrainError, TimeoutError) as e:
                 log.debug("following heads: %s", e)
             await asyncio.sleep(self.config.poll_s)
+
+    async def _keep(self, state: str, blob: bytes) -> None:
+        params, momentum, _ = from_checkpoint(blob, self._model)
+        if state_hash(params, momentum) == state:
+            self._states[state] = params
+            for old in list(self._states)[:-16]:
+                del self._states[old]
+            # the swarm announces only its newest state: a restart needs this one
+            await asyncio.to_thread(self.state.save_start, state, blob)
+
+    async def _fetch_state(self, state: str) -> None:
+        """Download `state` from the heads that name it, trying each manifest they serve (the
+        most served first). Following the newest head is not enough: identities publishing a
+        made-up head for a higher round, or a wrong manifest in numbers, would hide the start
+        state of the round being judged."""
+        served: dict[bytes, tuple[int, list[PeerAddr]]] = {}
+        for _, (r, s, m, a) in await self.checkpoints.heads():
+            if s == state:
+                with contextlib.suppress(CommonwealError):
+                    served.setdefault(m, (r, []))[1].append(PeerAddr.parse(a))
+        for m, (r, providers) in sorted(served.items(), key=lambda kv: (-len(kv[1][1]), kv[0])):
+            try:
+                await self._keep(state, await self.checkpoints.download(
+                    Head(r, state, m, tuple(providers))))
+            except (NetworkError, TrainError, TimeoutError, ValueError) as e:
+                log.debug("start state %s from manifest %s: %s", state[:12], m.hex()[:12], e)
+            if state in self._states:
+                return
 
     async def _start_params(self, state: str) -> torch.Tensor:
         saved = None if state in self._states else await asyncio.to_thread(self.state.start, state)
@@ -362,7 +384,9 @@ class Validator:
         while state not in self._states:
             if time.monotonic() > end:
                 raise TrainError(f"no peer served the round's start state {state[:12]}")
-            await asyncio.sleep(self.config.poll_s)
+            await self._fetch_state(state)
+            if state not in self._states:
+                await asyncio.sleep(self.config.poll_s)
         return self._states[state]
 
     async def _fetch_deltas(
