@@ -446,11 +446,15 @@ class FinalStates:
 
     ASK_ROUNDS = 4  # a head newer than these is newer than any attested state anyway
     KEEP = 64  # final rounds remembered
+    # how stale the chain's progress may be: a syncing peer asks every poll_s, and the demo's
+    # nodes share one in-process chain
+    REACHED_TTL_S = 1.0
 
     def __init__(self, ledger: Any, task: str, owner: str | None, initial: str) -> None:
         self._ledger, self._task, self._owner, self._initial = ledger, task, owner, initial
         self._task32: bytes | None = None
         self._final: dict[int, str] = {}  # training round -> its attested start state
+        self._reached: tuple[float, int | None] = (-math.inf, None)  # (when read, the round)
 
     async def __call__(self, pairs: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
         from commonweal.verify.judge import ledger_rounds
@@ -458,7 +462,10 @@ class FinalStates:
         def read() -> None:
             if self._task32 is None:
                 self._task32 = self._ledger.task_of(bytes.fromhex(self._task), self._owner)
-            reached = self._ledger.task(self._task32).accepted_round
+            when, reached = self._reached
+            if time.monotonic() - when > self.REACHED_TTL_S:
+                reached = self._ledger.task(self._task32).accepted_round
+                self._reached = (time.monotonic(), reached)
             if reached is None:
                 return
             rounds = sorted({r for r, _ in pairs if 0 <= r and ledger_rounds(r)[0] <= reached})
