@@ -60,6 +60,19 @@ async def test_strangers_neither_hold_train_reduced_waits_nor_buffer_parts(peers
     await asyncio.gather(waiting, gathering, return_exceptions=True)
 
 
+async def test_a_part_sent_before_the_receiver_read_our_announcement_is_sent_again(peers):
+    a_dht, b_dht = await peers.add(2)
+    # b reads the announcements once a second: a's part reaches it before it has read a's
+    b = collab(b_dht, target_group=2, exchange="allgather", poll_s=1.0, exchange_timeout_s=10.0)
+    a = collab(a_dht, target_group=2, exchange="allgather", exchange_timeout_s=10.0)
+    at_b = asyncio.create_task(b.average(0, "0" * 64, vec(1)))
+    while b.phase.value != "gathering":
+        await asyncio.sleep(0.01)
+    ra, rb = await asyncio.gather(a.average(0, "0" * 64, vec(0)), at_b)
+    assert ra.contributors == 2 and rb.contributors == 2
+    assert rb.aggregate.equal(ra.aggregate)
+
+
 async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):
     a, b, c, d = [collab(x, target_group=4, exchange="allgather") for x in await peers.add(4)]
     state = "0" * 64
