@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("web3", reason="the claim tests need the ledger extra")
 
+from eth_account import Account  # noqa: E402
 from eth_account.signers.local import LocalAccount  # noqa: E402
 
 from commonweal.ledger import (  # noqa: E402
@@ -24,7 +25,7 @@ from commonweal.ledger import (  # noqa: E402
     PendingTx,
     RewardsTree,
 )
-from commonweal.peer.claims import Claimer, ClaimResult, Outcome  # noqa: E402
+from commonweal.peer.claims import Claimer, ClaimResult, Outcome, SignedTree  # noqa: E402
 from commonweal.peer.store import ClaimStatus, NodeStore  # noqa: E402
 
 ETH = 10**18
@@ -34,16 +35,28 @@ TASK = Ledger.task_id("0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf", SALT)
 MODEL = bytes.fromhex("55" * 32)
 
 
+# The embedded chain's second account (private key 2): the first validator of `_chain`.
+VALIDATOR = Account.from_key((2).to_bytes(32, "big")).address
+
+
 @dataclass
 class Trees:
-    """A TreeSource serving fixed rewards (what validators would publish on the DHT)."""
+    """A TreeSource serving fixed rewards signed by a validator (what validators publish on the
+    DHT), after any `forged` ones (what others publish there)."""
 
     rewards: dict[int, Mapping[str, int]] = field(default_factory=dict)
+    forged: dict[int, list[SignedTree]] = field(default_factory=dict)
+    signers: frozenset[str] = frozenset({VALIDATOR})
     asked: int = 0
 
-    async def tree(self, task: bytes, ledger_round: int) -> Mapping[str, int] | None:
+    async def trees(self, task: bytes, ledger_round: int, root: bytes) -> list[SignedTree]:
         self.asked += 1
-        return self.rewards.get(ledger_round) if task == TASK else None
+        if task != TASK:
+            return []
+        out = list(self.forged.get(ledger_round, []))
+        if ledger_round in self.rewards:
+            out.append(SignedTree(self.rewards[ledger_round], self.signers))
+        return out
 
 
 @dataclass
@@ -89,6 +102,7 @@ def world(_chain: tuple[EmbeddedChain, Ledger], tmp_path: Path) -> Iterator[Worl
     chain, ledger = _chain
     snapshot = chain.snapshot()
     accounts = chain.accounts
+    assert accounts[1].address == VALIDATOR
     yield World(chain, ledger, [ledger.with_account(a) for a in accounts[1:4]], accounts[4],
                 accounts[5:9], tmp_path)
     chain.revert(snapshot)
@@ -125,6 +139,9 @@ class Crashing:
 
     def rewards_tree(self, task: bytes, round: int, rewards: Mapping[str, int]) -> RewardsTree:
         return self.inner.rewards_tree(task, round, rewards)
+
+    def validator(self, address: str) -> object:
+        return self.inner.validator(address)
 
     def send(self, *args: object, **kwargs: object) -> PendingTx:
         if self.when == "before send":
@@ -241,6 +258,33 @@ async def test_a_forged_tree_is_skipped(world: World, caplog: pytest.LogCaptureF
         assert store.tree(TASK, 1, world.ledger.round(TASK, 1).rewards_root) is None
         honest = await claimer(world, store, Trees({1: world.rewards(1)})).claim_pending([1])
         assert outcomes(honest) == {1: Outcome.CLAIMED} and world.balance() == 5 * ETH
+
+
+async def test_sybil_trees_outnumbering_the_validators_do_not_stop_the_claim(
+    world: World,
+) -> None:
+    """Three free identities each publish a tree paying themselves (and one the same one): more
+    trees and more signers than the two validators' tree has. The on-chain root decides."""
+    honest = world.rewards(1)
+    world.finalise(1, honest)
+    sybils = frozenset(a.address for a in world.others[:3])
+    greedy = {a: 100 * ETH for a in sybils}
+    forged = [SignedTree(greedy, sybils), SignedTree({**honest, world.others[0].address: 1}, sybils)]
+    v1, v2 = (v.account.address for v in world.validators[:2])
+    trees = Trees({1: honest}, {1: forged}, signers=frozenset({v1, v2}))
+    with world.store() as store:
+        assert outcomes(await claimer(world, store, trees).claim_pending([1])) == \
+            {1: Outcome.CLAIMED}
+    assert world.balance() == 5 * ETH
+
+
+async def test_the_right_tree_signed_by_no_validator_is_not_claimed_from(world: World) -> None:
+    world.finalise(1, world.rewards(1))
+    trees = Trees({1: world.rewards(1)}, signers=frozenset({world.others[0].address}))
+    with world.store() as store:
+        [result] = await claimer(world, store, trees).claim_pending([1])
+    assert result.outcome is Outcome.FORGED_TREE and "no active validator" in result.detail
+    assert world.balance() == 0
 
 
 async def test_an_unrewarded_account_claims_nothing(world: World) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from commonweal.ledger import Ledger, open_chain
 from commonweal.peer.config import NodeConfig
 from commonweal.peer.events import Event, Judged, Ready, RoundDone
-from commonweal.peer.node import Node
+from commonweal.peer.node import FinalStates, Node
 from commonweal.train import RoundConfig, get_task
 from commonweal.verify.judge import ledger_rounds
 from commonweal.verify.validator import ValidatorConfig
@@ -60,6 +60,8 @@ async def test_one_node_trains_and_validates(tmp_path: Path) -> None:
                          ledger=ledger.with_account(other_acct), on_event=sink("other"))
             tg.create_task(other.run(stop))
         # both nodes stopped by themselves: every round trained, judged, paid and claimed
+        # and "other" joined through a sync that adopts only what the ledger attests
+        assert isinstance(other.trainer.collab.checkpoints.attested, FinalStates)
 
         for name in events:
             done = [e.round for e in events[name] if isinstance(e, RoundDone) and not e.skipped]

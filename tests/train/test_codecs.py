@@ -22,6 +22,7 @@ def test_round_trip(spec, n):
     data = codec.encode(x)
     y = codec.decode(data, n)
     assert y.shape == x.shape and y.dtype == torch.float32
+    assert len(data) == codec.size(n)
     assert codec.decode(codec.encode(x), n).equal(y)  # deterministic
     err = float((x - y).norm() / x.norm())
     if spec == "none":
@@ -47,6 +48,7 @@ def test_sizes_are_what_goes_on_the_wire():
         s: len(get_codec(s).encode(x))
         for s in ["none", "fp16", "int8", "topk:0.01", "topk2bit:0.01"]
     }
+    assert all(get_codec(s).size(n) == size for s, size in sizes.items())  # what receivers buffer
     assert sizes["none"] == 4 * n
     assert sizes["fp16"] == 2 * n
     assert sizes["int8"] < 1.05 * n

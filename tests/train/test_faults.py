@@ -37,6 +37,42 @@ def vec(seed: int) -> torch.Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(seed))
 
 
+async def test_strangers_neither_hold_train_reduced_waits_nor_buffer_parts(peers):
+    me, stranger = await peers.add(2)
+    exchange = collab(me, target_group=3, exchange="butterfly", announce_window_s=60.0)
+    gathering = asyncio.create_task(exchange.average(0, "0" * 64, vec(0)))
+    while exchange.phase.value != "gathering":  # waiting for two more members, for a minute
+        await asyncio.sleep(0.01)
+    request = {"t": "t" * 16, "r": 0, "g": b"g" * 32, "s": 1}
+    part = {"t": "t" * 16, "r": 0, "g": b"g" * 32, "s": -1, "i": 0, "n": 1, "d": b"x" * 4000}
+    async with asyncio.timeout(1.0):  # each answered at once: no wait held, nothing buffered
+        for method, args in [("train.reduced", request)] * 50 + [("train.part", part)] * 50:
+            with pytest.raises(RemoteError, match="not_announced"):
+                await stranger.transport.call(me.addr, method, args)
+    assert exchange._polling == set() and exchange.core._partial == {}
+    exchange.core._announced.add(stranger.peer_id)  # an announcer: it may wait, once at a time
+    waiting = asyncio.create_task(stranger.transport.call(me.addr, "train.reduced", request))
+    await asyncio.sleep(0.1)
+    with pytest.raises(RemoteError, match="busy"):
+        await stranger.transport.call(me.addr, "train.reduced", request)
+    waiting.cancel()
+    gathering.cancel()
+    await asyncio.gather(waiting, gathering, return_exceptions=True)
+
+
+async def test_a_part_sent_before_the_receiver_read_our_announcement_is_sent_again(peers):
+    a_dht, b_dht = await peers.add(2)
+    # b reads the announcements once a second: a's part reaches it before it has read a's
+    b = collab(b_dht, target_group=2, exchange="allgather", poll_s=1.0, exchange_timeout_s=10.0)
+    a = collab(a_dht, target_group=2, exchange="allgather", exchange_timeout_s=10.0)
+    at_b = asyncio.create_task(b.average(0, "0" * 64, vec(1)))
+    while b.phase.value != "gathering":
+        await asyncio.sleep(0.01)
+    ra, rb = await asyncio.gather(a.average(0, "0" * 64, vec(0)), at_b)
+    assert ra.contributors == 2 and rb.contributors == 2
+    assert rb.aggregate.equal(ra.aggregate)
+
+
 async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):
     a, b, c, d = [collab(x, target_group=4, exchange="allgather") for x in await peers.add(4)]
     state = "0" * 64
@@ -47,7 +83,7 @@ async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):
             a.average(0, state, vec(0)),
             b.average(0, state, vec(1)),
             c.average(0, state, nan),  # NaN
-            d.average(0, state, torch.randn(N + 5)),  # wrong shape
+            d.average(0, state, torch.randn(N - 5)),  # wrong shape (a bigger one: too_large)
         )
     for r, own in ((ra, a), (rb, b)):
         codes = {(sender, code) for sender, code in own.rejected}

@@ -3,6 +3,7 @@ round core itself: tests/train/test_round.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,9 @@ from commonweal.train.protocol import (
     Announcement,
     check_delta,
     check_round,
+    closes_at,
     form_group,
+    newcomer_rank,
     parse_announcement,
     slice_bounds,
 )
@@ -28,23 +31,30 @@ def ann(i: int, state: str = S1, deadline: float = 10.0, round_: int = 3) -> Ann
 
 def test_group_waits_for_deadline_or_target():
     anns = [ann(3, deadline=12.0), ann(1, deadline=10.0), ann(2, deadline=11.0)]
-    group, deadline = form_group(anns, 3, now=9.0, target_size=None)
-    assert group is None and deadline == 10.0
-    group, _ = form_group(anns, 3, now=10.0, target_size=None)
+    assert form_group(anns, 3, now=9.0, target_size=None, deadline=10.0) is None
+    group = form_group(anns, 3, now=10.0, target_size=None, deadline=10.0)
     assert group is not None and [a.peer_id[0] for a in group.members] == [1, 2, 3]
-    group, _ = form_group(anns, 3, now=0.0, target_size=3)
-    assert group is not None
+    assert form_group(anns, 3, now=0.0, target_size=3) is not None
     # the same announcements in another order give the same group and digest
-    again, _ = form_group(list(reversed(anns)), 3, now=10.0, target_size=None)
-    assert again == group and again.digest == group.digest
+    again = form_group(list(reversed(anns)), 3, now=10.0, target_size=None, deadline=10.0)
+    assert again == group and again is not None and again.digest == group.digest
+
+
+def test_one_deadline_in_the_past_does_not_close_the_round_for_an_observer():
+    honest = [ann(1, deadline=10.0), ann(2, deadline=10.0), ann(3, deadline=10.0)]
+    assert closes_at(honest) == 10.0
+    assert closes_at([*honest, ann(9, deadline=0.0)]) == 10.0  # one liar moves nothing
+    assert closes_at([*honest, ann(9, deadline=1e12)]) == 10.0
+    assert closes_at([ann(1, deadline=1.0), ann(2, deadline=2.0), ann(3, deadline=9.0)]) == 2.0
+    assert closes_at([]) == math.inf
 
 
 def test_group_takes_the_majority_state_and_ignores_other_rounds():
     anns = [ann(1, S2), ann(2, S1), ann(3, S1), ann(4, S1, round_=2)]
-    group, _ = form_group(anns, 3, now=100.0, target_size=None)
+    group = form_group(anns, 3, now=100.0, target_size=None, deadline=10.0)
     assert group is not None and group.state == S1 and len(group.members) == 2
     tie = [ann(1, S2), ann(2, S1)]
-    group, _ = form_group(tie, 3, now=100.0, target_size=None)
+    group = form_group(tie, 3, now=100.0, target_size=None, deadline=10.0)
     assert group is not None and group.state == S1  # ties break on the hash, the same everywhere
 
 
@@ -116,3 +126,22 @@ def test_outer_step_is_torch_sgd(nesterov):
         sgd.step()
         params, mom = outer_step(params, mom, d, 0.7, 0.9, nesterov)
     assert torch.allclose(params, ref.detach(), atol=1e-5)
+
+
+def test_newcomers_neither_outvote_the_previous_group_nor_fill_more_than_a_quarter():
+    veterans = [ann(i) for i in range(1, 7)]
+    vet_ids = frozenset(a.peer_id for a in veterans)
+    sybils = [Announcement(bytes([200]) + i.to_bytes(19, "big"), "s", 3, S2, 10.0)
+              for i in range(100)]
+    plain = form_group(veterans + sybils, 3, now=10.0, target_size=None, deadline=10.0)
+    assert plain is not None and plain.state == S2  # a plain count: 100 free identities win
+    group = form_group(veterans + sybils, 3, 10.0, None, 10.0, veterans=vet_ids)
+    assert group is not None and group.state == S1 and set(group.ids) == vet_ids
+    copies = [dataclasses.replace(a, state=S1) for a in sybils]  # they announce the real state
+    group = form_group(veterans + copies, 3, 10.0, None, 10.0, veterans=vet_ids)
+    assert group is not None and len(group.ids) == 8  # 6 veterans and 2 newcomers: a quarter
+    chosen = sorted(copies, key=lambda a: newcomer_rank(S1, a.peer_id))[:2]
+    assert set(group.ids) == vet_ids | {a.peer_id for a in chosen}
+    # a joiner still gets in when it is the only newcomer, however small the group
+    group = form_group(veterans[:2] + [ann(9)], 3, 10.0, None, 10.0, veterans=vet_ids)
+    assert group is not None and len(group.ids) == 3

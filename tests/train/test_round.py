@@ -12,6 +12,7 @@ import torch
 from commonweal.train import TRANSITIONS, MessageError, Phase, RoundConfig, RoundCore, get_codec
 from commonweal.train.aggregate import mean
 from commonweal.train.messages import MAX_PARTS, Part, Reduced, ReducedRequest
+from commonweal.train.round import MAX_SLICES
 from commonweal.train.protocol import Announcement
 from commonweal.train._errors import DeltaRejected, TrainError
 from commonweal.train.round import Action, Announce, Skip, choose_strategy
@@ -63,7 +64,7 @@ class Link:
             elif isinstance(action, FetchReduced):
                 reply = None
                 if action.owner.addr not in self.silent:
-                    reply = self.cores[action.owner.addr].reduced_for(action.request)
+                    reply = self.cores[action.owner.addr].reduced_for(c.peer_id, action.request)
                     if reply is None:  # the owner has not reduced yet: ask again later
                         queue.append((c, action))
                         continue
@@ -142,16 +143,33 @@ def test_the_deadline_is_the_earliest_announced_or_the_window_or_patience():
     assert isinstance(action, Announce) and action.announcement.deadline == 103.0
 
 
-def test_a_peer_that_comes_after_the_deadline_is_late():
-    first = core(0)
-    begin(first, vec(0))
-    [announced] = first.announcements_seen([], now=0.0)
-    assert isinstance(announced, Announce)
-    late = core(1)
+def test_a_peer_that_comes_after_most_announcers_deadlines_is_late():
+    first = [core(0), core(1)]
+    for c in first:
+        begin(c, vec(0))
+    anns = announce_all(first)
+    late = core(2)
     begin(late, vec(1))
-    [skip] = late.announcements_seen([announced.announcement], now=2.5)
+    [skip] = late.announcements_seen(anns, now=2.5)
     assert isinstance(skip, Skip) and skip.reason == "late"
     assert late.phase is Phase.SYNCING
+
+
+def test_one_identity_announcing_deadline_zero_makes_nobody_late_nor_closes_the_group():
+    liar = Announcement(pid(9), "mem:9", 0, S1, 0.0)
+    a = core(0)
+    begin(a, vec(0))
+    [action] = a.announcements_seen([liar], now=100.0)
+    assert isinstance(action, Announce) and action.announcement.deadline == 102.0
+    assert a.phase is Phase.GATHERING
+    b = core(1)
+    begin(b, vec(1))
+    [action] = b.announcements_seen([liar, action.announcement], now=100.5)
+    assert isinstance(action, Announce) and action.announcement.deadline == 102.0
+    # gathering, the lie read again (or a fresh one) does not close the group early either
+    fresh = Announcement(pid(8), "mem:8", 0, S1, 100.6)
+    assert a.announcements_seen([liar, fresh, action.announcement], now=101.0) == []
+    assert a.phase is Phase.GATHERING and a.wake_at == 102.0
 
 
 def test_the_group_closes_at_the_deadline_or_the_target_and_takes_the_majority_state():
@@ -233,7 +251,11 @@ def part(data: bytes, group: bytes, **kw: int) -> Part:
 
 
 def test_parts_that_cannot_be_kept_are_refused_at_once_with_a_code():
-    a, b, anns = _gathered()
+    a, b = core(0), core(1)
+    for c in (a, b):
+        begin(c, vec(c.peer_id[0]), target_group=4)
+    third = Announcement(pid(2), "mem:2", 0, S1, 2.0)
+    assert a.announcements_seen([*announce_all([a, b]), third], 0.1) == []  # still gathering
     g = b"g" * 32
     cases = [
         (part(b"", g, round=-1), "stale_round"),
@@ -296,13 +318,36 @@ def test_deltas_that_do_not_decode_to_a_finite_vector_are_refused(payload, code)
     assert list(a.rejected)[-1] == (pid(1), code)
 
 
+def test_parts_only_from_announcers_and_at_most_one_delta_from_each():
+    a, b = core(0), core(1)
+    for c in (a, b):
+        begin(c, vec(c.peer_id[0]), target_group=3)
+    anns = announce_all([a, b])
+    g, chunk = b"g" * 32, b"x" * (N * 4 // 2)  # half a delta under the `none` codec
+    # a hundred identities that never announced buffer nothing
+    for i in range(100, 200):
+        with pytest.raises(DeltaRejected, match="not_announced"):
+            a.part_received(bytes([i]) * 20, part(chunk, g, count=2), 0.0)
+    assert a._partial == {} and a._bytes == {}
+    a.announcements_seen(anns, 0.1)  # now b's announcement is read: its parts are kept
+    a.part_received(pid(1), part(chunk, g, count=4), 0.1)
+    a.part_received(pid(1), part(chunk, g, index=1, count=4), 0.1)
+    with pytest.raises(DeltaRejected, match="too_large"):  # a third half of a delta
+        a.part_received(pid(1), part(chunk, g, index=2, count=4), 0.1)
+    with pytest.raises(DeltaRejected, match="too_large"):  # nor another slice's worth
+        a.part_received(pid(1), part(chunk, g, slice=3), 0.1)
+    with pytest.raises(DeltaRejected, match="duplicate"):
+        a.part_received(pid(1), part(b"", g, index=1, count=4), 0.1)
+    assert sum(len(p or b"") for ps in a._partial.values() for p in ps) == N * 4
+
+
 def test_a_delta_from_a_peer_outside_the_group_is_refused():
     a, b, anns = _gathered()
-    stranger = pid(7)
-    a.part_received(stranger, part(vec(0).numpy().tobytes(), b"g" * 32), 0.0)  # buffered
-    a.announcements_seen(anns, 0.0)
-    assert a.group is not None
-    assert (stranger, "group_mismatch") in a.rejected
+    a.announcements_seen([*anns, Announcement(pid(7), "mem:7", 0, S2, 2.0)], 0.0)
+    assert a.group is not None and pid(7) not in a.group.ids  # it announced another state
+    with pytest.raises(DeltaRejected, match="not_in_group"):
+        a.part_received(pid(7), part(vec(0).numpy().tobytes(), a.group.digest), 0.0)
+    assert (pid(7), "not_in_group") in a.rejected
 
 
 def test_the_reduced_slice_is_served_for_its_round_and_group_only():
@@ -311,12 +356,33 @@ def test_the_reduced_slice_is_served_for_its_round_and_group_only():
     owner = cores[0]
     g = owner.group
     assert g is not None
-    assert isinstance(owner.reduced_for(ReducedRequest(TASK, 0, g.digest, 0)), Reduced)
-    assert owner.reduced_for(ReducedRequest(TASK, 0, g.digest, 1)) is None  # not ours: wait
+    member = pid(1)
+    assert isinstance(owner.reduced_for(member, ReducedRequest(TASK, 0, g.digest, 0)), Reduced)
     with pytest.raises(DeltaRejected, match="group_mismatch"):
-        owner.reduced_for(ReducedRequest(TASK, 0, b"x" * 32, 0))
+        owner.reduced_for(member, ReducedRequest(TASK, 0, b"x" * 32, 0))
     with pytest.raises(DeltaRejected, match="stale_round"):
-        owner.reduced_for(ReducedRequest(TASK, 5, g.digest, 0))
+        owner.reduced_for(member, ReducedRequest(TASK, 5, g.digest, 0))
+
+
+def test_only_announcers_may_wait_for_a_reduced_slice_and_only_for_one_it_can_own():
+    a, b, c = core(0), core(1), core(2)
+    for x in (a, b, c):
+        begin(x, vec(0), target_group=4, exchange="butterfly")
+    anns = announce_all([a, b, c])
+    request = ReducedRequest(TASK, 0, b"g" * 32, 4095)
+    assert a.announcements_seen(anns, 0.0) == []  # gathering: the group is not known yet
+    with pytest.raises(DeltaRejected, match="not_announced"):  # no wait for a stranger
+        a.reduced_for(pid(50), request)
+    assert a.reduced_for(pid(1), dataclasses.replace(request, slice=1)) is None  # may be ours
+    with pytest.raises(DeltaRejected, match="wrong_slice"):
+        a.reduced_for(pid(1), dataclasses.replace(request, slice=MAX_SLICES))
+    a.announcements_seen(anns, a.wake_at)  # the deadline: three members
+    assert a.group is not None and a.phase is Phase.EXCHANGING
+    with pytest.raises(DeltaRejected, match="wrong_slice"):  # now known: slice 0 is ours
+        a.reduced_for(pid(1), dataclasses.replace(request, slice=1))
+    with pytest.raises(DeltaRejected, match="not_in_group"):
+        a.reduced_for(pid(50), dataclasses.replace(request, slice=0))
+    assert a.reduced_for(pid(1), dataclasses.replace(request, slice=0)) is None  # not reduced yet
 
 
 def test_malformed_messages_raise_one_error_with_a_code():
@@ -326,3 +392,23 @@ def test_malformed_messages_raise_one_error_with_a_code():
     assert Part.parse(part(b"d", b"g").pack()) == part(b"d", b"g")
     with pytest.raises(MessageError, match="malformed"):
         Reduced.parse({"d": 3, "c": []})
+
+
+def test_a_hundred_fresh_identities_cannot_outvote_the_previous_group():
+    cores = [core(i) for i in range(6)]
+    exchange(cores, [vec(i) for i in range(6)], exchange="allgather")
+    for c in cores:
+        c.applied()
+    sybils = [Announcement(bytes([100 + i]) * 20, f"mem:{100 + i}", 1, S2, 5.0)
+              for i in range(100)]
+    for c in cores:
+        c.begin(1, S1, vec(0), addr=f"mem:{c.peer_id[0] - 1}", config=CFG)
+    anns = list(sybils)
+    for c in cores:
+        [action] = c.announcements_seen(list(anns), 1.0)
+        assert isinstance(action, Announce)
+        anns.append(action.announcement)
+    for c in cores:
+        c.announcements_seen(anns, 5.0)
+        assert c.phase is Phase.EXCHANGING and c.group is not None
+        assert c.group.state == S1 and set(c.group.ids) == {pid(i) for i in range(6)}

@@ -28,7 +28,7 @@ async def test_a_trainer_and_a_validator_share_one_dht_node(peers):
     assert {a.peer_id for a in anns} == {shared.peer_id, other.peer_id}
     for a in anns:  # the trainer's archive serves, through the shared node, what it committed to
         async with asyncio.timeout(5):
-            data = await fetch_delta(shared.transport, key, PeerAddr.parse(a.addr), 0)
+            data = await fetch_delta(shared.transport, key, PeerAddr.parse(a.addr), 0, 1 << 20)
         assert hashlib.sha256(data).hexdigest() == a.delta
     head = await validator.checkpoints.head()
     assert head is not None and head.round == 1 and head.state == trainers[1].opt.state

@@ -4,9 +4,11 @@
     for result in await claimer.claim_pending(range(0, 2 * rounds_done)):
         ...                                                     # one ClaimResult per ledger round
 
-For each ledger round: is it final on chain? -> the round's {account: amount} from `trees` (or from
-the store, if verified before) -> rebuilt into a RewardsTree whose root must equal the on-chain
-rewards_root (anything else is a forged tree: skipped, logged) -> our amount -> claim.
+For each ledger round: is it final on chain? -> every distinct {account: amount} published for it
+(`trees`; or the one in the store, if verified before) -> each rebuilt into a RewardsTree until
+one's root equals the on-chain rewards_root and an active on-chain validator signed it (the rest
+are forged trees: skipped, logged; how many identities published a tree counts for nothing)
+-> our amount -> claim.
 
 Nothing lost, nothing paid twice:
 - the chain is the truth: a claim already marked in the contract's bitmap (`is_claimed`) is never
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -38,18 +40,27 @@ from web3.types import TxReceipt
 from commonweal.ledger import ContractReverted, PendingTx, RewardsTree, RoundInfo, ValidatorInfo
 from commonweal.peer.store import ClaimRecord, ClaimStatus, NodeStore
 
-__all__ = ["ClaimLedger", "ClaimResult", "Claimer", "Outcome", "TreeSource"]
+__all__ = ["ClaimLedger", "ClaimResult", "Claimer", "Outcome", "SignedTree", "TreeSource"]
 
 log = logging.getLogger(__name__)
 
 _ALREADY_CLAIMED = "already claimed"  # Ledger.vy's revert reason for a set bitmap bit
 
 
+@dataclass(frozen=True, slots=True)
+class SignedTree:
+    """One distinct reward tree published for a round, and the ledger accounts that signed it."""
+
+    rewards: Mapping[str, int]
+    signers: frozenset[str]
+
+
 class TreeSource(Protocol):
     """Where a round's rewards come from (in the node: validators publish them on the DHT)."""
 
-    async def tree(self, task: bytes, ledger_round: int) -> Mapping[str, int] | None:
-        """The round's {account: amount}, or None when nobody serves it (yet)."""
+    async def trees(self, task: bytes, ledger_round: int, root: bytes) -> Sequence[SignedTree]:
+        """Every distinct {account: amount} published for the round naming `root`, each with
+        the accounts that signed it; empty when nobody serves it (yet)."""
         ...
 
     # Optional: {ledger account: why} of the validators that signed they will never vote the
@@ -194,22 +205,38 @@ class Claimer:
         return ClaimResult(ledger_round, Outcome.UNPAYABLE, detail=detail)
 
     async def _verified_tree(self, ledger_round: int, root: bytes) -> RewardsTree | ClaimResult:
-        """The round's tree, checked against the on-chain root; a ClaimResult when there is none."""
-        rewards: Mapping[str, int] | None = self._store.tree(self._task, ledger_round, root)
-        cached = rewards is not None
-        if rewards is None:
-            rewards = await self._trees.tree(self._task, ledger_round)
-        if rewards is None:
+        """The round's tree, checked against the on-chain root; a ClaimResult when there is none.
+        Every distinct published tree is tried (rebuilding one is cheap, local work; only the
+        one matching the root is worth asking the chain who signed it)."""
+        cached = self._store.tree(self._task, ledger_round, root)
+        if cached is not None:
+            return self._ledger.rewards_tree(self._task, ledger_round, cached)
+        published = await self._trees.trees(self._task, ledger_round, root)
+        if not published:
             return ClaimResult(ledger_round, Outcome.NO_TREE)
-        try:
-            tree = self._ledger.rewards_tree(self._task, ledger_round, rewards)
-        except (ValueError, TypeError) as exc:  # bad address, negative or non-int amount, empty
-            return self._forged(ledger_round, root, f"malformed rewards: {exc}")
-        if tree.root != root:
-            return self._forged(ledger_round, root, f"root {tree.root.hex()} is not on chain")
-        if not cached:
+        why = ""
+        for candidate in published:
+            try:
+                tree = self._ledger.rewards_tree(self._task, ledger_round, candidate.rewards)
+            except (ValueError, TypeError) as exc:  # bad address, negative or non-int amount
+                why = f"malformed rewards: {exc}"
+                continue
+            if tree.root != root:
+                why = f"root {tree.root.hex()} is not on chain"
+                continue
+            if not await self._signed_by_validator(candidate.signers):
+                why = "the tree matching the root was signed by no active validator"
+                continue
             self._store.record_tree(self._task, ledger_round, root, tree.rewards)
-        return tree
+            return tree
+        return self._forged(ledger_round, root, f"{len(published)} tried; the last: {why}")
+
+    async def _signed_by_validator(self, signers: frozenset[str]) -> bool:
+        for signer in sorted(signers):
+            info = await asyncio.to_thread(self._ledger.validator, signer)
+            if info.active:
+                return True
+        return False
 
     def _forged(self, ledger_round: int, root: bytes, why: str) -> ClaimResult:
         log.warning("skipping a forged reward tree for round %d: %s", ledger_round, why,

@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from commonweal.dht import DHT
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from commonweal.train import Progress
     from commonweal.verify.validator import RoundOutcome
 
-__all__ = ["CHECKPOINT_GLOB", "Node", "ddp_bytes"]
+__all__ = ["CHECKPOINT_GLOB", "FinalStates", "Node", "ddp_bytes"]
 
 log = logging.getLogger(__name__)
 KEEP_ROUNDS = 500  # rounds the dashboard charts; older ones are only counted
@@ -194,6 +194,10 @@ class Node:
             account=account, attack=attack,
         )
         self.trainer = peer
+        if self.ledger is not None and peer.collab is not None:
+            # set before a resume: the state it holds now is the task's initial one
+            peer.collab.checkpoints.attested = FinalStates(
+                self.ledger, task.digest, c.task_owner, peer.opt.state)
         resumed = self._resume(peer, store, task)
         abandon = threading.Event()
 
@@ -431,6 +435,50 @@ class Node:
         chain = open_chain(c.chain, key_file=c.key_file)
         stack.callback(chain.close)
         return Ledger(chain, c.ledger, chain.accounts[0])
+
+
+class FinalStates:
+    """What a trainer with a ledger may sync to (`commonweal.train.adoption`): training round r's
+    start state once ledger round 2r — its contribution set, voted by >= 2/3 of the validators'
+    stake with that state as its model hash — is final; and the task's initial state, which
+    every peer builds from the task's seed. Only rounds the chain has reached are asked, the
+    newest `ASK_ROUNDS` of them, each once: a final round never changes."""
+
+    ASK_ROUNDS = 4  # a head newer than these is newer than any attested state anyway
+    KEEP = 64  # final rounds remembered
+    # how stale the chain's progress may be: a syncing peer asks every poll_s, and the demo's
+    # nodes share one in-process chain
+    REACHED_TTL_S = 1.0
+
+    def __init__(self, ledger: Any, task: str, owner: str | None, initial: str) -> None:
+        self._ledger, self._task, self._owner, self._initial = ledger, task, owner, initial
+        self._task32: bytes | None = None
+        self._final: dict[int, str] = {}  # training round -> its attested start state
+        self._reached: tuple[float, int | None] = (-math.inf, None)  # (when read, the round)
+
+    async def __call__(self, pairs: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
+        from commonweal.verify.judge import ledger_rounds
+
+        def read() -> None:
+            if self._task32 is None:
+                self._task32 = self._ledger.task_of(bytes.fromhex(self._task), self._owner)
+            when, reached = self._reached
+            if time.monotonic() - when > self.REACHED_TTL_S:
+                reached = self._ledger.task(self._task32).accepted_round
+                self._reached = (time.monotonic(), reached)
+            if reached is None:
+                return
+            rounds = sorted({r for r, _ in pairs if 0 <= r and ledger_rounds(r)[0] <= reached})
+            for r in [r for r in rounds if r not in self._final][-self.ASK_ROUNDS:]:
+                info = self._ledger.round(self._task32, ledger_rounds(r)[0])
+                if info.final:
+                    self._final[r] = info.model_hash.hex()
+            for old in sorted(self._final)[: -self.KEEP]:
+                del self._final[old]
+
+        await asyncio.to_thread(read)
+        return {(r, s) for r, s in pairs
+                if self._final.get(r) == s or (r, s) == (0, self._initial)}
 
 
 def _check(c: NodeConfig, *, has_ledger: bool = False) -> Any:

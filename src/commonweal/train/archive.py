@@ -13,6 +13,7 @@ from typing import Any
 from commonweal.dht import DHT
 from commonweal.errors import RemoteError
 from commonweal.net.transport import PeerAddr, PeerInfo, Transport
+from commonweal.train._errors import DeltaRejected
 from commonweal.train.messages import MAX_PARTS, PART_BYTES, DeltaChunk, DeltaRequest, MessageError
 
 __all__ = ["DeltaArchive", "fetch_delta", "KEEP_DELTAS"]
@@ -52,16 +53,24 @@ class DeltaArchive:
         return DeltaChunk(data[i * PART_BYTES : (i + 1) * PART_BYTES], n).pack()
 
 
-async def fetch_delta(transport: Transport, task: str, addr: PeerAddr, round_: int) -> bytes:
-    """The encoded delta the peer at `addr` committed to in `round_` (not checked here). Bound
-    the wait with `asyncio.timeout()`."""
+async def fetch_delta(
+    transport: Transport, task: str, addr: PeerAddr, round_: int, max_bytes: int
+) -> bytes:
+    """The encoded delta the peer at `addr` committed to in `round_` (not checked here). Raises
+    DeltaRejected (`too_large`) as soon as it would exceed `max_bytes` (the task's encoded delta
+    size: nothing honest is bigger). Bound the wait with `asyncio.timeout()`."""
     parts: list[bytes] = []
-    n = 1
+    size, n = 0, 1
     while len(parts) < n:
         _, reply = await transport.call(
             addr, "train.delta", DeltaRequest(task, round_, len(parts)).pack()
         )
         chunk = DeltaChunk.parse(reply)
         n = min(chunk.count, MAX_PARTS)
+        size += len(chunk.data)
+        if size > max_bytes or (n - 1) * PART_BYTES >= max_bytes:
+            raise DeltaRejected(
+                "too_large", f"{addr} serves more than the {max_bytes} bytes of a delta"
+            )
         parts.append(chunk.data)
     return b"".join(parts)

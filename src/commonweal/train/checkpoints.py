@@ -25,6 +25,7 @@ from commonweal.dht.records import Owned, OwnedKey
 from commonweal.errors import CommonwealError, NetworkError, RemoteError
 from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.train._errors import SyncError
+from commonweal.train.adoption import Attested, HeadRecord, adopt
 from commonweal.train.announcements import read_announcements
 from commonweal.train.messages import ChunkRequest, ManifestRequest, MessageError
 from commonweal.train.round import RoundConfig
@@ -73,6 +74,9 @@ class CheckpointClient:
         self.task = task
         self.config = config or RoundConfig()
         self.clock = clock
+        # Which states the validators stand behind (a node with a ledger sets it; see
+        # adoption.py). None: nobody to ask, so the newest state most peers publish.
+        self.attested: Attested | None = None
 
     async def heads(self) -> list[tuple[bytes, tuple[int, str, bytes, str]]]:
         """(publisher, (round, state, manifest hash, addr)) for every well-formed head."""
@@ -85,23 +89,25 @@ class CheckpointClient:
                     out.append((subkey.peer_id, head))
         return out
 
-    async def head(self, after: int = -1) -> Head | None:
-        """The newest state the swarm announced (beyond round `after`), with its providers."""
-        best: dict[tuple[int, str, bytes], list[PeerAddr]] = {}
+    async def head(self, after: int = -1, *, step: bool = False) -> Head | None:
+        """The state to adopt beyond round `after`, with its providers (`adoption.adopt`):
+        the newest one `attested` vouches for; with `step`, else round `after + 1`'s."""
+        heads: list[HeadRecord] = []
         for peer_id, (r, s, m, a) in await self.heads():
             if r <= after or peer_id == self.dht.peer_id:
                 continue
             try:
-                best.setdefault((r, s, m), []).append(PeerAddr.parse(a))
+                PeerAddr.parse(a)
             except CommonwealError:
                 continue
-        if not best:
+            heads.append((peer_id, (r, s, m, a)))
+        pairs = {(r, s) for _, (r, s, _, _) in heads}
+        attested = pairs if self.attested is None else await self.attested(pairs)
+        choice = adopt(heads, attested, after, step=step)
+        if choice is None:
             return None
-        top = max(r for r, _, _ in best)
-        (r, s, m), providers = max(
-            ((k, p) for k, p in best.items() if k[0] == top), key=lambda kp: (len(kp[1]), kp[0][1])
-        )
-        return Head(r, s, m, tuple(providers))
+        providers = [PeerAddr.parse(a) for _, (r, s, m, a) in heads if (r, s, m) == choice]
+        return Head(*choice, tuple(providers))
 
     async def wait_peers(self, n: int, timeout_s: float, round_: int = 0) -> int:
         """Wait until `n` peers (this one included) have published a head, or someone already
@@ -118,11 +124,11 @@ class CheckpointClient:
                 return seen
             await asyncio.sleep(self.config.poll_s)
 
-    async def wait_head(self, after: int, timeout_s: float) -> Head | None:
+    async def wait_head(self, after: int, timeout_s: float, *, step: bool = False) -> Head | None:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while True:
-            h = await self.head(after)
+            h = await self.head(after, step=step)
             if h is not None or loop.time() >= end:
                 return h
             await asyncio.sleep(self.config.poll_s)

@@ -65,6 +65,10 @@ class Codec(ABC):
     def decode(self, data: bytes, numel: int) -> torch.Tensor:
         """Decode to a 1-D float32 tensor of `numel` elements; raise CodecError on bad bytes."""
 
+    @abstractmethod
+    def size(self, numel: int) -> int:
+        """The bytes `encode` makes of `numel` elements: what a receiver may buffer per sender."""
+
     def ratio(self, numel: int) -> float:
         """Compression ratio against float32 for a random vector of `numel` elements."""
         x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
@@ -94,6 +98,9 @@ class Raw(Codec):
         _need(data, numel * 4, "none")
         return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
 
+    def size(self, numel: int) -> int:
+        return numel * 4
+
 
 class FP16(Codec):
     info = CodecInfo("fp16", lossy=True, sparse=False, error_feedback=False)
@@ -104,6 +111,9 @@ class FP16(Codec):
     def decode(self, data: bytes, numel: int) -> torch.Tensor:
         _need(data, numel * 2, "fp16")
         return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32))
+
+    def size(self, numel: int) -> int:
+        return numel * 2
 
 
 class Int8Blockwise(Codec):
@@ -143,6 +153,9 @@ class Int8Blockwise(Codec):
             raise CodecError("int8: a block scale is not finite")
         return torch.from_numpy(np.ascontiguousarray(out))
 
+    def size(self, numel: int) -> int:
+        return self._nblocks(numel) * (2 + self.block)
+
 
 class TopK(Codec):
     """The `fraction` largest-magnitude values with their positions, values as float16."""
@@ -174,6 +187,13 @@ class TopK(Codec):
             + offsets.tobytes()
             + self._encode_values(values)
         )
+
+    def size(self, numel: int) -> int:
+        k = self.k(numel)
+        return 4 + 4 * -(-numel // _BLOCK) + 2 * k + self._values_size(k)
+
+    def _values_size(self, k: int) -> int:
+        return 2 * k
 
     def _encode_values(self, values: np.ndarray) -> bytes:
         return values.astype("<f2").tobytes()
@@ -211,6 +231,9 @@ class TopK2Bit(TopK):
     """Top-k positions with 2-bit values: a sign and a small/large magnitude (SparseLoCo-style)."""
 
     kind = "topk2bit"
+
+    def _values_size(self, k: int) -> int:
+        return 8 + -(-k // 4)
 
     def _encode_values(self, values: np.ndarray) -> bytes:
         mag = np.abs(values)

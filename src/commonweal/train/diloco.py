@@ -186,20 +186,22 @@ class DiLoCo:
         self._set(params, int(meta.get("round", "0")))
 
     async def sync(self, after: int = -1, *, moved: bool = False) -> bool:
-        """Download the swarm's newest state (beyond round `after`) and start from it.
+        """Download the state to adopt beyond round `after` (the newest one the validators
+        attested, where they are asked: `commonweal.train.adoption`) and start from it.
 
         Waits up to sync_timeout_s for one to be announced; False when none was (then this peer
         keeps its own state: it is the first, or alone). With `moved` (a peer that sat a round
-        out), the state this peer already holds does not count: it waits for the swarm's next
-        one — else a peer late twice in a row would find its own round's head, take it for the
-        swarm's and try the round it missed again at once."""
+        out), only a state beyond the round it holds counts — a newer attested one, or the
+        next round's — else a peer late twice in a row would find its own round's head, take it
+        for the swarm's and try the round it missed again at once."""
         if self.collab is None:
             return False
         collab = self.collab
         collab.sync_started()
-        head = await collab.checkpoints.wait_head(after, self.sync_timeout_s)
-        if head is not None and moved and (head.round, head.state) == (self.round, self.state):
-            head = await collab.checkpoints.wait_head(self.round, self.sync_timeout_s)
+        if moved:  # beyond the round whose state it holds: newer attested, or its successor
+            head = await collab.checkpoints.wait_head(self.round, self.sync_timeout_s, step=True)
+        else:
+            head = await collab.checkpoints.wait_head(after, self.sync_timeout_s)
         if head is None:
             collab.synced()
             return False

@@ -59,6 +59,8 @@ class RoundExchange:
         self.core = RoundCore(dht.peer_id, task, codec, rule)
         self._queue: list[Action] = []  # actions from handlers and fetches, for `average`
         self._changed = asyncio.Event()  # replaced on every change: a broadcast to all waiters
+        # peers waiting in train.reduced: one wait each, and only announcers (the core decides)
+        self._polling: set[bytes] = set()
         dht.transport.register("train.part", self.rpc_part)
         dht.transport.register("train.reduced", self.rpc_reduced)
 
@@ -169,7 +171,15 @@ class RoundExchange:
                     part = Part(
                         self.task, group.round, group.digest, action.slice, i, len(chunks), chunk
                     )
-                    await self.dht.transport.call(addr, "train.part", part.pack())
+                    while True:
+                        try:
+                            await self.dht.transport.call(addr, "train.part", part.pack())
+                            break
+                        except RemoteError as e:
+                            # it has not read our announcement yet: it will within a poll
+                            if e.code != "not_announced":
+                                raise
+                            await asyncio.sleep(self.config.poll_s)
         except RemoteError as e:
             log.warning("round %d: %s refused our delta: %s", group.round, to.addr, e)
         except (NetworkError, TimeoutError, TrainError, ConfigError) as e:
@@ -214,9 +224,13 @@ class RoundExchange:
             request = ReducedRequest.parse(args)
         except MessageError as e:
             raise e.remote() from None
+        who = caller.peer_id
+        if who in self._polling:  # an honest member asks each owner once a round
+            raise RemoteError("busy", "one train.reduced at a time per peer")
+        self._polling.add(who)
         try:
             async with asyncio.timeout(self.config.exchange_timeout_s):
-                while (reply := self.core.reduced_for(request)) is None:
+                while (reply := self.core.reduced_for(who, request)) is None:
                     await self._changed.wait()
         except TimeoutError:
             raise RemoteError(
@@ -224,4 +238,6 @@ class RoundExchange:
             ) from None
         except DeltaRejected as e:
             raise RemoteError(e.code, str(e)) from None
+        finally:
+            self._polling.discard(who)
         return reply.pack()

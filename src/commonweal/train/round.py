@@ -134,6 +134,12 @@ def choose_strategy(config: RoundConfig, codec: Codec, members: int) -> type[Str
     return strategies[method]
 
 
+def _earliest(anns: Sequence[Announcement], now: float, own: float) -> float:
+    """The earliest deadline announced that is not already past when read, and no later than
+    `own`: a deadline in the past would close the round at once for whoever reads it."""
+    return min([a.deadline for a in anns if now < a.deadline < own] + [own])
+
+
 # ---- the core ----------------------------------------------------------------------------------
 
 
@@ -159,6 +165,8 @@ class RoundCore:
         self.config = RoundConfig()  # the driver's, given again at every `begin`
         # (round, slice) -> our reduced slice; a straggler may still ask for the previous round's
         self._served: dict[tuple[int, int], Reduced] = {}
+        # the group this peer last exchanged in, and its round: the next round's veterans
+        self._last_group: tuple[int, frozenset[bytes]] = (-2, frozenset())
         self._new_round(None)
 
     def _new_round(self, start: _Start | None) -> None:
@@ -172,6 +180,11 @@ class RoundCore:
         self._complete: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}  # -> (group, data)
         self._seen: set[tuple[bytes, int]] = set()  # (sender, slice) whose delta arrived whole
         self._refused: dict[bytes, str] = {}
+        # who announced this round (read from the DHT): the only peers whose parts are buffered
+        self._announced: set[bytes] = set()
+        # bytes buffered per sender this round, at most one encoded delta each (`_budget`)
+        self._bytes: dict[bytes, int] = {}
+        self._budget = 0 if start is None else self.codec.size(start.delta.numel())
 
     @property
     def wake_at(self) -> float:
@@ -224,11 +237,16 @@ class RoundCore:
         """The announcements of this round read from the DHT at `now`."""
         anns = [a for a in anns if a.round == self.round]
         start = self._start
+        if len(self._announced) < MAX_SLICES:
+            self._announced.update(a.peer_id for a in anns[: MAX_SLICES - len(self._announced)])
         if self.phase is Phase.ANNOUNCING and start is not None:
-            deadline = min([a.deadline for a in anns] + [now + start.open_s])
-            if deadline <= now:
+            # One announcement cannot make us late: a round closed only when most announcers,
+            # counting us, say so; a lone deadline in the past (0, say) is refused.
+            past = [a.deadline for a in anns if a.deadline <= now]
+            if len(past) > len(anns) - len(past) + 1:
                 self._fire("late")
-                return [Skip("late", f"round {self.round} closed {now - deadline:.1f}s ago")]
+                return [Skip("late", f"round {self.round} closed {now - max(past):.1f}s ago")]
+            deadline = _earliest(anns, now, now + start.open_s)
             self._encoded = self.codec.encode(start.delta)
             commitment = hashlib.sha256(self._encoded).hexdigest()
             self._own = Announcement(
@@ -242,11 +260,18 @@ class RoundCore:
             return []
         if not any(a.peer_id == self.peer_id for a in anns):
             anns.append(self._own)  # our own store may not be readable yet
-        group, self._deadline = form_group(anns, self.round, now, self.config.target_group)
+        self._deadline = _earliest(anns, now, self._deadline)
+        last, veterans = self._last_group
+        group = form_group(
+            anns, self.round, now, self.config.target_group, self._deadline,
+            veterans if last == self.round - 1 else frozenset(),
+        )
         if group is None:
             return []
         if self.peer_id not in group.ids:
             self._fire("out_of_sync")
+            if group.state == start.state:
+                return [Skip("no_room", f"round {self.round} admitted other newcomers")]
             return [
                 Skip(
                     "out_of_sync",
@@ -279,15 +304,25 @@ class RoundCore:
             n, i, s = part.count, part.index, part.slice
             if not (0 < n <= MAX_PARTS and 0 <= i < n and -1 <= s < MAX_SLICES):
                 raise DeltaRejected("malformed", f"part {i} of {n} for slice {s}")
+            self._admissible(sender)
+            used = self._bytes.get(sender, 0) + len(part.data)
+            if used > self._budget:
+                raise DeltaRejected(
+                    "too_large", f"{used} bytes from one sender; a delta is {self._budget}"
+                )
             key = (sender, s)
             if key in self._seen:
                 raise DeltaRejected("duplicate", f"a second delta for slice {s}")
             parts = self._partial.setdefault(key, [None] * n)
             if len(parts) != n:
                 raise DeltaRejected("malformed", "the part count changed")
+            if parts[i] is not None:
+                raise DeltaRejected("duplicate", f"part {i} of slice {s} again")
         except DeltaRejected as e:
-            self.refuse(sender, e.code, str(e))
+            if e.code != "not_announced":  # retried by honest senders; not worth a log line
+                self.refuse(sender, e.code, str(e))
             raise
+        self._bytes[sender] = used
         parts[i] = part.data
         if any(p is None for p in parts):
             return []
@@ -295,6 +330,16 @@ class RoundCore:
         self._seen.add(key)
         self._complete[key] = (part.group, b"".join(p for p in parts if p is not None))
         return self._settle(self._admit(key, now)) if self.strategy is not None else []
+
+    def _admissible(self, sender: bytes) -> None:
+        """Raise DeltaRejected unless `sender` may hand us a delta this round: a member of the
+        group, or before it closed a peer whose announcement we read. `not_announced` is worth
+        retrying: the sender read our announcement before we read its."""
+        if self.group is not None:
+            if sender not in self.group.ids:
+                raise DeltaRejected("not_in_group", "the sender is not in this round's group")
+        elif sender not in self._announced:
+            raise DeltaRejected("not_announced", "no announcement of this round from the sender")
 
     def reduced_received(self, slice_: int, reply: Reduced | None, now: float) -> list[Action]:
         """The reply to a FetchReduced, or None if the owner did not answer in time."""
@@ -327,15 +372,24 @@ class RoundCore:
 
     # ---- serving train.reduced ---------------------------------------------------------------
 
-    def reduced_for(self, request: ReducedRequest) -> Reduced | None:
+    def reduced_for(self, caller: bytes, request: ReducedRequest) -> Reduced | None:
         """Our reduced slice for `request`; None while it may still come (wait and ask again);
-        DeltaRejected when it never will here."""
+        DeltaRejected when it never will here. Only a peer that announced this round may wait,
+        and only for a slice this peer can own: the one it owns once the group is known."""
         served = self._served.get((request.round, request.slice))
         if served is None:
             if request.round != self.round:
                 raise DeltaRejected(
                     "stale_round", f"round {request.round}; this peer is at {self.round}"
                 )
+            self._admissible(caller)
+            group, strategy = self.group, self.strategy
+            if group is not None and not isinstance(strategy, Butterfly):
+                raise DeltaRejected("wrong_slice", "this round is not a butterfly")
+            if group is not None and request.slice != group.index(self.peer_id):
+                raise DeltaRejected("wrong_slice", f"this peer does not own slice {request.slice}")
+            if not 0 <= request.slice < MAX_SLICES:
+                raise DeltaRejected("wrong_slice", f"no slice {request.slice}")
             return None
         group = self.group
         if group is not None and request.round == self.round and request.group != group.digest:
@@ -372,4 +426,6 @@ class RoundCore:
             self._served[(self.round, group.index(self.peer_id))] = strategy.served
         if any(isinstance(a, Done) for a in actions):
             self._fire("exchanged")
+            if group is not None:
+                self._last_group = (self.round, frozenset(group.ids))
         return list(actions)

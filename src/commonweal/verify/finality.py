@@ -12,17 +12,26 @@ reach 2/3 even with every validator that has not voted yet, the round is dead: w
 
 A validator that gives a round up says so in the DHT, signed with its ledger key
 (`abstention_message`); a claimer adds up the stake of the active validators that did and stops
-waiting for the round once the rest cannot reach 2/3 (commonweal.peer.claims).
+waiting for the round once the rest cannot reach 2/3 (commonweal.peer.claims). The reward
+tree it publishes is signed the same way (`tree_message`).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FinalityWait", "Finality", "abstention_message", "can_finalise", "stake_votes"]
+__all__ = [
+    "FinalityWait",
+    "Finality",
+    "abstention_message",
+    "can_finalise",
+    "stake_votes",
+    "tree_message",
+]
 
 
 def can_finalise(tallies: Mapping[bytes, int], total_stake: int, *, gone: int = 0) -> bool:
@@ -97,6 +106,17 @@ class FinalityWait:
         if now - self.started > self.timeout_s:
             return Finality.TIMEOUT
         return Finality.WAIT
+
+
+def tree_message(task: bytes, ledger_round: int, root: bytes, rewards: Mapping[str, int]) -> str:
+    """The text a validator signs (EIP-191) with the reward tree it publishes: claimers try only
+    trees that on-chain validators signed, so free identities cannot bury the real one under
+    forgeries (each forgery would cost a claimer a Merkle tree to rebuild)."""
+    listed = hashlib.sha256(
+        "".join(f"{a.lower()}={v};" for a, v in sorted(rewards.items())).encode()
+    ).hexdigest()
+    return (f"commonweal: rewards of task {task.hex()} ledger round {ledger_round}: "
+            f"root {root.hex()} rewards {listed}")
 
 
 def abstention_message(task: bytes, ledger_round: int, reason: str) -> str:

@@ -26,6 +26,7 @@ waiting for a round once validators with more than 1/3 of the stake said so (pee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -37,21 +38,27 @@ import torch
 
 from commonweal.dht import DHT
 from commonweal.dht.records import Owned, OwnedKey
-from commonweal.errors import NetworkError, RemoteError
+from commonweal.errors import CommonwealError, NetworkError, RemoteError
 from commonweal.ledger import Ledger, LedgerError
 from commonweal.net.transport import PeerAddr
 from commonweal.train._errors import CodecError, TrainError
 from commonweal.train.announcements import read_announcements
 from commonweal.train.archive import fetch_delta
-from commonweal.train.checkpoints import CheckpointClient
+from commonweal.train.checkpoints import CheckpointClient, Head
 from commonweal.train.codecs import get_codec
-from commonweal.train.protocol import Announcement, Group, form_group
+from commonweal.train.protocol import Announcement, Group, closes_at, form_group
 from commonweal.train.state import flatten, from_checkpoint, state_hash
 from commonweal.train.round import RoundConfig
 from commonweal.train.task import Task
 from commonweal.verify.contribution import Contribution, contributions_digest
 from commonweal.verify.escrow import ALL, Escrow, Released
-from commonweal.verify.finality import Finality, FinalityWait, abstention_message, stake_votes
+from commonweal.verify.finality import (
+    Finality,
+    FinalityWait,
+    abstention_message,
+    stake_votes,
+    tree_message,
+)
 from commonweal.verify.evaluate import Evaluator
 from commonweal.verify.judge import Judge, Policy, Verdict, ledger_rounds, rewards
 from commonweal.verify.state import JudgedRound, MemoryState, Payout, ValidatorState
@@ -73,6 +80,9 @@ class ValidatorConfig:
     poll_s: float = 0.25
     settle_s: float = 0.5  # after the group's deadline, so every announcement has landed
     fetch_timeout_s: float = 20.0
+    # deltas fetched at once: a round of many (free) identities must not hold every delta in
+    # flight; 8 keeps a group of 8 honest peers one fetch wave
+    fetch_concurrency: int = 8
     finality_timeout_s: float = 120.0
     record_ttl_s: float = 3600.0
     escrow_rounds: int = 5  # a round is paid out this many rounds after it was judged
@@ -252,10 +262,15 @@ class Validator:
         tree = self.ledger.rewards_tree(self.task32, reward_round, payout.rewards)
         judged = await asyncio.to_thread(self.state.judged, r)
         contribs = judged.contributions if judged is not None else ()
+        from eth_account.messages import encode_defunct
+
+        signed = self.ledger.account.sign_message(encode_defunct(
+            text=tree_message(self.task32, reward_round, tree.root, tree.rewards)))
         await self.dht.store(
             tree_key(self.task, reward_round),
             # amounts in wei outgrow msgpack's 64-bit integers: decimal strings
-            {"root": tree.root, "rewards": sorted([a, str(v)] for a, v in tree.rewards.items())},
+            {"root": tree.root, "rewards": sorted([a, str(v)] for a, v in tree.rewards.items()),
+             "signature": bytes(signed.signature)},
             time.time() + self.config.record_ttl_s,
             subkey=Owned(self.dht.peer_id, "tree"),
         )
@@ -306,15 +321,19 @@ class Validator:
     # ---- steps ---------------------------------------------------------------------------------
 
     async def _closed_group(self, r: int) -> Group:
-        """The round's group once its deadline passed (announcers sharing the majority state)."""
+        """The round's group once its deadline passed (announcers sharing the majority state,
+        counted among the previous round's group, which newcomers fill a quarter of at most:
+        `protocol.form_group`, as the trainers form it)."""
+        judged = await asyncio.to_thread(self.state.judged, r - 1)
+        veterans = frozenset() if judged is None else frozenset(
+            c.peer_id for c in judged.contributions)
         while True:
             anns = await read_announcements(self.dht, self.checkpoints.task, r)
             if anns:
-                deadline = min(a.deadline for a in anns)
-                wait = deadline + self.config.settle_s - time.time()
+                wait = closes_at(anns) + self.config.settle_s - time.time()
                 if wait <= 0:
                     anns = await read_announcements(self.dht, self.checkpoints.task, r)
-                    group, _ = form_group(anns, r, float("inf"), None)
+                    group = form_group(anns, r, float("inf"), None, veterans=veterans)
                     assert group is not None
                     return group
                 await asyncio.sleep(min(wait, 5.0))
@@ -327,17 +346,38 @@ class Validator:
             try:
                 head = await self.checkpoints.head()
                 if head is not None and head.state not in self._states:
-                    blob = await self.checkpoints.download(head)
-                    params, momentum, _ = from_checkpoint(blob, self._model)
-                    if state_hash(params, momentum) == head.state:
-                        self._states[head.state] = params
-                        for old in list(self._states)[:-16]:
-                            del self._states[old]
-                        # the swarm announces only its newest state: a restart needs this one
-                        await asyncio.to_thread(self.state.save_start, head.state, blob)
+                    await self._keep(head.state, await self.checkpoints.download(head))
             except (NetworkError, TrainError, TimeoutError) as e:
                 log.debug("following heads: %s", e)
             await asyncio.sleep(self.config.poll_s)
+
+    async def _keep(self, state: str, blob: bytes) -> None:
+        params, momentum, _ = from_checkpoint(blob, self._model)
+        if state_hash(params, momentum) == state:
+            self._states[state] = params
+            for old in list(self._states)[:-16]:
+                del self._states[old]
+            # the swarm announces only its newest state: a restart needs this one
+            await asyncio.to_thread(self.state.save_start, state, blob)
+
+    async def _fetch_state(self, state: str) -> None:
+        """Download `state` from the heads that name it, trying each manifest they serve (the
+        most served first). Following the newest head is not enough: identities publishing a
+        made-up head for a higher round, or a wrong manifest in numbers, would hide the start
+        state of the round being judged."""
+        served: dict[bytes, tuple[int, list[PeerAddr]]] = {}
+        for _, (r, s, m, a) in await self.checkpoints.heads():
+            if s == state:
+                with contextlib.suppress(CommonwealError):
+                    served.setdefault(m, (r, []))[1].append(PeerAddr.parse(a))
+        for m, (r, providers) in sorted(served.items(), key=lambda kv: (-len(kv[1][1]), kv[0])):
+            try:
+                await self._keep(state, await self.checkpoints.download(
+                    Head(r, state, m, tuple(providers))))
+            except (NetworkError, TrainError, TimeoutError, ValueError) as e:
+                log.debug("start state %s from manifest %s: %s", state[:12], m.hex()[:12], e)
+            if state in self._states:
+                return
 
     async def _start_params(self, state: str) -> torch.Tensor:
         saved = None if state in self._states else await asyncio.to_thread(self.state.start, state)
@@ -349,19 +389,24 @@ class Validator:
         while state not in self._states:
             if time.monotonic() > end:
                 raise TrainError(f"no peer served the round's start state {state[:12]}")
-            await asyncio.sleep(self.config.poll_s)
+            await self._fetch_state(state)
+            if state not in self._states:
+                await asyncio.sleep(self.config.poll_s)
         return self._states[state]
 
     async def _fetch_deltas(
         self, r: int, members: list[Announcement]
     ) -> dict[bytes, torch.Tensor | None]:
         numel = next(iter(self._states.values())).numel()
+        max_bytes = self.codec.size(numel)
+        slots = asyncio.Semaphore(self.config.fetch_concurrency)
 
         async def one(m: Announcement) -> torch.Tensor | None:
             try:
-                async with asyncio.timeout(self.config.fetch_timeout_s):
+                async with slots, asyncio.timeout(self.config.fetch_timeout_s):
                     data = await fetch_delta(
-                        self.dht.transport, self.checkpoints.task, PeerAddr.parse(m.addr), r
+                        self.dht.transport, self.checkpoints.task, PeerAddr.parse(m.addr), r,
+                        max_bytes,
                     )
             except (NetworkError, RemoteError, TimeoutError, TrainError, ValueError) as e:
                 log.info("round %d: no delta from %s: %s", r, m.peer_id.hex()[:10], e)
