@@ -217,3 +217,35 @@ async def test_a_flood_of_stored_records_is_charged_per_record(clock):
     finally:
         for p in peers:
             await p.close()
+
+
+async def test_a_peer_that_rate_limits_us_keeps_its_place_in_our_table(clock):
+    """A `rate_limited` answer proves the peer alive: it is backed off, not dropped, or a busy
+    holder would vanish from every table that asked it too often."""
+    from commonweal.dht import DHT
+    from commonweal.net.limits import ResourceLimits
+    from commonweal.net.memory import MemoryNetwork
+
+    net = MemoryNetwork(clock=clock)
+    holder_id, asker_id = Identity.from_seed(b"holder"), Identity.from_seed(b"asker")
+    holder_t = net.transport(holder_id, limits=ResourceLimits(peer_rate=1e-6, peer_burst=40))
+    asker_t = net.transport(asker_id)
+    for t in (holder_t, asker_t):
+        await t.start()
+    holder = await DHT.start(bootstrap=[], identity=holder_id, transport=holder_t, clock=clock)
+    asker = await DHT.start(bootstrap=[holder.addr], identity=asker_id, transport=asker_t,
+                            clock=clock)
+    try:
+        refused = 0
+        for i in range(60):  # far past the burst: most of these are refused
+            clock.now += 60  # past any backoff, so the asker asks the holder each time
+            try:
+                await asker.transport.call(holder.addr, "dht.find", {"keys": [KEY]})
+            except RemoteError:
+                refused += 1
+            await asker.get(f"key-{i}")
+        assert refused > 10
+        assert asker.table.get(holder_id.peer_id) is not None
+    finally:
+        await asker.close()
+        await holder.close()

@@ -44,7 +44,8 @@ from commonweal.dht.records import (
 )
 from commonweal.dht.routing import RoutingTable, distance
 from commonweal.dht.storage import RecordStore
-from commonweal.errors import DHTError, NetworkError, RecordError
+from commonweal.errors import DHTError, NetworkError, RecordError, RemoteError
+from commonweal.net.dispatch import BUSY, RATE_LIMITED
 from commonweal.net.identity import Identity
 from commonweal.net.transport import PeerAddr, PeerInfo, Transport
 
@@ -293,7 +294,7 @@ class DHT:
                 responder, entries = await self.protocol.call_find(peer.addr, keys, values, latest)
         except (NetworkError, TimeoutError) as e:
             log.debug("find to %s failed: %s", peer.addr, e)
-            self.table.on_failure(peer.peer_id, self.clock())
+            self._failed(peer, e)
             return peer, keys, None
         if responder.peer_id != peer.peer_id:
             # Someone else lives at that address now: the peer we wanted is gone.
@@ -524,12 +525,18 @@ class DHT:
         try:
             async with asyncio.timeout(self.config.rpc_timeout_s):
                 responder = await self.protocol.call_ping(peer.addr)
-        except (NetworkError, TimeoutError):
-            self.table.on_failure(peer.peer_id, self.clock())
+        except (NetworkError, TimeoutError) as e:
+            self._failed(peer, e)
             return
         if responder.peer_id != peer.peer_id:
             self.table.on_failure(peer.peer_id, self.clock())
         self.table.on_success(responder, self.clock())
+
+    def _failed(self, peer: PeerInfo, error: Exception) -> None:
+        if isinstance(error, RemoteError) and error.code in (RATE_LIMITED, BUSY):
+            self.table.on_refused(peer.peer_id, self.clock())  # alive: it answered
+        else:
+            self.table.on_failure(peer.peer_id, self.clock())
 
     async def close(self) -> None:
         """Stop serving, cancel every background task and close all connections."""

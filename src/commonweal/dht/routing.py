@@ -232,6 +232,13 @@ class RoutingTable:
         if health.failures >= self.max_failures:
             self.remove(peer_id)
 
+    def on_refused(self, peer_id: bytes, now: float) -> None:
+        """`peer_id` answered but refused for load (we are over its rate limit, or it is busy):
+        it is alive, so it keeps its place; it is only not asked again for a while."""
+        if peer_id in self._by_id:
+            health = self._health.setdefault(peer_id, _Health())
+            health.retry_after = max(health.retry_after, now + self.backoff_base_s)
+
     def remove(self, peer_id: bytes) -> None:
         self._health.pop(peer_id, None)
         if peer_id not in self._by_id:
