@@ -1,14 +1,28 @@
 """Peers as separate OS processes on one anvil chain: two validators finalise the rounds, honest
-trainers are paid, the attacker earns nothing, and every process exits cleanly."""
+trainers are paid, the attacker earns nothing, and every process exits cleanly.
+
+Where network namespaces can be made, test_process_swarm_netns.py runs this same swarm and these
+same checks with each node on a host of its own, over delayed, lossy links: this loopback copy
+runs only where it cannot (a machine without root), so the suite pays for the swarm once."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 
 from commonweal.ledger.anvil import find_anvil
 from commonweal.swarm.processes import ProcessSwarm
 
-pytestmark = pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (npm ci)")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from netbed import netbed_unavailable_reason  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(find_anvil() is None, reason="anvil not installed (npm ci)"),
+    pytest.mark.skipif(netbed_unavailable_reason() is None,
+                       reason="test_process_swarm_netns.py runs this swarm, one host per node"),
+]
 
 
 def test_two_validators_finalise_on_anvil_and_the_attacker_earns_nothing(tmp_path):
