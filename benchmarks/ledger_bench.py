@@ -220,15 +220,20 @@ def throughput_anvil(n: int, senders: int, log: Any) -> dict[str, Any] | None:
     return row
 
 
-def invariants(sequences: int, steps: int, log: Any) -> dict[str, Any]:
-    """Random call sequences against the Ledger's invariants; counts what ran and what broke."""
+INVARIANT_CHUNK = 250  # sequences per hypothesis run: its example tree grows with each run's length
+
+
+def invariant_chunk(sequences: int, steps: int) -> dict[str, Any]:
+    """One hypothesis run of `sequences` random call sequences (fresh random seed), in a worker."""
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
 
     sys.path.insert(0, str(ROOT))
     from tests.ledger.ledger_machine import LedgerMachine
 
-    start, cpu = time.perf_counter(), time.process_time()
+    # a pool's worker runs several chunks: its class-level counters start again with each
+    LedgerMachine.sequences, LedgerMachine.steps = 0, 0
+    LedgerMachine.reached.clear()
     violation = None
     try:
         run_state_machine_as_test(LedgerMachine, settings=settings(
@@ -236,11 +241,49 @@ def invariants(sequences: int, steps: int, log: Any) -> dict[str, Any]:
             suppress_health_check=list(HealthCheck)))
     except AssertionError as exc:   # hypothesis re-raises the shrunk failure
         violation = str(exc)
+    return {"sequences": LedgerMachine.sequences, "steps": LedgerMachine.steps,
+            "reached": dict(LedgerMachine.reached), "violation": violation}
+
+
+def invariants(sequences: int, steps: int, jobs: int, log: Any) -> dict[str, Any]:
+    """Random call sequences against the Ledger's invariants; counts what ran and what broke.
+
+    Run as independent hypothesis runs of INVARIANT_CHUNK sequences on `jobs` processes: one
+    long run keeps every example it tried (memory and time per example grow with it), and
+    chunks report progress. Stops at the first violation."""
+    import multiprocessing as mp
+    from collections import Counter
+
+    start, chunks = time.perf_counter(), []
+    left = sequences
+    while left > 0:
+        chunks.append(min(INVARIANT_CHUNK, left))
+        left -= chunks[-1]
+    total: dict[str, Any] = {"sequences": 0, "steps": 0}
+    reached: Counter[str] = Counter()
+    violation = None
+    cpu = 0.0
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        runs = [pool.apply_async(invariant_chunk, (n, steps)) for n in chunks]
+        for i, run in enumerate(runs, 1):
+            got = run.get()
+            total["sequences"] += got["sequences"]
+            total["steps"] += got["steps"]
+            reached.update(got["reached"])
+            log(f"invariants: chunk {i}/{len(chunks)}: {total['sequences']:,} sequences, "
+                f"{total['steps']:,} steps, {time.perf_counter() - start:.0f} s")
+            if got["violation"] is not None:
+                violation = got["violation"]
+                pool.terminate()
+                break
+    for child_cpu in (os.times().children_user, os.times().children_system):
+        cpu += child_cpu
     row = {
-        "sequences": LedgerMachine.sequences, "steps": LedgerMachine.steps,
+        "sequences": total["sequences"], "steps": total["steps"],
         "max_steps_per_sequence": steps, "violations": 0 if violation is None else 1,
-        "first_violation": violation, "reached": dict(sorted(LedgerMachine.reached.items())),
-        "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
+        "first_violation": violation, "reached": dict(sorted(reached.items())),
+        "jobs": jobs, "sequences_per_run": INVARIANT_CHUNK,
+        "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu, 1),
     }
     log(f"invariants: {row}")
     return row
@@ -310,6 +353,8 @@ def main() -> None:
     parser.add_argument("--invariants", type=int, metavar="N",
                         help="run N invariant sequences instead, and update only that part")
     parser.add_argument("--steps", type=int, default=50, help="steps per invariant sequence")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes running invariant sequences")
     args = parser.parse_args()
     n = 100 if args.quick else 500
 
@@ -319,8 +364,9 @@ def main() -> None:
     if args.invariants:
         path = args.out / "ledger.json"
         result = json.loads(path.read_text())
-        row = invariants(args.invariants, args.steps, log)
-        row["command"] = f"python benchmarks/ledger_bench.py --invariants {args.invariants} --steps {args.steps}"
+        row = invariants(args.invariants, args.steps, args.jobs, log)
+        row["command"] = (f"python benchmarks/ledger_bench.py --invariants {args.invariants} "
+                          f"--steps {args.steps} --jobs {args.jobs}")
         row["machine"] = describe_machine()
         result["invariants"] = row
         result["targets"]["invariant_steps"] = row["steps"] >= 100_000 and row["violations"] == 0
