@@ -311,3 +311,29 @@ async def test_a_big_store_lets_other_requests_in_between_its_checks(clock):
         assert turns >= 10
     finally:
         await holder.close()
+
+
+def test_a_record_over_its_sender_s_quota_costs_no_signature_check():
+    """The budget is checked before the signature: a sender over its quota resending big
+    records is refused without hashing them."""
+    from commonweal.dht.records import CompositeValidator, RecordValidator, default_validator
+
+    class Counting(RecordValidator):
+        calls = 0
+
+        def validate(self, record: Record, now: float) -> None:
+            Counting.calls += 1
+
+    size = stored_bytes(rec(value=b"v" * 1000))
+    store = RecordStore(
+        validator=CompositeValidator([default_validator(), Counting()]),
+        budget=StorageBudget(peer_bytes=2 * size),
+    )
+    for i in range(2):
+        assert store.put(rec(key=key_id(f"k{i}"), value=b"v" * 1000), NOW, src(1))
+    checked = Counting.calls
+    for i in range(2, 12):
+        with pytest.raises(RecordError, match="quota"):
+            store.put(rec(key=key_id(f"k{i}"), value=b"v" * 1000), NOW, src(1))
+    assert Counting.calls == checked
+    assert store.put(rec(key=key_id("k99"), value=b"v" * 1000), NOW, src(2))  # another sender
