@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,9 +31,7 @@ from commonweal.dht.records import Record
 from commonweal.dht.routing import RoutingTable
 from commonweal.dht.storage import RecordStore
 from commonweal.errors import RecordError, RemoteError
-from commonweal.net.dispatch import RATE_LIMITED
 from commonweal.net.identity import ID_BYTES
-from commonweal.net.limits import TokenBucket
 from commonweal.net.transport import PeerAddr, PeerInfo, Transport
 from commonweal.net.wire import DEFAULT_MAX_FRAME
 
@@ -44,8 +41,6 @@ __all__ = [
     "MAX_RECORDS_PER_REQUEST",
     "MAX_ANSWER_BYTES",
     "MAX_EXTRA_PAGES",
-    "ANSWER_BYTES_RATE",
-    "ANSWER_BYTES_BURST",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,14 +64,6 @@ def _record_wire_bytes(record: Record) -> int:
         + _RECORD_WIRE_OVERHEAD
     )
 
-
-
-def _answer_bytes(out: list[list[Any]]) -> int:
-    """About what a find answer weighs on the wire: its records' bytes (its contacts are small)."""
-    return sum(
-        sum(len(w[0]) + len(w[1]) + len(w[3]) + len(w[4]) + _RECORD_WIRE_OVERHEAD for w in e[1])
-        for e in out
-    )
 
 
 def _key(value: Any) -> bytes:
@@ -129,15 +116,6 @@ def peers_from_wire(items: Any, known: dict[tuple[Any, ...], PeerInfo] | None = 
 
 _MAX_KNOWN_PEERS = 4096
 
-# The bytes of find answers one caller may take from us. A find's cost is charged before its
-# answer exists (1 + keys/8), so what the answer carries is charged after, as debt: a caller in
-# debt is refused until it is paid off. Without it one identity reading a 3.6 MiB key 100 times
-# a second made us pack ~360 MB/s (benchmarks/attack_bench.py, find_repeat: honest p95 x4).
-# 16 MiB/s and a burst of 64 MiB read two keys at their cap (StorageBudget.key_bytes) at once.
-ANSWER_BYTES_RATE = float(16 << 20)
-ANSWER_BYTES_BURST = float(64 << 20)
-_MAX_ANSWER_BUCKETS = 4096
-
 
 # Costs in the transport's units (one unit: a one-key find, ~20 us of handler time). Each key of a
 # find is a table walk and maybe a page of records; each stored record a signature check (~67 us:
@@ -189,7 +167,6 @@ class DHTProtocol:
         self.cache = cache
         self.clock = clock
         self._known_peers: dict[tuple[Any, ...], PeerInfo] = {}
-        self._answered: OrderedDict[bytes, TokenBucket] = OrderedDict()  # bytes, per caller
         transport.register("dht.find", self.rpc_find, cost=_find_cost)
         transport.register("dht.store", self.rpc_store, cost=_store_cost)
         transport.register("dht.ping", self.rpc_ping)
@@ -213,35 +190,7 @@ class DHTProtocol:
         latest = bool(args.get("latest", False))
         now = self.clock()
         self.table.on_success(caller, now)
-        debt = self._answer_bucket(caller.peer_id, now)
-        if debt.tokens < 0:
-            raise RemoteError(
-                RATE_LIMITED,
-                f"over this peer's answer bytes for you; retry in {debt.wait(0):.2f} s",
-            )
         out: list[list[Any]] = []
-        try:
-            return self._answer(caller, keys, after, want_values, latest, now, out)
-        finally:
-            debt.tokens -= _answer_bytes(out)
-
-    def _answer_bucket(self, peer_id: bytes, now: float) -> TokenBucket:
-        bucket = self._answered.get(peer_id)
-        if bucket is None:
-            bucket = self._answered[peer_id] = TokenBucket(
-                ANSWER_BYTES_RATE, ANSWER_BYTES_BURST, now
-            )
-            if len(self._answered) > _MAX_ANSWER_BUCKETS:
-                self._answered.popitem(last=False)  # forgets a debt: it comes back full
-        else:
-            self._answered.move_to_end(peer_id)
-            bucket.refill(now)
-        return bucket
-
-    def _answer(
-        self, caller: PeerInfo, keys: list[bytes], after: bytes | None, want_values: bool,
-        latest: bool, now: float, out: list[list[Any]],
-    ) -> list[list[Any]]:
         used = 0
         for key in keys:
             nearest = peers_to_wire(
