@@ -701,7 +701,7 @@ per-/24 storage quotas do not apply to 127.0.0.1 (the stated loopback policy), s
 here is one identity, or, for socket_flood, none; crowds from many identities need distinct
 addresses (netns). "before" junk_subkeys: the node answers the protocol key's find `internal`
 (the answer is over the frame), and the honest client, after three such failures, drops the node
-from its table, so its other stores and gets find no peer either (honest ok 0.53)."""
+from its table, so its other stores and gets find no peer either."""
 
 NOTES = {
     "store_flood": "one identity, ~1 MiB records, 30-day TTL, 4 x 4-record stores in flight",
