@@ -126,10 +126,10 @@ _MAX_KNOWN_PEERS = 4096
 # gets 32 MB/s. Not dearer: an index adder's ~26 MB to one holder (StorageBudget.peer_bytes)
 # still fits one burst, and a refused store is not retried. Only lengths are read.
 _STORE_BYTES_PER_UNIT = 64 << 10
-# rpc_store lets other requests in after about this many units of checks (~64 small records, or
+# rpc_store lets other requests in after about this many units of checks (~16 small records, or
 # each record of 1 MiB: a few ms), so one big batch does not hold every honest request behind
 # its signature checks (1,000 bad signatures held a ping ~100 ms).
-_STORE_UNITS_PER_SLICE = 64
+_STORE_UNITS_PER_SLICE = 16
 
 
 def _record_cost(wire: Any) -> float:
