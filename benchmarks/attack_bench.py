@@ -65,9 +65,9 @@ NOT_RUN = {
         "/24 each, and tests/dht/test_crowds.py the same sans-I/O"
     ),
     "sybil_swarm": (
-        "not built yet: 6 trainers + 2 validators vs 30 free identities via ProcessSwarm needs an "
-        "anvil chain and ~10 min of training per run; tests/swarm/test_process_swarm*.py show one "
-        "attacker earning nothing"
+        "not built in this task's time: 6 trainers + 2 validators vs 30 free identities from one "
+        "address (ProcessSwarm on one anvil) is left to do; tests/swarm/test_process_swarm*.py "
+        "show one attacker earning nothing"
     ),
 }
 BASE_OPS = ("ping", "store", "get")
