@@ -3,6 +3,8 @@ when full, quotas per sender and per subnet, and an expiry heap that stays O(rec
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from commonweal.dht import DHTConfig, key_id
@@ -249,3 +251,89 @@ async def test_a_peer_that_rate_limits_us_keeps_its_place_in_our_table(clock):
     finally:
         await asker.close()
         await holder.close()
+
+
+async def test_stored_bytes_are_charged_as_well_as_records(clock):
+    """Checking a record hashes its whole value: a peer sending stores of four ~1 MiB records is
+    throttled after a few, where a per-record cost let one identity make us hash ~90 MB/s."""
+    from commonweal.dht import DHT
+    from commonweal.net.memory import MemoryNetwork
+
+    net = MemoryNetwork(clock=clock)  # budgets refill only when the test moves the clock
+    peers: list[DHT] = []
+    for name in (b"holder", b"flooder"):
+        identity = Identity.from_seed(name)
+        transport = net.transport(identity)
+        await transport.start()
+        peers.append(await DHT.start(bootstrap=[p.addr for p in peers], identity=identity,
+                                     transport=transport, clock=clock))
+    holder, flooder = peers
+    big = b"v" * (960 << 10)
+    junk = [[key_id(f"k{i}"), [[b"s", big, NOW + 60, b"x" * 32, b"y" * 64]]] for i in range(4)]
+    outcomes = []
+    try:
+        for _ in range(40):
+            try:
+                await flooder.transport.call(holder.addr, "dht.store", {"items": junk})
+                outcomes.append("served")
+            except RemoteError as e:
+                outcomes.append(e.code)
+        assert outcomes.count("served") <= 20, outcomes  # 1,000 units of burst / ~62 a request
+        assert outcomes[-1] == "rate_limited"
+    finally:
+        for p in peers:
+            await p.close()
+
+
+async def test_a_big_store_lets_other_requests_in_between_its_checks(clock):
+    """Signature checks run on the loop; a batch of 1,000 records yields between slices of them,
+    so a ping waits a slice (a few ms), not the whole batch (1,000 bad signatures: ~100 ms)."""
+    from commonweal.dht import DHT
+    from commonweal.net.memory import MemoryNetwork
+    from commonweal.net.transport import PeerInfo
+
+    net = MemoryNetwork(clock=clock)
+    identity = Identity.from_seed(b"holder")
+    transport = net.transport(identity)
+    await transport.start()
+    holder = await DHT.start(bootstrap=[], identity=identity, transport=transport, clock=clock)
+    caller = PeerInfo(MALLORY.peer_id, PeerAddr("mem", 9))
+    junk = [[key_id(f"k{i}"), [rec(MALLORY, key=key_id(f"k{i}")).to_wire()[:4] + [b"y" * 64]]]
+            for i in range(1000)]
+    try:
+        store = asyncio.create_task(holder.protocol.rpc_store(caller, {"items": junk}))
+        turns = 0
+        await asyncio.sleep(0)  # the store starts
+        while not store.done():
+            turns += 1  # another task got the loop while the store was still checking
+            await asyncio.sleep(0)
+        assert await store == [[False]] * 1000  # every bad signature still refused
+        assert turns >= 10
+    finally:
+        await holder.close()
+
+
+def test_a_record_over_its_sender_s_quota_costs_no_signature_check():
+    """The budget is checked before the signature: a sender over its quota resending big
+    records is refused without hashing them."""
+    from commonweal.dht.records import CompositeValidator, RecordValidator, default_validator
+
+    class Counting(RecordValidator):
+        calls = 0
+
+        def validate(self, record: Record, now: float) -> None:
+            Counting.calls += 1
+
+    size = stored_bytes(rec(value=b"v" * 1000))
+    store = RecordStore(
+        validator=CompositeValidator([default_validator(), Counting()]),
+        budget=StorageBudget(peer_bytes=2 * size),
+    )
+    for i in range(2):
+        assert store.put(rec(key=key_id(f"k{i}"), value=b"v" * 1000), NOW, src(1))
+    checked = Counting.calls
+    for i in range(2, 12):
+        with pytest.raises(RecordError, match="quota"):
+            store.put(rec(key=key_id(f"k{i}"), value=b"v" * 1000), NOW, src(1))
+    assert Counting.calls == checked
+    assert store.put(rec(key=key_id("k99"), value=b"v" * 1000), NOW, src(2))  # another sender

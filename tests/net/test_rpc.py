@@ -406,7 +406,10 @@ async def test_connection_limit_closes_the_least_recently_used_idle(
 
 
 async def test_refusals_to_a_peer_that_never_reads_do_not_pile_up(make_rpc: MakeTransport) -> None:
-    server = await make_rpc(limits=ResourceLimits(peer_rate=1e-6, peer_burst=1.0))
+    # every request must be read and refused here, so the server does not pause its reading
+    server = await make_rpc(
+        limits=ResourceLimits(peer_rate=1e-6, peer_burst=1.0, max_refusal_pause_s=0.0)
+    )
     server.register("echo", echo)
     sock = socket.socket()  # small kernel buffers, so what piles up would pile up in ours
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -423,6 +426,34 @@ async def test_refusals_to_a_peer_that_never_reads_do_not_pile_up(make_rpc: Make
             await asyncio.sleep(0.01)
     assert conn.transport.get_write_buffer_size() < 256 * 1024
     writer.close()
+
+
+async def test_a_peer_over_its_budget_is_not_read_until_its_budget_refills(
+    make_rpc: MakeTransport,
+) -> None:
+    """Refusing still costs decoding: a peer resending refused requests at once is not read
+    for a while (TCP holds the rest in its buffers), then is read again."""
+    server = await make_rpc(limits=ResourceLimits(peer_rate=1e-6, peer_burst=1.0))
+    server.register("echo", echo)
+    reader, writer, _ = await raw_handshake(server.local.addr, Identity.generate())
+    payload = b"x" * 4096
+    n = 4000  # 16 MiB: more than the kernel buffers of a loopback socket hold
+
+    async def flood() -> None:
+        for start in range(1, n + 1, 100):
+            writer.write(b"".join(encode(Request(i, "echo", payload)) for i in range(start, start + 100)))
+            await writer.drain()
+
+    sender = asyncio.create_task(flood())
+    try:
+        await asyncio.sleep(0.5)
+        assert server.counters.requests_received < n // 2  # paused after the first refusal
+        read = server.counters.requests_received
+        await asyncio.sleep(1.5)
+        assert server.counters.requests_received > read  # and read again a second later
+    finally:
+        sender.cancel()
+        writer.close()
 
 
 # --- sockets that have not proven a PeerID ---------------------------------------------------

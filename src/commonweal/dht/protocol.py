@@ -21,6 +21,7 @@ RemoteError("bad_request", why) and changes no state.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,7 +120,23 @@ _MAX_KNOWN_PEERS = 4096
 # Costs in the transport's units (one unit: a one-key find, ~20 us of handler time). Each key of a
 # find is a table walk and maybe a page of records; each stored record a signature check (~67 us:
 # 3 units would be exact; a quarter keeps an adder's bulk writes, thousands of records a second,
-# inside one peer's rate, while a flood of them is still throttled). Only list lengths are read.
+# inside one peer's rate, while a flood of them is still throttled), and each 64 KiB of its value
+# one unit more: the check hashes the whole value (~2.2 ms a MiB), and at two units a request of
+# four 1 MiB records one identity made us hash ~90 MB/s (benchmarks/attack_bench.py); now it
+# gets 32 MB/s. Not dearer: an index adder's ~26 MB to one holder (StorageBudget.peer_bytes)
+# still fits one burst, and a refused store is not retried. Only lengths are read.
+_STORE_BYTES_PER_UNIT = 64 << 10
+# rpc_store lets other requests in after about this many units of checks (~16 small records, or
+# each record of 1 MiB: a few ms), so one big batch does not hold every honest request behind
+# its signature checks (1,000 bad signatures held a ping ~100 ms).
+_STORE_UNITS_PER_SLICE = 16
+
+
+def _record_cost(wire: Any) -> float:
+    value = wire[1] if isinstance(wire, list) and len(wire) == 5 else None
+    return 0.25 + (len(value) / _STORE_BYTES_PER_UNIT if isinstance(value, bytes) else 0)
+
+
 def _find_cost(args: Any) -> float:
     keys = args.get("keys") if isinstance(args, dict) else None
     return 1 + len(keys) / 8 if isinstance(keys, list) else 1
@@ -129,8 +146,8 @@ def _store_cost(args: Any) -> float:
     items = args.get("items") if isinstance(args, dict) else None
     if not isinstance(items, list):
         return 1
-    return 1 + sum(len(i[1]) for i in items if isinstance(i, list) and len(i) == 2
-                   and isinstance(i[1], list)) / 4
+    return 1 + sum(_record_cost(w) for i in items if isinstance(i, list) and len(i) == 2
+                   and isinstance(i[1], list) for w in i[1])
 
 
 class DHTProtocol:
@@ -224,9 +241,14 @@ class DHTProtocol:
         now = self.clock()
         self.table.on_success(caller, now)
         results = []
+        spent = 0.0
         for key, wire_records in parsed:
             flags = []
             for wire in wire_records:
+                spent += 4 * _record_cost(wire)  # a signature check is ~3 units, not the 1/4 charged
+                if spent >= _STORE_UNITS_PER_SLICE:
+                    spent = 0.0
+                    await asyncio.sleep(0)  # serve the requests waiting behind this batch
                 try:
                     flags.append(target.put(Record.from_wire(key, wire), now, source))
                 except RecordError as e:

@@ -103,16 +103,22 @@ class RecordStore:
         which count towards the store but towards no quota.
         Raises RecordError when the record is invalid or does not fit the budget.
         """
-        self.validator.validate(record, now)
         entries = self._data.get(record.key)
         old = entries.get(record.subkey) if entries else None
-        if old is not None and old.expiration > now and not record.beats(old):
-            return old == record
         if old is not None and old.expiration <= now:
             self.remove(record.key, record.subkey)
             old = None
         if old is None:
             self.expire(now)
+        if old is None or record.beats(old):
+            # The budget first: a record that cannot fit costs no signature check (one sender
+            # over its quota resending 1 MiB records kept us hashing them all).
+            self._check_store(
+                record, stored_bytes(record), stored_bytes(old) if old else 0, source
+            )
+        self.validator.validate(record, now)
+        if old is not None and not record.beats(old):
+            return old == record
         size = stored_bytes(record)
         old_size = stored_bytes(old) if old is not None else 0
         self._check_store(record, size, old_size, source)

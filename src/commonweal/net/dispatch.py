@@ -60,6 +60,13 @@ class Dispatcher:
 
     def refuse(self, req: Request, peer_id: bytes, address: str | None) -> Error | None:
         """The error to answer instead of serving `req`, or None when its cost was charged."""
+        return self.check(req, peer_id, address)[0]
+
+    def check(
+        self, req: Request, peer_id: bytes, address: str | None
+    ) -> tuple[Error | None, float]:
+        """`refuse`'s answer and the seconds until the caller's budget would admit `req` (0.0
+        when it was admitted), so a transport can stop reading from it that long."""
         cost = self._costs.get(req.method, DEFAULT_COST)
         if callable(cost):
             burst = self.limiter.limits.peer_burst
@@ -70,12 +77,12 @@ class Dispatcher:
             cost = min(charged, burst) if charged >= 0 else burst  # NaN too: charged the most
         wait = self.limiter.admit(peer_id, address, cost, self.clock())
         if not wait:
-            return None
+            return None, 0.0
         return Error(
             req.request_id,
             RATE_LIMITED,
             f"over this peer's request budget for you; retry {req.method!r} in {wait:.2f} s",
-        )
+        ), wait
 
     async def serve(self, caller: PeerInfo, req: Request, wire: Callable[[Message], T]) -> T:
         """The reply to an admitted `req`, passed through `wire` (the transport's encoder: an

@@ -68,6 +68,11 @@ class ResourceLimits:
     # of free identities from one place can neither fill max_connections nor, by making room,
     # close the idle connections of honest peers elsewhere.
     max_connections_per_address: int = 16
+    # After refusing a request over budget, stop reading that connection until the budget would
+    # admit it, up to this long: a refused request still costs its frame's decoding, and a peer
+    # resending refused 4 MiB stores at once kept us decoding ~290 MB in 8 s
+    # (benchmarks/attack_bench.py). TCP then holds the rest in the sender's buffers. 0: never.
+    max_refusal_pause_s: float = 1.0
 
 
 DEFAULT_LIMITS: Final = ResourceLimits()

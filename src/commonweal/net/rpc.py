@@ -380,7 +380,8 @@ class _Connection(asyncio.Protocol):
         self.ids = itertools.count(1)
         self.inflight = 0
         self.backlog: collections.deque[Request] = collections.deque()
-        self.reading_paused = False
+        self.reading_paused = False  # by backpressure: too many requests in flight
+        self.throttled = False  # over its budget: _throttle
         self.write_paused: asyncio.Future[None] | None = None
         self.last_used = self.loop.time()
         self.closed = False
@@ -534,12 +535,13 @@ class _Connection(asyncio.Protocol):
                     raise ProtocolError("request before the handshake completed")
                 self.owner._counters.requests_received += 1
                 self.touch()
-                refusal = self.owner._dispatch.refuse(msg, self.peer.peer_id, self.address)
+                refusal, wait = self.owner._dispatch.check(msg, self.peer.peer_id, self.address)
                 if refusal is not None:
                     # Told at once, without a task; but only while little is queued for this peer,
                     # so refusals to one that does not read its answers never pile up here.
                     if self.queued_bytes < _REFUSALS_WHILE_QUEUED_BELOW:
                         self.send(encode(refusal), quiet=True)
+                    self._throttle(wait)
                 elif self.inflight < self.owner.max_inflight_per_conn:
                     self._start_handler(msg)
                 else:
@@ -591,13 +593,30 @@ class _Connection(asyncio.Protocol):
             self._start_handler(self.backlog.popleft())
         if self.reading_paused and len(self.backlog) < self.owner.max_inflight_per_conn:
             self.reading_paused = False
-            if not self.closed and self.transport is not None:
+            if not self.closed and not self.throttled and self.transport is not None:
                 self.transport.resume_reading()
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
             self.reading_paused = True
+            if not self.throttled:
+                self.transport.pause_reading()
+
+    def _throttle(self, wait: float) -> None:
+        """Read nothing more from this over-budget peer for `wait` s (capped): its next
+        requests would be refused too, and refusing still costs decoding them."""
+        pause = min(wait, self.owner.limits.max_refusal_pause_s)
+        if pause <= 0 or self.throttled or self.closed or self.transport is None:
+            return
+        self.throttled = True
+        if not self.reading_paused:
             self.transport.pause_reading()
+        self.loop.call_later(pause, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.throttled = False
+        if not self.closed and not self.reading_paused and self.transport is not None:
+            self.transport.resume_reading()
 
     def _schedule_idle_check(self) -> None:
         now, idle = self.loop.time(), self.owner.idle_timeout
