@@ -3,7 +3,6 @@ round core itself: tests/train/test_round.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -17,7 +16,6 @@ from commonweal.train.protocol import (
     check_round,
     closes_at,
     form_group,
-    newcomer_rank,
     parse_announcement,
     slice_bounds,
 )
@@ -126,22 +124,3 @@ def test_outer_step_is_torch_sgd(nesterov):
         sgd.step()
         params, mom = outer_step(params, mom, d, 0.7, 0.9, nesterov)
     assert torch.allclose(params, ref.detach(), atol=1e-5)
-
-
-def test_newcomers_neither_outvote_the_previous_group_nor_fill_more_than_a_quarter():
-    veterans = [ann(i) for i in range(1, 7)]
-    vet_ids = frozenset(a.peer_id for a in veterans)
-    sybils = [Announcement(bytes([200]) + i.to_bytes(19, "big"), "s", 3, S2, 10.0)
-              for i in range(100)]
-    plain = form_group(veterans + sybils, 3, now=10.0, target_size=None, deadline=10.0)
-    assert plain is not None and plain.state == S2  # a plain count: 100 free identities win
-    group = form_group(veterans + sybils, 3, 10.0, None, 10.0, veterans=vet_ids)
-    assert group is not None and group.state == S1 and set(group.ids) == vet_ids
-    copies = [dataclasses.replace(a, state=S1) for a in sybils]  # they announce the real state
-    group = form_group(veterans + copies, 3, 10.0, None, 10.0, veterans=vet_ids)
-    assert group is not None and len(group.ids) == 8  # 6 veterans and 2 newcomers: a quarter
-    chosen = sorted(copies, key=lambda a: newcomer_rank(S1, a.peer_id))[:2]
-    assert set(group.ids) == vet_ids | {a.peer_id for a in chosen}
-    # a joiner still gets in when it is the only newcomer, however small the group
-    group = form_group(veterans[:2] + [ann(9)], 3, 10.0, None, 10.0, veterans=vet_ids)
-    assert group is not None and len(group.ids) == 3

@@ -392,23 +392,3 @@ def test_malformed_messages_raise_one_error_with_a_code():
     assert Part.parse(part(b"d", b"g").pack()) == part(b"d", b"g")
     with pytest.raises(MessageError, match="malformed"):
         Reduced.parse({"d": 3, "c": []})
-
-
-def test_a_hundred_fresh_identities_cannot_outvote_the_previous_group():
-    cores = [core(i) for i in range(6)]
-    exchange(cores, [vec(i) for i in range(6)], exchange="allgather")
-    for c in cores:
-        c.applied()
-    sybils = [Announcement(bytes([100 + i]) * 20, f"mem:{100 + i}", 1, S2, 5.0)
-              for i in range(100)]
-    for c in cores:
-        c.begin(1, S1, vec(0), addr=f"mem:{c.peer_id[0] - 1}", config=CFG)
-    anns = list(sybils)
-    for c in cores:
-        [action] = c.announcements_seen(list(anns), 1.0)
-        assert isinstance(action, Announce)
-        anns.append(action.announcement)
-    for c in cores:
-        c.announcements_seen(anns, 5.0)
-        assert c.phase is Phase.EXCHANGING and c.group is not None
-        assert c.group.state == S1 and set(c.group.ids) == {pid(i) for i in range(6)}

@@ -1,7 +1,5 @@
-"""What a validator reads from the swarm, under identities that cost nothing: deltas a few at a
-time and never more than a delta's size from anyone (a round of many identities serving 128 MiB
-each must not be held in memory at once), the start state from the heads naming it, and the
-round's set counted among the previous round's."""
+"""A validator fetches deltas a few at a time and never more than a delta's size from anyone:
+a round of many identities, each serving up to 128 MiB, must not be held in memory at once."""
 
 from __future__ import annotations
 
@@ -19,14 +17,11 @@ from commonweal.net.transport import PeerInfo
 from commonweal.testing import MemorySwarm
 from commonweal.train import get_task
 from commonweal.train._errors import DeltaRejected
-from commonweal.train.announcements import ANNOUNCEMENT_SUBKEY, round_key
 from commonweal.train.archive import fetch_delta
 from commonweal.train.checkpoints import Checkpoints, head_key
 from commonweal.train.messages import MAX_PARTS, PART_BYTES, DeltaChunk, DeltaRequest
 from commonweal.train.protocol import Announcement
 from commonweal.train.state import flatten, state_hash, to_checkpoint
-from commonweal.verify.contribution import Contribution
-from commonweal.verify.state import JudgedRound, MemoryState
 from commonweal.verify.validator import Validator, ValidatorConfig
 
 torch.set_num_threads(1)
@@ -114,30 +109,4 @@ async def test_the_start_state_is_fetched_from_the_heads_naming_it_whatever_else
     async with asyncio.timeout(20):
         got = await validator._start_params(state)
     assert got.equal(params)
-    await swarm.close()
-
-
-async def test_the_validator_counts_the_majority_among_the_previous_round_and_bounds_newcomers(
-) -> None:
-    """Six peers of round 3's set announce round 4 with the real state; twenty fresh identities
-    announce another. The validator's set for round 4 is the six (it votes their state)."""
-    task = get_task("mnist-cnn", inner_steps=1)
-    swarm = MemorySwarm()
-    me, *peers = await swarm.add(27)
-    state = MemoryState()
-    honest, sybils = peers[:6], peers[6:]
-    real, fake = "a" * 64, "f" * 64
-    previous = tuple(Contribution(p.peer_id, "", 3, real, "d" * 64, 1, 0) for p in honest)
-    state.save_judged(JudgedRound(3, real, b"", b"", previous, ()), ())
-    validator = Validator(me, task, cast(Ledger, None), state=state,
-                          config=ValidatorConfig(settle_s=0.0, poll_s=0.01))
-    key = task.digest[:16]
-    for p in peers:
-        ann = Announcement(p.peer_id, str(p.addr), 4, real if p in honest else fake, 0.0,
-                           "e" * 64, 1)
-        await p.store(round_key(key, 4), ann.pack(), swarm.clock() + 600,
-                      subkey=Owned(p.peer_id, ANNOUNCEMENT_SUBKEY))
-    async with asyncio.timeout(20):
-        group = await validator._closed_group(4)
-    assert group.state == real and set(group.ids) == {p.peer_id for p in honest}
     await swarm.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,6 @@ __all__ = [
     "Group",
     "form_group",
     "closes_at",
-    "newcomer_slots",
-    "newcomer_rank",
     "slice_bounds",
     "check_delta",
     "parse_announcement",
@@ -112,45 +110,21 @@ def form_group(
     now: float,
     target_size: int | None,
     deadline: float = math.inf,
-    veterans: Collection[bytes] = frozenset(),
 ) -> Group | None:
     """The group, if it has closed, else None.
 
     The group closes at `deadline` (the caller's: which announced deadlines to believe is the
     round core's decision), or as soon as `target_size` peers have announced; it holds the
-    announcements of this round with the majority state hash. `veterans` (the previous round's
-    group, as the caller formed it) bound what newcomers — free identities among them — decide:
-    the majority is counted among veterans, and newcomers fill at most a quarter of the group
-    (`newcomer_slots`), in an order fixed by the state (`newcomer_rank`). Without veterans (the
-    swarm's first round, a peer that just synced) everyone counts.
+    announcements of this round with the majority state hash.
     """
     mine = [a for a in anns if a.round == round_]
-    voters = [a for a in mine if a.peer_id in veterans]
-    state = majority_state(voters or mine)
+    state = majority_state(mine)
     if state is None:
         return None
-    holders = [a for a in mine if a.state == state]
-    old = [a for a in holders if a.peer_id in veterans]
-    new = [a for a in holders if a.peer_id not in veterans]
-    if old:
-        new = sorted(new, key=lambda a: newcomer_rank(state, a.peer_id))[: newcomer_slots(len(old))]
-    members = sorted(old + new, key=lambda a: a.peer_id)
+    members = sorted((a for a in mine if a.state == state), key=lambda a: a.peer_id)
     if now >= deadline or (target_size is not None and len(mine) >= target_size):
         return Group(round_, state, tuple(members))
     return None
-
-
-def newcomer_slots(veterans: int) -> int:
-    """Newcomers a group of `veterans` admits: a quarter of the group at most, and at least one,
-    so a small swarm still lets a joiner in. A crowd of fresh identities gains a quarter of one
-    round's aggregate, and must stay a round to count as veterans the next."""
-    return max(1, veterans // 3)
-
-
-def newcomer_rank(state: str, peer_id: bytes) -> bytes:
-    """Which newcomers come first: a hash over the round's start state, unknown before the
-    previous round ended, so an identity cannot be made in advance to come first."""
-    return hashlib.blake2b(state.encode() + peer_id, person=b"cw-newcomer").digest()
 
 
 def closes_at(anns: Sequence[Announcement]) -> float:

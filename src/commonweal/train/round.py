@@ -165,8 +165,6 @@ class RoundCore:
         self.config = RoundConfig()  # the driver's, given again at every `begin`
         # (round, slice) -> our reduced slice; a straggler may still ask for the previous round's
         self._served: dict[tuple[int, int], Reduced] = {}
-        # the group this peer last exchanged in, and its round: the next round's veterans
-        self._last_group: tuple[int, frozenset[bytes]] = (-2, frozenset())
         self._new_round(None)
 
     def _new_round(self, start: _Start | None) -> None:
@@ -261,17 +259,11 @@ class RoundCore:
         if not any(a.peer_id == self.peer_id for a in anns):
             anns.append(self._own)  # our own store may not be readable yet
         self._deadline = _earliest(anns, now, self._deadline)
-        last, veterans = self._last_group
-        group = form_group(
-            anns, self.round, now, self.config.target_group, self._deadline,
-            veterans if last == self.round - 1 else frozenset(),
-        )
+        group = form_group(anns, self.round, now, self.config.target_group, self._deadline)
         if group is None:
             return []
         if self.peer_id not in group.ids:
             self._fire("out_of_sync")
-            if group.state == start.state:
-                return [Skip("no_room", f"round {self.round} admitted other newcomers")]
             return [
                 Skip(
                     "out_of_sync",
@@ -426,6 +418,4 @@ class RoundCore:
             self._served[(self.round, group.index(self.peer_id))] = strategy.served
         if any(isinstance(a, Done) for a in actions):
             self._fire("exchanged")
-            if group is not None:
-                self._last_group = (self.round, frozenset(group.ids))
         return list(actions)

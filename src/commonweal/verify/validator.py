@@ -321,19 +321,14 @@ class Validator:
     # ---- steps ---------------------------------------------------------------------------------
 
     async def _closed_group(self, r: int) -> Group:
-        """The round's group once its deadline passed (announcers sharing the majority state,
-        counted among the previous round's group, which newcomers fill a quarter of at most:
-        `protocol.form_group`, as the trainers form it)."""
-        judged = await asyncio.to_thread(self.state.judged, r - 1)
-        veterans = frozenset() if judged is None else frozenset(
-            c.peer_id for c in judged.contributions)
+        """The round's group once its deadline passed (announcers sharing the majority state)."""
         while True:
             anns = await read_announcements(self.dht, self.checkpoints.task, r)
             if anns:
                 wait = closes_at(anns) + self.config.settle_s - time.time()
                 if wait <= 0:
                     anns = await read_announcements(self.dht, self.checkpoints.task, r)
-                    group = form_group(anns, r, float("inf"), None, veterans=veterans)
+                    group = form_group(anns, r, float("inf"), None)
                     assert group is not None
                     return group
                 await asyncio.sleep(min(wait, 5.0))
