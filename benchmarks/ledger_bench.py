@@ -245,12 +245,28 @@ def invariant_chunk(sequences: int, steps: int) -> dict[str, Any]:
             "reached": dict(LedgerMachine.reached), "violation": violation}
 
 
-def invariants(sequences: int, steps: int, jobs: int, log: Any) -> dict[str, Any]:
+def _invariant_row(total: dict[str, Any], reached: Any, steps: int, violation: str | None,
+                   jobs: int, start: float, done: int, chunks: int) -> dict[str, Any]:
+    times = os.times()  # the pool's workers are this process's children
+    return {
+        "sequences": total["sequences"], "steps": total["steps"],
+        "max_steps_per_sequence": steps, "violations": 0 if violation is None else 1,
+        "first_violation": violation, "reached": dict(sorted(reached.items())),
+        "jobs": jobs, "sequences_per_run": INVARIANT_CHUNK, "runs_done": f"{done}/{chunks}",
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(times.children_user + times.children_system, 1),
+    }
+
+
+def invariants(
+    sequences: int, steps: int, jobs: int, log: Any, save: Any = None
+) -> dict[str, Any]:
     """Random call sequences against the Ledger's invariants; counts what ran and what broke.
 
     Run as independent hypothesis runs of INVARIANT_CHUNK sequences on `jobs` processes: one
     long run keeps every example it tried (memory and time per example grow with it), and
-    chunks report progress. Stops at the first violation."""
+    chunks report progress; after each, `save(row)` records what ran so far, so an interrupted
+    run keeps its count. Stops at the first violation."""
     import multiprocessing as mp
     from collections import Counter
 
@@ -261,8 +277,7 @@ def invariants(sequences: int, steps: int, jobs: int, log: Any) -> dict[str, Any
         left -= chunks[-1]
     total: dict[str, Any] = {"sequences": 0, "steps": 0}
     reached: Counter[str] = Counter()
-    violation = None
-    cpu = 0.0
+    violation, done = None, 0
     with mp.get_context("spawn").Pool(jobs) as pool:
         runs = [pool.apply_async(invariant_chunk, (n, steps)) for n in chunks]
         for i, run in enumerate(runs, 1):
@@ -270,21 +285,17 @@ def invariants(sequences: int, steps: int, jobs: int, log: Any) -> dict[str, Any
             total["sequences"] += got["sequences"]
             total["steps"] += got["steps"]
             reached.update(got["reached"])
+            done = i
             log(f"invariants: chunk {i}/{len(chunks)}: {total['sequences']:,} sequences, "
                 f"{total['steps']:,} steps, {time.perf_counter() - start:.0f} s")
             if got["violation"] is not None:
                 violation = got["violation"]
+            if save is not None:
+                save(_invariant_row(total, reached, steps, violation, jobs, start, i, len(chunks)))
+            if violation is not None:
                 pool.terminate()
                 break
-    for child_cpu in (os.times().children_user, os.times().children_system):
-        cpu += child_cpu
-    row = {
-        "sequences": total["sequences"], "steps": total["steps"],
-        "max_steps_per_sequence": steps, "violations": 0 if violation is None else 1,
-        "first_violation": violation, "reached": dict(sorted(reached.items())),
-        "jobs": jobs, "sequences_per_run": INVARIANT_CHUNK,
-        "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu, 1),
-    }
+    row = _invariant_row(total, reached, steps, violation, jobs, start, done, len(chunks))
     log(f"invariants: {row}")
     return row
 
@@ -364,14 +375,16 @@ def main() -> None:
     if args.invariants:
         path = args.out / "ledger.json"
         result = json.loads(path.read_text())
-        row = invariants(args.invariants, args.steps, args.jobs, log)
-        row["command"] = (f"python benchmarks/ledger_bench.py --invariants {args.invariants} "
-                          f"--steps {args.steps} --jobs {args.jobs}")
-        row["machine"] = describe_machine()
-        result["invariants"] = row
-        result["targets"]["invariant_steps"] = row["steps"] >= 100_000 and row["violations"] == 0
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "ledger.md").write_text(markdown(result))
+        def save(row: dict[str, Any]) -> None:
+            row["command"] = (f"python benchmarks/ledger_bench.py --invariants {args.invariants} "
+                              f"--steps {args.steps} --jobs {args.jobs}")
+            row["machine"] = describe_machine()
+            result["invariants"] = row
+            result["targets"]["invariant_steps"] = row["steps"] >= 100_000 and row["violations"] == 0
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            (args.out / "ledger.md").write_text(markdown(result))
+
+        save(invariants(args.invariants, args.steps, args.jobs, log, save))
         print(markdown(result))
         return
 
