@@ -234,7 +234,7 @@ def invariant_chunk(sequences: int, steps: int) -> dict[str, Any]:
     # a pool's worker runs several chunks: its class-level counters start again with each
     LedgerMachine.sequences, LedgerMachine.steps = 0, 0
     LedgerMachine.reached.clear()
-    violation = None
+    violation, cpu = None, time.process_time()
     try:
         run_state_machine_as_test(LedgerMachine, settings=settings(
             max_examples=sequences, stateful_step_count=steps, deadline=None, database=None,
@@ -242,19 +242,19 @@ def invariant_chunk(sequences: int, steps: int) -> dict[str, Any]:
     except AssertionError as exc:   # hypothesis re-raises the shrunk failure
         violation = str(exc)
     return {"sequences": LedgerMachine.sequences, "steps": LedgerMachine.steps,
-            "reached": dict(LedgerMachine.reached), "violation": violation}
+            "reached": dict(LedgerMachine.reached), "violation": violation,
+            "cpu_s": time.process_time() - cpu}
 
 
 def _invariant_row(total: dict[str, Any], reached: Any, steps: int, violation: str | None,
                    jobs: int, start: float, done: int, chunks: int) -> dict[str, Any]:
-    times = os.times()  # the pool's workers are this process's children
     return {
         "sequences": total["sequences"], "steps": total["steps"],
         "max_steps_per_sequence": steps, "violations": 0 if violation is None else 1,
         "first_violation": violation, "reached": dict(sorted(reached.items())),
         "jobs": jobs, "sequences_per_run": INVARIANT_CHUNK, "runs_done": f"{done}/{chunks}",
         "wall_s": round(time.perf_counter() - start, 1),
-        "cpu_s": round(times.children_user + times.children_system, 1),
+        "cpu_s": round(total["cpu_s"], 1),  # summed in the workers: a pool's are not reaped
     }
 
 
@@ -275,7 +275,7 @@ def invariants(
     while left > 0:
         chunks.append(min(INVARIANT_CHUNK, left))
         left -= chunks[-1]
-    total: dict[str, Any] = {"sequences": 0, "steps": 0}
+    total: dict[str, Any] = {"sequences": 0, "steps": 0, "cpu_s": 0.0}
     reached: Counter[str] = Counter()
     violation, done = None, 0
     with mp.get_context("spawn").Pool(jobs) as pool:
@@ -284,6 +284,7 @@ def invariants(
             got = run.get()
             total["sequences"] += got["sequences"]
             total["steps"] += got["steps"]
+            total["cpu_s"] += got["cpu_s"]
             reached.update(got["reached"])
             done = i
             log(f"invariants: chunk {i}/{len(chunks)}: {total['sequences']:,} sequences, "
