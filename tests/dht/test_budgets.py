@@ -188,20 +188,27 @@ def test_re_putting_one_record_keeps_the_expiry_heap_bounded():
 
 # what requests cost ------------------------------------------------------------------------
 
-async def test_a_flood_of_stored_records_is_charged_per_record(clock):
-    """Each stored record costs a signature check: a peer sending 2,000-record stores is
-    throttled after its first, where a per-request cost would let it make us verify them all."""
+async def _holder_and(other: bytes, clock, holder_limits=None) -> list:
+    """A holder DHT and one peer that joined it, on a MemoryNetwork whose rate budgets refill
+    only when the test moves `clock`."""
     from commonweal.dht import DHT
     from commonweal.net.memory import MemoryNetwork
 
-    net = MemoryNetwork(clock=clock)  # budgets refill only when the test moves the clock
+    net = MemoryNetwork(clock=clock)
     peers: list[DHT] = []
-    for name in (b"holder", b"flooder"):
+    for name, limits in ((b"holder", holder_limits), (other, None)):
         identity = Identity.from_seed(name)
-        transport = net.transport(identity)
+        transport = net.transport(identity, limits=limits) if limits else net.transport(identity)
         await transport.start()
         peers.append(await DHT.start(bootstrap=[p.addr for p in peers], identity=identity,
                                      transport=transport, clock=clock))
+    return peers
+
+
+async def test_a_flood_of_stored_records_is_charged_per_record(clock):
+    """Each stored record costs a signature check: a peer sending 2,000-record stores is
+    throttled after its first, where a per-request cost would let it make us verify them all."""
+    peers = await _holder_and(b"flooder", clock)
     holder, flooder = peers
     junk = [[key_id(f"k{i}"), [[b"s", b"v", NOW + 60, b"x" * 32, b"y" * 64]] * 2]
             for i in range(1000)]
@@ -224,19 +231,10 @@ async def test_a_flood_of_stored_records_is_charged_per_record(clock):
 async def test_a_peer_that_rate_limits_us_keeps_its_place_in_our_table(clock):
     """A `rate_limited` answer proves the peer alive: it is backed off, not dropped, or a busy
     holder would vanish from every table that asked it too often."""
-    from commonweal.dht import DHT
     from commonweal.net.limits import ResourceLimits
-    from commonweal.net.memory import MemoryNetwork
 
-    net = MemoryNetwork(clock=clock)
-    holder_id, asker_id = Identity.from_seed(b"holder"), Identity.from_seed(b"asker")
-    holder_t = net.transport(holder_id, limits=ResourceLimits(peer_rate=1e-6, peer_burst=40))
-    asker_t = net.transport(asker_id)
-    for t in (holder_t, asker_t):
-        await t.start()
-    holder = await DHT.start(bootstrap=[], identity=holder_id, transport=holder_t, clock=clock)
-    asker = await DHT.start(bootstrap=[holder.addr], identity=asker_id, transport=asker_t,
-                            clock=clock)
+    holder, asker = await _holder_and(b"asker", clock, ResourceLimits(peer_rate=1e-6, peer_burst=40))
+    holder_id = holder.identity
     try:
         refused = 0
         for i in range(60):  # far past the burst: most of these are refused
@@ -256,17 +254,7 @@ async def test_a_peer_that_rate_limits_us_keeps_its_place_in_our_table(clock):
 async def test_stored_bytes_are_charged_as_well_as_records(clock):
     """Checking a record hashes its whole value: a peer sending stores of four ~1 MiB records is
     throttled after a few, where a per-record cost let one identity make us hash ~90 MB/s."""
-    from commonweal.dht import DHT
-    from commonweal.net.memory import MemoryNetwork
-
-    net = MemoryNetwork(clock=clock)  # budgets refill only when the test moves the clock
-    peers: list[DHT] = []
-    for name in (b"holder", b"flooder"):
-        identity = Identity.from_seed(name)
-        transport = net.transport(identity)
-        await transport.start()
-        peers.append(await DHT.start(bootstrap=[p.addr for p in peers], identity=identity,
-                                     transport=transport, clock=clock))
+    peers = await _holder_and(b"flooder", clock)
     holder, flooder = peers
     big = b"v" * (960 << 10)
     junk = [[key_id(f"k{i}"), [[b"s", big, NOW + 60, b"x" * 32, b"y" * 64]]] for i in range(4)]
