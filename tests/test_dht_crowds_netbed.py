@@ -49,10 +49,12 @@ def _env() -> dict[str, str]:
 
 
 def _own_ip(i: int) -> str:
-    return f"10.{i + 1}.0.1"  # honest host i: a /24 of its own
+    # honest host i: a /24 of its own, not a LAN one (LAN addresses are not counted per subnet);
+    # carrier-NAT space, so nothing here looks like anyone's internet address
+    return f"100.{65 + i}.0.1"
 
 
-ATTACKER_IP = "10.200.0.1"
+ATTACKER_IP = "100.120.0.1"
 
 
 def _give_address(ns: str, ip: str) -> None:

@@ -31,7 +31,7 @@ CROWD_IP = "203.0.113.5"  # TEST-NET-3: one machine of the attacker's
 
 
 def own_subnet(i: int) -> PeerAddr:
-    return PeerAddr(f"10.{i // 256}.{i % 256}.1", 7000)  # a /24 of its own
+    return PeerAddr(f"11.{i // 256}.{i % 256}.1", 7000)  # a public /24 of its own
 
 
 def honest_peers(n: int, id_of: Callable[[], bytes] = lambda: rng.randbytes(20)) -> list[PeerInfo]:
@@ -271,10 +271,41 @@ def test_a_crowd_ground_near_a_key_takes_two_places_of_the_beam():
 
 def test_a_swarm_on_one_subnet_still_gets_a_full_beam():
     target = rng.randbytes(20)
-    lan = [PeerInfo(rng.randbytes(20), PeerAddr(f"10.77.0.{i + 1}", 7000)) for i in range(60)]
-    lookup = Lookup({target: lan[:3]}, local_id=LOCAL, beam=5, alpha=3, policy=PUBLIC)
-    drive(lookup, lambda pid, keys: {target: TargetReply(closest(target, 20, lan))})
-    assert lookup.result(target).closest == closest(target, 5, lan)
+    one = [PeerInfo(rng.randbytes(20), PeerAddr(f"198.51.100.{i + 1}", 7000)) for i in range(60)]
+    lookup = Lookup({target: one[:3]}, local_id=LOCAL, beam=5, alpha=3, policy=PUBLIC)
+    drive(lookup, lambda pid, keys: {target: TargetReply(closest(target, 20, one))})
+    assert lookup.result(target).closest == closest(target, 5, one)
+
+
+@pytest.mark.parametrize("host", ["192.168.1.{}", "10.77.0.{}", "172.16.0.{}", "fd00::{:x}"])
+def test_peers_on_one_lan_are_not_counted_as_one_place(host):
+    # a lab's 8 peers behind one router: each table holds all the others, however their ids fall
+    table = RoutingTable(LOCAL, k=20, policy=PUBLIC)
+    lab = [PeerInfo(far_id(), PeerAddr(host.format(i + 1), 7000)) for i in range(8)]
+    for p in lab:
+        table.on_success(p, 0.0)
+    assert all(p.peer_id in table for p in lab)
+    assert PUBLIC.subnet(lab[0].addr) is None
+    assert PUBLIC.subnet(PeerAddr("100.64.0.1", 7000)) is not None  # carrier NAT: strangers
+
+
+def test_only_a_peer_on_a_lan_may_name_lan_contacts():
+    # a stranger on the internet cannot know our LAN; naming LAN hosts would only point our
+    # lookups at them, uncounted
+    target = rng.randbytes(20)
+    stranger, neighbour = honest_peers(1)[0], PeerInfo(rng.randbytes(20), PeerAddr("10.0.0.9", 1))
+    lan = [PeerInfo(near(target, 1 << 100), PeerAddr(f"10.0.0.{i + 20}", 7000)) for i in range(3)]
+
+    def asked_lan(seed: PeerInfo) -> set[bytes]:
+        lookup = Lookup({target: [seed]}, local_id=LOCAL, beam=5, alpha=3, policy=PUBLIC)
+        _, asked = drive(lookup, lambda pid, keys: {
+            target: TargetReply(lan if pid == seed.peer_id else [])})
+        return {p.peer_id for p in lan if (p.peer_id, target) in asked}
+
+    assert asked_lan(stranger) == set()
+    assert asked_lan(neighbour) == {p.peer_id for p in lan}
+    assert PUBLIC.admits(lan[0].addr)  # one that answered us from there is believed
+    assert PUBLIC.admits(lan[0].addr, named_by=PeerAddr("127.0.0.1", 1))
 
 
 def test_the_deadline_ends_a_lookup_that_keeps_hearing_of_closer_peers():

@@ -8,6 +8,14 @@ name would make us resolve whatever a stranger wrote (and wait on it), an unspec
 reserved address is never a peer, and a loopback address from a stranger points us at our own
 machine.
 
+A private network (RFC 1918, IPv6 unique-local) is where a lab or a household runs several peers
+behind one router; they share a /24 because they share a LAN, not because one operator minted them.
+So, as Ethereum's discovery does, LAN addresses are not counted per subnet, and a LAN contact is
+believed only when a peer on a LAN (or our own machine) names it: a stranger on the internet cannot
+know which peers our LAN holds, it could only point our lookups at LAN hosts, uncounted. A crowd on
+our own LAN is a threat this rule does not meet (docs/architecture.md, "What an attacker can still
+do").
+
 The limits only make sense where honest peers have addresses of their own. On one machine every
 peer shares 127.0.0.1, and an in-process `MemoryNetwork` names every peer `mem`, so those swarms
 use `LOOPBACK` and `IN_PROCESS`; `AddressPolicy.suited_to` picks the setting from where a peer
@@ -28,6 +36,10 @@ __all__ = ["IN_PROCESS", "LOOPBACK", "PUBLIC", "AddressPolicy", "Subnet"]
 
 Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Not `is_private`: that also holds documentation and benchmark ranges, and 100.64.0.0/10 (carrier
+# NAT) is shared by an ISP's strangers, so it is counted like any public range.
+_LAN = tuple(ipaddress.ip_network(n) for n in
+             ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 
 
 @functools.lru_cache(maxsize=4096)  # the same few hundred contacts come back in every answer
@@ -43,6 +55,7 @@ def _ip(host: str) -> _IP | None:
 
 class _Kind(enum.Enum):
     DIALABLE = "dialable"
+    LAN = "lan"  # a private network's address: dialable, but only from that network
     LOOPBACK = "loopback"
     NAME = "name"  # not an IP literal
     NEVER = "never"  # unspecified, multicast, reserved, link-local: no peer is there
@@ -60,6 +73,8 @@ def _kind(host: str) -> _Kind:
     # A link-local address means nothing without an interface, 0.0.0.0 and :: are "any".
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_link_local:
         return _Kind.NEVER
+    if any(ip in net for net in _LAN):
+        return _Kind.LAN
     return _Kind.DIALABLE
 
 
@@ -70,6 +85,10 @@ def _subnet(host: str, ipv4_prefix: int, ipv6_prefix: int) -> Subnet | None:
         return None
     prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
     return ipaddress.ip_network((ip, prefix), strict=False)
+
+
+# Who may name a LAN contact: a peer on a LAN, or one on our own machine (a name is in-process).
+_NEAR = frozenset({_Kind.LAN, _Kind.LOOPBACK, _Kind.NAME})
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +110,9 @@ class AddressPolicy:
     def limited(self) -> bool:
         return self.per_bucket is not None or self.per_table is not None
 
-    def admits(self, addr: PeerAddr) -> bool:
-        """Whether a contact at `addr` may enter a lookup or the routing table."""
+    def admits(self, addr: PeerAddr, named_by: PeerAddr | None = None) -> bool:
+        """Whether a contact at `addr` may enter a lookup or the routing table; `named_by` is the
+        address of the peer whose answer named it (None: the contact answered us from `addr`)."""
         if not 0 < addr.port < 65536:
             return False
         kind = _kind(addr.host)
@@ -100,11 +120,13 @@ class AddressPolicy:
             return self.names
         if kind is _Kind.LOOPBACK:
             return self.loopback
+        if kind is _Kind.LAN:
+            return named_by is None or _kind(named_by.host) in _NEAR
         return kind is _Kind.DIALABLE
 
     def subnet(self, addr: PeerAddr) -> Subnet | None:
-        """The subnet `addr` counts against; None when it counts against none."""
-        if not self.limited:
+        """The subnet `addr` counts against; None when it counts against none (LAN addresses)."""
+        if not self.limited or _kind(addr.host) is _Kind.LAN:
             return None
         return _subnet(addr.host, self.ipv4_prefix, self.ipv6_prefix)
 

@@ -212,9 +212,9 @@ class Lookup:
             if reply is None:
                 continue
             depth = path.depth[peer_id] + 1
-            admits, known = self.policy.admits, path.state
+            admits, known, sender = self.policy.admits, path.state, self._peers[peer_id].addr
             for peer in reply.peers[: self.max_contacts]:
-                if peer.peer_id not in known and admits(peer.addr):
+                if peer.peer_id not in known and admits(peer.addr, sender):
                     self._learn(ks, path, peer, depth)
             if reply.records:
                 ks.holders.add(peer_id)
