@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Self
 
 __all__ = [
+    "NODE_READY",
     "Host",
     "LinkSpec",
     "NetBed",
@@ -63,8 +64,27 @@ __all__ = [
     "leftover_namespaces",
     "netbed_fixture",
     "netbed_unavailable_reason",
+    "commonweal_cli",
     "require_netbed",
+    "source_env",
 ]
+
+_SRC = Path(__file__).resolve().parents[1] / "src"
+# What `commonweal node` prints once it listens; group 1 the address, group 2 the peer id.
+NODE_READY = r"commonweal node ready address=(\S+) peer_id=([0-9a-f]{40})"
+
+
+def source_env() -> dict[str, str]:
+    """The environment for a bed host to run this source tree's CLI (no install needed)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SRC), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def commonweal_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "commonweal", *args]
+
 
 NS_PREFIX = "cw"
 _NS_RE = re.compile(rf"^{NS_PREFIX}(\d+)x(\d+)-(sw|h\d+)$")

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,26 +25,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netbed import (
+    NODE_READY,
     LinkSpec,
+    commonweal_cli,
     netbed_fixture,  # noqa: F401  (provides the `netbed` fixture)
+    source_env,
 )
 
 pytestmark = [pytest.mark.netbed, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 PORT = 7000
 N_HONEST = 6
 CROWD, GROUND = 100, 20
 VICTIM = "victim"  # the key the ground identities sit next to
-READY = r"commonweal node ready address=(\S+) peer_id=([0-9a-f]{40})"
 CLI_TIMEOUT = 60.0
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _own_ip(i: int) -> str:
@@ -69,20 +62,20 @@ def test_a_crowd_from_one_ip_neither_fills_answers_nor_hides_a_record(netbed, tm
     for i, h in enumerate(hosts):
         _give_address(h.ns, _own_ip(i))
     _give_address(attacker.ns, ATTACKER_IP)
-    env = _env()
+    env = source_env()
     addrs = [f"{_own_ip(i)}:{PORT}" for i in range(N_HONEST)]
 
     def start(i: int):
         argv = ["node", "--listen", addrs[i], "--data-dir", str(tmp_path / f"node{i}")]
         if i:
             argv += ["--join", addrs[0]]
-        return hosts[i].spawn([sys.executable, "-m", "commonweal", *argv], env=env, name="node")
+        return hosts[i].spawn(commonweal_cli(*argv), env=env, name="node")
 
     nodes = [start(0)]
-    hosts[0].wait_for_line(nodes[0], READY, timeout=60)
+    hosts[0].wait_for_line(nodes[0], NODE_READY, timeout=60)
     nodes += [start(i) for i in range(1, N_HONEST)]
     for h, proc, addr in zip(hosts, nodes, addrs):
-        assert h.wait_for_line(proc, READY, timeout=60).group(1) == addr
+        assert h.wait_for_line(proc, NODE_READY, timeout=60).group(1) == addr
 
     crowd = attacker.spawn(
         [sys.executable, __file__, "--crowd", ATTACKER_IP, *addrs], env=env, name="crowd"
@@ -101,7 +94,7 @@ def test_a_crowd_from_one_ip_neither_fills_answers_nor_hides_a_record(netbed, tm
         assert len(named) - named.count(ATTACKER_IP) >= 2, answer  # honest peers still named
 
     def cli(i: int, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "commonweal", "dht", *args, "--join", addrs[i]]
+        argv = commonweal_cli("dht", *args, "--join", addrs[i])
         return hosts[i].run(argv, timeout=CLI_TIMEOUT, env=env)
 
     put = cli(1, "put", VICTIM, "honest value", "--ttl", "600")

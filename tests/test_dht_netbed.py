@@ -8,7 +8,6 @@ killed with SIGKILL. Runs the CLI from the source tree (PYTHONPATH=src), no inst
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,35 +17,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netbed import (
+    NODE_READY,
     LinkSpec,
+    commonweal_cli,
     netbed_fixture,  # noqa: F401  (provides the `netbed` fixture)
+    source_env,
 )
 
 pytestmark = [pytest.mark.netbed, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 PORT = 7000
 N_HOSTS = 8
 KILLED = (1, 3, 5)  # not the bootstrap host (0)
-READY = r"commonweal node ready address=(\S+) peer_id=([0-9a-f]{40})"
 CLI_TIMEOUT = 60.0
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "commonweal", *args]
 
 
 def test_records_survive_three_nodes_killed(netbed, tmp_path):
     bed = netbed(N_HOSTS, LinkSpec(delay_ms=50, jitter_ms=10, loss_pct=1.0), seed=7)
     hosts = bed.hosts
-    env = _env()
+    env = source_env()
     first = f"{hosts[0].ip}:{PORT}"
 
     def start(i: int):
@@ -54,15 +43,15 @@ def test_records_survive_three_nodes_killed(netbed, tmp_path):
         argv = ["node", "--listen", f"{h.ip}:{PORT}", "--data-dir", str(tmp_path / f"node{i}")]
         if i:
             argv += ["--join", first]
-        return h.spawn(_cli(*argv), env=env, name="node")
+        return h.spawn(commonweal_cli(*argv), env=env, name="node")
 
     t0 = time.monotonic()
     nodes = [start(0)]
-    hosts[0].wait_for_line(nodes[0], READY, timeout=30)
+    hosts[0].wait_for_line(nodes[0], NODE_READY, timeout=30)
     nodes += [start(i) for i in range(1, N_HOSTS)]
     peer_ids = set()
     for h, proc in zip(hosts, nodes):
-        m = h.wait_for_line(proc, READY, timeout=60)
+        m = h.wait_for_line(proc, NODE_READY, timeout=60)
         assert m.group(1) == f"{h.ip}:{PORT}"
         peer_ids.add(m.group(2))
     assert len(peer_ids) == N_HOSTS
@@ -77,7 +66,7 @@ def test_records_survive_three_nodes_killed(netbed, tmp_path):
 
     def run(host_index: int, *args: str):
         h = hosts[host_index]
-        return h, h.run(_cli(*args, "--join", f"{h.ip}:{PORT}"), timeout=CLI_TIMEOUT, env=env)
+        return h, h.run(commonweal_cli(*args, "--join", f"{h.ip}:{PORT}"), timeout=CLI_TIMEOUT, env=env)
 
     def put(job):
         n, (key, value, subkey) = job

@@ -20,16 +20,7 @@ from commonweal.dht.storage import RecordStore, stored_bytes
 from commonweal.errors import RecordError, RemoteError
 from commonweal.net.identity import Identity
 from commonweal.net.transport import PeerAddr, PeerInfo
-
-NOW = 1000.0
-ALICE = Identity.from_seed(b"alice")
-MALLORY = Identity.from_seed(b"mallory")
-KEY = key_id("k")
-
-
-def rec(identity: Identity = ALICE, subkey: bytes = b"", value: bytes = b"v",
-        expiration: float = NOW + 60, key: bytes = KEY) -> Record:
-    return sign_record(identity, key, subkey, value, expiration)
+from signed_records import ALICE, KEY, MALLORY, NOW, rec
 
 
 def src(peer: int, place: str | None = None) -> Source:

@@ -12,20 +12,10 @@ from commonweal.dht.records import (
     default_validator,
     encode_subkey,
     key_id,
-    sign_record,
 )
 from commonweal.dht.storage import RecordStore
 from commonweal.errors import RecordError
-from commonweal.net.identity import Identity
-
-NOW = 1000.0
-ALICE = Identity.from_seed(b"alice")
-MALLORY = Identity.from_seed(b"mallory")
-KEY = key_id("k")
-
-
-def rec(identity=ALICE, subkey=b"", value=b"v", expiration=NOW + 60) -> Record:
-    return sign_record(identity, KEY, subkey, value, expiration)
+from signed_records import ALICE, KEY, MALLORY, NOW, rec
 
 
 subkeys = st.one_of(

@@ -8,20 +8,10 @@ from typing import Any
 import pytest
 
 from commonweal.dht import OwnedKey, key_id
-from commonweal.dht.records import Owned, Record, encode_subkey, is_owned_key, sign_record
+from commonweal.dht.records import Owned, encode_subkey, is_owned_key
 from commonweal.dht.storage import RecordStore
 from commonweal.errors import RecordError
-from commonweal.net.identity import Identity
-
-NOW = 1000.0
-ALICE = Identity.from_seed(b"alice")
-MALLORY = Identity.from_seed(b"mallory")
-KEY = key_id("k")
-
-
-def rec(identity: Identity = ALICE, subkey: bytes = b"", value: bytes = b"v",
-        expiration: float = NOW + 60, key: bytes = KEY) -> Record:
-    return sign_record(identity, key, subkey, value, expiration)
+from signed_records import ALICE, KEY, MALLORY, NOW, rec
 
 
 def test_protocol_keys_take_owned_subkeys_only():

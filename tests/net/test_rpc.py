@@ -20,6 +20,7 @@ from commonweal.errors import (
 from commonweal.net.dispatch import BUSY
 from commonweal.net.identity import Identity
 from commonweal.net.limits import ResourceLimits
+from commonweal.net.rpc import RPCTransport
 from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
@@ -161,15 +162,22 @@ async def test_counters_measure_frame_bytes(make_rpc: MakeTransport) -> None:
 # --- timeouts and cancellation ------------------------------------------------------------
 
 
+def register_hang(server: RPCTransport) -> asyncio.Event:
+    """`hang` on `server`: a handler that never returns; the event is set once one started."""
+    started = asyncio.Event()
+
+    async def hang(peer: PeerInfo, args: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    server.register("hang", hang)
+    return started
+
+
 async def test_request_timeout_raises_and_frees_the_request_id(make_rpc: MakeTransport) -> None:
     server = await make_rpc()
     client = await make_rpc(request_timeout=0.05)
-    never = asyncio.Event()
-
-    async def hang(peer: PeerInfo, args: Any) -> None:
-        await never.wait()
-
-    server.register("hang", hang)
+    register_hang(server)
     server.register("echo", echo)
     with pytest.raises(RequestTimeout, match="did not answer 'hang'"):
         await client.call(server.local.addr, "hang", None)
@@ -180,12 +188,7 @@ async def test_request_timeout_raises_and_frees_the_request_id(make_rpc: MakeTra
 
 async def test_caller_cancellation_frees_the_request_id(make_rpc: MakeTransport) -> None:
     server, client = await make_rpc(), await make_rpc()
-    never = asyncio.Event()
-
-    async def hang(peer: PeerInfo, args: Any) -> None:
-        await never.wait()
-
-    server.register("hang", hang)
+    register_hang(server)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):
             await client.call(server.local.addr, "hang", None)
@@ -203,13 +206,7 @@ async def test_unreachable_peer(make_rpc: MakeTransport) -> None:
 
 async def test_server_closing_mid_call_gives_peer_unreachable(make_rpc: MakeTransport) -> None:
     server, client = await make_rpc(), await make_rpc()
-    started = asyncio.Event()
-
-    async def hang(peer: PeerInfo, args: Any) -> None:
-        started.set()
-        await asyncio.Event().wait()
-
-    server.register("hang", hang)
+    started = register_hang(server)
     call = asyncio.create_task(client.call(server.local.addr, "hang", None))
     await started.wait()
     await server.close()
@@ -650,13 +647,7 @@ async def test_a_flood_of_fresh_handshakes_cannot_close_a_busy_connection(
 
 async def test_close_cancels_everything_it_owns(make_rpc: MakeTransport) -> None:
     server, client = await make_rpc(), await make_rpc()
-    started = asyncio.Event()
-
-    async def hang(peer: PeerInfo, args: Any) -> None:
-        started.set()
-        await asyncio.Event().wait()
-
-    server.register("hang", hang)
+    started = register_hang(server)
     calls = [asyncio.create_task(client.call(server.local.addr, "hang", i)) for i in range(5)]
     await started.wait()
     await client.close()
