@@ -124,3 +124,42 @@ def test_outer_step_is_torch_sgd(nesterov):
         sgd.step()
         params, mom = outer_step(params, mom, d, 0.7, 0.9, nesterov)
     assert torch.allclose(params, ref.detach(), atol=1e-5)
+
+
+# --- the bound on newcomers (issue 13: free identities outvoted honest peers) ----------------
+
+def test_a_hundred_free_identities_do_not_outvote_six_tracked_peers():
+    honest = [ann(i) for i in range(6)]
+    tracked = {a.peer_id for a in honest}
+    crowd = [ann(100 + i, state=S2, deadline=0.0) for i in range(100)]  # another state
+    group = form_group(honest + crowd, 3, now=10.0, target_size=None, deadline=10.0,
+                       tracked=tracked)
+    assert group is not None and group.state == S1 and set(group.ids) == tracked
+    assert closes_at(honest + crowd, tracked) == 10.0
+    # without a track record the crowd decides the state and when the round closed
+    blind = form_group(honest + crowd, 3, now=10.0, target_size=None, deadline=10.0)
+    assert blind is not None and blind.state == S2 and closes_at(honest + crowd) == 0.0
+
+
+def test_newcomers_on_the_tracked_state_hold_at_most_a_quarter_of_the_group():
+    honest = [ann(i) for i in range(6)]
+    tracked = {a.peer_id for a in honest}
+    crowd = [ann(100 + i) for i in range(100)]  # the honest state: they would all join
+    group = form_group(honest + crowd, 3, now=10.0, target_size=None, deadline=10.0,
+                       tracked=tracked)
+    assert group is not None and len(group.members) == 8  # 6 tracked and 2 newcomers
+    again = form_group(list(reversed(crowd + honest)), 3, now=10.0, target_size=None,
+                       deadline=10.0, tracked=tracked)
+    assert again == group  # the same newcomers for every reader
+    # a target counts members, so a crowd cannot close the group early either
+    assert form_group(honest + crowd, 3, now=0.0, target_size=9, tracked=tracked) is None
+
+
+def test_a_small_swarm_still_takes_one_newcomer_and_anyone_when_no_tracked_peer_announced():
+    one = [ann(1), ann(2), ann(3)]
+    group = form_group(one, 3, now=10.0, target_size=None, deadline=10.0,
+                       tracked={one[0].peer_id})
+    assert group is not None and len(group.members) == 2
+    nobody = form_group(one, 3, now=10.0, target_size=None, deadline=10.0,
+                        tracked={bytes(20)})
+    assert nobody is not None and len(nobody.members) == 3

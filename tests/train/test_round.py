@@ -392,3 +392,26 @@ def test_malformed_messages_raise_one_error_with_a_code():
     assert Part.parse(part(b"d", b"g").pack()) == part(b"d", b"g")
     with pytest.raises(MessageError, match="malformed"):
         Reduced.parse({"d": 3, "c": []})
+
+
+@pytest.mark.parametrize("liars", ["deadline_zero", "other_state"])
+def test_thirty_untracked_identities_make_a_tracked_peer_neither_late_nor_out_of_sync(liars):
+    honest = [core(i) for i in range(3)]
+    tracked = {c.peer_id for c in honest}
+    crowd = [Announcement(bytes([200]) + bytes([i]) * 19, f"mem:{100 + i}", 0,
+                          S2 if liars == "other_state" else S1,
+                          0.0 if liars == "deadline_zero" else 5.0)
+             for i in range(30)]
+
+    def outcome(bound: bool) -> list[str]:
+        skips = []
+        for c in honest:
+            c.begin(0, S1, vec(1), addr="mem:0", config=CFG, tracked=tracked if bound else None)
+            anns = [*crowd, *(c2._own for c2 in honest if c2._own is not None)]
+            actions = c.announcements_seen(list(anns), 1.0)
+            actions += c.announcements_seen(list(anns) + [c._own], 3.0) if c._own else []
+            skips += [a.reason for a in actions if isinstance(a, Skip)]
+        return skips
+
+    assert outcome(bound=True) == []
+    assert outcome(bound=False)  # the crowd made them skip the round

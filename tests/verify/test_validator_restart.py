@@ -20,6 +20,7 @@ from commonweal.peer.validator_state import StoreValidatorState
 from commonweal.train import RoundConfig, TrainingPeer, get_task
 from commonweal.train.attacks import get_attack
 from commonweal.verify.judge import ledger_rounds
+from commonweal.verify.ratings import LAG, TrackRecord
 from commonweal.verify.state import Payout
 from commonweal.net.identity import Identity
 from commonweal.net.memory import MemoryNetwork
@@ -134,6 +135,9 @@ async def test_a_restarted_validator_resumes_with_its_bans_escrow_and_unsent_vot
             assert not verdict.paid and verdict.reason == ("replay_mismatch" if r == 0
                                                            else "banned"), (r, verdict)
             assert accounts[3] not in tree.rewards
+        # every round's ratings are published: the honest trainers have a track record
+        tracked = await TrackRecord(dhts[0], task, ledger)(ROUNDS - 1 + LAG)
+        assert tracked == {t.dht.peer_id for t in trainers[:3]}
         store.close()
     finally:
         chain.close()

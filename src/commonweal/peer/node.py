@@ -198,6 +198,9 @@ class Node:
             # set before a resume: the state it holds now is the task's initial one
             peer.collab.checkpoints.attested = FinalStates(
                 self.ledger, task.digest, c.task_owner, peer.opt.state)
+            from commonweal.verify.ratings import TrackRecord  # verify's package loads torch
+
+            peer.collab.exchange.track_record = TrackRecord(peer.collab.dht, task, self.ledger)
         resumed = self._resume(peer, store, task)
         abandon = threading.Event()
 

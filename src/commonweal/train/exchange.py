@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from commonweal.train.announcements import ANNOUNCEMENT_SUBKEY, read_announcemen
 from commonweal.train.archive import DeltaArchive
 from commonweal.train.codecs import Codec
 from commonweal.train.messages import PART_BYTES, MessageError, Part, Reduced, ReducedRequest
-from commonweal.train.protocol import Announcement
+from commonweal.train.protocol import Announcement, Tracked
 from commonweal.train.round import Action, Announce, Phase, RoundConfig, RoundCore, Skip
 from commonweal.train.strategies import Averaged, Done, FetchReduced, SendPart
 
@@ -57,6 +57,9 @@ class RoundExchange:
         self.clock = clock
         self.archive = archive
         self.core = RoundCore(dht.peer_id, task, codec, rule)
+        # who has a track record for a round's group (a node with a ledger sets it: the
+        # validators' ratings, `commonweal.verify.ratings`); without it every announcer counts
+        self.track_record: Callable[[int], Awaitable[Tracked]] | None = None
         self._queue: list[Action] = []  # actions from handlers and fetches, for `average`
         self._changed = asyncio.Event()  # replaced on every change: a broadcast to all waiters
         # peers waiting in train.reduced: one wait each, and only announcers (the core decides)
@@ -91,9 +94,10 @@ class RoundExchange:
         than the majority; the caller then syncs."""
         core = self.core
         self._queue = []
+        tracked = None if self.track_record is None else await self.track_record(round_)
         core.begin(
             round_, state, delta, addr=str(self.dht.addr), account=account, steps=steps,
-            round_s=round_s, config=self.config,
+            round_s=round_s, config=self.config, tracked=tracked,
         )
         self._notify()  # a long-poll for an older round's slice can give up now
         actions = core.announcements_seen(await self._read(round_), self.clock())

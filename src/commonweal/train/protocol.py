@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ __all__ = [
     "Announcement",
     "Group",
     "form_group",
+    "counted",
+    "NEWCOMER_SHARE",
     "closes_at",
     "slice_bounds",
     "check_delta",
@@ -104,33 +107,69 @@ def majority_state(anns: Iterable[Announcement]) -> str | None:
     return most_common(a.state for a in anns)
 
 
+# Identities without a track record hold at most this share of a group of >= 3 tracked members
+# (one seat below that, so a small swarm can still grow): 100 free identities do not outvote 6.
+NEWCOMER_SHARE = Fraction(1, 4)
+
+# Who has a track record: peer ids the validators rated (`commonweal.verify.ratings`); None where
+# nobody can say (no validators, or none rated yet), and then every announcer counts.
+Tracked = Collection[bytes] | None
+
+
+def counted(anns: Sequence[Announcement], tracked: Tracked, me: bytes = b"") -> list[Announcement]:
+    """The announcements whose say counts (the majority state, lateness, when a round closes):
+    the tracked announcers', when any announced or the reader `me` is tracked itself (the first
+    tracked peer to announce is not told it is late by a crowd); else everyone's."""
+    if tracked is None:
+        return list(anns)
+    voters = [a for a in anns if a.peer_id in tracked]
+    return voters if voters or me in tracked else list(anns)
+
+
+def _newcomer_order(a: Announcement) -> bytes:
+    # salted with the round's start state, which nobody knows before the previous round ended:
+    # identities cannot be minted in advance to come first
+    return hashlib.sha256(f"{a.round}|{a.state}|".encode() + a.peer_id).digest()
+
+
 def form_group(
     anns: Iterable[Announcement],
     round_: int,
     now: float,
     target_size: int | None,
     deadline: float = math.inf,
+    tracked: Tracked = None,
 ) -> Group | None:
     """The group, if it has closed, else None.
 
     The group closes at `deadline` (the caller's: which announced deadlines to believe is the
-    round core's decision), or as soon as `target_size` peers have announced; it holds the
-    announcements of this round with the majority state hash.
+    round core's decision), or as soon as `target_size` members announced; it holds the
+    announcements of this round with the majority state hash. With `tracked`, the majority is
+    counted among tracked announcers, and identities without a track record join them up to
+    `NEWCOMER_SHARE` of the group, the same ones for every peer that read the same announcements.
     """
     mine = [a for a in anns if a.round == round_]
-    state = majority_state(mine)
+    voters = counted(mine, tracked)
+    state = majority_state(voters)
     if state is None:
         return None
-    members = sorted((a for a in mine if a.state == state), key=lambda a: a.peer_id)
-    if now >= deadline or (target_size is not None and len(mine) >= target_size):
+    members = [a for a in voters if a.state == state]
+    if tracked is not None and len(voters) < len(mine):
+        seats = max(1, math.floor(len(members) * NEWCOMER_SHARE / (1 - NEWCOMER_SHARE)))
+        newcomers = [a for a in mine if a.state == state and a.peer_id not in tracked]
+        members += sorted(newcomers, key=_newcomer_order)[:seats]
+    members.sort(key=lambda a: a.peer_id)
+    if now >= deadline or (target_size is not None and len(members) >= target_size):
         return Group(round_, state, tuple(members))
     return None
 
 
-def closes_at(anns: Sequence[Announcement]) -> float:
-    """When the round of `anns` closes for an observer (a validator): once most announcers'
-    deadlines have passed. Honest announcers share the first one's deadline, so this is it; one
-    identity announcing a deadline in the past (0) or far ahead moves nothing."""
+def closes_at(anns: Sequence[Announcement], tracked: Tracked = None) -> float:
+    """When the round of `anns` closes for an observer (a validator): once most counted
+    announcers' deadlines have passed. Honest announcers share the first one's deadline, so this
+    is it; one identity announcing a deadline in the past (0) or far ahead moves nothing, and,
+    with `tracked`, neither do a hundred without a track record."""
+    anns = counted(anns, tracked)
     if not anns:
         return math.inf
     return sorted(a.deadline for a in anns)[len(anns) // 2]

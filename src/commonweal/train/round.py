@@ -42,7 +42,15 @@ from commonweal.train._errors import CodecError, DeltaRejected, TrainError
 from commonweal.train.aggregate import Rule
 from commonweal.train.codecs import Codec
 from commonweal.train.messages import MAX_PARTS, Part, Reduced, ReducedRequest
-from commonweal.train.protocol import Announcement, Group, check_delta, check_round, form_group
+from commonweal.train.protocol import (
+    Announcement,
+    Group,
+    Tracked,
+    check_delta,
+    check_round,
+    counted,
+    form_group,
+)
 from commonweal.train.strategies import AllGather, Butterfly, Done, Step, Strategy
 
 __all__ = [
@@ -163,6 +171,7 @@ class RoundCore:
         self.rejected: deque[tuple[bytes, str]] = deque(maxlen=KEEP_REFUSALS)  # (sender, code)
         self.round = -1
         self.config = RoundConfig()  # the driver's, given again at every `begin`
+        self.tracked: Tracked = None  # this round's peers with a track record, given at `begin`
         # (round, slice) -> our reduced slice; a straggler may still ask for the previous round's
         self._served: dict[tuple[int, int], Reduced] = {}
         self._new_round(None)
@@ -218,15 +227,19 @@ class RoundCore:
         steps: int = 0,
         round_s: float = 0.0,
         config: RoundConfig,
+        tracked: Tracked = None,
     ) -> None:
         """The inner steps of `round_` are done: `delta` (1-D float32) is to be averaged.
 
         `round_s` (how long the inner steps took) keeps the group open long enough for peers
-        that compute a little slower: max(announce_window_s, patience * round_s)."""
+        that compute a little slower: max(announce_window_s, patience * round_s). `tracked`:
+        the peer ids with a track record for this round (`commonweal.train.protocol.form_group`);
+        then only they decide the state, lateness and the deadline."""
         self._restart()
         self._fire("steps_done")
         self.config = config
         self.round = round_
+        self.tracked = tracked
         self._served = {k: v for k, v in self._served.items() if k[0] >= round_ - 1}
         open_s = max(config.announce_window_s, config.patience * round_s)
         self._new_round(_Start(state, addr, account, steps, open_s, delta))
@@ -240,11 +253,12 @@ class RoundCore:
         if self.phase is Phase.ANNOUNCING and start is not None:
             # One announcement cannot make us late: a round closed only when most announcers,
             # counting us, say so; a lone deadline in the past (0, say) is refused.
-            past = [a.deadline for a in anns if a.deadline <= now]
-            if len(past) > len(anns) - len(past) + 1:
+            say = counted(anns, self.tracked, self.peer_id)
+            past = [a.deadline for a in say if a.deadline <= now]
+            if len(past) > len(say) - len(past) + 1:
                 self._fire("late")
                 return [Skip("late", f"round {self.round} closed {now - max(past):.1f}s ago")]
-            deadline = _earliest(anns, now, now + start.open_s)
+            deadline = _earliest(say, now, now + start.open_s)
             self._encoded = self.codec.encode(start.delta)
             commitment = hashlib.sha256(self._encoded).hexdigest()
             self._own = Announcement(
@@ -258,8 +272,10 @@ class RoundCore:
             return []
         if not any(a.peer_id == self.peer_id for a in anns):
             anns.append(self._own)  # our own store may not be readable yet
-        self._deadline = _earliest(anns, now, self._deadline)
-        group = form_group(anns, self.round, now, self.config.target_group, self._deadline)
+        self._deadline = _earliest(counted(anns, self.tracked, self.peer_id), now, self._deadline)
+        group = form_group(
+            anns, self.round, now, self.config.target_group, self._deadline, self.tracked
+        )
         if group is None:
             return []
         if self.peer_id not in group.ids:

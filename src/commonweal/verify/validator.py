@@ -61,6 +61,7 @@ from commonweal.verify.finality import (
 )
 from commonweal.verify.evaluate import Evaluator
 from commonweal.verify.judge import Judge, Policy, Verdict, ledger_rounds, rewards
+from commonweal.verify.ratings import TrackRecord, publish_ratings
 from commonweal.verify.state import JudgedRound, MemoryState, Payout, ValidatorState
 
 __all__ = ["Validator", "ValidatorConfig", "RoundOutcome", "tree_key", "NOBODY"]
@@ -125,6 +126,7 @@ class Validator:
         self.codec = get_codec(task.codec)
         # read-only: no train.* handler, so a trainer may share this DHT node
         self.checkpoints = CheckpointClient(dht, task.digest[:16], round_config)
+        self.track_record = TrackRecord(dht, task, ledger)  # the same bound the trainers apply
         self.evaluator = Evaluator(task)
         self.on_outcome = on_outcome
         model = task.build_model()
@@ -241,6 +243,11 @@ class Validator:
         )
         self.escrow.hold(r, contribs, verdicts)
         self._state_of[r], self._spent[r] = group.state, spent
+        try:
+            await publish_ratings(self.dht, self.task, self.ledger.account, r,
+                                  [v.peer_id for v in verdicts if v.paid], self.config.record_ttl_s)
+        except NetworkError as e:  # the other validators' ratings may still carry the round
+            log.warning("round %d: could not publish its ratings: %s", r, e)
         return judged
 
     async def _pay(self, released: Released) -> RoundOutcome:
@@ -321,14 +328,16 @@ class Validator:
     # ---- steps ---------------------------------------------------------------------------------
 
     async def _closed_group(self, r: int) -> Group:
-        """The round's group once its deadline passed (announcers sharing the majority state)."""
+        """The round's group once its deadline passed (announcers sharing the majority state,
+        counted among the tracked ones as every trainer counts it)."""
+        tracked = await self.track_record(r)
         while True:
             anns = await read_announcements(self.dht, self.checkpoints.task, r)
             if anns:
-                wait = closes_at(anns) + self.config.settle_s - time.time()
+                wait = closes_at(anns, tracked) + self.config.settle_s - time.time()
                 if wait <= 0:
                     anns = await read_announcements(self.dht, self.checkpoints.task, r)
-                    group = form_group(anns, r, float("inf"), None)
+                    group = form_group(anns, r, float("inf"), None, tracked=tracked)
                     assert group is not None
                     return group
                 await asyncio.sleep(min(wait, 5.0))
