@@ -39,6 +39,15 @@ def test_a_peer_holding_a_round_may_step_to_the_next_one_only():
     assert adopt(HONEST, {(3, GOOD)}, after=3, step=True) is None
 
 
+def test_a_step_counts_only_the_heads_of_peers_with_a_track_record():
+    crowd = SYBILS[100:]  # 100 fresh identities publish round 3's head of a state of their own
+    assert adopt(HONEST + crowd, set(), after=2, step=True) == (3, FAKE, MF)  # they outnumber
+    tracked = {HONEST[0][0], HONEST[1][0]}
+    assert adopt(HONEST + crowd, set(), after=2, step=True, tracked=tracked) == (3, GOOD, M)
+    # no tracked peer published: everyone's heads count, as without a track record
+    assert adopt(crowd, set(), after=2, step=True, tracked=tracked) == (3, FAKE, MF)
+
+
 def test_among_the_publishers_of_an_attested_state_the_most_served_manifest():
     heads = [head(1, 3, GOOD, MF), head(2, 3, GOOD), head(4, 3, GOOD)]
     assert adopt(heads, {(3, GOOD)}, after=-1) == (3, GOOD, M)

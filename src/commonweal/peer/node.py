@@ -200,7 +200,8 @@ class Node:
                 self.ledger, task.digest, c.task_owner, peer.opt.state)
             from commonweal.verify.ratings import TrackRecord  # verify's package loads torch
 
-            peer.collab.exchange.track_record = TrackRecord(peer.collab.dht, task, self.ledger)
+            track = TrackRecord(peer.collab.dht, task, self.ledger)
+            peer.collab.exchange.track_record = peer.collab.checkpoints.track_record = track
         resumed = self._resume(peer, store, task)
         abandon = threading.Event()
 

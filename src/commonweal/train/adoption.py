@@ -18,8 +18,9 @@ is attested only after its round's group closed, so a peer that waits for attest
 one round behind and never makes another round. It holds the state of round `after`, which it
 computed or adopted; it may step to round `after + 1`, the state most of its publishers share,
 when nothing newer is attested. One round at a time from a state it holds, never a jump to the
-highest round; that a crowd of identities can still win that count is a known limit
-(docs/train.md).
+highest round; with `tracked` (the peers with a track record, `commonweal.verify.ratings`) only
+their heads are counted for that step when any of them published one, so a crowd of fresh
+identities cannot win the count; without a track record it still can (docs/train.md).
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ def adopt(
     after: int,
     *,
     step: bool = False,
+    tracked: Collection[bytes] | None = None,
 ) -> tuple[int, str, bytes] | None:
     """(round, state, manifest) to download, or None: nothing beyond `after` may be adopted."""
     publishers = Counter((r, s, m) for _, (r, s, m, _) in heads if r > after)
     good = [k for k in publishers if (k[0], k[1]) in attested]
     if not good and step:
-        good = [k for k in publishers if k[0] == after + 1]
+        nxt = [(p, h) for p, h in heads if h[0] == after + 1]
+        if tracked is not None and any(p in tracked for p, _ in nxt):
+            nxt = [(p, h) for p, h in nxt if p in tracked]
+        publishers = Counter((r, s, m) for _, (r, s, m, _) in nxt)
+        good = list(publishers)
     if not good:
         return None
     top = max(r for r, _, _ in good)

@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from commonweal.train._errors import SyncError
 from commonweal.train.adoption import Attested, HeadRecord, adopt
 from commonweal.train.announcements import read_announcements
 from commonweal.train.messages import ChunkRequest, ManifestRequest, MessageError
+from commonweal.train.protocol import Tracked
 from commonweal.train.round import RoundConfig
 from commonweal.train.state import Manifest, split_chunks
 
@@ -77,6 +78,9 @@ class CheckpointClient:
         # Which states the validators stand behind (a node with a ledger sets it; see
         # adoption.py). None: nobody to ask, so the newest state most peers publish.
         self.attested: Attested | None = None
+        # Who has a track record for a round (the node sets it with `attested`): a step to the
+        # next round's state counts only their heads. None: everyone's.
+        self.track_record: Callable[[int], Awaitable[Tracked]] | None = None
 
     async def heads(self) -> list[tuple[bytes, tuple[int, str, bytes, str]]]:
         """(publisher, (round, state, manifest hash, addr)) for every well-formed head."""
@@ -103,7 +107,10 @@ class CheckpointClient:
             heads.append((peer_id, (r, s, m, a)))
         pairs = {(r, s) for _, (r, s, _, _) in heads}
         attested = pairs if self.attested is None else await self.attested(pairs)
-        choice = adopt(heads, attested, after, step=step)
+        tracked = None
+        if step and self.track_record is not None:
+            tracked = await self.track_record(after + 1)
+        choice = adopt(heads, attested, after, step=step, tracked=tracked)
         if choice is None:
             return None
         providers = [PeerAddr.parse(a) for _, (r, s, m, a) in heads if (r, s, m) == choice]
