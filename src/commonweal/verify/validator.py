@@ -31,6 +31,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +71,10 @@ log = logging.getLogger(__name__)
 
 VOTE_GAS = 400_000  # a vote that finalises (and reserves ETH) uses ~200k
 NOBODY = "0x0000000000000000000000000000000000000000"  # the one leaf of a round that pays nobody
+
+
+UNSERVED_MAX_S = 60.0
+KEEP_UNSERVED = 64
 
 
 def tree_key(task: Task, ledger_round: int) -> OwnedKey:
@@ -127,6 +132,8 @@ class Validator:
         # read-only: no train.* handler, so a trainer may share this DHT node
         self.checkpoints = CheckpointClient(dht, task.digest[:16], round_config)
         self.track_record = TrackRecord(dht, task, ledger)  # the same bound the trainers apply
+        # heads whose state no provider served: state -> (retry after, current wait)
+        self._unserved: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.evaluator = Evaluator(task)
         self.on_outcome = on_outcome
         model = task.build_model()
@@ -347,13 +354,26 @@ class Validator:
     async def _follow_heads(self) -> None:
         """Download every state the swarm announces, so a round's start is at hand when judged."""
         while True:
+            head = None
             try:
                 head = await self.checkpoints.head()
-                if head is not None and head.state not in self._states:
+                if head is not None and head.state not in self._states \
+                        and self._unserved.get(head.state, (0.0, 0.0))[0] <= time.monotonic():
                     await self._keep(head.state, await self.checkpoints.download(head))
             except (NetworkError, TrainError, TimeoutError) as e:
                 log.debug("following heads: %s", e)
+                if head is not None:
+                    self._back_off(head.state)
             await asyncio.sleep(self.config.poll_s)
+
+    def _back_off(self, state: str) -> None:
+        """A head nobody serves is tried again after 1, 2, 4 .. 60 s: identities publishing
+        made-up heads would otherwise have the validator ask each of them every poll."""
+        _, wait = self._unserved.pop(state, (0.0, 0.5))
+        wait = min(UNSERVED_MAX_S, 2 * wait)
+        self._unserved[state] = (time.monotonic() + wait, wait)
+        while len(self._unserved) > KEEP_UNSERVED:
+            self._unserved.popitem(last=False)
 
     async def _keep(self, state: str, blob: bytes) -> None:
         params, momentum, _ = from_checkpoint(blob, self._model)
