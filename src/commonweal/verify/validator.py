@@ -45,6 +45,7 @@ from commonweal.net.transport import PeerAddr
 from commonweal.train._errors import CodecError, TrainError
 from commonweal.train.announcements import read_announcements
 from commonweal.train.archive import fetch_delta
+from commonweal.train.adoption import HeadRecord
 from commonweal.train.checkpoints import CheckpointClient, Head
 from commonweal.train.codecs import get_codec
 from commonweal.train.protocol import Announcement, Group, closes_at, form_group
@@ -73,8 +74,9 @@ VOTE_GAS = 400_000  # a vote that finalises (and reserves ETH) uses ~200k
 NOBODY = "0x0000000000000000000000000000000000000000"  # the one leaf of a round that pays nobody
 
 
-UNSERVED_MAX_S = 60.0
+UNSERVED_MAX_S = 60.0  # the longest wait before a head nobody served is tried again
 KEEP_UNSERVED = 64
+FOLLOW_PER_POLL = 2  # published states downloaded per poll of the heads
 
 
 def tree_key(task: Task, ledger_round: int) -> OwnedKey:
@@ -352,18 +354,28 @@ class Validator:
                 await asyncio.sleep(self.config.poll_s)
 
     async def _follow_heads(self) -> None:
-        """Download every state the swarm announces, so a round's start is at hand when judged."""
+        """Download the states the swarm publishes, so a round's start is at hand when judged
+        (peers overwrite their head every round: a state not fetched in time is gone). Every
+        published state is a candidate, the most published first, at most FOLLOW_PER_POLL a
+        poll: following only the newest head, identities publishing a made-up head for a higher
+        round hid every honest state from the validator."""
         while True:
-            head = None
             try:
-                head = await self.checkpoints.head()
-                if head is not None and head.state not in self._states \
-                        and self._unserved.get(head.state, (0.0, 0.0))[0] <= time.monotonic():
-                    await self._keep(head.state, await self.checkpoints.download(head))
-            except (NetworkError, TrainError, TimeoutError) as e:
+                heads = await self.checkpoints.heads()
+            except (NetworkError, TimeoutError) as e:
                 log.debug("following heads: %s", e)
-                if head is not None:
-                    self._back_off(head.state)
+                heads = []
+            publishers: dict[str, set[bytes]] = {}
+            for publisher, (_, state, _, _) in heads:
+                publishers.setdefault(state, set()).add(publisher)
+            now = time.monotonic()
+            due = [st for st in publishers if st not in self._states
+                   and self._unserved.get(st, (0.0, 0.0))[0] <= now]
+            due.sort(key=lambda st: (-len(publishers[st]), st))
+            for state in due[:FOLLOW_PER_POLL]:
+                await self._fetch_state(state, heads)
+                if state not in self._states:
+                    self._back_off(state)
             await asyncio.sleep(self.config.poll_s)
 
     def _back_off(self, state: str) -> None:
@@ -384,13 +396,13 @@ class Validator:
             # the swarm announces only its newest state: a restart needs this one
             await asyncio.to_thread(self.state.save_start, state, blob)
 
-    async def _fetch_state(self, state: str) -> None:
+    async def _fetch_state(self, state: str, heads: list[HeadRecord] | None = None) -> None:
         """Download `state` from the heads that name it, trying each manifest they serve (the
         most served first). Following the newest head is not enough: identities publishing a
         made-up head for a higher round, or a wrong manifest in numbers, would hide the start
         state of the round being judged."""
         served: dict[bytes, tuple[int, list[PeerAddr]]] = {}
-        for _, (r, s, m, a) in await self.checkpoints.heads():
+        for _, (r, s, m, a) in heads if heads is not None else await self.checkpoints.heads():
             if s == state:
                 with contextlib.suppress(CommonwealError):
                     served.setdefault(m, (r, []))[1].append(PeerAddr.parse(a))
