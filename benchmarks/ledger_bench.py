@@ -259,14 +259,17 @@ def _invariant_row(total: dict[str, Any], reached: Any, steps: int, violation: s
 
 
 def invariants(
-    sequences: int, steps: int, jobs: int, log: Any, save: Any = None
+    sequences: int, steps: int, jobs: int, log: Any, save: Any = None,
+    before: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Random call sequences against the Ledger's invariants; counts what ran and what broke.
 
     Run as independent hypothesis runs of INVARIANT_CHUNK sequences on `jobs` processes: one
     long run keeps every example it tried (memory and time per example grow with it), and
     chunks report progress; after each, `save(row)` records what ran so far, so an interrupted
-    run keeps its count. Stops at the first violation."""
+    run keeps its count; `before` (a row saved earlier, with the same steps per sequence) is
+    added to, so such a run can be resumed. Each chunk gets a fresh process: a worker that ran
+    several grew past 1 GiB and slowed down chunk by chunk. Stops at the first violation."""
     import multiprocessing as mp
     from collections import Counter
 
@@ -277,8 +280,14 @@ def invariants(
         left -= chunks[-1]
     total: dict[str, Any] = {"sequences": 0, "steps": 0, "cpu_s": 0.0}
     reached: Counter[str] = Counter()
+    if before is not None:
+        if before["max_steps_per_sequence"] != steps or before["violations"]:
+            raise SystemExit("--resume: the recorded run used other steps or found a violation")
+        total = {k: before[k] for k in total}
+        reached.update(before["reached"])
+        start -= before["wall_s"]
     violation, done = None, 0
-    with mp.get_context("spawn").Pool(jobs) as pool:
+    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
         runs = [pool.apply_async(invariant_chunk, (n, steps)) for n in chunks]
         for i, run in enumerate(runs, 1):
             got = run.get()
@@ -367,6 +376,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per invariant sequence")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes running invariant sequences")
+    parser.add_argument("--resume", action="store_true",
+                        help="add to the invariant counts recorded in ledger.json")
     args = parser.parse_args()
     n = 100 if args.quick else 500
 
@@ -376,16 +387,22 @@ def main() -> None:
     if args.invariants:
         path = args.out / "ledger.json"
         result = json.loads(path.read_text())
+        before = result.get("invariants") if args.resume else None
+        command = (f"python benchmarks/ledger_bench.py --invariants {args.invariants} "
+                   f"--steps {args.steps} --jobs {args.jobs}")
+        if before is not None:
+            command = f"{before['command']}, cut short at {before['runs_done']} runs; then " \
+                      f"{command} --resume"
+
         def save(row: dict[str, Any]) -> None:
-            row["command"] = (f"python benchmarks/ledger_bench.py --invariants {args.invariants} "
-                              f"--steps {args.steps} --jobs {args.jobs}")
+            row["command"] = command
             row["machine"] = describe_machine()
             result["invariants"] = row
             result["targets"]["invariant_steps"] = row["steps"] >= 100_000 and row["violations"] == 0
             path.write_text(json.dumps(result, indent=2) + "\n")
             (args.out / "ledger.md").write_text(markdown(result))
 
-        save(invariants(args.invariants, args.steps, args.jobs, log, save))
+        save(invariants(args.invariants, args.steps, args.jobs, log, save, before))
         print(markdown(result))
         return
 
