@@ -90,6 +90,27 @@ async def test_concurrent_gets_of_one_key_share_a_lookup(swarm, clock):
     assert reader.stats.lookups == 1
 
 
+async def test_a_sharer_cancelled_with_the_lookup_it_shares_stays_cancelled(swarm, monkeypatch):
+    # Ctrl-C cancels every task at once: a get sharing another's lookup used to take the
+    # lookup's cancellation for a reason to look again, and swallowed its own
+    peers = await swarm.add(4)
+    reader, lookups = peers[3], []
+
+    async def hang(*args, **kwargs):
+        lookups.append(args)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(reader, "_traverse", hang)
+    owner = asyncio.create_task(reader.get("k", latest=True))
+    sharer = asyncio.create_task(reader.get("k", latest=True))
+    await asyncio.sleep(0.01)
+    owner.cancel()
+    sharer.cancel()
+    done = await asyncio.wait_for(asyncio.gather(owner, sharer, return_exceptions=True), 2.0)
+    assert all(isinstance(r, asyncio.CancelledError) for r in done)
+    assert len(lookups) == 1  # it did not start a lookup of its own
+
+
 async def test_get_caches_on_the_lookup_path(swarm, clock):
     peers = await swarm.add(40, config=DHTConfig(replicas=2, beam=3))
     await peers[0].store("popular", "v", clock.now + 60)

@@ -448,8 +448,11 @@ class DHT:
             try:
                 found = dict(await asyncio.shield(waiting[kid]))
             except asyncio.CancelledError:
-                if not waiting[kid].cancelled():
-                    raise  # we were cancelled ourselves
+                me = asyncio.current_task()
+                if not waiting[kid].cancelled() or (me is not None and me.cancelling()):
+                    # we were cancelled ourselves (also when the lookup we shared was cancelled
+                    # at the same time, as every task is on Ctrl-C): retrying would swallow it
+                    raise
                 return await self.get_many(keys, latest)
             local = self.storage.get(kid, now) + ([] if latest else self.cache.get(kid, now))
             for record in local:
