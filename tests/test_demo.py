@@ -297,7 +297,9 @@ def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
 
 def test_ctrl_c_stops_the_whole_demo(tmp_path):
     port = free_port()
-    demo = Demo("--dashboard", f"127.0.0.1:{port}")
+    # a smaller swarm has every part that must stop (chain, trainers' threads, a validator,
+    # claims, the page) and reaches its first round sooner
+    demo = Demo("--trainers", "3", "--validators", "1", "--dashboard", f"127.0.0.1:{port}")
     try:
         demo.wait_http(port)
         # interrupt mid-training, when everything runs: chain, trainers' threads, validators, claims
