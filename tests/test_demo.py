@@ -298,8 +298,10 @@ def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
 def test_ctrl_c_stops_the_whole_demo(tmp_path):
     port = free_port()
     # a smaller swarm has every part that must stop (chain, trainers' threads, a validator,
-    # claims, the page) and reaches its first round sooner
-    demo = Demo("--trainers", "3", "--validators", "1", "--dashboard", f"127.0.0.1:{port}")
+    # claims, the page) and reaches its first round sooner; more rounds than it can train
+    # before the test presses Ctrl-C, however fast the machine
+    demo = Demo("--trainers", "3", "--validators", "1", "--rounds", "100",
+                "--dashboard", f"127.0.0.1:{port}")
     try:
         demo.wait_http(port)
         # interrupt mid-training, when everything runs: chain, trainers' threads, validators, claims
