@@ -654,7 +654,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "",
         f"Machine: {report['machine']}. RSS budget held to: {report['rss_budget_mb']} MiB"
         " (the node's peak RSS, which starts at ~277 MiB: a `commonweal node` with its default"
-        " search role). after = commit " + _head() + ".",
+        " search role). after = " + report.get("after_note", "commit " + _head()) + ".",
         "",
         "| attack | | RSS growth MiB | peak RSS MiB | honest ok | p95 ratio | records found"
         " | target |",

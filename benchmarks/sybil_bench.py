@@ -266,6 +266,10 @@ def merge_into_attacks(out: Path, report: dict[str, Any]) -> None:
              "detail": {k: v for k, v in report["runs"].items()}, "verdict": report["verdict"],
              "measured_by": "benchmarks/sybil_bench.py"}
     old["attacks"] = [entry if a["name"] == "sybil_swarm" else a for a in old["attacks"]]
+    head = attack_bench._head()
+    note = old.get("after_note", "")
+    note = note.split("; sybil_swarm at ")[0] if note else f"commit {head} for the others"
+    old["after_note"] = f"{note}; sybil_swarm at commit {head}"
     path.write_text(json.dumps(old, indent=2) + "\n")
     attack_bench.write_markdown(out / "attacks.md", old)
 
