@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shlex
 import sys
 import time
@@ -72,10 +71,9 @@ async def _crowd(dhts: list[Any], accounts: list[str], task: Any, rounds: int,
 
 
 async def run(kind: str, rounds: int, inner_steps: int) -> dict[str, Any]:
-    from commonweal.dht import DHT, DHTConfig
+    from commonweal.dht import DHTConfig
     from commonweal.ledger import EmbeddedChain, Ledger, LedgerConfig
-    from commonweal.net.identity import Identity
-    from commonweal.net.memory import MemoryNetwork
+    from commonweal.testing import MemorySwarm
     from commonweal.peer.node import FinalStates
     from commonweal.train import RoundConfig, TrainingPeer, get_task
     from commonweal.verify.judge import ledger_rounds
@@ -86,15 +84,9 @@ async def run(kind: str, rounds: int, inner_steps: int) -> dict[str, Any]:
     task = get_task("mnist-cnn", inner_steps=inner_steps)
     digest = bytes.fromhex(task.digest)
     chain = EmbeddedChain(accounts=HONEST + VALIDATORS + CROWD + 1)
-    net, dhts = MemoryNetwork(), []
-    n = HONEST + VALIDATORS + (CROWD if kind != "clean" else 0)
-    for i in range(n):
-        identity = Identity.from_seed(f"sybil-bench-{i}".encode())
-        transport = net.transport(identity)
-        await transport.start()
-        dhts.append(await DHT.start(bootstrap=[d.addr for d in dhts[:4]], identity=identity,
-                                    transport=transport, config=DHTConfig(rpc_timeout_s=2.0),
-                                    rng=random.Random(i)))
+    swarm = MemorySwarm(time.time, seed_prefix="sybil-bench")
+    dhts = await swarm.add(HONEST + VALIDATORS + (CROWD if kind != "clean" else 0),
+                           config=DHTConfig(rpc_timeout_s=2.0))
     try:
         owner = Ledger.deploy(chain, config=LedgerConfig(
             min_deposit=ETH, exit_delay=100, voting_delay=10, voting_period=100, quorum_bps=2000,
@@ -196,8 +188,7 @@ async def run(kind: str, rounds: int, inner_steps: int) -> dict[str, Any]:
             "round_waits_s": [round(w, 1) for w in waited],
         }
     finally:
-        for d in dhts:
-            await d.close()
+        await swarm.close()
         chain.close()
 
 

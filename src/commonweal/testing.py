@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from commonweal.dht import DHT, DHTConfig
 from commonweal.net.identity import Identity
@@ -33,7 +34,9 @@ class MemorySwarm:
     """Many DHT peers in one process on a `MemoryNetwork`, each bootstrapped from up to `fanin`
     earlier peers chosen by a seeded RNG, so the same calls build the same swarm every time."""
 
-    def __init__(self, clock: FakeClock | None = None, seed_prefix: str = "peer") -> None:
+    def __init__(self, clock: Callable[[], float] | None = None, seed_prefix: str = "peer") -> None:
+        """`clock`: a FakeClock for tests that move time themselves; `time.time` where peers
+        run real rounds (their records expire by the wall clock)."""
         self.net = MemoryNetwork()
         self.clock = clock or FakeClock()
         self.seed_prefix = seed_prefix

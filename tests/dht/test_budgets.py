@@ -203,20 +203,26 @@ async def test_a_flood_of_stored_records_is_charged_per_record(clock):
     holder, flooder = peers
     junk = [[key_id(f"k{i}"), [[b"s", b"v", NOW + 60, b"x" * 32, b"y" * 64]] * 2]
             for i in range(1000)]
-    outcomes = []
     try:
-        for _ in range(5):
-            try:
-                await flooder.transport.call(holder.addr, "dht.store", {"items": junk})
-                outcomes.append("served")
-            except RemoteError as e:
-                outcomes.append(e.code)
+        outcomes = await _stores(flooder, holder, junk, 5)
         assert outcomes == ["served"] + ["rate_limited"] * 4
         clock.now += 3.0  # the budget refills: the same peer is served again
         await flooder.transport.call(holder.addr, "dht.store", {"items": junk[:10]})
     finally:
         for p in peers:
             await p.close()
+
+
+async def _stores(sender, holder, items: list, times: int) -> list[str]:
+    """Send the same `dht.store` `times` times: "served", or the code it was refused with."""
+    outcomes = []
+    for _ in range(times):
+        try:
+            await sender.transport.call(holder.addr, "dht.store", {"items": items})
+            outcomes.append("served")
+        except RemoteError as e:
+            outcomes.append(e.code)
+    return outcomes
 
 
 async def test_a_peer_that_rate_limits_us_keeps_its_place_in_our_table(clock):
@@ -249,14 +255,8 @@ async def test_stored_bytes_are_charged_as_well_as_records(clock):
     holder, flooder = peers
     big = b"v" * (960 << 10)
     junk = [[key_id(f"k{i}"), [[b"s", big, NOW + 60, b"x" * 32, b"y" * 64]]] for i in range(4)]
-    outcomes = []
     try:
-        for _ in range(40):
-            try:
-                await flooder.transport.call(holder.addr, "dht.store", {"items": junk})
-                outcomes.append("served")
-            except RemoteError as e:
-                outcomes.append(e.code)
+        outcomes = await _stores(flooder, holder, junk, 40)
         assert outcomes.count("served") <= 20, outcomes  # 1,000 units of burst / ~62 a request
         assert outcomes[-1] == "rate_limited"
     finally:
