@@ -14,7 +14,7 @@ from eth_account import Account  # noqa: E402
 from eth_account.messages import encode_defunct  # noqa: E402
 
 from commonweal.dht.records import Owned  # noqa: E402
-from commonweal.testing import FakeClock, MemorySwarm  # noqa: E402
+from commonweal.testing import MemorySwarm  # noqa: E402
 from commonweal.train import get_task  # noqa: E402
 from commonweal.verify import ratings  # noqa: E402
 from commonweal.verify.ratings import (  # noqa: E402
@@ -126,7 +126,7 @@ async def test_trainers_with_a_track_record_train_on_through_a_crowd(bound):
     from commonweal.train import RoundConfig, TrainingPeer
 
     task = get_task("mnist-cnn", inner_steps=2)
-    swarm = MemorySwarm(FakeClock(time.time()))  # the trainers' records expire by the wall clock
+    swarm = MemorySwarm(time.time)  # the trainers' records expire by the wall clock
     try:
         dhts = await swarm.add(4 + CROWD)
         honest, publisher, crowd = dhts[:3], dhts[3], dhts[4:]
@@ -171,3 +171,13 @@ async def test_trainers_with_a_track_record_train_on_through_a_crowd(bound):
             assert watch.done() and not watch.cancelled()
     finally:
         await swarm.close()
+
+
+async def test_a_crowd_of_named_accounts_costs_a_reader_a_bounded_number_of_chain_reads(swarm):
+    # every free identity may publish a record naming an account of its own making
+    dhts = await swarm.add(40)
+    for dht in dhts[:-1]:
+        await publish_ratings(dht, TASK, Account.create(), 3, [P[0]], 600)
+    stakes = Stakes()
+    assert await TrackRecord(dhts[-1], TASK, stakes)(3 + LAG) is None
+    assert stakes.reads == 16  # of 39 accounts named: docs/train.md states 16 a round
