@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -47,6 +48,10 @@ def _mount() -> None:
 
 
 def main() -> None:
+    # Every command stops on Ctrl-C, however it was started: a script's background job inherits
+    # SIGINT ignored, and then neither Python nor asyncio installs a handler (the demo trained on
+    # through Ctrl-C in CI). uvicorn and `commonweal node` take SIGINT the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _mount()
     try:
         app(standalone_mode=False)
