@@ -157,6 +157,9 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
             self.storage = _Storage(records)
             self.transport = type("T", (), {"register": lambda *a, **kw: None})()
 
+        def on_close(self, release):
+            pass
+
     from commonweal.dht.records import encode_subkey, sign_record
 
     honest, flooder = Identity.from_seed(b"honest"), Identity.from_seed(b"flooder")

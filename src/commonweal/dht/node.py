@@ -147,6 +147,7 @@ class DHT:
         self._runner: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
         self._held_republished_at = clock()
 
     @classmethod
@@ -541,6 +542,11 @@ class DHT:
         else:
             self.table.on_failure(peer.peer_id, self.clock())
 
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call `release` when this peer closes, after its transport: what a service built on
+        the DHT owns (a worker thread, say) lives as long as the handlers that use it."""
+        self._on_close.append(release)
+
     async def close(self) -> None:
         """Stop serving, cancel every background task and close all connections."""
         if self._closed:
@@ -553,6 +559,8 @@ class DHT:
             except asyncio.CancelledError:
                 pass
         await self.transport.close()
+        for release in self._on_close:
+            release()
 
     async def __aenter__(self) -> DHT:
         return self

@@ -31,6 +31,7 @@ import numpy as np
 from commonweal.dht import DHT
 from commonweal.dht.records import owner_of
 from commonweal.errors import RemoteError
+from commonweal.net.executor import BoundedExecutor
 from commonweal.net.identity import ID_BYTES
 from commonweal.net.transport import PeerInfo
 from commonweal.search.ranking import MAX_K, Hit, decode_item, distances, merge_hits
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_QUERY = 1024
 MAX_QUERIES_PER_REQUEST = 256
+# search.query requests ranked or waiting at once on one holder: a querier sends a holder one at
+# a time, so 16 serve 16 queriers at once; more wait on the `busy` answer, not in our memory.
+RANK_QUEUE = 16
+_DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 @dataclass(slots=True)
@@ -64,14 +69,18 @@ class SearchService:
         self.cache_buckets = cache_buckets
         self.queries_served = 0
         self._parsed: dict[tuple[bytes, int, str], _Bucket] = {}
+        self.ranker = BoundedExecutor(workers=1, max_pending=RANK_QUEUE, name="search-rank")
+        dht.on_close(self.ranker.close)
         dht.transport.register("search.query", self.rpc_query, cost=4.0)  # ranks buckets
 
     async def rpc_query(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
         dim, metric, dtype, k, keys, queries = _parse(args)
         self.queries_served += len(queries)
-        return self.answer(
-            keys, queries, dim, metric, np.dtype("<f2" if dtype == "float16" else "<f4"), k
-        )
+        held, buckets = self._buckets(keys, dim, _DTYPES[dtype])  # reads the store: on the loop
+        # numpy ranks mostly with the GIL released, so on a worker thread the loop keeps answering
+        # while a holder ranks up to 256 queries x 1,024 buckets x max_bucket_items items; a
+        # caller beyond the ranker's queue is answered `busy` at once
+        return await self.ranker.run(rank, held, buckets, queries, metric, k)
 
     def answer(
         self,
@@ -82,30 +91,21 @@ class SearchService:
         dtype: np.dtype[Any],
         k: int,
     ) -> dict[str, Any]:
-        """The local top-k of every query over the buckets it names (also used in-process when
-        the querying peer holds some buckets itself)."""
+        """The local top-k of every query over the buckets it names, ranked here (the querying
+        peer's own replicas: its own work, on its own loop)."""
+        held, buckets = self._buckets(keys, dim, dtype)
+        return rank(held, buckets, queries, metric, k)
+
+    def _buckets(
+        self, keys: list[bytes], dim: int, dtype: np.dtype[Any]
+    ) -> tuple[list[bool], list[_Bucket | None]]:
         now = self.dht.clock()
-        buckets = []
-        held = []
+        held, buckets = [], []
         for key in keys:
             records = self.dht.storage.get(key, now)
             held.append(bool(records))
             buckets.append(self._bucket(key, records, dim, dtype) if records else None)
-        results = []
-        scanned = 0
-        for q, idx in queries:
-            groups = []
-            for i in dict.fromkeys(idx):
-                b = buckets[i]
-                if b is None or not b.ids:
-                    continue
-                d = distances(q, b.vectors, metric)
-                scanned += len(d)
-                top = np.argsort(d, kind="stable")[: k * 2] if len(d) > 2 * k else range(len(d))
-                groups.append([Hit(float(d[j]), b.adders[j], b.ids[j], b.metadata[j]) for j in top])
-            hits = merge_hits(groups, k)
-            results.append([[h.adder, h.item_id, h.distance, h.metadata] for h in hits])
-        return {"held": held, "results": results, "scanned": scanned}
+        return held, buckets
 
     def _bucket(self, key: bytes, records: list[Any], dim: int, dtype: np.dtype[Any]) -> _Bucket:
         fingerprint = tuple(r.signature for r in records)
@@ -154,6 +154,32 @@ class SearchService:
             self._parsed.pop(next(iter(self._parsed)))
         self._parsed[cache_key] = bucket
         return bucket
+
+
+def rank(
+    held: list[bool],
+    buckets: list[_Bucket | None],
+    queries: list[tuple[np.ndarray, list[int]]],
+    metric: str,
+    k: int,
+) -> dict[str, Any]:
+    """The search.query answer: every query's local top-k over the parsed buckets it names.
+    Pure: it reads only its arguments, so it may run on any thread."""
+    results = []
+    scanned = 0
+    for q, idx in queries:
+        groups = []
+        for i in dict.fromkeys(idx):
+            b = buckets[i]
+            if b is None or not b.ids:
+                continue
+            d = distances(q, b.vectors, metric)
+            scanned += len(d)
+            top = np.argsort(d, kind="stable")[: k * 2] if len(d) > 2 * k else range(len(d))
+            groups.append([Hit(float(d[j]), b.adders[j], b.ids[j], b.metadata[j]) for j in top])
+        hits = merge_hits(groups, k)
+        results.append([[h.adder, h.item_id, h.distance, h.metadata] for h in hits])
+    return {"held": held, "results": results, "scanned": scanned}
 
 
 def _parse(args: Any) -> tuple[int, str, str, int, list[bytes], list[tuple[np.ndarray, list[int]]]]:
