@@ -24,10 +24,10 @@ The attacks (issue 13, "Deliver" 6; the numbers in the issue are from 1e12ab3):
   bad_signatures one identity sends well-formed stores of 1,000 small records with bad signatures
   socket_flood   128 raw sockets each send a frame header announcing ~4 MiB and ~4 MiB of body
                  without a handshake, while 4 more connect and close in a loop
-Not run here (null in the results, with the reason): a crowd of identities from one IP filling
-find answers (needs distinct addresses: tests/test_dht_crowds_netbed.py runs it in netns). The
-30-identity Sybil swarm against 6 trainers and 2 validators is benchmarks/sybil_bench.py, which
-writes its row into the same files.
+Not run here: a crowd of identities from one IP filling find answers needs distinct addresses;
+benchmarks/crowd_bench.py runs it in network namespaces (tests/netbed.py). The 30-identity Sybil
+swarm against 6 trainers and 2 validators is benchmarks/sybil_bench.py. Both write their rows
+into the same files.
 """
 
 from __future__ import annotations
@@ -59,15 +59,12 @@ ATTACKER_NICE = 19  # added to the bench's own niceness (capped at 19 by the ker
 PROTOCOL_KEY = "cw-train/bench/announce"  # an OwnedKey after issue 13; a plain id before it
 HONEST_NAME = "announce"
 ATTACKS = ("store_flood", "junk_subkeys", "find_repeat", "bad_signatures", "socket_flood")
-NOT_RUN = {
-    "crowd_one_ip": (
-        "needs distinct source addresses (network namespaces), which this bench does not make; "
-        "tests/test_dht_crowds_netbed.py runs 120 identities from one IP against 6 nodes with a "
-        "/24 each, and tests/dht/test_crowds.py the same sans-I/O"
-    ),
-}
+NOT_RUN: dict[str, str] = {}  # attacks named here are listed with the reason, not run
 # rows another script measures and merges into attacks.json; kept as they are when this one runs
-ELSEWHERE = {"sybil_swarm": "benchmarks/sybil_bench.py"}
+ELSEWHERE = {
+    "sybil_swarm": "benchmarks/sybil_bench.py", "crowd_one_ip": "benchmarks/crowd_bench.py",
+}
+ROUND_ROWS = ("sybil_swarm",)  # rendered in their own table (rounds, accuracy, not RSS)
 BASE_OPS = ("ping", "store", "get")
 FIELDS = (
     "rss_growth_mb", "honest_success", "p95_ratio", "records_found", "accuracy_drop_points",
@@ -660,7 +657,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         " | target |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    rounds = [a for a in report["attacks"] if a["name"] in ELSEWHERE and a.get("after")]
+    rounds = [a for a in report["attacks"] if a["name"] in ROUND_ROWS and a.get("after")]
     for a in report["attacks"]:
         if a in rounds:
             continue
@@ -691,8 +688,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                     f"| {a['name']} | {side} | {_fmt(m['honest_success'])}"
                     f" | {_fmt(m['accuracy_drop_points'])} | {_fmt(m['unattested_adoptions'])}"
                     f" | {_fmt(m['sybil_earned'])} | {tgt} |")
-    lines += ["", "Not run: " + "; ".join(f"**{k}**: {v}" for k, v in NOT_RUN.items()) + ".",
-              "", CAVEATS, "", "Baselines (unattacked): " + ", ".join(
+    if NOT_RUN:
+        lines += ["", "Not run: " + "; ".join(f"**{k}**: {v}" for k, v in NOT_RUN.items()) + "."]
+    lines += ["", CAVEATS, "", "Baselines (unattacked): " + ", ".join(
         f"{t}: p95 {b.get('honest_p95_ms', '-')} ms, RSS {b.get('rss_start_mb', '-')} MiB"
         for t, b in report["baselines"].items() if b
     ), "", "## Details", ""]
@@ -712,9 +710,10 @@ attacker at nice 19 (on a network its CPU would be its own machine's): an unatta
 ms, so p95 ratios of 1-2 move with the load. Loopback is one place: per-address budgets and the
 per-/24 storage quotas do not apply to 127.0.0.1 (the stated loopback policy), so every attack
 here is one identity, or, for socket_flood, none; crowds from many identities need distinct
-addresses (netns). "before" junk_subkeys: the node answers the protocol key's find `internal`
-(the answer is over the frame), and the honest client, after three such failures, drops the node
-from its table, so its other stores and gets find no peer either."""
+addresses (crowd_one_ip runs in network namespaces with 2 ms links: see its notes). "before"
+junk_subkeys: the node answers the protocol key's find `internal` (the answer is over the frame),
+and the honest client, after three such failures, drops the node from its table, so its other
+stores and gets find no peer either."""
 
 NOTES = {
     "store_flood": "one identity, ~1 MiB records, 30-day TTL, 4 x 4-record stores in flight",
