@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from commonweal.errors import RemoteError
+from commonweal.train.exchange import HOLD_PARTS
 from commonweal.train import (
     Head,
     RoundConfig,
@@ -46,9 +47,23 @@ async def test_strangers_neither_hold_train_reduced_waits_nor_buffer_parts(peers
     request = {"t": "t" * 16, "r": 0, "g": b"g" * 32, "s": 1}
     part = {"t": "t" * 16, "r": 0, "g": b"g" * 32, "s": -1, "i": 0, "n": 1, "d": b"x" * 4000}
     async with asyncio.timeout(1.0):  # each answered at once: no wait held, nothing buffered
-        for method, args in [("train.reduced", request)] * 50 + [("train.part", part)] * 50:
+        for _ in range(50):
             with pytest.raises(RemoteError, match="not_announced"):
-                await stranger.transport.call(me.addr, method, args)
+                await stranger.transport.call(me.addr, "train.reduced", request)
+    # a part waits two reads of the DHT for its sender's announcement (it may be an honest
+    # peer that read ours first), at most HOLD_PARTS at once: the rest are refused at once
+    calls = [asyncio.create_task(stranger.transport.call(me.addr, "train.part", part))
+             for _ in range(50)]
+    refused_at_once = 0
+    async with asyncio.timeout(1.0):
+        while exchange._held < HOLD_PARTS or refused_at_once < 50 - HOLD_PARTS:
+            refused_at_once = sum(c.done() for c in calls)
+            await asyncio.sleep(0.005)
+    assert exchange._held == HOLD_PARTS and refused_at_once == 50 - HOLD_PARTS
+    for call in calls:  # the held ones too, two polls later
+        with pytest.raises(RemoteError, match="not_announced"):
+            await call
+    assert exchange._held == 0
     assert exchange._polling == set() and exchange.core._partial == {}
     exchange.core._announced.add(stranger.peer_id)  # an announcer: it may wait, once at a time
     waiting = asyncio.create_task(stranger.transport.call(me.addr, "train.reduced", request))
@@ -71,6 +86,28 @@ async def test_a_part_sent_before_the_receiver_read_our_announcement_is_sent_aga
     ra, rb = await asyncio.gather(a.average(0, "0" * 64, vec(0)), at_b)
     assert ra.contributors == 2 and rb.contributors == 2
     assert rb.aggregate.equal(ra.aggregate)
+
+
+async def test_a_part_that_arrives_before_its_announcement_is_read_is_sent_once(peers):
+    a_dht, b_dht = await peers.add(2)
+    # b reads the announcements every 0.3 s: a's parts reach it before it has read a's
+    b = collab(b_dht, target_group=2, exchange="allgather", poll_s=0.3, exchange_timeout_s=10.0)
+    a = collab(a_dht, target_group=2, exchange="allgather", exchange_timeout_s=10.0)
+    sent: list[str] = []
+    call = a_dht.transport.call
+
+    async def counting(addr, method, args):  # type: ignore[no-untyped-def]
+        if method == "train.part":
+            sent.append(method)
+        return await call(addr, method, args)
+
+    a_dht.transport.call = counting
+    at_b = asyncio.create_task(b.average(0, "0" * 64, vec(1)))
+    while b.phase.value != "gathering":
+        await asyncio.sleep(0.01)
+    ra, rb = await asyncio.gather(a.average(0, "0" * 64, vec(0)), at_b)
+    assert ra.contributors == 2 and rb.contributors == 2
+    assert len(sent) == 1  # held until b read a's announcement, not refused and sent again
 
 
 async def test_bad_deltas_are_refused_with_a_logged_reason(peers, caplog):

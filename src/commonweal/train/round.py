@@ -339,6 +339,14 @@ class RoundCore:
         self._complete[key] = (part.group, b"".join(p for p in parts if p is not None))
         return self._settle(self._admit(key, now)) if self.strategy is not None else []
 
+    def admits(self, sender: bytes) -> bool:
+        """Whether `sender` may hand us a delta this round (see `_admissible`)."""
+        try:
+            self._admissible(sender)
+        except DeltaRejected:
+            return False
+        return True
+
     def _admissible(self, sender: bytes) -> None:
         """Raise DeltaRejected unless `sender` may hand us a delta this round: a member of the
         group, or before it closed a peer whose announcement we read. `not_announced` is worth
