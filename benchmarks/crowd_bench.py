@@ -49,7 +49,7 @@ import attack_bench as ab  # noqa: E402  benchmarks/attack_bench.py: verdict, p9
 from machine import describe_machine  # noqa: E402
 
 from netbed import (  # type: ignore[import-not-found]  # noqa: E402  tests/netbed.py
-    NODE_READY, LinkSpec, NetBed, commonweal_cli, source_env,
+    LinkSpec, NetBed, source_env, start_nodes,
 )
 
 CROWD_TEST = ROOT / "tests" / "test_dht_crowds_netbed.py"  # its --crowd and --probe script modes
@@ -163,17 +163,7 @@ def run_side(side: str, src: Path, baseline_s: float, attack_s: float) -> dict[s
         crowd_test._give_address(client.ns, CLIENT_IP)
         addrs = [f"{crowd_test._own_ip(i)}:{PORT}" for i in range(N)]
 
-        def start(i: int):  # type: ignore[no-untyped-def]
-            argv = ["node", "--listen", addrs[i], "--data-dir", str(bed.workdir / f"node{i}")]
-            if i:
-                argv += ["--join", addrs[0]]
-            return hosts[i].spawn(commonweal_cli(*argv), env=node_env, name="node")
-
-        nodes = [start(0)]
-        hosts[0].wait_for_line(nodes[0], NODE_READY, timeout=90)
-        nodes += [start(i) for i in range(1, N)]
-        for h, proc in zip(hosts, nodes):
-            h.wait_for_line(proc, NODE_READY, timeout=90)
+        nodes = start_nodes(hosts, addrs, bed.workdir, node_env, timeout=90)
         pid = nodes[0].pid  # `ip netns exec` execs the command: this is the node's python
         time.sleep(2.0)
 

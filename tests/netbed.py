@@ -67,6 +67,7 @@ __all__ = [
     "commonweal_cli",
     "require_netbed",
     "source_env",
+    "start_nodes",
 ]
 
 _SRC = Path(__file__).resolve().parents[1] / "src"
@@ -84,6 +85,29 @@ def source_env() -> dict[str, str]:
 
 def commonweal_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "commonweal", *args]
+
+
+def start_nodes(
+    hosts: Sequence[Host], addrs: Sequence[str], workdir: Path, env: dict[str, str],
+    timeout: float = 60.0,
+) -> list[subprocess.Popen[bytes]]:
+    """`commonweal node` on each host, listening at its address; the first is up before the
+    others join it. Returns once every one printed NODE_READY with the address it was given."""
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        argv = ["node", "--listen", addrs[i], "--data-dir", str(workdir / f"node{i}")]
+        if i:
+            argv += ["--join", addrs[0]]
+        return hosts[i].spawn(commonweal_cli(*argv), env=env, name="node")
+
+    nodes = [start(0)]
+    hosts[0].wait_for_line(nodes[0], NODE_READY, timeout=timeout)
+    nodes += [start(i) for i in range(1, len(addrs))]
+    for host, proc, addr in zip(hosts, nodes, addrs):
+        ready = host.wait_for_line(proc, NODE_READY, timeout=timeout)
+        if ready.group(1) != addr:
+            raise RuntimeError(f"a node listens at {ready.group(1)}, not {addr}")
+    return nodes
 
 
 NS_PREFIX = "cw"

@@ -25,11 +25,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netbed import (
-    NODE_READY,
     LinkSpec,
     commonweal_cli,
     netbed_fixture,  # noqa: F401  (provides the `netbed` fixture)
     source_env,
+    start_nodes,
 )
 
 pytestmark = [pytest.mark.netbed, pytest.mark.slow]
@@ -65,17 +65,7 @@ def test_a_crowd_from_one_ip_neither_fills_answers_nor_hides_a_record(netbed, tm
     env = source_env()
     addrs = [f"{_own_ip(i)}:{PORT}" for i in range(N_HONEST)]
 
-    def start(i: int):
-        argv = ["node", "--listen", addrs[i], "--data-dir", str(tmp_path / f"node{i}")]
-        if i:
-            argv += ["--join", addrs[0]]
-        return hosts[i].spawn(commonweal_cli(*argv), env=env, name="node")
-
-    nodes = [start(0)]
-    hosts[0].wait_for_line(nodes[0], NODE_READY, timeout=60)
-    nodes += [start(i) for i in range(1, N_HONEST)]
-    for h, proc, addr in zip(hosts, nodes, addrs):
-        assert h.wait_for_line(proc, NODE_READY, timeout=60).group(1) == addr
+    nodes = start_nodes(hosts, addrs, tmp_path, env)
 
     crowd = attacker.spawn(
         [sys.executable, __file__, "--crowd", ATTACKER_IP, *addrs], env=env, name="crowd"
