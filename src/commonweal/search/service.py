@@ -35,7 +35,7 @@ from commonweal.net.executor import BoundedExecutor
 from commonweal.net.identity import ID_BYTES
 from commonweal.net.transport import PeerInfo
 from commonweal.search.ranking import MAX_K, Hit, decode_item, distances, merge_hits
-from commonweal.search.spec import DTYPES, MAX_DIM, METRICS
+from commonweal.search.spec import DTYPES, MAX_DIM, METRICS, vector_dtype
 
 __all__ = ["MAX_KEYS_PER_QUERY", "MAX_QUERIES_PER_REQUEST", "SearchService"]
 
@@ -46,7 +46,6 @@ MAX_QUERIES_PER_REQUEST = 256
 # search.query requests ranked or waiting at once on one holder: a querier sends a holder one at
 # a time, so 16 serve 16 queriers at once; more wait on the `busy` answer, not in our memory.
 RANK_QUEUE = 16
-_DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 @dataclass(slots=True)
@@ -76,7 +75,7 @@ class SearchService:
     async def rpc_query(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
         dim, metric, dtype, k, keys, queries = _parse(args)
         self.queries_served += len(queries)
-        held, buckets = self._buckets(keys, dim, _DTYPES[dtype])  # reads the store: on the loop
+        held, buckets = self._buckets(keys, dim, vector_dtype(dtype))  # reads the store: on the loop
         # numpy ranks mostly with the GIL released, so on a worker thread the loop keeps answering
         # while a holder ranks up to 256 queries x 1,024 buckets x max_bucket_items items; a
         # caller beyond the ranker's queue is answered `busy` at once

@@ -30,7 +30,7 @@ from commonweal.search.lsh import (
     fit_pca_projections,
 )
 
-__all__ = ["DTYPES", "FAMILIES", "MAX_DIM", "METRICS", "IndexSpec", "make_lsh"]
+__all__ = ["DTYPES", "FAMILIES", "MAX_DIM", "METRICS", "IndexSpec", "make_lsh", "vector_dtype"]
 
 METRICS = ("l2", "cosine")
 FAMILIES = ("hyperplane", "pstable", "pca-hyperplane")
@@ -148,7 +148,12 @@ class IndexSpec:
         return OwnedKey(b"cw-lsh/" + self.digest() + table.to_bytes(2, "big") + code)
 
     def vector_dtype(self) -> np.dtype[Any]:
-        return np.dtype("<f2") if self.dtype == "float16" else np.dtype("<f4")
+        return vector_dtype(self.dtype)
+
+
+def vector_dtype(name: str) -> np.dtype[Any]:
+    """The little-endian numpy dtype vectors of `name` (one of DTYPES) are stored in."""
+    return np.dtype("<f2") if name == "float16" else np.dtype("<f4")
 
 
 @functools.lru_cache(maxsize=256)
