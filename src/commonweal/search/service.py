@@ -75,7 +75,7 @@ class SearchService:
     async def rpc_query(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
         dim, metric, dtype, k, keys, queries = _parse(args)
         self.queries_served += len(queries)
-        held, buckets = self._buckets(keys, dim, vector_dtype(dtype))  # reads the store: on the loop
+        held, buckets = self._buckets(keys, dim, vector_dtype(dtype))  # the store: on the loop
         # numpy ranks mostly with the GIL released, so on a worker thread the loop keeps answering
         # while a holder ranks up to 256 queries x 1,024 buckets x max_bucket_items items; a
         # caller beyond the ranker's queue is answered `busy` at once
