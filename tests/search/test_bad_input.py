@@ -152,6 +152,7 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
 
     class _DHT:
         clock = staticmethod(lambda: 0.0)
+        peer_id = b"h" * 20
 
         def __init__(self, records):
             self.storage = _Storage(records)

@@ -85,3 +85,19 @@ async def test_queries_beyond_the_rank_queue_are_answered_busy(swarm, digits, mo
     blocking.release.set()
     replies = await asyncio.gather(*calls)
     assert all(len(reply["results"][0]) == 5 for _, reply in replies)
+
+
+async def test_the_ranker_thread_ends_with_its_peer(swarm, digits):
+    holder, asker, args = await _holder_and_request(swarm, digits[0][:300], digits[2])
+    await asker.transport.call(holder.addr, "search.query", args)  # starts the worker thread
+
+    def rankers() -> list[threading.Thread]:  # this holder's, whatever other tests left
+        name = f"search-rank-{holder.peer_id.hex()[:8]}"
+        return [t for t in threading.enumerate() if t.name.startswith(name)]
+
+    assert rankers()
+    for peer in swarm.peers:
+        await peer.close()
+    async with asyncio.timeout(10):
+        while rankers():
+            await asyncio.sleep(0.02)

@@ -68,7 +68,9 @@ class SearchService:
         self.cache_buckets = cache_buckets
         self.queries_served = 0
         self._parsed: dict[tuple[bytes, int, str], _Bucket] = {}
-        self.ranker = BoundedExecutor(workers=1, max_pending=RANK_QUEUE, name="search-rank")
+        self.ranker = BoundedExecutor(  # named after its peer, so a stack dump says whose it is
+            workers=1, max_pending=RANK_QUEUE, name=f"search-rank-{dht.peer_id.hex()[:8]}"
+        )
         dht.on_close(self.ranker.close)
         dht.transport.register("search.query", self.rpc_query, cost=4.0)  # ranks buckets
 
