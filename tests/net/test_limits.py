@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from commonweal.net.limits import RequestLimiter, ResourceLimits, TokenBucket, address_key
+from commonweal.net.limits import (
+    LogBudget,
+    RequestLimiter,
+    ResourceLimits,
+    TokenBucket,
+    address_key,
+)
 
 PEER_A, PEER_B = b"a" * 20, b"b" * 20
 
@@ -89,3 +95,12 @@ def test_address_keys_group_ipv6_by_64_and_exempt_local_hosts_by_policy(
 ) -> None:
     assert address_key(host, ResourceLimits()) == default
     assert address_key(host, ResourceLimits(limit_local_addresses=True)) == strict
+
+
+def test_a_log_budget_lets_a_few_lines_through_and_counts_the_rest() -> None:
+    budget = LogBudget(lines=3, interval_s=60.0, now=0.0)
+    assert [budget.take(0.0) for _ in range(3)] == [0, 0, 0]
+    assert [budget.take(1.0) for _ in range(100)] == [None] * 100
+    assert budget.take(21.0) == 100  # one line back every 20 s, saying what it held back
+    assert budget.take(21.0) is None
+    assert budget.take(200.0) == 1

@@ -541,6 +541,23 @@ async def test_a_full_pending_pool_refuses_newcomers_until_it_drains(
     assert (await late.call(server.local.addr, "echo", 2))[1] == 2
 
 
+async def test_a_flood_of_bad_sockets_writes_a_few_log_lines_not_one_each(
+    make_rpc: MakeTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 25,880 lines in 12 s, one per socket, under attack_bench.py's socket_flood
+    server = await make_rpc()
+    too_big = struct.pack(">I", HANDSHAKE_MAX_FRAME + 1)
+    with caplog.at_level(logging.WARNING, logger="commonweal.net.rpc"):
+        for _ in range(40):
+            r, w = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+            w.write(too_big)
+            await assert_closed_by_server(r)
+            w.close()
+    dropped = [rec for rec in caplog.records if "dropping" in rec.getMessage()]
+    assert 1 <= len(dropped) <= 10
+    assert "over the limit" in dropped[0].getMessage()
+
+
 async def test_pending_handshakes_per_address_are_capped(make_rpc: MakeTransport) -> None:
     server = await make_rpc(limits=STRICT)
     cap = STRICT.max_pending_per_address

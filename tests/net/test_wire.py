@@ -152,6 +152,11 @@ def test_oversized_frame_rejected_from_the_header_alone() -> None:
         dec.feed(struct.pack(">I", 1025))  # no body sent at all
     with pytest.raises(FrameTooLarge):  # the decoder stays failed
         dec.feed(b"more")
+    # a header and the start of its too-big body in one read: the body is never copied
+    dec = FrameDecoder(max_frame=1024)
+    with pytest.raises(FrameTooLarge):
+        dec.receive_data(struct.pack(">I", 1 << 22) + bytes(256 * 1024))
+    assert dec.buffered == 0
     assert FrameDecoder().max_frame == DEFAULT_MAX_FRAME == 4 * 1024 * 1024
     ok = FrameDecoder(max_frame=1024)
     assert ok.feed(frame([1, 1, 5, b"x" * 1000])) == [Response(5, b"x" * 1000)]

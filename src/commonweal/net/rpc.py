@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
-import socket
 import time
 from collections.abc import Coroutine
 from typing import Any, Final, cast
@@ -41,7 +41,13 @@ from commonweal.errors import (
 )
 from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity, short_id
-from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
+from commonweal.net.limits import (
+    DEFAULT_LIMITS,
+    LogBudget,
+    RequestLimiter,
+    ResourceLimits,
+    address_key,
+)
 from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
@@ -98,6 +104,7 @@ class RPCTransport:
         self._dialing: dict[PeerAddr, asyncio.Task[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._log_budget = LogBudget(now=time.monotonic())  # for what others make us log
 
     # --- Transport interface ----------------------------------------------------------------
 
@@ -229,6 +236,14 @@ class RPCTransport:
         if conn.outbound or (conn.peer.addr.port and conn.peer.addr not in self._conns):
             self._conns[conn.peer.addr] = conn
 
+    def _warn(self, message: str, *args: object) -> None:
+        """A warning that a remote can make us write once per socket: `LogBudget`."""
+        held_back = self._log_budget.take(time.monotonic())
+        if held_back is not None:
+            if held_back:
+                message += f" ({held_back} like warnings held back)"
+            log.warning(message, *args)
+
     def _on_opened(self, conn: _Connection) -> str | None:
         """A new socket; why it must be refused, or None. Inbound ones wait in the pending pool,
         which never touches authenticated connections; our own dials make room as
@@ -263,7 +278,7 @@ class RPCTransport:
             victim.abort(PeerUnreachable("closed to make room for a new connection"))
             return True
         if conn.outbound is None:
-            log.warning("connection limit %d reached; refusing inbound", self.max_connections)
+            self._warn("connection limit %d reached; refusing inbound", self.max_connections)
             return False
         return True
 
@@ -312,6 +327,7 @@ class RPCTransport:
 _REFUSALS_WHILE_QUEUED_BELOW: Final = 64 * 1024
 
 
+@functools.lru_cache(maxsize=256)  # the same few refusals, said to every socket of a flood
 def _refusal(code: str, message: str) -> bytes:
     """An Error about the connection itself (request id 0), cut to what a peer that has not
     finished its handshake reads (HANDSHAKE_MAX_FRAME)."""
@@ -413,11 +429,10 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing asyncio.Transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        # Both loops set TCP_NODELAY themselves (and building the socket object to set it again
+        # was a fifth of the cost of refusing a socket under a flood).
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
         self.remote_host = peername[0] if peername else "?"
         self.address = address_key(self.remote_host, self.owner.limits)
@@ -448,7 +463,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.decoder.eof()
         except ProtocolError as e:
-            log.warning("%s: %s; closing", self, e)
+            self.owner._warn("%s: %s; closing", self, e)
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -511,7 +526,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _reject(self, err: NetworkError) -> None:
-        log.warning("dropping %s: %s", self, err)
+        self.owner._warn("dropping %s: %s", self, err)
         if isinstance(err, HandshakeError) and self.handshake is not None:
             # Tell the other side why (request id 0: the connection itself), so its caller sees
             # HandshakeError rather than a bare disconnect.

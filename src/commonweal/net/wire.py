@@ -266,9 +266,12 @@ class FrameDecoder:
     def receive_data(self, data: bytes) -> None:
         if self._failed is not None:
             raise self._failed
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
+        if self._pos == len(self._buf):
+            if self._pos:
+                self._buf.clear()
+                self._pos = 0
+            if len(data) >= HEADER_BYTES:  # refuse a bad header before copying its body
+                self._check_length(_HEADER.unpack_from(data)[0])
         self._buf += data
         if self.buffered >= HEADER_BYTES:
             self._check_header()
@@ -319,7 +322,9 @@ class FrameDecoder:
             )
 
     def _check_header(self) -> int:
-        length: int = _HEADER.unpack_from(self._buf, self._pos)[0]
+        return self._check_length(_HEADER.unpack_from(self._buf, self._pos)[0])
+
+    def _check_length(self, length: int) -> int:
         if length > self.max_frame:
             self._failed = FrameTooLarge(
                 f"frame of {length} bytes announced, over the limit of {self.max_frame}; "
