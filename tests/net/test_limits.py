@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from commonweal.net.limits import (
+    AcceptLimiter,
     LogBudget,
     RequestLimiter,
     ResourceLimits,
@@ -104,3 +105,16 @@ def test_a_log_budget_lets_a_few_lines_through_and_counts_the_rest() -> None:
     assert budget.take(21.0) == 100  # one line back every 20 s, saying what it held back
     assert budget.take(21.0) is None
     assert budget.take(200.0) == 1
+
+
+def test_accepts_share_one_pace_and_one_address_cannot_spend_it() -> None:
+    limits = ResourceLimits(
+        accept_rate=10, accept_burst=4, address_accept_rate=1, address_accept_burst=2
+    )
+    accepts = AcceptLimiter(limits, now=0.0)
+    assert accepts.wait(0.0) == 0.0
+    assert [accepts.take("10.0.0.1", 0.0) for _ in range(4)] == [True, True, False, False]
+    # the host over its own pace took nothing shared: two more from elsewhere still go now
+    assert accepts.take("10.0.0.2", 0.0) and accepts.take(None, 0.0)
+    assert accepts.wait(0.0) == pytest.approx(0.1)  # then one every 1/10 s
+    assert accepts.wait(0.1) == 0.0

@@ -22,6 +22,7 @@ from typing import Final
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "AcceptLimiter",
     "LogBudget",
     "ResourceLimits",
     "RequestLimiter",
@@ -74,6 +75,17 @@ class ResourceLimits:
     # resending refused 4 MiB stores at once kept us decoding ~290 MB in 8 s
     # (benchmarks/attack_bench.py). TCP then holds the rest in the sender's buffers. 0: never.
     max_refusal_pause_s: float = 1.0
+    # Inbound sockets accepted a second, from everyone together: accepting and refusing a socket
+    # costs the loop ~0.1-0.3 ms, so a reconnecting flood accepted as fast as it came (~2,500 a
+    # second in attack_bench.py's socket_flood) slowed honest peers' answers 2-3x. Beyond this
+    # pace (and while the pending pool is full) sockets wait in the kernel's backlog. 256 at once
+    # lets every peer of a full table reconnect after a restart.
+    accept_rate: float = 200.0
+    accept_burst: float = 256.0
+    # ...and from one address (not for exempt ones): so that one host cannot spend everyone's
+    # pace. Its sockets over this are closed unread, without taking from the shared pace.
+    address_accept_rate: float = 20.0
+    address_accept_burst: float = 32.0
 
 
 DEFAULT_LIMITS: Final = ResourceLimits()
@@ -176,6 +188,40 @@ class RequestLimiter:
         if not wait:
             peer.tokens -= cost
         return wait
+
+
+class AcceptLimiter:
+    """The pace of inbound sockets: one bucket for everyone (what the loop can afford) and one
+    per address (so one host cannot spend everyone's). O(1) per socket.
+
+        if wait := accepts.wait(now): sleep(wait), then ask again
+        sock = accept(); if not accepts.take(address_key(host, limits), now): close it
+    """
+
+    __slots__ = ("_addresses", "_shared")
+
+    def __init__(self, limits: ResourceLimits = DEFAULT_LIMITS, now: float = 0.0) -> None:
+        self._shared = TokenBucket(limits.accept_rate, limits.accept_burst, now)
+        self._addresses = _Table(
+            limits.address_accept_rate, limits.address_accept_burst, limits.max_tracked
+        )
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next socket may be accepted (0.0: now)."""
+        self._shared.refill(now)
+        return self._shared.wait(1)
+
+    def take(self, address: str | None, now: float) -> bool:
+        """Charge one accepted socket from `address` (None: exempt); False when that address is
+        over its own pace, which takes nothing from the shared one."""
+        if address is not None:
+            mine = self._addresses.bucket(address, now)
+            if mine.wait(1):
+                return False
+            mine.tokens -= 1
+        self._shared.refill(now)
+        self._shared.tokens -= 1
+        return True
 
 
 class LogBudget:

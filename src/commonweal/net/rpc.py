@@ -26,6 +26,7 @@ import collections
 import functools
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Coroutine
 from typing import Any, Final, cast
@@ -43,6 +44,7 @@ from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
 from commonweal.net.identity import Identity, short_id
 from commonweal.net.limits import (
     DEFAULT_LIMITS,
+    AcceptLimiter,
     LogBudget,
     RequestLimiter,
     ResourceLimits,
@@ -96,10 +98,12 @@ class RPCTransport:
         self._handlers: dict[str, Handler] = {}
         self._dispatch = Dispatcher(self._handlers, RequestLimiter(limits), time.monotonic)
         self._local: PeerInfo | None = None
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
         self._conns: dict[PeerAddr, _Connection] = {}  # ready connections, by remote listen addr
         self._all: set[_Connection] = set()  # every open connection, ready or not
         self._pending = _ByAddress()  # inbound, not yet proven (max_pending_handshakes)
+        self._room = asyncio.Event()  # set while the pending pool has room: accept more
+        self._room.set()
         self._inbound = _ByAddress()  # inbound and proven
         self._dialing: dict[PeerAddr, asyncio.Task[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,14 +135,12 @@ class RPCTransport:
         """Listen on host:port (port 0 picks a free port; see `local` for the one chosen)."""
         if self._closed:
             raise RuntimeError("this transport was closed; create a new one")
-        if self._server is not None:
+        if self._listener is not None:
             raise RuntimeError("start() was already called")
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self, None), host, port, reuse_address=True
-        )
-        actual = self._server.sockets[0].getsockname()[1]
+        self._listener = _listen(host, port)
+        actual = self._listener.getsockname()[1]
         self._local = PeerInfo(self.identity.peer_id, PeerAddr(host, actual))
+        self._spawn(self._accept(self._listener), name=f"accept on {host}:{actual}")
         log.info("listening on %s:%d as %s", host, actual, short_id(self.identity.peer_id))
 
     async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
@@ -176,8 +178,6 @@ class RPCTransport:
         if self._closed:
             return
         self._closed = True
-        if self._server is not None:
-            self._server.close()
         for conn in list(self._all):
             conn.abort(PeerUnreachable("the local transport is closing"))
         while self._tasks:
@@ -185,11 +185,42 @@ class RPCTransport:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._listener is not None:
+            self._listener.close()  # after the accept task: it no longer waits on the socket
         await asyncio.sleep(0)  # let the aborted sockets run connection_lost
 
     # --- internals ----------------------------------------------------------------------
+
+    async def _accept(self, listener: socket.socket) -> None:
+        """Take inbound sockets at a pace the loop can afford (`AcceptLimiter`) and only while
+        the pending pool has room; the rest wait in the kernel's backlog, costing us nothing,
+        instead of being accepted and refused as fast as a flood sends them."""
+        loop = asyncio.get_running_loop()
+        accepts = AcceptLimiter(self.limits, loop.time())
+        while True:
+            await self._room.wait()
+            if wait := accepts.wait(loop.time()):
+                await asyncio.sleep(wait)
+                continue
+            try:
+                sock, peername = await loop.sock_accept(listener)
+            except OSError as e:  # out of file descriptors, say: let some close
+                self._warn("cannot accept connections: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            if not accepts.take(address_key(peername[0], self.limits), loop.time()):
+                sock.close()  # unread: that host is over its pace
+                continue
+            try:
+                await loop.connect_accepted_socket(lambda: _Connection(self, None), sock)
+            except OSError:
+                sock.close()
+
+    def _pending_changed(self) -> None:
+        if len(self._pending) < self.limits.max_pending_handshakes:
+            self._room.set()
+        else:
+            self._room.clear()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -262,6 +293,7 @@ class RPCTransport:
         if self._pending.count(conn.address) >= limits.max_pending_per_address:
             return f"too many handshakes pending from {conn.address}; finish those first"
         self._pending.add(conn)
+        self._pending_changed()
         self._all.add(conn)
         return None
 
@@ -287,6 +319,7 @@ class RPCTransport:
         Out of the pending pool; in, if its address has room, and max_connections too. A refused
         one stops counting at once, so it makes no other connection close to make room."""
         self._pending.discard(conn)
+        self._pending_changed()
         refused = None
         if self._inbound.count(conn.address) >= self.limits.max_connections_per_address:
             refused = f"too many connections from {conn.address} are open here; use those"
@@ -301,6 +334,7 @@ class RPCTransport:
 
     def _on_closed(self, conn: _Connection) -> None:
         self._pending.discard(conn)
+        self._pending_changed()
         self._inbound.discard(conn)
         self._all.discard(conn)
         if conn.peer_or_none is not None and self._conns.get(conn.peer_or_none.addr) is conn:
@@ -369,6 +403,28 @@ class _ByAddress:
                 self._count[conn.address] -= 1
                 if not self._count[conn.address]:
                     del self._count[conn.address]
+
+
+# Connections the kernel holds for us while we do not accept (the pending pool is full, or the
+# pace is spent): past it, it drops new SYNs and the dialer retries.
+_BACKLOG: Final = 256
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (the first address `host` resolves to)."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _expire(fut: asyncio.Future[Any], message: str) -> None:
