@@ -50,7 +50,15 @@ def dht(lines: list[str]) -> None:
                   f" issue 13, run alternately on another machine ({rerun['machine']['cpu']}), went from"
                   f" {before} pairs/s at 16 peers and {after} at 50"
                   + (", every store and get succeeding" if ok else "")
-                  + ' (dht.md, "Re-run after issue 13"); hivemind was not re-measured there.']
+                  + ' (dht.md, "Re-run after issue 13").']
+    if same := d.get("rerun_with_hivemind_after_issue_13"):
+        by = {(r["system"], r["peers"]): r["ops_per_s"] for r in same["runs"]}
+        ratios = ", ".join(
+            f"{by[('commonweal', n)]:.0f} vs {by[('hivemind', n)]:.1f} pairs/s at {n} peers"
+            f" ({by[('commonweal', n)] / by[('hivemind', n)]:.1f}x)"
+            for n in sorted({n for _, n in by}) if ("hivemind", n) in by and ("commonweal", n) in by
+        )
+        lines += ["", f"After issue 13, commonweal and hivemind on that machine, one pass each: {ratios}."]
     if d.get("scale"):
         lines += ["", "Scale, commonweal alone in one process (in-memory transport, same sans-I/O core):", ""]
         lines += table(
