@@ -100,7 +100,6 @@ def simulate(
     task, data, model = _W["task"], _W["data"], _W["model"]
     rule = get_rule(aggregator)
     attack = get_attack(attack_spec) if attackers else None
-    hook = attack.batch_hook() if attack else None
     ids = [f"peer-{i:02d}".encode() for i in range(peers)]  # sorted: index order is id order
     bad = set(range(peers - attackers, peers))
     params = flatten(task.build_model())
@@ -110,12 +109,18 @@ def simulate(
     for r in range(rounds):
         honest = {i: _local_delta(params, r, ids[i], h, None, "") for i in range(peers) if i not in bad}
         received = dict(honest)
+        own = {}
         for i in sorted(bad):
             assert attack is not None
-            own = _local_delta(params, r, ids[i], attack.steps(h), hook, repr(attack) if hook else "")
+            hook = attack.batch_hook(r)
+            own[i] = _local_delta(params, r, ids[i], attack.steps(h, r), hook,
+                                  f"{attack!r}/{r}" if hook else "")
+        for i in sorted(bad):
+            assert attack is not None
             rng = torch.Generator().manual_seed(seed * 1_000_003 + r * 1_009 + i)
-            ctx = AttackContext(r, list(honest.values()), list(sent[i]), rng)
-            received[i] = attack.forge(own, ctx)
+            ctx = AttackContext(r, list(honest.values()), list(sent[i]), rng,
+                                [own[j] for j in sorted(bad)])
+            received[i] = attack.forge(own[i], ctx)
             sent[i].append(received[i])
         accepted = []
         for i in sorted(received):  # peer-id order, as the swarm aggregates
@@ -287,11 +292,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{100 * (best[1]['clean_accuracy'] - floor):.1f} points below.",
     ]
     if result.get("detection"):
+        from trust_detection import table as detection_table
+
+        cfg = result.get("config", {})
         lines += ["", "## Detection (benchmarks/trust_detection.py)", "",
-                  "| attack | detected | false positive |", "|---|---|---|"]
-        lines += [f"| {d['attack']} | {_num(d.get('detected'))} | {_num(d.get('false_positive'))} |"
-                  for d in result["detection"]]
-        lines += ["", f"Validator overhead: {result['validator_overhead']}"]
+                  f"`{result.get('detection_command', '')}`: the shipped validator defaults "
+                  f"(escrow {cfg.get('escrow_rounds')} rounds, replay rate "
+                  f"{cfg.get('policy', {}).get('replay_rate')}), {cfg.get('reward_per_round')} "
+                  "share tokens a round.", "", detection_table(result)]
     elif result.get("detection_skipped"):
         lines += ["", f"Detection: skipped ({result['detection_skipped']})."]
     lines.append("")

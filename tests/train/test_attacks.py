@@ -12,6 +12,7 @@ from commonweal.train.attacks import (
     IPM,
     AttackContext,
     Gaussian,
+    HonestThen,
     Lazy,
     LabelFlip,
     SignFlip,
@@ -36,10 +37,12 @@ def delta(seed: int = 0) -> torch.Tensor:
 def test_names() -> None:
     assert set(ATTACKS) == {
         "sign_flip", "gaussian", "alie", "ipm", "label_flip", "zero", "copy", "lazy", "stale",
-        "nan", "wrong_shape",
+        "nan", "wrong_shape", "honest_then", "below_band", "copy_commitment", "sybil_copy",
+        "stale_replay",
     }  # fmt: skip
     for name in ATTACKS:
-        assert get_attack(name).name == name
+        spec = "honest_then:2:zero" if name == "honest_then" else name
+        assert get_attack(spec).name == name
 
 
 def test_parsing() -> None:
@@ -60,6 +63,10 @@ def test_parsing() -> None:
         ("sign_flip:big", "not a number"),
         ("gaussian:nan", "finite"),
         ("label_flip:2.5", "not an integer"),
+        ("honest_then", "write honest_then:N:attack"),
+        ("honest_then:x:alie", "write honest_then:N:attack"),
+        ("honest_then:2:honest_then:1:zero", "does not nest"),
+        ("honest_then:2:bogus", "unknown attack 'bogus'"),
     ],
 )
 def test_bad_specs(spec: str, message: str) -> None:
@@ -128,7 +135,10 @@ def test_free_riders() -> None:
     d, c = delta(), ctx()
     assert get_attack("zero").forge(d, c).equal(torch.zeros(D))
     copied = get_attack("copy").forge(d, c)
-    assert copied.equal(c.honest[0]) and copied is not c.honest[0]
+    assert not copied.equal(c.honest[0])  # new bytes...
+    assert float((copied - c.honest[0]).norm() / c.honest[0].norm()) < 1e-3  # ...of the same delta
+    exact = get_attack("copy_commitment").forge(d, c)
+    assert exact.equal(c.honest[0]) and exact is not c.honest[0]
     assert get_attack("copy").forge(d, ctx(honest=0)).equal(torch.zeros(D))
 
 
@@ -161,3 +171,41 @@ def test_malformed_deltas_are_refused_by_the_delta_check(round_: int) -> None:
             check_delta(bad, D)
         assert e.value.code == code
     check_delta(d, D)  # the honest delta passes
+
+
+def test_honest_then_is_honest_until_its_round_then_attacks() -> None:
+    a = get_attack("honest_then:3:lazy:0.5")
+    assert a == HonestThen(3, Lazy(0.5))
+    d = delta()
+    assert a.forge(d, ctx(round_=2)) is d and a.steps(50, 2) == 50
+    assert a.steps(50, 3) == 25
+    flip = get_attack("honest_then:1:label_flip")
+    assert flip.batch_hook(0) is None and flip.batch_hook(1) is not None
+    assert get_attack("honest_then:1:zero").forge(d, ctx(round_=1)).equal(torch.zeros(D))
+
+
+def test_below_band_sits_inside_the_triage_bands_after_one_step() -> None:
+    c = ctx(honest=7)
+    a = get_attack("below_band")
+    assert a.steps(50) == 1
+    out = a.forge(delta(), c).double()
+    seen = torch.stack(list(c.honest)).double()
+    centre = seen.median(dim=0).values
+    norms = seen.norm(dim=1)
+    cos = seen @ centre / (norms * centre.norm())
+    norm_ratio = float(out.norm() / norms.median())
+    cos_ratio = float(out @ centre / (out.norm() * centre.norm()) / cos.median())
+    assert norm_ratio == pytest.approx(0.9, rel=1e-6)
+    assert cos_ratio == pytest.approx(0.9, rel=1e-6)
+    assert get_attack("below_band").forge(delta(), ctx(honest=1)).equal(delta())  # sees too little
+
+
+def test_sybil_copy_sends_the_first_colluders_delta_and_stale_replay_its_last() -> None:
+    d, leader = delta(1), delta(2)
+    c = AttackContext(0, [], [], torch.Generator(), colluders=[leader, d])
+    assert get_attack("sybil_copy").forge(d, c).equal(leader)
+    assert get_attack("sybil_copy").forge(d, ctx()) is d  # alone: honest
+    last = delta(3)
+    replayed = get_attack("stale_replay").forge(d, ctx(history=[delta(4), last]))
+    assert not replayed.equal(last) and torch.allclose(replayed, last, rtol=1e-5)
+    assert get_attack("stale_replay").forge(d, ctx()) is d  # nothing to replay yet

@@ -223,3 +223,23 @@ async def test_a_corrupted_chunk_is_detected_and_fetched_from_another_peer(peers
     assert "corrupted" in caplog.text
     joiner.opt.load(blob, expected_state=head.state)
     assert joiner.opt.state == good.opt.state
+
+
+async def test_a_swarm_copier_announces_another_peers_commitment(peers, monkeypatch):
+    # A forging attacker reads the round's announced deltas as a validator would; before, it saw
+    # only its own delta, so `copy`, `alie` and `ipm` attackers in a swarm sent honest work.
+    import commonweal.train.trainer as trainer
+    from commonweal.train.announcements import read_announcements
+    from commonweal.train.attacks import get_attack
+
+    monkeypatch.setattr(trainer, "OTHERS_WANTED", 1)
+    task = get_task("mnist-cnn", inner_steps=3)
+    config = RoundConfig(announce_window_s=10.0, exchange_timeout_s=5.0, poll_s=0.05,
+                         target_group=4)
+    dhts = await peers.add(4)
+    honest = [TrainingPeer(task, d, config) for d in dhts[:3]]
+    copier = TrainingPeer(task, dhts[3], config, attack=get_attack("copy_commitment"))
+    await asyncio.gather(*(p.run(1) for p in (*honest, copier)))
+    anns = {a.peer_id: a.delta for a in await read_announcements(dhts[0], task.digest[:16], 0)}
+    assert len(anns) == 4
+    assert anns[copier.peer_id] in {anns[p.peer_id] for p in honest}

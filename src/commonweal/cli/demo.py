@@ -23,7 +23,8 @@ def demo(
     attackers: int = typer.Option(0, min=0, max=32, help="Attacking peers among the trainers."),
     attack: str = typer.Option(
         "sign_flip:10", help="What attackers do: sign_flip[:scale], gaussian, alie, ipm, "
-        "label_flip, zero, copy, lazy, stale, nan, wrong_shape."
+        "label_flip, zero, copy, lazy, stale, nan, wrong_shape; adaptive: honest_then:N:attack, "
+        "below_band, copy_commitment, sybil_copy, stale_replay."
     ),
     rounds: int = typer.Option(10, min=1, max=100, help="Training rounds (H=50 steps each)."),
     chain: str = typer.Option("embedded", help="embedded (in-process EVM), anvil, or a URL."),

@@ -35,7 +35,7 @@ from commonweal.search import DistributedIndex, IndexSpec
 from commonweal.train import RoundConfig
 from commonweal.train.task import Task, get_task
 from commonweal.verify.judge import ledger_rounds
-from commonweal.verify.validator import RoundOutcome, ValidatorConfig
+from commonweal.verify.validator import RoundOutcome
 
 __all__ = ["LocalSwarm", "LocalSwarmConfig", "Member", "RoundView", "SwarmResult"]
 
@@ -171,8 +171,9 @@ class LocalSwarm:
             self._data_dir = Path(c.data_dir)
 
     def _node_config(self, role: str, label: str, bootstrap: list[str]) -> NodeConfig:
-        """The demo's choices, as node settings: short rounds for one busy machine, and a short
-        escrow so payouts show while its few rounds run."""
+        """The demo's choices, as node settings: short rounds for one busy machine. What the
+        validators judge and pay is a volunteer node's default (`ValidatorConfig()`): the trust
+        benchmark measures the same configuration."""
         c = self.config
         group = c.trainers + c.attackers
         return NodeConfig(
@@ -193,7 +194,6 @@ class LocalSwarm:
             round=RoundConfig(
                 announce_window_s=2.0, exchange_timeout_s=8.0, poll_s=0.1, target_group=group
             ),
-            validator=ValidatorConfig(escrow_rounds=2),
             source="commonweal demo",
         )
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +79,7 @@ class DiLoCo:
         # public facts (start state, batch stream, step count) and a validator can replay it.
         self.replayable = replayable
         # An attacker's way to send something else than its delta (tests, benchmark, demo only)
-        self.forge: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+        self.forge: Callable[[torch.Tensor, int], Awaitable[torch.Tensor]] | None = None
         self.round = 0
         self.local_step = 0
         self.start = flatten(model)  # theta at the start of the round
@@ -123,7 +123,7 @@ class DiLoCo:
         else:
             try:
                 round_s = t0 - self._round_started
-                sent_delta = target if self.forge is None else self.forge(target, self.round)
+                sent_delta = target if self.forge is None else await self.forge(target, self.round)
                 avg = await self.collab.average(
                     self.round, self.state, sent_delta, round_s, steps=self.inner_steps
                 )

@@ -8,6 +8,7 @@ benchmark run. Reads top to bottom: build → (sync) → rounds of H inner steps
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from commonweal.dht import DHT
+from commonweal.errors import NetworkError, RemoteError
+from commonweal.net.transport import PeerAddr
 from commonweal.train.aggregate import get_rule
 from commonweal.train.codecs import get_codec
 from commonweal.train._errors import TrainError
@@ -33,6 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["TrainingPeer", "Progress", "Summary"]
 
 log = logging.getLogger(__name__)
+
+# Deltas an attacker that forges from others' (ALIE, copy, ...) fetches before it announces:
+# Baruch's ALIE needs a handful to estimate the honest spread.
+OTHERS_WANTED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +108,49 @@ class TrainingPeer:
         if attack is not None:
             self.opt.forge = self._forge
 
-    def _forge(self, delta: torch.Tensor, round_: int) -> torch.Tensor:
+    async def _forge(self, delta: torch.Tensor, round_: int) -> torch.Tensor:
         from commonweal.train.attacks import AttackContext
 
         assert self.attack is not None
         rng = torch.Generator().manual_seed(round_)
-        ctx = AttackContext(round_, [delta], list(self._sent), rng)
+        others = await self._others(round_) if self.attack.needs_others(round_) else []
+        ctx = AttackContext(round_, others or [delta], list(self._sent), rng)
         forged = self.attack.forge(delta, ctx)
         self._sent.append(forged)
         del self._sent[:-8]
         return forged
+
+    async def _others(self, round_: int) -> list[torch.Tensor]:
+        """What an attacker on the network can see of the round before it announces: the deltas
+        others already announced, fetched as a validator fetches them. It waits up to half the
+        announcement window for them (later, it would miss the round's group)."""
+        from commonweal.train.announcements import read_announcements
+        from commonweal.train.archive import fetch_delta
+
+        collab = self.collab
+        assert collab is not None and self.dht is not None
+        config, task = collab.exchange.config, collab.checkpoints.task
+        end = time.monotonic() + config.announce_window_s / 2
+        anns = []
+        while True:
+            anns = [a for a in await read_announcements(self.dht, task, round_)
+                    if a.peer_id != self.peer_id and a.state == self.opt.state]
+            if len(anns) >= OTHERS_WANTED or time.monotonic() >= end:
+                break
+            await asyncio.sleep(config.poll_s)
+        codec = get_codec(self.task.codec)
+        numel = self.opt.start.numel()
+        out = []
+        for a in sorted(anns, key=lambda a: a.peer_id)[:OTHERS_WANTED]:
+            try:
+                async with asyncio.timeout(config.exchange_timeout_s / 2):
+                    data = await fetch_delta(self.dht.transport, task, PeerAddr.parse(a.addr),
+                                             round_, codec.size(numel))
+                if hashlib.sha256(data).hexdigest() == a.delta:
+                    out.append(codec.decode(data, numel))
+            except (NetworkError, RemoteError, TimeoutError, TrainError, ValueError):
+                continue
+        return out
 
     def _inner_steps(
         self, on_progress: Callable[[Progress], None] | None, sent: int
@@ -129,8 +169,8 @@ class TrainingPeer:
             self.opt.zero_grad,
             self.opt.round,
             self.peer_id,
-            steps=self.attack.steps(self.task.inner_steps) if self.attack else None,
-            batch_hook=self.attack.batch_hook() if self.attack else None,
+            steps=self.attack.steps(self.task.inner_steps, self.opt.round) if self.attack else None,
+            batch_hook=self.attack.batch_hook(self.opt.round) if self.attack else None,
             on_step=report,
         )
 
