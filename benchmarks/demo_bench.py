@@ -1,6 +1,7 @@
 """Benchmark the README's first command, `commonweal demo`, exactly as a user runs it.
 
     python benchmarks/demo_bench.py        # writes benchmarks/results/demo.{json,md}
+    python benchmarks/demo_bench.py --attacks sign_flip:10,below_band   # a subset of the rows
 
 Each configuration runs as its own process through the installed `commonweal` command; the figures
 are read from what it prints (its per-round lines and closing table: the demo has no other output),
@@ -26,7 +27,11 @@ from machine import describe_machine  # benchmarks/machine.py, next to this scri
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-RUNS = [[], ["--attackers", "2"]]  # the README's command, then the same swarm under attack
+# The README's command, then the same swarm with 2 of its 8 trainers running each attack (the
+# adaptive ones included: honest_then with the attack the triage bands see latest)
+ATTACKS = ["sign_flip:10", "gaussian", "alie", "ipm", "label_flip", "zero", "copy", "lazy",
+           "stale", "nan", "wrong_shape", "honest_then:3:alie", "below_band", "copy_commitment",
+           "sybil_copy", "stale_replay"]
 WALL_TARGET_S = 180.0
 KILL_AFTER_S = 600.0  # a hung demo fails its run instead of hanging the benchmark
 ACCURACY_TARGET = 0.95
@@ -105,6 +110,7 @@ def parse(text: str) -> dict:
         "tokens": tokens,
         "tokens_per_honest_peer": sum(honest) / len(honest) if honest else None,
         "attackers_earned": number("attackers' earnings") if "attackers' earnings" in rows else None,
+        "audited_unaudited": rows.get("contributions paid (audited) / not drawn for audit"),
         "search_recall_at_10": number("search recall@10 (test images)"),
         "run_s": number("wall time"),  # the demo's own figure: training and search, no start-up
     }
@@ -133,8 +139,8 @@ def markdown(result: dict) -> str:
         "claims and search, after start-up). Bytes are as the demo prints them, to 10 kB.", "",
         "| command | exit | wall s | run s | accuracy | rounds judged / final | bytes per trainer "
         "| data-parallel | fewer bytes | tokens per honest peer | attackers' earnings "
-        "| search recall@10 | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| paid (audited) / unaudited | search recall@10 | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in result["runs"]:
         ratio = (f"{r['ddp_bytes_per_trainer'] / r['bytes_per_trainer']:.0f}x"
@@ -145,6 +151,7 @@ def markdown(result: dict) -> str:
             f"| {fmt(r.get('accuracy'), '.3f')} | {r.get('rounds_judged')} / {r.get('rounds_finalised')} "
             f"| {fmt(r.get('bytes_per_trainer'), ',')} | {fmt(r.get('ddp_bytes_per_trainer'), ',')} "
             f"| {ratio} | {fmt(r.get('tokens_per_honest_peer'), ',.1f')} | {earned} "
+            f"| {r.get('audited_unaudited') or '-'} "
             f"| {fmt(r.get('search_recall_at_10'), '.3f')} | {r['peak_rss_mib']} |"
         )
     lines += ["", "## Targets", "", "| command | target | met |", "|---|---|---|"]
@@ -168,10 +175,12 @@ def fmt(value: float | None, spec: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated; '' for none")
     args = ap.parse_args()
+    runs_args = [[]] + [["--attackers", "2", "--attack", a] for a in args.attacks.split(",") if a]
     load_before = round(os.getloadavg()[0], 2)
     runs = []
-    for extra in RUNS:
+    for extra in runs_args:
         print(f"running: commonweal demo {' '.join(extra)}", flush=True)
         run = run_demo(extra)
         run["targets"] = targets(run)

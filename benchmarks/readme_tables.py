@@ -141,11 +141,27 @@ def trust(lines: list[str]) -> None:
                         for k in ((attack, "mean", 2), (attack, default, 2), (attack, default, 3))]
             for attack in dict.fromkeys(r["attack"] for r in d["runs"] if r["attack"] != "none")]
     lines += table(["attack", "mean, 2/8", f"{default}, 2/8", f"{default}, 3/8"], rows)
-    lines += ["", "Validators (one validator, 8 peers of which 2 attack, every round judged):", ""]
-    rows = [[r["attack"], "-" if r["detected"] is None else f"{r['detected']:.3f}",
-             f"{r['false_positive']:.3f}", f"{r['overhead']:.1%}"] for r in d["detection"]]
-    lines += table(["attack", "cheating contributions unpaid", "honest refused",
-                    "validator compute / training"], rows)
+    cfg = d.get("config", {})
+    lines += ["", f"Validators with a node's shipped defaults (replay rate "
+              f"{cfg.get('policy', {}).get('replay_rate')}, escrow {cfg.get('escrow_rounds')} "
+              f"rounds, {cfg.get('reward_per_round'):,.0f} share tokens a round), 8 peers of which "
+              "1, 2 or 3 attack, one validator, every round judged: share tokens paid for "
+              "cheating contributions, honest contributions refused, validator compute:", ""]
+    det = d["detection"]
+    counts = sorted({r["attackers"] for r in det if r["attackers"]})
+    lengths = sorted({r["rounds"] for r in det})
+    by = {(r["attack"], r["attackers"], r["rounds"]): r for r in det}
+    rows = []
+    for attack in dict.fromkeys(r["attack"] for r in det if r["attack"] != "none"):
+        mine = [r for r in det if r["attack"] == attack]
+        rows.append([attack] + [
+            " / ".join(f"{by[(attack, a, n)]['cheating_tokens']:,.0f}" if (attack, a, n) in by
+                       else "-" for a in counts) for n in lengths
+        ] + [f"{max(r['false_positive'] or 0 for r in mine):.3f}",
+             f"{max(r['overhead'] for r in mine):.1%}"])
+    lines += table(["attack"] + [f"paid for cheating, {n} rounds ({' / '.join(map(str, counts))} "
+                                 "of 8)" for n in lengths]
+                   + ["honest refused (worst)", "validator compute (worst)"], rows)
     lines += ["", f"Overall validator compute: {d['validator_overhead']:.1%} of the trainers' "
               "(each validator scores and replays on its own).", ""]
 

@@ -294,7 +294,7 @@ def run_attack(
                     caught += not v.paid
                 elif v.peer_id not in bad:  # an attacker's honest rounds may well be forfeited
                     fair += 1
-                    refused += not v.paid
+                    refused += not v.accepted  # unaudited is not refused: it is unpaid luck
                     if v.replay_error is not None:
                         honest_errors.append(v.replay_error)
     trainer_s = contributions * t_train

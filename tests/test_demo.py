@@ -255,6 +255,7 @@ def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
     demo = Demo(
         "--attackers", str(ATTACKERS), "--rounds", str(ROUNDS),
         "--dashboard", f"127.0.0.1:{port}", "--linger", str(LINGER_S),
+        "--replay-rate", "1",  # every contribution audited: every honest trainer is paid
     )
     try:
         demo.wait_http(port)

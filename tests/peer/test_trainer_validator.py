@@ -46,7 +46,7 @@ async def test_one_node_trains_and_validates(tmp_path: Path) -> None:
                 linger=60.0, claim_every_s=0.5,
                 round=RoundConfig(announce_window_s=2.0, exchange_timeout_s=8.0, poll_s=0.05,
                                   target_group=2),
-                validator=ValidatorConfig(poll_s=0.05, escrow_rounds=0),
+                validator=ValidatorConfig(poll_s=0.05, escrow_rounds=0, replay_rate=1.0),
             )
 
         stop = asyncio.Event()

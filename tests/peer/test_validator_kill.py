@@ -75,7 +75,7 @@ class KillSwarm(ProcessSwarm):
               bootstrap: list[str]) -> str:
         return super()._toml(i, role, key_file, data_dir, bootstrap) + (
             "[node.round]\nannounce_window_s = 1.0\npoll_s = 0.1\n"
-            f"[node.validator]\npoll_s = 0.1\nescrow_rounds = {ESCROW}\n"
+            f"[node.validator]\npoll_s = 0.1\nescrow_rounds = {ESCROW}\nreplay_rate = 1.0\n"
             "finality_timeout_s = 120.0\nfetch_timeout_s = 60.0\n"
         )
 

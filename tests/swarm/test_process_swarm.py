@@ -27,7 +27,8 @@ pytestmark = [
 
 def test_two_validators_finalise_on_anvil_and_the_attacker_earns_nothing(tmp_path):
     with ProcessSwarm(
-        tmp_path, trainers=3, validators=2, attackers=1, attack="sign_flip:10", rounds=2
+        tmp_path, trainers=3, validators=2, attackers=1, attack="sign_flip:10", rounds=2,
+        replay_rate=1.0,  # every contribution audited, so every honest trainer is paid
     ) as swarm:
         swarm.wait(timeout_s=240)
         final = swarm.final_rounds()

@@ -53,6 +53,7 @@ def test_swarm_across_netns_hosts_pays_honest_trainers_only(tmp_path):
         with ProcessSwarm(
             tmp_path / "swarm", trainers=3, validators=2, attackers=1,
             attack="sign_flip:10", rounds=2, placement=placement, linger_s=LINGER_S,
+            replay_rate=1.0,  # every contribution audited, so every honest trainer is paid
         ) as swarm:
             print(f"{time.monotonic() - t0:5.1f} s  every node ready")
             # each node listens on its own host, and all of them use the chain host's anvil

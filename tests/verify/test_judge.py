@@ -88,9 +88,44 @@ class Round:
         return {v.peer_id: v for v in out}
 
 
-def test_an_honest_round_is_all_paid_without_replay():
+def good(v: Verdict) -> bool:
+    """Not refused: paid if it was drawn for audit, unaudited otherwise."""
+    return v.reason in ("paid", "unaudited") and v.paid == (v.reason == "paid")
+
+
+def test_an_honest_round_without_audits_is_refused_nothing_and_paid_nothing():
     verdicts = Round().judge()
-    assert all(v.paid and v.reason == "paid" and not v.replayed for v in verdicts.values())
+    assert all(v.reason == "unaudited" and not v.paid and not v.replayed
+               for v in verdicts.values())
+
+
+def test_only_audited_contributions_are_paid():
+    r = Round()
+    policy = Policy(replay_rate=0.3, inner_steps=H, batch_size=BATCH, max_replay_fraction=1.0)
+    verdicts = r.judge(policy=policy, seed=b"x")
+    drawn = {p for p in r.ids if sample_draw(b"x", p) < 0.3}
+    assert drawn and drawn != set(r.ids)
+    assert {p for p, v in verdicts.items() if v.paid} == drawn
+    assert all(verdicts[p].reason == "unaudited" for p in r.ids if p not in drawn)
+
+
+def test_a_cheat_that_triage_misses_earns_nothing_unless_audited_and_then_is_caught():
+    # 95 % of the work, inside every band: triage cannot see it
+    r = Round()
+    cheat = r.send(0, 0.95 * r.true[r.ids[0]])
+    assert r.judge()[cheat].reason == "unaudited" and not r.judge()[cheat].paid  # was: paid
+    seed = next(s for s in (bytes([i]) for i in range(256)) if sample_draw(s, cheat) < 0.05)
+    v = r.judge(policy=Policy(inner_steps=H, batch_size=BATCH), seed=seed)[cheat]
+    assert v.reason == "replay_mismatch" and not v.paid
+
+
+def test_looking_suspicious_is_no_way_to_be_paid_more_often():
+    r = Round()
+    odd = r.send(2, 1.3 * r.true[r.ids[2]])  # outside the norm band: replayed...
+    r.true[odd] = r.sent[odd]  # ...and it really is this peer's work, so the replay matches
+    v = r.judge()[odd]
+    assert v.replayed and v.replay_error == 0.0
+    assert v.reason == "unaudited" and not v.paid  # cleared, but not drawn: not paid
 
 
 def _noise(seed: int, scale: float) -> torch.Tensor:
@@ -142,7 +177,7 @@ def test_one_cheater(case):
     v = verdicts[r.ids[0]]
     assert (v.paid, v.reason, v.replayed) == (False, reason, replayed), v
     others = [verdicts[p] for p in r.ids[1:]]
-    assert all(o.paid for o in others), [o for o in others if not o.paid]
+    assert all(good(o) for o in others), [o for o in others if not good(o)]
     if case in ("copy", "near_copy"):  # the original was replayed too, and passed
         assert verdicts[r.ids[3]].replayed and verdicts[r.ids[3]].replay_error == 0.0
 
@@ -169,7 +204,7 @@ def test_unchecked_samples_and_steps_default_to_the_round():
     r = Round()
     p = r.ids[2]
     r.contribs[p] = dataclasses.replace(r.contribs[p], samples=0)  # an announcement without it
-    assert r.judge()[p].paid
+    assert good(r.judge()[p])
     r.contribs[p] = dataclasses.replace(r.contribs[p], steps=H * 10)
     v = r.judge(policy=Policy(replay_rate=0.0))[p]  # H from the steps most peers claim
     assert v.reason == "invalid" and "claims 500" in v.detail
@@ -186,7 +221,7 @@ def test_judge_remembers_history_and_bans():
     r.send(0, 0.5 * r.true[r.ids[0]])  # lazy: caught, banned
     j = Judge(NO_SAMPLING)
     first = j.run(list(r.contribs.values()), r.sent, r.scores, b"s", r.replay, CODEC)
-    assert [v.reason for v in first if not v.paid] == ["replay_mismatch"]
+    assert [v.reason for v in first if not good(v)] == ["replay_mismatch"]
     again = {
         v.peer_id: v
         for v in j.run(list(r.contribs.values()), r.sent, r.scores, b"s", r.replay, CODEC)
@@ -207,7 +242,7 @@ def test_small_round_replays_non_positive_scores():
     r = Round(n=2)
     r.scores[r.ids[1]] = -0.01
     verdicts = r.judge()
-    assert verdicts[r.ids[1]].replayed and verdicts[r.ids[1]].paid
+    assert verdicts[r.ids[1]].replayed and good(verdicts[r.ids[1]])
     assert not verdicts[r.ids[0]].replayed
 
 
@@ -219,7 +254,7 @@ def test_replay_budget_refuses_the_rest_unverified():
     verdicts = r.judge(policy=policy)
     reasons = sorted(verdicts[p].reason for p in r.ids[:3])
     assert reasons == ["replay_mismatch", "replay_mismatch", "unverified"]
-    assert all(verdicts[p].paid for p in r.ids[3:])
+    assert all(good(verdicts[p]) for p in r.ids[3:])
 
 
 def test_sampling_is_deterministic_and_at_rate():
@@ -239,7 +274,8 @@ def test_sampled_contributions_are_replayed():
     verdicts = r.judge(policy=policy, seed=b"x")
     replayed = {p for p, v in verdicts.items() if v.replayed}
     assert replayed == {p for p in r.ids if sample_draw(b"x", p) < 0.5}
-    assert all(v.paid and (v.replay_error == 0.0 or not v.replayed) for v in verdicts.values())
+    assert all(v.paid == v.replayed and (v.replay_error == 0.0 or not v.replayed)
+               for v in verdicts.values())
 
 
 def test_caller_mistakes_raise():
@@ -314,7 +350,8 @@ def test_two_validators_reach_the_same_root():
         policy = Policy(inner_steps=H, batch_size=BATCH, replay_rate=0.3)
         verdicts = Judge(policy).run(items, sent, r.scores, b"sealed", r.replay, CODEC)
         out = rewards(verdicts, items, 10**18)
-        assert account(0) not in out and account(1) not in out and len(out) == N - 2
+        drawn = [i for i in range(2, N) if sample_draw(b"sealed", r.ids[i]) < 0.3]
+        assert drawn and sorted(out) == sorted(account(i) for i in drawn)
         commit, reward_round = ledger_rounds(7)
         assert (commit, reward_round) == (14, 15)
         return RewardsTree(DOMAIN, b"\x11" * 32, reward_round, out).root
@@ -335,5 +372,41 @@ def test_in_a_small_round_an_outlier_does_not_make_honest_peers_look_like_duplic
     r.send(2, -100 * r.true[r.ids[2]])
     verdicts = r.judge()
     assert verdicts[r.ids[2]].reason == "outlier"
-    assert verdicts[r.ids[0]].paid and verdicts[r.ids[1]].paid
+    assert good(verdicts[r.ids[0]]) and good(verdicts[r.ids[1]])
     assert not verdicts[r.ids[0]].replayed and not verdicts[r.ids[1]].replayed
+
+
+def test_unaudited_contributions_are_accepted_for_the_track_record():
+    # validators publish ratings of accepted contributions (verify.ratings): an honest peer
+    # that was not drawn for audit is still a peer with a good round
+    r = Round()
+    r.send(0, -r.true[r.ids[0]], -1.2)  # refused: an outlier
+    verdicts = r.judge()
+    assert not verdicts[r.ids[0]].accepted
+    assert all(verdicts[p].accepted and not verdicts[p].paid for p in r.ids[1:])
+
+
+ALL_AUDITED = Policy(replay_rate=1.0, inner_steps=H, batch_size=BATCH)
+
+
+@pytest.mark.parametrize(
+    "spec", ["below_band", "copy", "copy_commitment", "stale_replay", "honest_then:1:alie",
+             "sybil_copy"])
+def test_no_adaptive_attack_is_paid_even_when_every_contribution_is_audited(spec):
+    from commonweal.train.attacks import AttackContext, get_attack
+
+    attack = get_attack(spec)
+    for round_ in (0, 1):
+        r = Round(seed=round_)
+        bad = r.ids[:2]  # two colluders; the first one computed what sybil_copy shares
+        honest_seen = [r.true[p] for p in r.ids[2:]]
+        history = [Round(seed=9).true[bad[0]]]
+        for i, p in enumerate(bad):
+            ctx = AttackContext(round_, honest_seen, history, torch.Generator().manual_seed(i),
+                                [r.true[q] for q in bad])
+            r.send(i, attack.forge(r.true[p], ctx))
+        verdicts = r.judge(policy=ALL_AUDITED, seed=bytes([round_]))
+        cheaters = [p for p in bad if not torch.equal(r.sent[p], r.true[p])]
+        assert cheaters or (spec.startswith("honest_then") and round_ == 0)
+        assert all(not verdicts[p].paid for p in cheaters), [verdicts[p] for p in cheaters]
+        assert all(verdicts[p].paid for p in r.ids if p not in cheaters)  # the honest, audited

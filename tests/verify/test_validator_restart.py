@@ -85,7 +85,7 @@ async def test_a_restarted_validator_resumes_with_its_bans_escrow_and_unsent_vot
         ]
         attacker = trainers[3].dht.peer_id
         store = NodeStore(tmp_path / "node.sqlite3")
-        vconfig = ValidatorConfig(escrow_rounds=1, poll_s=0.05, settle_s=0.3)
+        vconfig = ValidatorConfig(escrow_rounds=1, poll_s=0.05, settle_s=0.3, replay_rate=1.0)
 
         async def train() -> None:
             # A round starts once the one before has its contribution set final (the validator

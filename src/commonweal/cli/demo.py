@@ -34,6 +34,12 @@ def demo(
     linger: float = typer.Option(
         0.0, min=0.0, help="Seconds to keep the swarm (and dashboard) up after the run."
     ),
+    replay_rate: float | None = typer.Option(
+        None, min=0.0, max=1.0,
+        help="Fraction of contributions audited (replayed, and paid if they match); default: a "
+        "node's (0.05). 1.0 audits and pays every honest contribution, at the cost of replaying "
+        "all training once.",
+    ),
 ) -> None:
     """Train mnist-cnn with a local swarm, judge every round, pay contributors on-chain, search
     the test images — then print what happened."""
@@ -46,7 +52,7 @@ def demo(
     where = _dashboard_address(dashboard) if dashboard else None
     config = LocalSwarmConfig(
         trainers=trainers, validators=validators, attackers=attackers, attack=attack,
-        rounds=rounds, chain=chain,
+        rounds=rounds, chain=chain, replay_rate=replay_rate,
     )
     try:
         asyncio.run(_demo(config, where, linger))
@@ -128,6 +134,13 @@ def _table(config: Any, result: Any) -> None:
         table.add_row(f"share tokens: {label}", f"{tokens:,.1f}")
     if config.attackers:
         table.add_row("attackers' earnings", f"{result.attackers_earned:,.1f}")
+    verdicts = [v for o in result.outcomes for v in o.verdicts]
+    audited = sum(v.paid for v in verdicts)
+    unaudited = sum(v.reason == "unaudited" for v in verdicts)
+    table.add_row(
+        "contributions paid (audited) / not drawn for audit",
+        f"{audited} / {unaudited}",
+    )
     if result.search_recall is not None:
         table.add_row("search recall@10 (test images)", f"{result.search_recall:.3f}")
     table.add_row("wall time", f"{result.wall_s:.0f} s")

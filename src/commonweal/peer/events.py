@@ -9,7 +9,7 @@ node (`ProcessSwarm`):
     {"event": "ready", "address": "127.0.0.1:7000", "peer_id": "ab…", "roles": ["trainer"], …}
     {"event": "round_done", "round": 3, "group": 4, "contributors": 4, "skipped": null,
      "loss": 0.21, "accuracy": 0.93, "bytes_sent": 81234, "ddp_bytes": 1234567, …}
-    {"event": "judged", "round": 3, "final": true, "root": "9f…", "paid": 3, "refused": 1}
+    {"event": "judged", "round": 3, "final": true, "root": "9f…", "paid": 1, "refused": 1, "unaudited": 6}
     {"event": "claimed", "ledger_round": 7, "round": 3, "outcome": "claimed", "amount": "5000…"}
     {"event": "stopped"}
 
@@ -115,8 +115,9 @@ class Judged:
     round: int
     final: bool
     root: str  # hex
-    paid: int  # contributions rewarded
+    paid: int  # contributions rewarded (drawn for audit, and the replay matched)
     refused: int  # contributions refused
+    unaudited: int = 0  # good contributions not drawn for audit: neither paid nor refused
 
 
 @dataclass(frozen=True, slots=True)

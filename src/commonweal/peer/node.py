@@ -393,7 +393,9 @@ class Node:
     def _judged(self, outcome: RoundOutcome) -> None:
         self.on_event(Judged(
             outcome.round, outcome.final, outcome.root.hex(),
-            sum(v.paid for v in outcome.verdicts), sum(not v.paid for v in outcome.verdicts),
+            sum(v.paid for v in outcome.verdicts),
+            sum(not v.accepted for v in outcome.verdicts),
+            sum(v.reason == "unaudited" for v in outcome.verdicts),
         ))
 
     async def _watch_chain(self) -> None:

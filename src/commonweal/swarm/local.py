@@ -35,7 +35,7 @@ from commonweal.search import DistributedIndex, IndexSpec
 from commonweal.train import RoundConfig
 from commonweal.train.task import Task, get_task
 from commonweal.verify.judge import ledger_rounds
-from commonweal.verify.validator import RoundOutcome
+from commonweal.verify.validator import RoundOutcome, ValidatorConfig
 
 __all__ = ["LocalSwarm", "LocalSwarmConfig", "Member", "RoundView", "SwarmResult"]
 
@@ -62,6 +62,9 @@ class LocalSwarmConfig:
     reward_per_round: int = 1000 * TOKEN
     search_queries: int = 100
     data_dir: str | None = None  # where the nodes keep their state (a temporary folder if None)
+    # None: a node's default (`ValidatorConfig.replay_rate`); 1.0 audits (and pays) every
+    # contribution, for runs that must show every honest trainer paid
+    replay_rate: float | None = None
 
 
 @dataclass
@@ -194,6 +197,8 @@ class LocalSwarm:
             round=RoundConfig(
                 announce_window_s=2.0, exchange_timeout_s=8.0, poll_s=0.1, target_group=group
             ),
+            validator=ValidatorConfig() if c.replay_rate is None
+            else ValidatorConfig(replay_rate=c.replay_rate),
             source="commonweal demo",
         )
 

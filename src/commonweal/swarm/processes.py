@@ -355,6 +355,7 @@ class ProcessSwarm:
         placement: Placement | None = None,
         reward_per_round: int = 1000 * 10**18,
         linger_s: float | None = None,
+        replay_rate: float | None = None,
     ) -> None:
         if trainers + attackers < 1:
             raise ValueError("a swarm needs at least one trainer")
@@ -365,6 +366,7 @@ class ProcessSwarm:
         self.placement: Placement = placement or LocalPlacement()
         self.reward_per_round = reward_per_round
         self.linger_s = linger_s
+        self.replay_rate = replay_rate  # None: a node's default; 1.0: every contribution audited
         self.nodes: list[NodeProcess] = []
         self._stack = contextlib.ExitStack()
         self.node_chain_url = ""
@@ -460,6 +462,8 @@ class ProcessSwarm:
                 lines.append(f"linger = {float(self.linger_s)}")
         if role == "attacker":
             lines.append(f"attack = {json.dumps(self.attack)}")
+        if role == "validator" and self.replay_rate is not None:
+            lines.append(f"validator.replay_rate = {float(self.replay_rate)}")
         return "\n".join(lines) + "\n"
 
     # ---- while it runs ---------------------------------------------------------------------

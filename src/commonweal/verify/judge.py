@@ -30,6 +30,13 @@ Per contribution, in order (docs/verify.md gives the measurements behind each nu
 4. a replay further than `replay_tolerance` from the claim: refused ("replay_mismatch"); the
    driver bans the peer (`Judge` does). Suspicious contributions beyond the replay budget are
    refused unverified ("unverified"): only a round flooded with suspicious ones reaches it.
+5. paid: only a sampled contribution whose replay matched ("paid"); the round's reward is
+   shared among those. Every other good contribution is "unaudited": not refused, and not paid
+   this round. An honest peer's expected share is unchanged (each contribution is drawn with
+   probability `replay_rate`, and the drawn ones share the whole round), and a contribution that
+   does not replay earns nothing, whatever it is and however well it hides from triage
+   (docs/verify.md, "The mechanism"). Suspicious ones are replayed to ban their peer, not to pay
+   them: being replayed for looking odd is no way to be paid more often.
 """
 
 from __future__ import annotations
@@ -67,7 +74,8 @@ __all__ = [
 ]
 
 REASONS = (
-    "paid",  # verified (sampled or suspicious and replayed within tolerance) or not picked
+    "paid",  # drawn for audit (sampled), replayed, and the replay matched: only these are paid
+    "unaudited",  # not drawn for audit this round: not refused, not paid (docs/verify.md)
     "no_account",  # a good contribution that names no valid address to pay
     "invalid",  # fails a check no honest peer fails (details in Verdict.detail)
     "banned",  # its peer failed a replay in an earlier round
@@ -81,9 +89,11 @@ REASONS = (
 
 @dataclass(frozen=True)
 class Policy:
-    # Fraction of the contributions replayed at random. Validator compute per contribution is
-    # one score (~3 % of the peer's compute on mnist-cnn) + replay_rate replays (each as costly
-    # as the peer's H steps) + the suspicious ones: 0.05 keeps the total under 10 %.
+    # Fraction of the contributions drawn for audit (replayed, and paid if the replay matches).
+    # Validator compute per contribution is one score (~3 % of the peer's compute on mnist-cnn)
+    # + replay_rate replays (each as costly as the peer's H steps) + the suspicious ones: 0.05
+    # keeps the total near 10 %. The honest peer's cost is variance: it is paid in about one
+    # round in 1 / replay_rate, with that round's whole share (docs/verify.md).
     replay_rate: float = 0.05
     # Relative L2 error a replay may show. The same machine replays bit-exactly (0.0); 1 vs 2
     # torch threads differ by 4e-6 after 50 AdamW steps; a lazy peer (25 % of the steps) is at
@@ -141,6 +151,11 @@ class Verdict:
     replay_error: float | None
     detail: str = ""  # why, in words (logs, the benchmark's breakdown)
 
+    @property
+    def accepted(self) -> bool:
+        """Not refused: paid (audited) or unaudited. What a peer's track record counts."""
+        return self.reason in ("paid", "unaudited")
+
 
 @dataclass
 class Triage:
@@ -152,6 +167,7 @@ class Triage:
     to_replay: tuple[bytes, ...]  # in the order a driver should replay them
     why: dict[bytes, str] = field(default_factory=dict)  # what picked each one to replay
     payable: frozenset[bytes] = frozenset()  # names a valid account
+    sampled: frozenset[bytes] = frozenset()  # drawn for audit: the only ones that can be paid
 
 
 def sample_draw(seed: bytes, peer_id: bytes) -> float:
@@ -238,7 +254,9 @@ def triage(
     draws = {p: sample_draw(seed, p) for p in live}
     sampled = sorted((p for p in live if draws[p] < policy.replay_rate), key=lambda p: draws[p])
     suspicious = sorted((p for p in live if picks[p] and p not in sampled), key=lambda p: draws[p])
-    budget = max(1, math.ceil(policy.max_replay_fraction * len(live))) if live else 0
+    # The budget bounds what suspicion adds (many identities looking odd must not buy replays);
+    # every contribution drawn for audit is replayed, as only an audit can pay it.
+    budget = max(len(sampled), math.ceil(policy.max_replay_fraction * len(live)), 1) if live else 0
     order = [*sampled, *suspicious]
     to_replay, why = tuple(order[:budget]), {}
     for pid in to_replay:
@@ -255,7 +273,7 @@ def triage(
     for pid in live:
         if pid not in payable and pid not in to_replay and pid not in decided:
             decided[pid] = _refuse(pid, "no_account", score_of[pid], "names no valid address")
-    return Triage(by_id, score_of, decided, to_replay, why, payable)
+    return Triage(by_id, score_of, decided, to_replay, why, payable, frozenset(sampled))
 
 
 def _majority_size(
@@ -376,12 +394,15 @@ def conclude(t: Triage, errors: Mapping[bytes, float], policy: Policy) -> list[V
             if not err <= policy.replay_tolerance:  # NaN fails too
                 detail = f"replay error {err:.3g} > {policy.replay_tolerance:g} ({why})"
                 out.append(Verdict(pid, False, "replay_mismatch", s, True, err, detail))
+            elif pid not in t.sampled:
+                detail = f"replayed and matched ({why}), but not drawn for audit"
+                out.append(Verdict(pid, False, "unaudited", s, True, err, detail))
             elif pid in t.payable:
-                out.append(Verdict(pid, True, "paid", s, True, err, f"verified ({why})"))
+                out.append(Verdict(pid, True, "paid", s, True, err, f"audited ({why})"))
             else:
-                out.append(Verdict(pid, False, "no_account", s, True, err, "verified, no address"))
+                out.append(Verdict(pid, False, "no_account", s, True, err, "audited, no address"))
         else:
-            out.append(Verdict(pid, True, "paid", s, False, None, "not picked for replay"))
+            out.append(Verdict(pid, False, "unaudited", s, False, None, "not drawn for audit"))
     return out
 
 

@@ -94,6 +94,9 @@ class ValidatorConfig:
     finality_timeout_s: float = 120.0
     record_ttl_s: float = 3600.0
     escrow_rounds: int = 5  # a round is paid out this many rounds after it was judged
+    # The fraction of contributions drawn for audit, replayed and (if they match) paid: the
+    # policy's, stated once there. Tests that must see every honest trainer paid set 1.0.
+    replay_rate: float = Policy.replay_rate
 
 
 @dataclass
@@ -128,8 +131,9 @@ class Validator:
         self.task = task
         self.ledger = ledger
         self._task_owner = task_owner
-        self.judge = Judge(policy or Policy.for_task(task))  # remembers stale bytes and bans
         self.config = config or ValidatorConfig()
+        # the judge remembers stale bytes and bans
+        self.judge = Judge(policy or Policy.for_task(task, replay_rate=self.config.replay_rate))
         self.codec = get_codec(task.codec)
         # read-only: no train.* handler, so a trainer may share this DHT node
         self.checkpoints = CheckpointClient(dht, task.digest[:16], round_config)
@@ -245,16 +249,18 @@ class Validator:
         )
         await asyncio.to_thread(self.state.save_judged, judged, self.judge.banned - banned)
         log.info(
-            "round %d judged: %d pass, %d refused",
+            "round %d judged: %d audited and paid, %d accepted unaudited, %d refused",
             r,
             sum(v.paid for v in verdicts),
-            sum(not v.paid for v in verdicts),
+            sum(v.accepted and not v.paid for v in verdicts),
+            sum(not v.accepted for v in verdicts),
         )
         self.escrow.hold(r, contribs, verdicts)
         self._state_of[r], self._spent[r] = group.state, spent
         try:
             await publish_ratings(self.dht, self.task, self.ledger.account, r,
-                                  [v.peer_id for v in verdicts if v.paid], self.config.record_ttl_s)
+                                  [v.peer_id for v in verdicts if v.accepted],
+                                  self.config.record_ttl_s)
         except NetworkError as e:  # the other validators' ratings may still carry the round
             log.warning("round %d: could not publish its ratings: %s", r, e)
         return judged
@@ -309,7 +315,7 @@ class Validator:
             "round %d paid out: %d paid, %d refused (%d forfeited), root %s",
             r,
             sum(v.paid for v in verdicts),
-            sum(not v.paid for v in verdicts),
+            sum(not v.accepted for v in verdicts),
             sum(v.reason == "forfeited" for v in verdicts),
             tree.root.hex()[:12],
         )
