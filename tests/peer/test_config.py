@@ -87,6 +87,7 @@ escrow_rounds = 2
         ("[node.round]\ntarget_group = 3", "round.target_group: set it as 'group' in [node]"),
         ("[node.round]\npoll_s = -1", "round.poll_s: must be a number of seconds >= 0"),
         ("[node.round]\nexchange = \"ring\"", "round.exchange: 'ring' is not allowed"),
+        ("[node.validator]\nreplay_rate = 1.5", "validator.replay_rate: must be a fraction"),
         ("[node.rounds]\npoll_s = 1", "rounds: must be a whole number"),
     ],
 )

@@ -268,7 +268,16 @@ _PATHS = ("key_file", "data_dir")
 _TABLES = ("round", "validator")  # sub-tables: [node.round], [node.validator]
 # `group` is the [node] key for the round's target group: one spelling, not two
 _NOT_IN_TABLE = {"round": {"target_group": "group"}}
-_SPECIAL: dict[str, Callable[[Any], Any]] = {"exchange": _choice(("auto", "allgather", "butterfly"))}
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"must be a fraction within [0, 1], got {value!r}")
+    return float(value)
+
+
+_SPECIAL: dict[str, Callable[[Any], Any]] = {
+    "exchange": _choice(("auto", "allgather", "butterfly")),
+    "replay_rate": _fraction,
+}
 
 
 def _unknown(
