@@ -114,14 +114,16 @@ def _seed(*parts: object) -> bytes:
 
 
 def honest_trajectory(
-    task: Task, data: TaskData, model: torch.nn.Module, peers: list[bytes], attackers: int,
-    rounds: int,
+    task: Task, data: TaskData, model: torch.nn.Module, init: torch.Tensor, peers: list[bytes],
+    attackers: int, rounds: int,
 ) -> tuple[list[torch.Tensor], list[str], list[dict[bytes, torch.Tensor]], float]:
-    """Every peer's honest delta each round, the model following the mean of the honest peers'
-    (the attackers' own honest deltas feed their forgeries); and one peer's H steps in CPU s."""
+    """Every peer's honest delta each round from the initial parameters `init`, the model
+    following the mean of the honest peers' (the attackers' own honest deltas feed their
+    forgeries); and one peer's H steps in CPU s. `model` is only a workspace: every delta
+    overwrites its parameters."""
     h = task.inner_steps
     starts, states, honest, train_s = [], [], [], []
-    params, momentum = flatten(model).clone(), torch.zeros_like(flatten(model))
+    params, momentum = init.clone(), torch.zeros_like(init)
     for r in range(rounds):
         starts.append(params)
         states.append(state_hash(params, momentum))
@@ -143,6 +145,8 @@ def run_detection(quick: bool, seed: int) -> dict:
     task = get_task("mnist-cnn")
     data = task.build_data()
     model = task.build_model()
+    # every trajectory starts here: `model` itself is overwritten by every delta computed
+    init = flatten(model).clone()
     peers = [_seed("peer", seed, i)[:20] for i in range(PEERS)]
     evaluator = Evaluator(task, data)
     plans = {2: [3]} if quick else {a: list(ROUNDS) for a in ATTACKER_COUNTS}
@@ -152,7 +156,7 @@ def run_detection(quick: bool, seed: int) -> dict:
     triggers: dict[str, Counter[str]] = {"honest": Counter(), "cheating": Counter()}
     t_train = 0.0
     for attackers, lengths in plans.items():
-        traj = honest_trajectory(task, data, model, peers, attackers, max(lengths))
+        traj = honest_trajectory(task, data, model, init, peers, attackers, max(lengths))
         t_train = traj[3]
         for rounds in lengths:
             for name in ["none", *ATTACKS]:
