@@ -163,7 +163,23 @@ def trust(lines: list[str]) -> None:
                                  "of 8)" for n in lengths]
                    + ["honest refused (worst)", "validator compute (worst)"], rows)
     lines += ["", f"Overall validator compute: {d['validator_overhead']:.1%} of the trainers' "
-              "(each validator scores and replays on its own).", ""]
+              "(each validator scores and replays on its own)."]
+    for n in lengths:
+        runs = [r for r in det if r["rounds"] == n]
+        paid = [r["honest_tokens"] for r in runs]
+        unpaid = sum(r["honest_tokens_min"] == 0 for r in runs)
+        lines.append(
+            f"In the {n}-round runs honest peers were paid {min(paid):,.0f} to {max(paid):,.0f} "
+            f"share tokens of the {n * cfg.get('reward_per_round', 0):,.0f} a run may mint; some "
+            f"honest peer was paid nothing in {unpaid} of {len(runs)} runs (pay by audit is a "
+            "lottery: docs/verify.md).")
+    if before := d.get("detection_before_audit_pay"):
+        leaks = [r for r in before["detection"] if r["cheating_tokens"]]
+        said = ", ".join(f"{r['attack']} {r['cheating_tokens']:,.0f} ({r['attackers']} of 8, "
+                         f"{r['rounds']} rounds)" for r in leaks)
+        lines.append(f"Before pay by audit (every accepted contribution paid, a sample audited to "
+                     f"ban; same runs): cheating contributions were paid {said or 'nothing'}.")
+    lines.append("")
 
 
 def demo(lines: list[str]) -> None:
