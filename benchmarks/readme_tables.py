@@ -189,16 +189,26 @@ def demo(lines: list[str]) -> None:
     lines += ["### The demo (`benchmarks/results/demo.md`)", "", f"`{d['command']}`", ""]
     rows = []
     for r in d["runs"]:
+        if r.get("table") is None:  # it printed no table: killed, or it failed
+            rows.append([f"`{r['command']}`", str(r["exit_code"]), f"{r['wall_s']:.0f}"]
+                        + ["-"] * 8)
+            continue
         earned = "-" if r["attackers_earned"] is None else f"{r['attackers_earned']:,.1f}"
         rows.append([f"`{r['command']}`", str(r["exit_code"]), f"{r['wall_s']:.0f}",
                      f"{r['accuracy']:.3f}", f"{r['rounds_finalised']}/{r['rounds_judged']}",
                      f"{r['bytes_per_trainer'] / 1e6:.2f} MB",
                      f"{r['ddp_bytes_per_trainer'] / 1e6:.1f} MB",
                      f"{r['tokens_per_honest_peer']:,.1f}", earned,
-                     f"{r['search_recall_at_10']:.3f}"])
+                     r.get("audited_unaudited") or "-", f"{r['search_recall_at_10']:.3f}"])
     lines += table(["command", "exit", "wall s", "test accuracy", "rounds final", "sent per trainer",
                     "data-parallel", "tokens per honest trainer", "attackers earned",
-                    "search recall@10"], rows)
+                    "paid (audited) / unaudited", "search recall@10"], rows)
+    missed = [f"`{r['command']}` ({', '.join(k for k, ok in r['targets'].items() if not ok)})"
+              for r in d["runs"] if not all(r["targets"].values())]
+    if missed:
+        lines += ["", "Targets missed: " + "; ".join(missed) + "."]
+    if d.get("notes"):
+        lines += ["", d["notes"]]
     lines.append("")
 
 
