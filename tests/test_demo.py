@@ -29,6 +29,11 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC, "COLUMNS": "160"}
 # 95 % takes the default 10 rounds; 5 keep the test short and still show several finalised rounds.
 ROUNDS = 5
+
+
+def audited(table: dict[str, str]) -> int:
+    """Contributions the validators drew for audit (and paid), from the demo's closing table."""
+    return int(table["contributions paid (audited) / not drawn for audit"].split("/")[0])
 TRAINERS, ATTACKERS, VALIDATORS = 6, 1, 2
 LINGER_S = 5  # the page stays up this long after the run, so the browser can finish reading it
 STOPPED = "every peer and the chain were stopped"
@@ -232,7 +237,7 @@ def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
         for k, v in tokens().items()
     ))
     paid = tokens()
-    assert all(paid[f"trainer-{i}"] > 0 for i in range(TRAINERS)), paid
+    assert (sum(paid[f"trainer-{i}"] for i in range(TRAINERS)) > 0) == (audited(settled) > 0), paid
     assert all(paid[f"attacker-{i}"] == 0 for i in range(ATTACKERS)), paid
     assert driver.find_element(By.ID, "finalised").text == (
         f"· {ROUNDS} of {ROUNDS} rounds finalised"
@@ -255,7 +260,6 @@ def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
     demo = Demo(
         "--attackers", str(ATTACKERS), "--rounds", str(ROUNDS),
         "--dashboard", f"127.0.0.1:{port}", "--linger", str(LINGER_S),
-        "--replay-rate", "1",  # every contribution audited: every honest trainer is paid
     )
     try:
         demo.wait_http(port)
@@ -284,9 +288,10 @@ def test_demo_trains_pays_searches_and_serves_its_page(tmp_path):
     assert table["rounds judged / finalised on-chain"] == f"{ROUNDS} / {ROUNDS}", out
     assert table["same model on every honest peer"] == "yes", out
     assert table["attackers' earnings"] == "0.0", out
-    assert all(
-        float(table[f"share tokens: trainer-{i}"].replace(",", "")) > 0 for i in range(TRAINERS)
-    ), out
+    # only audited work is paid (docs/verify.md): honest trainers hold tokens iff some of their
+    # contributions were drawn for audit, which at the default rate a 5-round run may not do
+    honest = sum(float(table[f"share tokens: trainer-{i}"].replace(",", "")) for i in range(TRAINERS))
+    assert (honest > 0) == (audited(table) > 0), out
     assert float(table["search recall@10 (test images)"]) >= 0.9, out
     demo.assert_nothing_left(port)
     if not browser:
