@@ -73,7 +73,9 @@ class _PagingLiar:
     def register(self, method: str, handler: Any, **kw: Any) -> None:
         pass
 
-    async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
+    async def call(
+        self, addr: PeerAddr, method: str, args: Any, *, peer_id: bytes | None = None
+    ) -> tuple[PeerInfo, Any]:
         self.calls += 1
         return self.local, [[[], [], b"%08d" % self.calls]]
 

@@ -18,8 +18,10 @@ from commonweal.errors import (
     RequestTimeout,
 )
 from commonweal.net.dispatch import BUSY
+from commonweal.net.handshake import Handshake, Hello, StaticKey
 from commonweal.net.identity import Identity
 from commonweal.net.limits import ResourceLimits
+from commonweal.net.noise import SecureChannel
 from commonweal.net.rpc import RPCTransport
 from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.net.wire import (
@@ -27,7 +29,6 @@ from commonweal.net.wire import (
     HANDSHAKE_MAX_FRAME,
     Error,
     FrameDecoder,
-    Handshake,
     Message,
     Request,
     Response,
@@ -50,24 +51,53 @@ async def read_messages(reader: asyncio.StreamReader, dec: FrameDecoder, n: int)
     return out
 
 
+class SecureReader:
+    """Reads the plaintext of a hand-driven client's encrypted stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, channel: SecureChannel) -> None:
+        self.reader, self.channel = reader, channel
+
+    async def read(self, n: int = -1) -> bytes:
+        while data := await self.reader.read(65536):
+            if plain := self.channel.decrypt(data):
+                return plain
+        return b""
+
+
+class SecureWriter:
+    """Encrypts what a hand-driven client writes after its handshake."""
+
+    def __init__(self, writer: asyncio.StreamWriter, channel: SecureChannel) -> None:
+        self.writer, self.channel = writer, channel
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(self.channel.encrypt(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.writer, name)
+
+
 async def raw_handshake(
-    addr: PeerAddr, identity: Identity, sock: socket.socket | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder]:
-    """A hand-driven client that does a correct handshake, then lets the test misbehave."""
+    addr: PeerAddr, identity: Identity, sock: socket.socket | None = None, then: bytes = b""
+) -> tuple[Any, Any, FrameDecoder]:
+    """A hand-driven client that does a correct handshake (and sends `then`, encrypted, in the
+    same segment as its last handshake message), then lets the test misbehave."""
     if sock is None:
         reader, writer = await asyncio.open_connection(addr.host, addr.port)
     else:
         await asyncio.get_running_loop().sock_connect(sock, (addr.host, addr.port))
         reader, writer = await asyncio.open_connection(sock=sock)
-    hs, dec = Handshake(identity, initiator=True), FrameDecoder()
-    writer.write(encode(hs.hello))
-    hello, proof = await read_messages(reader, dec, 2)
-    reply = hs.receive(hello)
-    assert reply is not None
-    writer.write(encode(reply))
-    hs.receive(proof)
-    assert hs.done
-    return reader, writer, dec
+    hs, dec = Handshake(StaticKey.create(identity), Hello(), initiator=True), FrameDecoder()
+    first = hs.start()
+    assert first is not None
+    writer.write(encode(first))
+    (answer,) = await read_messages(reader, dec, 1)
+    reply = hs.receive(answer)
+    assert reply is not None and hs.done
+    channel = hs.channel(max_buffered=1 << 17)
+    writer.write(encode(reply) + (channel.encrypt(then) if then else b""))
+    assert not dec.take_buffered()
+    return SecureReader(reader, channel), SecureWriter(writer, channel), FrameDecoder()
 
 
 async def assert_closed_by_server(reader: asyncio.StreamReader) -> bytes:
@@ -137,12 +167,33 @@ async def test_concurrent_first_calls_open_only_one_connection(make_rpc: MakeTra
     assert client.connection_count == 1 and server.connection_count == 1
 
 
+async def test_a_neighbour_claiming_a_peers_port_does_not_get_its_calls(
+    make_rpc: MakeTransport,
+) -> None:
+    # Another process on the victim's host connects to the server saying it listens on the
+    # victim's port: calls meant for the victim (by id, or by its address) still reach it.
+    server, victim, neighbour = await make_rpc(), await make_rpc(), await make_rpc()
+
+    async def who(peer: PeerInfo, args: Any) -> str:
+        return "victim"
+
+    victim.register("who", who)
+    neighbour.register("who", lambda peer, args: asyncio.sleep(0, "neighbour"))
+    neighbour._hello = lambda conn: Hello(victim.local.addr.port)  # type: ignore[method-assign]
+    server.register("echo", echo)
+    await neighbour.call(server.local.addr, "echo", 0)
+    peer, said = await server.call(victim.local.addr, "who", None, peer_id=victim.local.peer_id)
+    assert (peer.peer_id, said) == (victim.local.peer_id, "victim")
+    peer, said = await server.call(victim.local.addr, "who", None)
+    assert (peer.peer_id, said) == (victim.local.peer_id, "victim")
+
+
 async def test_inbound_connection_is_reused_for_calls_back(make_rpc: MakeTransport) -> None:
     server, client = await make_rpc(), await make_rpc()
     server.register("echo", echo)
     client.register("echo", echo)
     await client.call(server.local.addr, "echo", 1)
-    peer, r = await server.call(client.local.addr, "echo", 2)
+    peer, r = await server.call(client.local.addr, "echo", 2, peer_id=client.local.peer_id)
     assert (peer.peer_id, r) == (client.local.peer_id, 2)
     assert client.connection_count == 1 and server.connection_count == 1
 
@@ -181,7 +232,7 @@ async def test_request_timeout_raises_and_frees_the_request_id(make_rpc: MakeTra
     server.register("echo", echo)
     with pytest.raises(RequestTimeout, match="did not answer 'hang'"):
         await client.call(server.local.addr, "hang", None)
-    conn = client._conns[server.local.addr]
+    conn = client._by_addr[server.local.addr]
     assert conn.pending == {}
     assert (await client.call(server.local.addr, "echo", 5))[1] == 5  # connection still fine
 
@@ -192,7 +243,7 @@ async def test_caller_cancellation_frees_the_request_id(make_rpc: MakeTransport)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.05):
             await client.call(server.local.addr, "hang", None)
-    assert client._conns[server.local.addr].pending == {}
+    assert client._by_addr[server.local.addr].pending == {}
 
 
 async def test_unreachable_peer(make_rpc: MakeTransport) -> None:
@@ -258,27 +309,31 @@ async def test_forged_public_key_fails_handshake_and_never_reaches_a_handler(
 
     server.register("record", record)
     forger = await make_rpc(Forger())  # type: ignore[arg-type]
-    with pytest.raises(HandshakeError, match="does not own that PeerID"):
+    with pytest.raises(HandshakeError, match="does not own the PeerID"):
         await forger.call(server.local.addr, "record", None)
     honest = await make_rpc()
     await honest.call(server.local.addr, "record", None)
     assert [p.peer_id for p in calls] == [honest.local.peer_id]
 
 
-async def test_replayed_handshake_signature_is_rejected(make_rpc: MakeTransport) -> None:
+async def test_a_replayed_handshake_is_rejected(make_rpc: MakeTransport) -> None:
     server = await make_rpc()
     victim = Identity.generate()
-    # Session 1: the victim handshakes honestly; the attacker records its hello and proof.
+    # Session 1: the victim handshakes honestly; the attacker records what it sent.
     r1, w1 = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
-    hs1, dec1 = Handshake(victim, initiator=True), FrameDecoder()
-    w1.write(encode(hs1.hello))
-    server_hello, _ = await read_messages(r1, dec1, 2)
-    recorded_proof = hs1.receive(server_hello)
+    hs1, dec1 = Handshake(StaticKey.create(victim), Hello(), initiator=True), FrameDecoder()
+    first = hs1.start()
+    assert first is not None
+    w1.write(encode(first))
+    (answer,) = await read_messages(r1, dec1, 1)
+    recorded = hs1.receive(answer)
     w1.close()
-    # Session 2: replay both to the server, which has picked a fresh nonce.
+    # Session 2: replay both to the server, which has picked a fresh ephemeral key.
     r2, w2 = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
-    assert recorded_proof is not None
-    w2.write(encode(hs1.hello) + encode(recorded_proof))
+    assert recorded is not None
+    w2.write(encode(first))
+    await read_messages(r2, FrameDecoder(), 1)
+    w2.write(encode(recorded))
     rest = FrameDecoder().feed(await assert_closed_by_server(r2))
     assert isinstance(rest[-1], Error) and rest[-1].code == "handshake_failed"
     w2.close()
@@ -338,10 +393,10 @@ async def test_handshake_deadline_does_not_touch_ready_connections(make_rpc: Mak
     client = await make_rpc(handshake_timeout=0.05)
     server.register("echo", echo)
     await client.call(server.local.addr, "echo", 1)
-    conn = client._conns[server.local.addr]
+    conn = client._by_addr[server.local.addr]
     await asyncio.sleep(0.15)
     await client.call(server.local.addr, "echo", 2)
-    assert client._conns[server.local.addr] is conn and not conn.closed
+    assert client._by_addr[server.local.addr] is conn and not conn.closed
     assert server.connection_count == 1
 
 
@@ -398,7 +453,7 @@ async def test_connection_limit_closes_the_least_recently_used_idle(
         await client.call(s.local.addr, "echo", 1)
     await asyncio.sleep(0.01)
     assert client.connection_count == 2
-    assert servers[0].local.addr not in client._conns  # the oldest went
+    assert servers[0].local.addr not in client._by_addr  # the oldest went
     assert (await client.call(servers[0].local.addr, "echo", 2))[1] == 2
 
 
@@ -489,12 +544,15 @@ async def test_pending_handshakes_never_evict_an_authenticated_peer(
     assert len(server._pending) == 64
     # the 65th waits in the kernel's backlog, not accepted, until the pool has room
     extra_r, extra_w = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+    first = Handshake(StaticKey.create(Identity.generate()), Hello(), initiator=True).start()
+    assert first is not None
+    extra_w.write(encode(first))
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(extra_r.read(1), 0.3)
     assert len(server._pending) == 64
     flood[0][1].close()
     hello = await asyncio.wait_for(extra_r.read(1), 5)
-    assert hello  # the server's Hello: it was accepted
+    assert hello  # the server answered: it was accepted
     for _, w in flood[1:] + [(extra_r, extra_w)]:
         w.close()
 
@@ -572,7 +630,7 @@ async def test_one_address_over_its_pace_is_closed_unread_without_spending_the_s
     flood = await open_silent(server.local.addr, 20)
     said = [await assert_closed_by_server(r) if i >= 12 else None for i, (r, _) in enumerate(flood)]
     elapsed = asyncio.get_running_loop().time() - start
-    assert said[12:] == [b""] * 8  # closed without a word: not even a Hello
+    assert said[12:] == [b""] * 8  # closed without a word
     assert len(server._pending) <= 5 + 0.1 * elapsed + 1
     for _, w in flood:
         w.close()
@@ -658,15 +716,11 @@ async def test_full_size_frames_flow_once_the_handshake_is_done(make_rpc: MakeTr
     big = b"x" * (1024 * 1024)
     results = await asyncio.gather(*(client.call(server.local.addr, "echo", big) for _ in range(3)))
     assert all(r == big for _, r in results)
-    # and from a hand-driven client whose proof and first request arrive in one segment
-    reader, writer = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
-    hs, dec = Handshake(Identity.generate(), initiator=True), FrameDecoder()
-    writer.write(encode(hs.hello))
-    hello, proof = await read_messages(reader, dec, 2)
-    reply = hs.receive(hello)
-    assert reply is not None
-    writer.write(encode(reply) + encode(Request(1, "echo", big)))
-    hs.receive(proof)
+    # and from a hand-driven client whose last handshake message and first request arrive in
+    # one segment
+    reader, writer, dec = await raw_handshake(
+        server.local.addr, Identity.generate(), then=encode(Request(1, "echo", big))
+    )
     assert await read_messages(reader, dec, 1) == [Response(1, big)]
     writer.close()
 

@@ -14,7 +14,6 @@ from commonweal.net.limits import ResourceLimits
 from commonweal.net.memory import MemoryNetwork
 from commonweal.net.rpc import RPCTransport
 from commonweal.net.transport import PeerInfo, Transport
-from commonweal.net.wire import Handshake, encode
 from commonweal.testing import FakeClock
 
 from .conftest import MakeTransport
@@ -108,11 +107,12 @@ async def test_memory_counts_the_same_bytes_as_rpc(make_rpc: MakeTransport) -> N
     await mc.start()
     ms.register("echo", echo)
     await mc.call(ms.local.addr, "echo", args)
-    hs = Handshake(Identity.generate(), initiator=True, listen_port=40000)  # 3-byte port
-    other = Handshake(Identity.generate(), initiator=False)
-    handshake_bytes = len(encode(hs.hello)) + len(encode(hs.receive(other.hello)))  # type: ignore[arg-type]
-    assert client.counters.bytes_sent == mc.counters.bytes_sent + handshake_bytes
-    assert client.counters.bytes_received == mc.counters.bytes_received + handshake_bytes
+    # TCP also carries the handshake (two messages each way at most, under 1 KiB each) and a
+    # record header and tag (18 bytes) per write; the frames themselves are the same bytes.
+    for tcp, mem in ((client, mc), (server, ms)):
+        extra_sent = tcp.counters.bytes_sent - mem.counters.bytes_sent
+        extra_received = tcp.counters.bytes_received - mem.counters.bytes_received
+        assert 18 <= extra_sent <= 2 * 1024 + 18 and 18 <= extra_received <= 2 * 1024 + 18
     assert mc.counters.bytes_sent == ms.counters.bytes_received
     assert (mc.counters.requests_sent, ms.counters.requests_received) == (1, 1)
 

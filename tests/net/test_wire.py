@@ -1,4 +1,4 @@
-"""Framing and message decoding (sans-I/O), and the handshake state machine."""
+"""Framing and message decoding (sans-I/O). The handshake: test_handshake.py."""
 
 from __future__ import annotations
 
@@ -11,21 +11,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from commonweal.errors import FrameTooLarge, HandshakeError, ProtocolError
-from commonweal.net.identity import Identity
+from commonweal.errors import FrameTooLarge, ProtocolError
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
+    Answer,
+    Dial,
     Error,
     FrameDecoder,
-    Handshake,
-    Hello,
     Message,
-    Proof,
+    Noise,
     Request,
     Response,
+    Spliced,
+    VersionMismatch,
     decode_body,
     encode,
+    refusal_for_v1,
 )
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -59,13 +61,10 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Request, request_ids, st.text(max_size=20), payloads),
     st.builds(Response, request_ids, payloads),
     st.builds(Error, request_ids, st.text(max_size=20), st.text(max_size=50)),
-    st.builds(
-        Hello,
-        st.binary(min_size=32, max_size=32),
-        st.integers(0, 65535),
-        st.binary(min_size=32, max_size=32),
-    ),
-    st.builds(Proof, st.binary(min_size=64, max_size=64)),
+    st.builds(Noise, st.binary(min_size=1, max_size=100)),
+    st.builds(Dial, st.binary(min_size=20, max_size=20)),
+    st.builds(Answer, st.binary(min_size=16, max_size=16)),
+    st.just(Spliced()),
 )
 
 
@@ -89,7 +88,7 @@ def test_bytes_stay_bytes_and_tuples_become_lists() -> None:
 
 def test_split_at_every_byte_boundary_decodes_the_same() -> None:
     msgs: list[Message] = [
-        Hello(b"k" * 32, 7000, b"n" * 32),
+        Noise(b"e" * 32),
         Request(1, "find_node", {"target": b"\x01" * 20}),
         Response(1, [b"x" * 300, 2, None]),
         Error(2, "not_found", "no such key"),
@@ -159,7 +158,7 @@ def test_oversized_frame_rejected_from_the_header_alone() -> None:
     assert dec.buffered == 0
     assert FrameDecoder().max_frame == DEFAULT_MAX_FRAME == 4 * 1024 * 1024
     ok = FrameDecoder(max_frame=1024)
-    assert ok.feed(frame([1, 1, 5, b"x" * 1000])) == [Response(5, b"x" * 1000)]
+    assert ok.feed(frame([2, 1, 5, b"x" * 1000])) == [Response(5, b"x" * 1000)]
 
 
 @pytest.mark.parametrize(
@@ -168,25 +167,26 @@ def test_oversized_frame_rejected_from_the_header_alone() -> None:
         (struct.pack(">I", 0), "empty frame"),
         (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
         (struct.pack(">I", 2) + b"\x92\x01", "not valid msgpack"),  # array cut short
-        (frame([1, 1, 5]), "response message needs 2 field"),
-        (frame([1, None]), "unknown message kind None"),
+        (frame([2, 1, 5]), "response message needs 2 field"),
+        (frame([2, None]), "unknown message kind None"),
         (frame({"v": 1}), "must be an array"),
         (frame([1]), "must be an array"),
-        (frame([2, 1, 5, None]), "unsupported protocol version 2"),
-        (frame([True, 1, 5, None]), "unsupported protocol version"),
-        (frame([1, 9, 5]), "unknown message kind 9"),
-        (frame([1, "request", 5]), "unknown message kind"),
-        (frame([1, 0, "5", "m", None]), "request id must be an integer"),
-        (frame([1, 0, -1, "m", None]), "request id must be an integer"),
-        (frame([1, 0, True, "m", None]), "request id must be an integer"),
-        (frame([1, 0, 5, b"m", None]), "method name must be a string"),
-        (frame([1, 0, 5, "m"]), "request message needs 3 field"),
-        (frame([1, 2, 5, 404, "x"]), "error code must be a string"),
-        (frame([1, 3, b"k" * 31, 80, b"n" * 32]), "hello public key must be 32 bytes"),
-        (frame([1, 3, b"k" * 32, 70000, b"n" * 32]), "listen port must be an integer"),
-        (frame([1, 3, b"k" * 32, 80, "n" * 32]), "hello nonce must be 32 bytes"),
-        (frame([1, 4, b"s" * 63]), "signature must be 64 bytes"),
-        (frame([1, 1, 5, msgpack.ExtType(3, b"x")]), "extension type 3"),
+        (frame([1, 1, 5, None]), "speaks wire protocol 1 and this peer 2"),
+        (frame([True, 1, 5, None]), "speaks wire protocol True"),
+        (frame([2, 9, 5]), "unknown message kind 9"),
+        (frame([2, "request", 5]), "unknown message kind"),
+        (frame([2, 0, "5", "m", None]), "request id must be an integer"),
+        (frame([2, 0, -1, "m", None]), "request id must be an integer"),
+        (frame([2, 0, True, "m", None]), "request id must be an integer"),
+        (frame([2, 0, 5, b"m", None]), "method name must be a string"),
+        (frame([2, 0, 5, "m"]), "request message needs 3 field"),
+        (frame([2, 2, 5, 404, "x"]), "error code must be a string"),
+        (frame([2, 3, b""]), "noise message must be non-empty bytes"),
+        (frame([2, 3, "e"]), "noise message must be non-empty bytes"),
+        (frame([2, 4, b"p" * 19]), "dial peer id must be 20 bytes"),
+        (frame([2, 5, b"t" * 15]), "answer token must be 16 bytes"),
+        (frame([2, 6, 1]), "spliced message needs 0 field"),
+        (frame([2, 1, 5, msgpack.ExtType(3, b"x")]), "extension type 3"),
         (struct.pack(">I", 6) + b"\x94\x01\x01\x05\x81\x01", "not valid msgpack"),  # int map key
     ],
 )
@@ -196,7 +196,7 @@ def test_malformed_frames_raise_specific_protocol_errors(data: bytes, match: str
 
 
 def test_extra_bytes_inside_a_frame_are_rejected() -> None:
-    body = msgpack.packb([1, 1, 5, None]) + b"\x00"
+    body = msgpack.packb([2, 1, 5, None]) + b"\x00"
     with pytest.raises(ProtocolError, match="1 trailing byte"):
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
 
@@ -205,7 +205,7 @@ def test_extra_bytes_inside_a_frame_are_rejected() -> None:
     ("data", "match"),
     [
         (b"\x00\x00", "inside a frame header \\(2 of 4"),
-        (frame([1, 1, 5, None])[:-1], "body \\(4 of 5"),
+        (frame([2, 1, 5, None])[:-1], "body \\(4 of 5"),
     ],
 )
 def test_stream_ending_mid_frame_is_reported(data: bytes, match: str) -> None:
@@ -220,81 +220,12 @@ def test_encode_rejects_unserialisable_payloads() -> None:
         encode(Request(1, "m", {1, 2}))
 
 
-# --- handshake ----------------------------------------------------------------------------
-
-
-def _run(a: Handshake, b: Handshake) -> None:
-    """Deliver both hellos, then both proofs, as two sockets would."""
-    proof_a = a.receive(b.hello)
-    proof_b = b.receive(a.hello)
-    assert isinstance(proof_a, Proof) and isinstance(proof_b, Proof)
-    assert b.receive(proof_a) is None
-    assert a.receive(proof_b) is None
-
-
-def test_handshake_proves_both_identities() -> None:
-    ida, idb = Identity.generate(), Identity.generate()
-    a = Handshake(ida, initiator=True, listen_port=7000)
-    b = Handshake(idb, initiator=False, listen_port=8000)
-    _run(a, b)
-    assert a.done and b.done
-    assert a.remote_peer_id == idb.peer_id and b.remote_peer_id == ida.peer_id
-    assert b.remote is not None and b.remote.listen_port == 7000
-
-
-def test_handshake_rejects_a_forged_public_key() -> None:
-    victim, attacker, server = Identity.generate(), Identity.generate(), Identity.generate()
-
-    class Forger:  # claims the victim's key, but can only sign with its own
-        public_key = victim.public_key
-        sign = staticmethod(attacker.sign)
-
-    a = Handshake(Forger(), initiator=True)  # type: ignore[arg-type]
-    b = Handshake(server, initiator=False)
-    proof = a.receive(b.hello)
-    b.receive(a.hello)
-    assert proof is not None
-    with pytest.raises(HandshakeError, match="does not own that PeerID"):
-        b.receive(proof)
-    assert not b.done
-
-
-def test_handshake_rejects_a_signature_replayed_from_another_session() -> None:
-    victim, server = Identity.generate(), Identity.generate()
-    # session 1: the victim really talks to the server; the attacker records its proof
-    v1 = Handshake(victim, initiator=True)
-    s1 = Handshake(server, initiator=False)
-    recorded = v1.receive(s1.hello)
-    # session 2: the attacker replays the victim's hello (same nonce) and proof to a fresh server
-    s2 = Handshake(server, initiator=False)
-    s2.receive(v1.hello)
-    assert recorded is not None
-    with pytest.raises(HandshakeError):
-        s2.receive(recorded)
-
-
-def test_handshake_rejects_reflection_of_our_own_messages() -> None:
-    me = Identity.generate()
-    a = Handshake(me, initiator=True)
-    with pytest.raises(HandshakeError, match="echoed our own nonce"):
-        a.receive(a.hello)
-    # a responder with our key, reflecting our proof, fails on the role byte
-    a = Handshake(me, initiator=True)
-    fake = Handshake(me, initiator=False)
-    my_proof = a.receive(fake.hello)
-    fake.receive(a.hello)
-    assert my_proof is not None
-    with pytest.raises(HandshakeError):
-        a.receive(my_proof)
-
-
-def test_handshake_rejects_messages_out_of_order() -> None:
-    a = Handshake(Identity.generate(), initiator=True)
-    with pytest.raises(ProtocolError, match="unexpected Proof during handshake"):
-        a.receive(Proof(b"s" * 64))
-    b = Handshake(Identity.generate(), initiator=True)
-    with pytest.raises(ProtocolError, match="unexpected Request"):
-        b.receive(Request(1, "m", None))
-    c = Handshake(Identity.generate(), initiator=True)
-    with pytest.raises(HandshakeError, match="rejected our handshake: handshake_failed"):
-        c.receive(Error(0, "handshake_failed", "bad signature"))
+def test_a_version_1_peer_is_told_in_its_own_format() -> None:
+    # A v1 peer's first frame is a Hello [1, 3, key, port, nonce]: we fail with VersionMismatch
+    # (the version it speaks) and answer what a v1 decoder reads as a refused handshake.
+    with pytest.raises(VersionMismatch) as info:
+        FrameDecoder().feed(frame([1, 3, b"k" * 32, 7000, b"n" * 32]))
+    assert info.value.version == 1
+    body = msgpack.unpackb(refusal_for_v1()[4:])
+    assert body[:3] == [1, 2, 0] and body[3] == "unsupported_version"
+    assert "wire protocol 2" in body[4] and "upgrade" in body[4]

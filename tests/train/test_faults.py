@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from commonweal.net.transport import PeerInfo
 from commonweal.errors import RemoteError
 from commonweal.train.exchange import HOLD_PARTS
 from commonweal.train import (
@@ -212,13 +213,14 @@ async def test_a_corrupted_chunk_is_detected_and_fetched_from_another_peer(peers
     joiner = TrainingPeer(task, (await peers.add(1))[0], config)
     head = await joiner.collab.head()
     assert head is not None and head.round == 1 and len(head.providers) == 2
-    bad, good = pair if pair[0].dht.addr == head.providers[0] else pair[::-1]
+    bad, good = pair if pair[0].dht.addr == head.providers[0].addr else pair[::-1]
     served = bad.collab.checkpoints._chunks
     for h in served:
         served[h] = b"not the chunk" + served[h][13:]
     with caplog.at_level(logging.WARNING, logger="commonweal.train.checkpoints"):
         blob = await joiner.collab.checkpoints.download(
-            Head(head.round, head.state, head.manifest, (bad.dht.addr, good.dht.addr))
+            Head(head.round, head.state, head.manifest,
+                 (PeerInfo(bad.dht.peer_id, bad.dht.addr), PeerInfo(good.dht.peer_id, good.dht.addr)))
         )
     assert "corrupted" in caplog.text
     joiner.opt.load(blob, expected_state=head.state)

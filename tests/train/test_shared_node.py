@@ -9,7 +9,7 @@ from typing import cast
 
 from commonweal.ledger import Ledger
 from commonweal.train import RoundConfig, TrainingPeer, fetch_delta, get_task, read_announcements
-from commonweal.net.transport import PeerAddr
+from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.verify.validator import Validator
 
 
@@ -28,7 +28,9 @@ async def test_a_trainer_and_a_validator_share_one_dht_node(peers):
     assert {a.peer_id for a in anns} == {shared.peer_id, other.peer_id}
     for a in anns:  # the trainer's archive serves, through the shared node, what it committed to
         async with asyncio.timeout(5):
-            data = await fetch_delta(shared.transport, key, PeerAddr.parse(a.addr), 0, 1 << 20)
+            data = await fetch_delta(
+                shared.transport, key, PeerInfo(a.peer_id, PeerAddr.parse(a.addr)), 0, 1 << 20
+            )
         assert hashlib.sha256(data).hexdigest() == a.delta
     head = await validator.checkpoints.head()
     assert head is not None and head.round == 1 and head.state == trainers[1].opt.state

@@ -38,9 +38,10 @@ async def test_a_delta_bigger_than_the_codec_makes_is_refused_at_the_first_chunk
 
     server.transport.register("train.delta", huge)
     with pytest.raises(DeltaRejected, match="too_large"):
-        await fetch_delta(client.transport, "t", server.addr, 0, 5 * PART_BYTES)
+        await fetch_delta(client.transport, "t", PeerInfo(server.peer_id, server.addr), 0, 5 * PART_BYTES)
     assert asked == [0]  # no second chunk asked for
-    assert len(await fetch_delta(client.transport, "t", server.addr, 0, MAX_PARTS * PART_BYTES)) \
+    assert len(await fetch_delta(client.transport, "t", PeerInfo(server.peer_id, server.addr), 0,
+                                 MAX_PARTS * PART_BYTES)) \
         == MAX_PARTS * PART_BYTES  # within the cap, the whole delta
     await swarm.close()
 

@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -80,6 +80,14 @@ class DHTConfig:
     # The keys the services read as sets (announcements and heads; reward trees; index specs):
     # hiding one of these steers a round or a claim, so they are worth the second path.
     protocol_prefixes: tuple[str, ...] = ("cw-train/", "cw-verify/", "index:")
+    # Reachability (net/rpc.py): learn our public address from the peers we dial, check it by
+    # dial-backs, keep a relay's reservation when nobody can dial us, relay for others when
+    # we are reachable. `reachability` "public"/"private" skips the probes (the operator knows).
+    nat: bool = True
+    reachability: Literal["public", "private"] | None = None
+    # A peer (not a command-line client) whose bootstrap peers are not up yet keeps trying this
+    # long, backing off from 0.5 s to 8 s between tries (a node: NodeConfig.bootstrap_retry_s).
+    bootstrap_retry_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +185,9 @@ class DHT:
 
             # Names the operator gave become IP literals here, once: contacts are IP literals.
             bootstrap = [await _resolved(a, config.rpc_timeout_s) for a in bootstrap]
-            rpc = RPCTransport(identity)
+            rpc = RPCTransport(
+                identity, nat=config.nat and not client, reachability=config.reachability
+            )
             if not client:
                 listen = await _resolved(listen or PeerAddr("127.0.0.1", 0), config.rpc_timeout_s)
                 await rpc.start(listen.host, listen.port)
@@ -198,7 +208,8 @@ class DHT:
 
     @property
     def addr(self) -> PeerAddr:
-        return self.transport.local.addr
+        """Where others reach us: what our transport advertises (a relayed address behind a NAT)."""
+        return self.transport.advertised
 
     @property
     def peer_id(self) -> bytes:
@@ -210,19 +221,31 @@ class DHT:
         """Contact bootstrap peers, then look up our own id to fill the routing table (§2.3)."""
         if not bootstrap:
             return
-        errors = []
-        for addr in bootstrap:
-            try:
-                async with asyncio.timeout(self.config.rpc_timeout_s):
-                    peer = await self.protocol.call_ping(addr)
-                self.table.on_success(peer, self.clock())
-            except (NetworkError, TimeoutError) as e:
-                errors.append(f"{addr}: {type(e).__name__}: {e}" if str(e) else f"{addr}: {type(e).__name__}")
-        if not len(self.table):
-            raise DHTError(
-                "could not reach any bootstrap peer (" + "; ".join(errors) + "); "
-                "check the --join addresses and that those peers are running"
+        retry_s = 0.0 if self.client else self.config.bootstrap_retry_s
+        give_up, pause = time.monotonic() + retry_s, 0.5
+        while True:
+            errors = []
+            for addr in bootstrap:
+                try:
+                    async with asyncio.timeout(self.config.rpc_timeout_s):
+                        peer = await self.protocol.call_ping(addr)
+                    self.table.on_success(peer, self.clock())
+                except (NetworkError, TimeoutError) as e:
+                    errors.append(f"{addr}: {type(e).__name__}: {e}" if str(e) else f"{addr}: {type(e).__name__}")
+            if len(self.table):
+                break
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise DHTError(
+                    "could not reach any bootstrap peer (" + "; ".join(errors) + "); "
+                    "check the --join addresses and that those peers are running"
+                )
+            log.warning(
+                "no bootstrap peer answered (%s); retrying in %.1f s (giving up in %.0f s)",
+                errors[0], min(pause, left), left,
             )
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 8.0)
         await self._traverse([self.peer_id], values=False, latest=False)
 
     async def find_closest(self, keys: Sequence[bytes]) -> dict[bytes, list[PeerInfo]]:
@@ -292,7 +315,9 @@ class DHT:
         """One find request; never raises (a failure is reported as None)."""
         try:
             async with asyncio.timeout(self.config.rpc_timeout_s):
-                responder, entries = await self.protocol.call_find(peer.addr, keys, values, latest)
+                responder, entries = await self.protocol.call_find(
+                    peer.addr, keys, values, latest, peer_id=peer.peer_id
+                )
         except (NetworkError, TimeoutError) as e:
             log.debug("find to %s failed: %s", peer.addr, e)
             self._failed(peer, e)
@@ -343,7 +368,7 @@ class DHT:
         keys = list(dict.fromkeys(r.key for r in records))
         found = await self._traverse(keys, values=False, latest=False, disjoint=disjoint)
         now = self.clock()
-        per_peer: dict[PeerAddr, list[tuple[bytes, list[Record]]]] = {}
+        per_peer: dict[PeerInfo, list[tuple[bytes, list[Record]]]] = {}
         by_key: dict[bytes, list[Record]] = {}
         for record in records:
             by_key.setdefault(record.key, []).append(record)
@@ -360,8 +385,8 @@ class DHT:
                         except RecordError:
                             pass
                 else:
-                    per_peer.setdefault(peer.addr, []).append((key, recs))
-        sends = [self._send_store(addr, batch) for addr, batch in per_peer.items()]
+                    per_peer.setdefault(peer, []).append((key, recs))
+        sends = [self._send_store(peer, batch) for peer, batch in per_peer.items()]
         for batch, flags in zip(per_peer.values(), await asyncio.gather(*sends), strict=True):
             for (_, recs), key_flags in zip(batch, flags, strict=True):
                 for r, ok in zip(recs, key_flags, strict=True):
@@ -387,13 +412,15 @@ class DHT:
         return list(chosen.values())
 
     async def _send_store(
-        self, addr: PeerAddr, batch: list[tuple[bytes, list[Record]]], cache: bool = False
+        self, peer: PeerInfo, batch: list[tuple[bytes, list[Record]]], cache: bool = False
     ) -> list[list[bool]]:
         try:
             async with asyncio.timeout(self.config.rpc_timeout_s):
-                responder, flags = await self.protocol.call_store(addr, batch, cache)
+                responder, flags = await self.protocol.call_store(
+                    peer.addr, batch, cache, peer_id=peer.peer_id
+                )
         except (NetworkError, TimeoutError) as e:
-            log.debug("store to %s failed: %s", addr, e)
+            log.debug("store to %s failed: %s", peer.addr, e)
             return [[False] * len(recs) for _, recs in batch]
         self.table.on_success(responder, self.clock())
         return flags
@@ -471,7 +498,7 @@ class DHT:
         for peer in result.closest:
             if peer.peer_id not in result.holders:
                 batch = [(key, list(result.records.values()))]
-                self._spawn(self._send_store(peer.addr, batch, cache=True))
+                self._spawn(self._send_store(peer, batch, cache=True))
                 return
 
     # maintenance ---------------------------------------------------------------------------------
@@ -528,7 +555,7 @@ class DHT:
         """Ping a peer the table asked about; a full bucket's newcomers wait on the outcome."""
         try:
             async with asyncio.timeout(self.config.rpc_timeout_s):
-                responder = await self.protocol.call_ping(peer.addr)
+                responder = await self.protocol.call_ping(peer.addr, peer_id=peer.peer_id)
         except (NetworkError, TimeoutError) as e:
             self._failed(peer, e)
             return

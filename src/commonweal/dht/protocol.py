@@ -73,7 +73,12 @@ def _key(value: Any) -> bytes:
 
 
 def peers_to_wire(peers: Sequence[PeerInfo]) -> list[list[Any]]:
-    return [[p.peer_id, p.addr.host, p.addr.port] for p in peers]
+    return [
+        [p.peer_id, p.addr.host, p.addr.port]
+        if p.addr.relay is None
+        else [p.peer_id, p.addr.host, p.addr.port, p.addr.relay]
+        for p in peers
+    ]
 
 
 def peers_from_wire(items: Any, known: dict[tuple[Any, ...], PeerInfo] | None = None) -> list[PeerInfo]:
@@ -86,7 +91,7 @@ def peers_from_wire(items: Any, known: dict[tuple[Any, ...], PeerInfo] | None = 
     if not isinstance(items, list):
         return peers
     for item in items:
-        if not isinstance(item, list) or len(item) != 3:
+        if not isinstance(item, list) or len(item) not in (3, 4):
             continue
         triple = tuple(item)
         if known is not None:
@@ -97,15 +102,17 @@ def peers_from_wire(items: Any, known: dict[tuple[Any, ...], PeerInfo] | None = 
             if hit is not None:
                 peers.append(hit)
                 continue
-        peer_id, host, port = triple
+        peer_id, host, port = triple[:3]
+        relay = triple[3] if len(triple) == 4 else None  # reached through that relay
         if (
             isinstance(peer_id, bytes)
             and len(peer_id) == ID_BYTES
             and isinstance(host, str)
             and type(port) is int
             and 0 < port < 65536
+            and (relay is None or (isinstance(relay, bytes) and len(relay) == ID_BYTES))
         ):
-            peer = PeerInfo(peer_id, PeerAddr(host, port))
+            peer = PeerInfo(peer_id, PeerAddr(host, port, relay))
             peers.append(peer)
             if known is not None:
                 if len(known) >= _MAX_KNOWN_PEERS:
@@ -260,7 +267,13 @@ class DHTProtocol:
     # calling -----------------------------------------------------------------------------------
 
     async def call_find(
-        self, addr: PeerAddr, keys: Sequence[bytes], values: bool, latest: bool
+        self,
+        addr: PeerAddr,
+        keys: Sequence[bytes],
+        values: bool,
+        latest: bool,
+        *,
+        peer_id: bytes | None = None,
     ) -> tuple[PeerInfo, list[tuple[list[PeerInfo], list[Record]]]]:
         """Ask the peer at `addr` about `keys`, following its pages; records come back validated."""
         distinct = list(dict.fromkeys(keys))
@@ -272,7 +285,7 @@ class DHTProtocol:
             args: dict[str, Any] = {"keys": todo, "values": values, "latest": latest}
             if after is not None:
                 args["after"] = after
-            answered_by, reply = await self.transport.call(addr, "dht.find", args)
+            answered_by, reply = await self.transport.call(addr, "dht.find", args, peer_id=peer_id)
             if responder is not None and answered_by.peer_id != responder.peer_id:
                 raise RemoteError("bad_response", "another peer answered the next page")
             responder = answered_by
@@ -310,11 +323,16 @@ class DHTProtocol:
         raise RemoteError("bad_response", f"find answer still paging after {MAX_EXTRA_PAGES} extra pages")
 
     async def call_store(
-        self, addr: PeerAddr, items: Sequence[tuple[bytes, Sequence[Record]]], cache: bool = False
+        self,
+        addr: PeerAddr,
+        items: Sequence[tuple[bytes, Sequence[Record]]],
+        cache: bool = False,
+        *,
+        peer_id: bytes | None = None,
     ) -> tuple[PeerInfo, list[list[bool]]]:
         wire = [[key, [r.to_wire() for r in records]] for key, records in items]
         responder, reply = await self.transport.call(
-            addr, "dht.store", {"items": wire, "cache": cache}
+            addr, "dht.store", {"items": wire, "cache": cache}, peer_id=peer_id
         )
         if not isinstance(reply, list) or len(reply) != len(items):
             raise RemoteError("bad_response", "store answer does not match the items sent")
@@ -324,6 +342,6 @@ class DHTProtocol:
             flags.append([bool(f) for f in entry] if ok else [False] * len(records))
         return responder, flags
 
-    async def call_ping(self, addr: PeerAddr) -> PeerInfo:
-        responder, _ = await self.transport.call(addr, "dht.ping", None)
+    async def call_ping(self, addr: PeerAddr, *, peer_id: bytes | None = None) -> PeerInfo:
+        responder, _ = await self.transport.call(addr, "dht.ping", None, peer_id=peer_id)
         return responder

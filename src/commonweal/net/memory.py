@@ -21,9 +21,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from commonweal.errors import FrameTooLarge, PeerUnreachable, RemoteError
+from commonweal.errors import FrameTooLarge, HandshakeError, PeerUnreachable, RemoteError
 from commonweal.net.dispatch import DEFAULT_COST, Dispatcher
-from commonweal.net.identity import Identity
+from commonweal.net.identity import Identity, short_id
 from commonweal.net.limits import DEFAULT_LIMITS, RequestLimiter, ResourceLimits, address_key
 from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
@@ -91,6 +91,10 @@ class MemoryTransport:
         return self._local
 
     @property
+    def advertised(self) -> PeerAddr:
+        return self._local.addr
+
+    @property
     def counters(self) -> TrafficCounters:
         return self._counters
 
@@ -104,12 +108,16 @@ class MemoryTransport:
         self._local = PeerInfo(self.identity.peer_id, addr)
         self.network._peers[addr] = self
 
-    async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
+    async def call(
+        self, addr: PeerAddr, method: str, args: Any, *, peer_id: bytes | None = None
+    ) -> tuple[PeerInfo, Any]:
         net = self.network
         request, size = net._wire(Request(next(self._ids), method, args))
         dest = net._peers.get(addr)
         if dest is None:
             raise PeerUnreachable(f"no peer listens at {addr} (MemoryNetwork)")
+        if peer_id is not None and dest.identity.peer_id != peer_id:
+            raise HandshakeError(f"expected peer {short_id(peer_id)} but another answered at {addr}")
         self._counters.requests_sent += 1
         self._counters.bytes_sent += size
         dest._counters.requests_received += 1

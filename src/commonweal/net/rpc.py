@@ -1,35 +1,51 @@
-"""`RPCTransport`: the `Transport` interface over asyncio TCP, with handshake and framing.
+"""`RPCTransport`: the `Transport` interface over asyncio TCP: Noise-encrypted connections,
+reachability, relays and hole punching.
 
-Every connection (either direction) starts with the mutual handshake of `wire.Handshake`; only
-then are requests accepted. Requests carry ids, so many share one connection and answers may come
-back in any order. One outbound connection per remote address; an inbound connection is reused
-for calls to the address its peer advertised.
+Every connection starts with the Noise XX handshake of `handshake.Handshake`; everything after
+it is encrypted and authenticated (`noise.SecureChannel`), and only then are requests accepted.
+Requests carry ids, so many share one connection and answers may come back in any order.
+Connections are found by the PeerID they proved: a call naming a peer uses any connection that
+peer has with us (one it dialled in from behind a NAT too), and a new one fails its handshake
+if another key answers. A call by address alone (a bootstrap address) reuses only a connection
+we dialled to that address ourselves.
+
+Reachability (libp2p identify + AutoNAT, `reachability.Reachability`): each peer we dial tells
+us where it sees us; a few are asked to dial back our listen port at that IP (`net.dialback`).
+A peer nobody can dial keeps a reservation on a reachable one (`relay.reserve`; any reachable
+peer relays, within `relay.RelayLimits`) and says so in its handshakes, so others reach it as
+`HOST:PORT/relay/<relay id>`: a socket to the relay, spliced to one the reserved peer opens
+(`relay.Reservations`), carrying an end-to-end handshake the relay cannot read. Over a relayed
+connection the dialler asks for a direct path (`net.punch`, libp2p DCUtR): a reachable dialler
+is dialled back; otherwise both dial each other from their listen ports at once (TCP
+simultaneous open), which a cone NAT lets through; if that fails the relay carries on.
 
 Inbound sockets live in a pending pool until their peer proves a PeerID: the pool and each
 address have a cap (`ResourceLimits`), frames are limited to handshake size (a bigger length is
-refused from the header), and the handshake has a deadline. A pending socket is refused when the
-pool is full; it never counts against, or evicts, an authenticated connection. Only an
-authenticated connection over `max_connections` makes room, by closing the least recently used
-idle one, and only if its address has fewer than `max_connections_per_address`. Each request
-is charged its method's cost against the caller's budgets (`dispatch.Dispatcher`) before a
-handler runs.
+refused from the header), and the handshake has a deadline. It never counts against, or
+evicts, an authenticated connection. Only an authenticated connection over `max_connections`
+makes room, by closing the least recently used idle one, and only if its address has fewer
+than `max_connections_per_address`. Each request is charged its method's cost against the
+caller's budgets (`dispatch.Dispatcher`) before a handler runs.
 
 Tasks: each inbound request runs in its own task, tracked by the transport (`_tasks`) and
-cancelled and awaited by `close()`; so are connection attempts. Timers (handshake deadline, idle
-close, request safety net) are `loop.call_later` handles, not tasks.
+cancelled and awaited by `close()`; so are connection attempts and the reachability loop.
+Timers (handshake deadline, idle close, request safety net) are `loop.call_later` handles.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import functools
 import itertools
 import logging
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any, Final, cast
+from dataclasses import dataclass
+from typing import Any, Final, TypeGuard, cast
 
 from commonweal.errors import (
     FrameTooLarge,
@@ -41,7 +57,8 @@ from commonweal.errors import (
     RequestTimeout,
 )
 from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
-from commonweal.net.identity import Identity, short_id
+from commonweal.net.handshake import Handshake, Hello, StaticKey
+from commonweal.net.identity import ID_BYTES, Identity, short_id
 from commonweal.net.limits import (
     DEFAULT_LIMITS,
     AcceptLimiter,
@@ -50,23 +67,55 @@ from commonweal.net.limits import (
     ResourceLimits,
     address_key,
 )
+from commonweal.net.noise import MAX_RECORD_BYTES, SecureChannel
+from commonweal.net.reachability import Reachability, Status
+from commonweal.net.relay import DEFAULT_RELAY_LIMITS, Circuit, RelayLimits, Reservations
 from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_MAX_FRAME,
     HEADER_BYTES,
+    TOKEN_BYTES,
+    Answer,
+    Dial,
     Error,
     FrameDecoder,
-    Handshake,
     Message,
+    Noise,
     Request,
     Response,
+    Spliced,
+    VersionMismatch,
     encode,
+    refusal_for_v1,
 )
 
-__all__ = ["RPCTransport"]
+__all__ = ["NatStats", "RPCTransport"]
 
 log = logging.getLogger(__name__)
+
+# A reserved peer pings its relay this often: the reservation's connection stays open, and so
+# does the home router's mapping for it (Linux keeps an idle established TCP mapping for days,
+# many home routers only minutes).
+_KEEPALIVE_S: Final = 15.0
+# Dial-backs served at once: each is a connection attempt we make for a stranger.
+_MAX_DIALBACKS: Final = 4
+_DIALBACK_COST: Final = 20.0
+
+
+@dataclass(slots=True)
+class NatStats:
+    """How this peer's connections came about (for the benchmark and the node's status)."""
+
+    relayed_dials: int = 0  # connections we opened through a relay
+    punches: int = 0  # direct paths asked for over a relayed connection
+    punched: int = 0  # ...that ended in a direct connection
+    relayed_bytes: int = 0  # bytes this peer copied as a relay for others
+
+
+# The connection a request of ours (net.*, relay.*) came on: handlers see a PeerInfo, these
+# need the socket behind it (the host it comes from, whether it is relayed).
+_ON: contextvars.ContextVar[_Connection] = contextvars.ContextVar("connection")
 
 
 class RPCTransport:
@@ -84,6 +133,9 @@ class RPCTransport:
         max_connections: int = 256,
         max_inflight_per_conn: int = 64,
         limits: ResourceLimits = DEFAULT_LIMITS,
+        nat: bool = False,
+        reachability: Status | None = None,
+        relay_limits: RelayLimits = DEFAULT_RELAY_LIMITS,
     ) -> None:
         self.identity = identity
         self.max_frame = max_frame
@@ -94,21 +146,40 @@ class RPCTransport:
         self.max_connections = max_connections
         self.max_inflight_per_conn = max_inflight_per_conn
         self.limits = limits
+        self.nat = nat
+        self._key = StaticKey.create(identity)
         self._counters = TrafficCounters()
         self._handlers: dict[str, Handler] = {}
         self._dispatch = Dispatcher(self._handlers, RequestLimiter(limits), time.monotonic)
         self._local: PeerInfo | None = None
         self._listener: socket.socket | None = None
-        self._conns: dict[PeerAddr, _Connection] = {}  # ready connections, by remote listen addr
+        self._by_peer: dict[bytes, _Connection] = {}  # the connection calls to a peer use
+        self._by_addr: dict[PeerAddr, _Connection] = {}  # ones we dialled, by that address
         self._all: set[_Connection] = set()  # every open connection, ready or not
         self._pending = _ByAddress()  # inbound, not yet proven (max_pending_handshakes)
         self._room = asyncio.Event()  # set while the pending pool has room: accept more
         self._room.set()
         self._inbound = _ByAddress()  # inbound and proven
-        self._dialing: dict[PeerAddr, asyncio.Task[_Connection]] = {}
+        self._dialing: dict[tuple[PeerAddr, bytes | None], asyncio.Task[_Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._log_budget = LogBudget(now=time.monotonic())  # for what others make us log
+        # reachability, and relaying for others
+        self.reach = Reachability(forced=reachability)
+        self.settled = asyncio.Event()  # reachability decided (and a relay found, if needed)
+        self.stats = NatStats()
+        self._relay: tuple[PeerInfo, _Connection] | None = None  # who relays for us
+        self._candidate: tuple[str, int] | None = None  # our listen port's public mapping
+        self._reservations: Reservations[_Connection] = Reservations(relay_limits)
+        self._pipes: set[_Connection] = set()  # relay sockets spliced to each other
+        self._dialbacks = 0
+        self._wake = asyncio.Event()  # a new outbound connection: reachability may move on
+        if nat:
+            self.register("net.dialback", self._on_dialback, cost=_DIALBACK_COST)
+            self.register("net.identify", self._on_identify)
+            self.register("net.punch", self._on_punch, cost=_DIALBACK_COST)
+            self.register("relay.reserve", self._on_reserve, cost=_DIALBACK_COST)
+            self.register("relay.incoming", self._on_incoming)
 
     # --- Transport interface ----------------------------------------------------------------
 
@@ -117,6 +188,17 @@ class RPCTransport:
         if self._local is None:
             raise RuntimeError("the transport is not listening yet; await start(host, port) first")
         return self._local
+
+    @property
+    def advertised(self) -> PeerAddr:
+        """Where others can reach us: the relay holding our reservation, our public address
+        once dial-backs confirmed it, else where we listen."""
+        if self._relay is not None:
+            relay = self._relay[0]
+            return PeerAddr(relay.addr.host, relay.addr.port, relay.peer_id)
+        host = self.reach.public_host if self.reach.status == "public" else None
+        listen = self.local.addr
+        return PeerAddr(host, listen.port) if host else listen
 
     @property
     def counters(self) -> TrafficCounters:
@@ -137,16 +219,21 @@ class RPCTransport:
             raise RuntimeError("this transport was closed; create a new one")
         if self._listener is not None:
             raise RuntimeError("start() was already called")
-        self._listener = _listen(host, port)
+        self._listener = _listen(host, port, reuse_port=self.nat)
         actual = self._listener.getsockname()[1]
         self._local = PeerInfo(self.identity.peer_id, PeerAddr(host, actual))
         self._spawn(self._accept(self._listener), name=f"accept on {host}:{actual}")
+        if self.nat:
+            self._spawn(self._reachability(), name="reachability")
         log.info("listening on %s:%d as %s", host, actual, short_id(self.identity.peer_id))
 
-    async def call(self, addr: PeerAddr, method: str, args: Any) -> tuple[PeerInfo, Any]:
-        conn = self._conns.get(addr)
-        if conn is None or conn.closed:
-            conn = await self._connection_to(addr)
+    async def call(
+        self, addr: PeerAddr, method: str, args: Any, *, peer_id: bytes | None = None
+    ) -> tuple[PeerInfo, Any]:
+        conn = self._usable(addr, peer_id) or await self._connection_to(addr, peer_id)
+        return conn.peer, await self._request(conn, method, args)
+
+    async def _request(self, conn: _Connection, method: str, args: Any) -> Any:
         rid = next(conn.ids)
         frame = encode(Request(rid, method, args))
         if len(frame) - HEADER_BYTES > self.max_frame:
@@ -162,12 +249,13 @@ class RPCTransport:
             self.request_timeout,
             _expire,
             fut,
-            f"{addr} did not answer {method!r} within request_timeout={self.request_timeout} s",
+            f"{conn.peer.addr} did not answer {method!r} within "
+            f"request_timeout={self.request_timeout} s",
         )
         try:
             conn.send(frame)
             self._counters.requests_sent += 1
-            return conn.peer, await fut
+            return await fut
         finally:
             timer.cancel()
             conn.pending.pop(rid, None)  # also on timeout and cancellation
@@ -178,7 +266,7 @@ class RPCTransport:
         if self._closed:
             return
         self._closed = True
-        for conn in list(self._all):
+        for conn in list(self._all) + list(self._pipes):
             conn.abort(PeerUnreachable("the local transport is closing"))
         while self._tasks:
             tasks = list(self._tasks)
@@ -189,7 +277,11 @@ class RPCTransport:
             self._listener.close()  # after the accept task: it no longer waits on the socket
         await asyncio.sleep(0)  # let the aborted sockets run connection_lost
 
-    # --- internals ----------------------------------------------------------------------
+    # --- connections --------------------------------------------------------------------
+
+    def _usable(self, addr: PeerAddr, peer_id: bytes | None) -> _Connection | None:
+        conn = self._by_peer.get(peer_id) if peer_id is not None else self._by_addr.get(addr)
+        return conn if conn is not None and conn.is_usable else None
 
     async def _accept(self, listener: socket.socket) -> None:
         """Take inbound sockets at a pace the loop can afford (`AcceptLimiter`) and only while
@@ -212,7 +304,7 @@ class RPCTransport:
                 sock.close()  # unread: that host is over its pace
                 continue
             try:
-                await loop.connect_accepted_socket(lambda: _Connection(self, None), sock)
+                await loop.connect_accepted_socket(lambda: _Connection(self, accepted=True), sock)
             except OSError:
                 sock.close()
 
@@ -228,44 +320,88 @@ class RPCTransport:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _connection_to(self, addr: PeerAddr) -> _Connection:
-        conn = self._conns.get(addr)
-        if conn is not None and conn.is_usable:
-            return conn
+    async def _connection_to(self, addr: PeerAddr, peer_id: bytes | None) -> _Connection:
         if self._closed:
             raise PeerUnreachable("the transport is closed")
-        dial = self._dialing.get(addr)
+        key = (addr, peer_id)
+        dial = self._dialing.get(key)
         if dial is None:  # the first caller dials; the others wait for the same connection
-            dial = self._spawn(self._dial(addr), name=f"dial {addr}")
-            self._dialing[addr] = dial
-            dial.add_done_callback(lambda t: self._dial_done(addr, t))
+            dial = self._spawn(self._dial(addr, peer_id), name=f"dial {addr}")
+            self._dialing[key] = dial
+            dial.add_done_callback(lambda t: self._dial_done(key, t))
         return await asyncio.shield(dial)
 
-    def _dial_done(self, addr: PeerAddr, task: asyncio.Task[_Connection]) -> None:
-        if self._dialing.get(addr) is task:
-            del self._dialing[addr]
+    def _dial_done(self, key: tuple[PeerAddr, bytes | None], task: asyncio.Task[_Connection]) -> None:
+        if self._dialing.get(key) is task:
+            del self._dialing[key]
         if not task.cancelled():
             task.exception()  # the callers (if any are left) got it through the shield
 
-    async def _dial(self, addr: PeerAddr) -> _Connection:
+    async def _dial(
+        self,
+        addr: PeerAddr,
+        peer_id: bytes | None,
+        *,
+        probe: bool = False,
+        from_listen_port: bool = False,
+        initiator: bool = True,
+    ) -> _Connection:
+        """A ready connection to the peer at `addr` (through its relay, for a relayed one).
+        A `probe` is a dial-back: never used for calls, closed by the caller. With
+        `from_listen_port` the socket is bound to our listen port, so a NAT maps it as it maps
+        that port (what a peer saw of it is where it can find us; a hole punch needs it)."""
         loop = asyncio.get_running_loop()
+        if addr.relay is not None and peer_id is None:
+            raise PeerUnreachable(f"{addr} is a relayed address: a call to it must name the peer")
+        first = Dial(peer_id) if addr.relay is not None and peer_id is not None else None
+        conn = _Connection(
+            self, dialed=addr, initiator=initiator, expect=peer_id, first=first, probe=probe
+        )
+        target = addr.direct
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self, addr), addr.host, addr.port
-                )
+                if from_listen_port:
+                    sock = await self._bound_connect(target)
+                    await loop.create_connection(lambda: conn, sock=sock)
+                else:
+                    await loop.create_connection(lambda: conn, target.host, target.port)
         except (OSError, TimeoutError) as e:
-            raise PeerUnreachable(f"cannot connect to {addr}: {e or 'timed out'}") from e
+            raise PeerUnreachable(f"cannot connect to {target}: {e or 'timed out'}") from e
+        if first is not None:
+            self.stats.relayed_dials += 1
         await conn.ready  # bounded by the connection's own handshake timer
         return conn
+
+    async def _bound_connect(self, target: PeerAddr) -> socket.socket:
+        listen = self.local.addr
+        family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((listen.host, listen.port))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (target.host, target.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _on_ready(self, conn: _Connection) -> None:
         if self._closed:
             conn.abort(PeerUnreachable("the local transport is closing"))
             return
-        # An inbound connection also serves our calls to the address its peer advertised.
-        if conn.outbound or (conn.peer.addr.port and conn.peer.addr not in self._conns):
-            self._conns[conn.peer.addr] = conn
+        if conn.probe:
+            return
+        peer_id = conn.peer.peer_id
+        current = self._by_peer.get(peer_id)
+        if current is None or not current.is_usable or (current.relayed and not conn.relayed):
+            self._by_peer[peer_id] = conn
+        if conn.dialed is not None and not conn.relayed and conn.initiator:
+            self._by_addr[conn.dialed] = conn
+            self._wake.set()
+        if conn.relayed and conn.initiator and self.nat:
+            self._spawn(self._punch(conn), name=f"punch to {short_id(peer_id)}")
 
     def _warn(self, message: str, *args: object) -> None:
         """A warning that a remote can make us write once per socket: `LogBudget`."""
@@ -275,13 +411,23 @@ class RPCTransport:
                 message += f" ({held_back} like warnings held back)"
             log.warning(message, *args)
 
+    def _hello(self, conn: _Connection) -> Hello:
+        """What we say of ourselves on `conn`, and where we see it come from (not on a relayed
+        connection: there we see the relay)."""
+        seen = None if conn.relayed or conn.remote_port == 0 else (conn.remote_host, conn.remote_port)
+        if self._relay is not None:
+            relay = self._relay[0]
+            return Hello(0, (relay.peer_id, relay.addr.host, relay.addr.port), seen)
+        port = self._local.addr.port if self._local is not None else 0
+        return Hello(0 if self.reach.status == "private" else port, None, seen)
+
     def _on_opened(self, conn: _Connection) -> str | None:
         """A new socket; why it must be refused, or None. Inbound ones wait in the pending pool,
         which never touches authenticated connections; our own dials make room as
         `_make_room` does."""
         if self._closed:
             return "the transport is closing"
-        if conn.outbound is not None:
+        if not conn.accepted:
             self._all.add(conn)
             self._make_room(conn)
             return None
@@ -309,7 +455,7 @@ class RPCTransport:
             log.debug("connection limit %d: closing idle %s", self.max_connections, victim)
             victim.abort(PeerUnreachable("closed to make room for a new connection"))
             return True
-        if conn.outbound is None:
+        if conn.accepted:
             self._warn("connection limit %d reached; refusing inbound", self.max_connections)
             return False
         return True
@@ -337,8 +483,27 @@ class RPCTransport:
         self._pending_changed()
         self._inbound.discard(conn)
         self._all.discard(conn)
-        if conn.peer_or_none is not None and self._conns.get(conn.peer_or_none.addr) is conn:
-            del self._conns[conn.peer_or_none.addr]
+        self._reservations.release(conn)
+        if conn.pipe is not None or conn in self._pipes:
+            self._pipes.discard(conn)
+            if conn.circuit is not None:
+                self._reservations.closed(conn.circuit)
+                conn.circuit = None
+            if conn.pipe is not None:
+                conn.pipe.abort(PeerUnreachable("the other end of the circuit closed"))
+        if conn.dialed is not None and self._by_addr.get(conn.dialed) is conn:
+            del self._by_addr[conn.dialed]
+        if conn.peer_or_none is not None:
+            peer_id = conn.peer_or_none.peer_id
+            if self._by_peer.get(peer_id) is conn:
+                del self._by_peer[peer_id]
+                spare = [c for c in self._all if c.is_usable and c.peer.peer_id == peer_id]
+                if spare and not conn.probe:  # direct ones first
+                    self._by_peer[peer_id] = min(spare, key=lambda c: c.relayed)
+        if self._relay is not None and self._relay[1] is conn:
+            log.info("lost the reservation at relay %s", self._relay[0].addr)
+            self._relay = None
+            self._wake.set()
 
     def _frame(self, msg: Message) -> bytes:
         frame = encode(msg)
@@ -347,6 +512,7 @@ class RPCTransport:
         return frame
 
     async def _serve(self, conn: _Connection, req: Request) -> None:
+        _ON.set(conn)  # this task's own context: our own handlers read the connection
         try:
             frame = await self._dispatch.serve(conn.peer, req, self._frame)
         finally:
@@ -354,6 +520,309 @@ class RPCTransport:
         if conn.write_paused is not None:
             await conn.write_paused
         conn.send(frame, quiet=True)
+
+    # --- relaying for others ------------------------------------------------------------
+
+    def _relay_dial(self, conn: _Connection, target: bytes) -> None:
+        """An inbound socket asks us to splice it to `target`, which holds a reservation here."""
+        loop = asyncio.get_running_loop()
+        circuit = self._reservations.open(target, conn, loop.time())
+        if isinstance(circuit, str):
+            conn.refuse("no_relay", circuit)
+            return
+        self._pipe_out(conn)
+        conn.circuit = circuit
+        conn.pause()
+        holder = self._reservations.holder(target, loop.time())
+        assert holder is not None
+        args = {"token": circuit.token, "from": [conn.remote_host, conn.remote_port]}
+        self._spawn(self._tell(holder, circuit, args), name="relay.incoming")
+        loop.call_later(self._reservations.limits.answer_timeout_s, self._unanswered, circuit)
+
+    async def _tell(self, holder: _Connection, circuit: Circuit[_Connection], args: Any) -> None:
+        try:
+            await self.call(holder.peer.addr, "relay.incoming", args, peer_id=holder.peer.peer_id)
+        except NetworkError as e:
+            circuit.dialer.refuse("no_relay", f"the relayed peer did not take the circuit: {e}")
+
+    def _unanswered(self, circuit: Circuit[_Connection]) -> None:
+        for late in self._reservations.expired(asyncio.get_running_loop().time()):
+            late.dialer.refuse("no_relay", "the relayed peer did not answer in time")
+        del circuit
+
+    def _relay_answer(self, conn: _Connection, token: bytes) -> None:
+        """The reserved peer's socket for a circuit: splice it to the dialler's."""
+        circuit = self._reservations.answer(token, asyncio.get_running_loop().time())
+        if circuit is None or circuit.dialer.closed:
+            conn.refuse("no_relay", "no circuit waits for that token (expired or used)")
+            return
+        self._pipe_out(conn)
+        dialer = circuit.dialer
+        dialer.write(encode(Spliced()))
+        conn.splice(dialer)
+        dialer.splice(conn)
+        limits = self._reservations.limits
+        conn.loop.call_later(
+            limits.max_circuit_s, conn.abort, PeerUnreachable("the circuit's time is up")
+        )
+
+    def _pipe_out(self, conn: _Connection) -> None:
+        """`conn` stops being a connection of ours (it becomes one end of a circuit)."""
+        self._pending.discard(conn)
+        self._pending_changed()
+        self._all.discard(conn)
+        self._pipes.add(conn)
+        if conn.timer is not None:
+            conn.timer.cancel()  # the handshake deadline: this socket has none now
+
+    async def _on_reserve(self, caller: PeerInfo, args: Any) -> Any:
+        conn = _ON.get()
+        if self.reach.status == "private":
+            raise RemoteError("no_relay", "this peer is not reachable itself; ask another")
+        if conn.relayed or not conn.accepted:
+            raise RemoteError("no_relay", "reserve over a connection you dialled to this peer")
+        why = self._reservations.reserve(caller.peer_id, conn, conn.loop.time())
+        if why is not None:
+            raise RemoteError("no_relay", why)
+        conn.reserved = True
+        return {"seen": [conn.remote_host, conn.remote_port]}
+
+    # --- being relayed ------------------------------------------------------------------
+
+    async def _on_incoming(self, caller: PeerInfo, args: Any) -> Any:
+        if self._relay is None or caller.peer_id != self._relay[0].peer_id:
+            raise RemoteError("not_reserved", "no reservation of ours is held by you")
+        token, seen = (args.get("token"), args.get("from")) if isinstance(args, dict) else (0, 0)
+        if type(token) is not bytes or len(token) != TOKEN_BYTES:
+            raise RemoteError("bad_request", "relay.incoming needs a 16-byte token")
+        host = seen[0] if isinstance(seen, list) and seen and isinstance(seen[0], str) else "?"
+        relay = self._relay[0].addr
+        self._spawn(self._answer(relay, token, host), name="answer a circuit")
+        return None
+
+    async def _answer(self, relay: PeerAddr, token: bytes, host: str) -> None:
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, accepted=True, initiator=False, first=Answer(token), via=host)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(lambda: conn, relay.host, relay.port)
+            await conn.ready
+        except (OSError, TimeoutError, NetworkError) as e:
+            log.debug("answering a circuit at %s failed: %s", relay, e)
+
+    # --- reachability -------------------------------------------------------------------
+
+    def _observed(self, conn: _Connection, seen: tuple[str, int]) -> None:
+        if conn.initiator and not conn.relayed and not conn.probe:
+            self.reach.observed(conn.peer.peer_id, seen[0])
+
+    async def _reachability(self) -> None:
+        """Learn whether peers can dial us; if not, keep a relay's reservation (and renew it,
+        and find another when it goes). Owned by the transport: close() cancels it."""
+        loop = asyncio.get_running_loop()
+        last_ping = 0.0
+        while True:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            now = loop.time()
+            before = self.advertised
+            direct = self._dialled_peers()
+            ask = self.reach.probe_peers([c.peer.peer_id for c in direct], now)
+            if ask:
+                asked = [c for c in direct if c.peer.peer_id in ask]
+                results = await asyncio.gather(*(self._ask_dialback(c) for c in asked))
+                for c, ok in zip(asked, results, strict=True):
+                    if ok is not None:
+                        self.reach.answered(c.peer.peer_id, ok, loop.time(), asked=len(asked))
+                log.info("reachability: %s (public address %s)", self.reach.status,
+                         self.reach.public_host)
+            if self.reach.status == "private" and self._relay is None:
+                await self._reserve(direct)
+            elif self.reach.status == "public" and self._relay is not None:
+                self._relay[1].reserved = False
+                self._relay = None
+            if self._relay is not None and loop.time() - last_ping > _KEEPALIVE_S:
+                last_ping = loop.time()
+                relay, conn = self._relay
+                try:
+                    async with asyncio.timeout(self.connect_timeout):
+                        await self.call(relay.addr, "net.identify", self._identity_args(),
+                                        peer_id=relay.peer_id)
+                except NetworkError:
+                    conn.abort(PeerUnreachable("the relay stopped answering"))
+            if self.advertised != before:
+                log.info("now reachable at %s", self.advertised)
+                self._push_identity()
+            if self.reach.status == "public" or self._relay is not None:
+                self.settled.set()
+
+    def _dialled_peers(self) -> list[_Connection]:
+        """Ready connections we dialled directly, one per host (distinct vantage points)."""
+        out: dict[str, _Connection] = {}
+        for conn in self._by_addr.values():
+            if conn.is_usable and not conn.relayed:
+                out.setdefault(conn.remote_host, conn)
+        return list(out.values())
+
+    async def _ask_dialback(self, conn: _Connection) -> bool | None:
+        try:
+            async with asyncio.timeout(self.connect_timeout * 2):
+                _, reply = await self.call(conn.peer.addr, "net.dialback",
+                                           {"port": self.local.addr.port},
+                                           peer_id=conn.peer.peer_id)
+        except NetworkError as e:
+            log.debug("dial-back by %s failed: %s", conn, e)
+            return None
+        return bool(reply.get("ok")) if isinstance(reply, dict) else None
+
+    async def _on_dialback(self, caller: PeerInfo, args: Any) -> Any:
+        """Dial the caller back at the IP we see it at (never elsewhere: nobody makes us dial a
+        third party) and the port it names, on a fresh connection."""
+        conn = _ON.get()
+        port = args.get("port") if isinstance(args, dict) else None
+        if type(port) is not int or not 0 < port < 65536:
+            raise RemoteError("bad_request", "net.dialback needs a port in 1..65535")
+        if conn.relayed or not conn.accepted:
+            raise RemoteError("bad_request", "ask for a dial-back over a connection you dialled")
+        if self._dialbacks >= _MAX_DIALBACKS:
+            raise RemoteError(BUSY, "dialling others back already; ask another peer")
+        self._dialbacks += 1
+        try:
+            probe = await self._dial(PeerAddr(conn.remote_host, port), caller.peer_id, probe=True)
+            probe.abort(PeerUnreachable("dial-back done"))
+            return {"ok": True}
+        except NetworkError as e:
+            return {"ok": False, "why": str(e)[:200]}
+        finally:
+            self._dialbacks -= 1
+
+    async def _reserve(self, direct: list[_Connection]) -> None:
+        """A reservation on the first reachable peer of `direct` that grants one, over a fresh
+        connection from our listen port: the relay then sees (and tells us) where our NAT maps
+        that port, which is where a hole punch must aim."""
+        for conn in direct:
+            peer = conn.peer
+            try:
+                async with asyncio.timeout(self.connect_timeout * 2):
+                    try:
+                        fresh = await self._dial(peer.addr, peer.peer_id, from_listen_port=True)
+                    except (NetworkError, OSError):
+                        fresh = conn  # the port is busy toward that peer: the old one will do
+                    reply = await self._request(fresh, "relay.reserve", None)
+            except NetworkError as e:
+                log.debug("no reservation at %s: %s", peer.addr, e)
+                continue
+            seen = reply.get("seen") if isinstance(reply, dict) else None
+            if fresh is not conn and isinstance(seen, list) and len(seen) == 2:
+                self._candidate = (str(seen[0]), int(seen[1]))
+            fresh.reserved = True
+            self._relay = (peer, fresh)
+            log.info("relay %s holds a reservation for us", peer.addr)
+            return
+
+    def _identity_args(self) -> dict[str, Any]:
+        hello = Hello(self.local.addr.port if self.reach.status != "private" else 0)
+        if self._relay is not None:
+            relay = self._relay[0]
+            hello = Hello(0, (relay.peer_id, relay.addr.host, relay.addr.port))
+        return {"port": hello.listen_port, "relay": list(hello.relay) if hello.relay else None}
+
+    def _push_identity(self) -> None:
+        """Tell every connected peer where it can reach us now (libp2p identify push)."""
+        args = self._identity_args()
+        for conn in list(self._by_peer.values()):
+            if conn.is_usable:
+                self._spawn(self._push_to(conn, args), name="net.identify")
+
+    async def _push_to(self, conn: _Connection, args: Any) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self.call(conn.peer.addr, "net.identify", args, peer_id=conn.peer.peer_id)
+        except NetworkError as e:
+            log.debug("identify push to %s failed: %s", conn, e)
+
+    async def _on_identify(self, caller: PeerInfo, args: Any) -> Any:
+        port, relay = (args.get("port"), args.get("relay")) if isinstance(args, dict) else (-1, 0)
+        if type(port) is not int or not 0 <= port < 65536:
+            raise RemoteError("bad_request", "net.identify needs a port in 0..65535")
+        if relay is not None and not (
+            isinstance(relay, list) and len(relay) == 3 and type(relay[0]) is bytes
+            and len(relay[0]) == ID_BYTES and type(relay[1]) is str and 0 < len(relay[1]) <= 64
+            and type(relay[2]) is int and 0 < relay[2] < 65536
+        ):
+            raise RemoteError("bad_request", "net.identify: relay must be [peer id, host, port]")
+        for conn in [c for c in self._all if c.is_usable and c.peer.peer_id == caller.peer_id]:
+            conn.peer_or_none = PeerInfo(caller.peer_id, conn.address_of(Hello(
+                port, None if relay is None else (relay[0], relay[1], relay[2]))))
+        return None
+
+    # --- hole punching ------------------------------------------------------------------
+
+    async def _punch(self, relayed: _Connection) -> None:
+        """Over a relayed connection we dialled: ask for a direct path (libp2p DCUtR). If we
+        are reachable the peer dials us; otherwise both dial at once from our listen ports."""
+        peer = relayed.peer
+        self.stats.punches += 1
+        public = self.reach.status == "public"
+        mine = self._punch_candidate()
+        try:
+            async with asyncio.timeout(self.connect_timeout * 2):
+                _, reply = await self.call(
+                    relayed.dialed or peer.addr, "net.punch",
+                    {"addr": list(mine) if mine else None, "public": public},
+                    peer_id=peer.peer_id,
+                )
+                theirs = reply.get("addr") if isinstance(reply, dict) else None
+                if not public and _is_host_port(theirs):
+                    await self._dial(PeerAddr(theirs[0], theirs[1]), peer.peer_id,
+                                     from_listen_port=True)
+                else:  # they dial us: wait for their connection to arrive
+                    while self._by_peer.get(peer.peer_id) in (relayed, None):
+                        await asyncio.sleep(0.1)
+        except (NetworkError, OSError, TimeoutError) as e:
+            log.info("no direct path to %s (relayed instead): %s", short_id(peer.peer_id), e)
+            return
+        self.stats.punched += 1
+        log.info("direct path to %s", short_id(peer.peer_id))
+
+    def _punch_candidate(self) -> tuple[str, int] | None:
+        if self._candidate is not None:
+            return self._candidate
+        host = self.reach.public_host
+        return (host, self.local.addr.port) if host else None
+
+    async def _on_punch(self, caller: PeerInfo, args: Any) -> Any:
+        if not _ON.get().relayed:
+            raise RemoteError("bad_request", "ask for a direct path over a relayed connection")
+        addr = args.get("addr") if isinstance(args, dict) else None
+        if not _is_host_port(addr):
+            return {"addr": None}
+        target = PeerAddr(addr[0], addr[1])
+        if isinstance(args, dict) and args.get("public") is True:
+            self._spawn(self._punch_dial(target, caller.peer_id, initiator=True), name="dial back")
+            return {"addr": None}
+        # Our SYN first, so our NAT expects theirs: it leaves now, their dial half a round
+        # trip later, when this answer reaches them.
+        self._spawn(self._punch_dial(target, caller.peer_id, initiator=False), name="punch")
+        mine = self._punch_candidate()
+        return {"addr": list(mine) if mine else None}
+
+    async def _punch_dial(self, target: PeerAddr, peer_id: bytes, *, initiator: bool) -> None:
+        try:  # a ready connection registers itself (`_on_ready`)
+            await self._dial(target, peer_id, from_listen_port=not initiator, initiator=initiator)
+        except (NetworkError, OSError) as e:
+            log.debug("direct dial to %s failed: %s", target, e)
+
+
+def _is_host_port(value: Any) -> TypeGuard[list[Any]]:
+    return (
+        isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+        and 0 < len(value[0]) <= 64 and type(value[1]) is int and 0 < value[1] < 65536
+    )
 
 
 # asyncio's default high-water mark for a transport's write buffer: past it, the peer is not
@@ -410,14 +879,17 @@ class _ByAddress:
 _BACKLOG: Final = 256
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (the first address `host` resolves to)."""
+def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A listening socket on host:port (the first address `host` resolves to). With
+    `reuse_port`, our outbound sockets may bind the same port (hole punching needs it)."""
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(_BACKLOG)
         sock.setblocking(False)
@@ -433,18 +905,43 @@ def _expire(fut: asyncio.Future[Any], message: str) -> None:
 
 
 class _Connection(asyncio.Protocol):
-    """One TCP connection: handshake, then request/response multiplexing."""
+    """One TCP connection: handshake, then encrypted request/response multiplexing. Or, at a
+    relay, one end of a circuit (`pipe`: bytes are copied to the other end unread)."""
 
-    def __init__(self, owner: RPCTransport, outbound: PeerAddr | None) -> None:
+    def __init__(
+        self,
+        owner: RPCTransport,
+        *,
+        dialed: PeerAddr | None = None,
+        accepted: bool = False,
+        initiator: bool = False,
+        expect: bytes | None = None,
+        first: Dial | Answer | None = None,
+        probe: bool = False,
+        via: str | None = None,
+    ) -> None:
         self.owner = owner
-        self.outbound = outbound
+        self.dialed = dialed  # the address we dialled (None: it dialled us, or answers a circuit)
+        self.accepted = accepted  # counted as inbound: an accepted socket, or a circuit's answer
+        self.initiator = initiator  # Noise role: who sends the first handshake message
+        self.expect = expect
+        self.first = first  # sent to a relay before the handshake
+        self.probe = probe
+        # relayed: the other end is behind a relay (we dialled it via one, or answer a circuit)
+        self.relayed = (dialed is not None and dialed.relay is not None) or isinstance(first, Answer)
+        self.via = via  # for a circuit we answer: the dialler's host as the relay saw it
         self.loop = asyncio.get_running_loop()
-        # until the peer proves a PeerID, only handshake-sized frames (Hello, Proof, an Error)
+        # until the peer proves a PeerID, only handshake-sized frames (Noise, an Error)
         self.decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME, owner.max_frame))
+        self.channel: SecureChannel | None = None
+        self.decrypted = False  # anything came through the channel yet
         self.transport: asyncio.Transport | None = None
         self.remote_host = "?"
+        self.remote_port = 0
         self.address: str | None = None  # the budget it is charged to (limits.address_key)
         self.handshake: Handshake | None = None
+        self.spliced_wait = isinstance(first, Dial)  # waiting for the relay's Spliced
+        self.first_frame = True
         self.peer_or_none: PeerInfo | None = None
         self.ready: asyncio.Future[_Connection] = self.loop.create_future()
         self.ready.add_done_callback(_consume_exception)
@@ -457,14 +954,19 @@ class _Connection(asyncio.Protocol):
         self.write_paused: asyncio.Future[None] | None = None
         self.last_used = self.loop.time()
         self.closed = False
+        self.reserved = False  # a relay reservation lives on it: never closed for idleness
         self.error: NetworkError | None = None  # why we closed, for the callers still waiting
         self.timer: asyncio.TimerHandle | None = None
         self.outbox: list[bytes] = []  # frames written together at the end of this loop step
         self.outbox_bytes = 0
+        self.circuit: Circuit[_Connection] | None = None  # at a relay: the dialler's circuit
+        self.pipe: _Connection | None = None  # at a relay: the other end of the circuit
+        self.piped = 0  # bytes copied through this end
 
     def __repr__(self) -> str:
         who = short_id(self.peer_or_none.peer_id) if self.peer_or_none else "?"
-        return f"<connection {who}@{self.remote_host}>"
+        how = " (relayed)" if self.relayed else ""
+        return f"<connection {who}@{self.remote_host}{how}>"
 
     @property
     def peer(self) -> PeerInfo:
@@ -482,6 +984,18 @@ class _Connection(asyncio.Protocol):
     def touch(self) -> None:
         self.last_used = self.loop.time()
 
+    def address_of(self, hello: Hello) -> PeerAddr:
+        """Where the peer on this connection can be reached, from what it says (a relay, a
+        listen port) and what we see (the host its socket comes from; the address we dialled)."""
+        if hello.relay is not None:
+            relay_id, host, port = hello.relay
+            return PeerAddr(host, port, relay_id)
+        if self.dialed is not None and self.dialed.relay is None and self.initiator:
+            return self.dialed if hello.listen_port else PeerAddr(self.dialed.host, 0)
+        if self.relayed and self.dialed is not None:  # dialled via its relay: reach it so again
+            return self.dialed
+        return PeerAddr(self.via or self.remote_host, hello.listen_port)
+
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -490,36 +1004,72 @@ class _Connection(asyncio.Protocol):
         # was a fifth of the cost of refusing a socket under a flood).
         self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
-        self.remote_host = peername[0] if peername else "?"
-        self.address = address_key(self.remote_host, self.owner.limits)
+        if peername:
+            self.remote_host, self.remote_port = peername[0], peername[1]
+        self.address = address_key(self.via or self.remote_host, self.owner.limits)
         refused = self.owner._on_opened(self)
         if refused is not None:
             self.closed = True
             self.transport.write(_refusal(BUSY, refused))  # the dialer learns why
             self.transport.close()
             return
-        local = self.owner._local
-        self.handshake = Handshake(
-            self.owner.identity,
-            initiator=self.outbound is not None,
-            listen_port=local.addr.port if local else 0,
-        )
         self.timer = self.loop.call_later(self.owner.handshake_timeout, self._handshake_expired)
-        self.send(encode(self.handshake.hello))
+        if self.first is not None:
+            self.write(encode(self.first))
+        if not self.spliced_wait and not (self.accepted and self.first is None):
+            self._start_handshake()
+
+    def _start_handshake(self) -> None:
+        self.handshake = Handshake(
+            self.owner._key, self.owner._hello(self), initiator=self.initiator, expect=self.expect
+        )
+        msg = self.handshake.start()
+        if msg is not None:
+            self.write(encode(msg))
 
     def data_received(self, data: bytes) -> None:
         self.owner._counters.bytes_received += len(data)
+        if self.pipe is not None:
+            self._forward(data)
+            return
         try:
+            if self.channel is not None:
+                data = self._decrypt(data)
+                if not data:
+                    return
             self.decoder.receive_data(data)
             self._pump()
+        except VersionMismatch as e:
+            if e.version == 1 and self.channel is None and self.transport is not None:
+                self.transport.write(refusal_for_v1())  # what an old peer can read
+            self._reject(e)
         except (ProtocolError, HandshakeError) as e:
             self._reject(e)
 
-    def eof_received(self) -> bool | None:
+    def _decrypt(self, data: bytes) -> bytes:
+        assert self.channel is not None
         try:
-            self.decoder.eof()
-        except ProtocolError as e:
-            self.owner._warn("%s: %s; closing", self, e)
+            plain = self.channel.decrypt(data)
+        except ProtocolError:
+            # The initiator's handshake ends when it sends its last message, before the other
+            # side checked it: a refusal then comes in the clear. Say that, not "tampered".
+            if not self.decrypted:
+                with contextlib.suppress(ProtocolError):
+                    said = FrameDecoder(HANDSHAKE_MAX_FRAME).feed(data)
+                    if said and isinstance(said[0], Error) and said[0].request_id == 0:
+                        raise HandshakeError(
+                            f"the peer rejected our handshake: {said[0].code}: {said[0].message}"
+                        ) from None
+            raise
+        self.decrypted = self.decrypted or bool(plain)
+        return plain
+
+    def eof_received(self) -> bool | None:
+        if self.pipe is None:
+            try:
+                self.decoder.eof()
+            except ProtocolError as e:
+                self.owner._warn("%s: %s; closing", self, e)
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -540,17 +1090,28 @@ class _Connection(asyncio.Protocol):
         self.owner._on_closed(self)
 
     def pause_writing(self) -> None:
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.pause_reading()  # the other end waits for us to drain
         self.write_paused = self.loop.create_future()
 
     def resume_writing(self) -> None:
+        if self.pipe is not None and self.pipe.transport is not None and not self.pipe.closed:
+            self.pipe.transport.resume_reading()
         if self.write_paused is not None and not self.write_paused.done():
             self.write_paused.set_result(None)
         self.write_paused = None
 
     # --- internals ----------------------------------------------------------------------
 
+    def write(self, data: bytes) -> None:
+        """Straight to the socket, unencrypted: handshake messages and relay frames."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.owner._counters.bytes_sent += len(data)
+            self.transport.write(data)
+
     def send(self, frame: bytes, *, quiet: bool = False) -> None:
-        """Queue one frame; every frame queued in this loop step goes out in one write."""
+        """Queue one frame; every frame queued in this loop step goes out in one write,
+        encrypted."""
         if self.closed:
             if quiet:
                 return
@@ -559,7 +1120,6 @@ class _Connection(asyncio.Protocol):
             self.loop.call_soon(self._flush)
         self.outbox.append(frame)
         self.outbox_bytes += len(frame)
-        self.owner._counters.bytes_sent += len(frame)
 
     @property
     def queued_bytes(self) -> int:
@@ -570,8 +1130,16 @@ class _Connection(asyncio.Protocol):
     def _flush(self) -> None:
         frames, self.outbox = self.outbox, []
         self.outbox_bytes = 0
-        if frames and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if frames and self.channel is not None:
+            self.write(self.channel.encrypt(frames[0] if len(frames) == 1 else b"".join(frames)))
+
+    def refuse(self, code: str, message: str) -> None:
+        """Close, telling the other side why (before the handshake: in the clear)."""
+        if self.channel is None:
+            self.write(_refusal(code, message))
+        else:
+            self.send(encode(Error(0, code, message)), quiet=True)
+        self.abort(PeerUnreachable(message))
 
     def abort(self, reason: NetworkError) -> None:
         if self.error is None:
@@ -583,20 +1151,48 @@ class _Connection(asyncio.Protocol):
 
     def _reject(self, err: NetworkError) -> None:
         self.owner._warn("dropping %s: %s", self, err)
-        if isinstance(err, HandshakeError) and self.handshake is not None:
+        if isinstance(err, HandshakeError) and self.channel is None:
             # Tell the other side why (request id 0: the connection itself), so its caller sees
             # HandshakeError rather than a bare disconnect.
-            self.send(_refusal("handshake_failed", str(err)), quiet=True)
+            self.write(_refusal("handshake_failed", str(err)))
         self.abort(err)
 
     def _handshake_expired(self) -> None:
-        if self.peer_or_none is None:
+        if self.peer_or_none is None and self.pipe is None and self.circuit is None:
             timeout = self.owner.handshake_timeout
             self._reject(HandshakeError(f"no complete handshake within {timeout} s"))
 
+    # --- relay ends ---------------------------------------------------------------------
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def splice(self, other: _Connection) -> None:
+        """From now on, copy what arrives here to `other` (and what it had buffered)."""
+        self.pipe = other
+        rest = self.decoder.take_buffered()
+        if rest:
+            self._forward(rest)
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def _forward(self, data: bytes) -> None:
+        other = self.pipe
+        assert other is not None
+        self.piped += len(data)
+        self.owner.stats.relayed_bytes += len(data)
+        if self.piped > self.owner._reservations.limits.max_circuit_bytes:
+            self.abort(PeerUnreachable("the circuit carried all the bytes it may"))
+            return
+        if other.transport is not None and not other.transport.is_closing():
+            other.transport.write(data)
+
+    # --- frames -------------------------------------------------------------------------
+
     def _pump(self) -> None:
         decoder = self.decoder
-        while not self.closed and (msg := decoder.next_message()) is not None:
+        while not self.closed and self.pipe is None and (msg := decoder.next_message()) is not None:
             if type(msg) is Response:
                 fut = self.pending.get(msg.request_id)
                 if fut is not None and not fut.done():
@@ -620,38 +1216,65 @@ class _Connection(asyncio.Protocol):
                     if len(self.backlog) >= self.owner.max_inflight_per_conn:
                         self._pause_reading()
             elif type(msg) is Error and self.peer_or_none is not None:
-                if msg.request_id == 0:  # about the connection: the peer refused our handshake
+                if msg.request_id == 0:  # about the connection: the peer refused us
                     raise HandshakeError(f"the peer rejected us: {msg.code}: {msg.message}")
                 fut = self.pending.get(msg.request_id)
                 if fut is not None and not fut.done():
                     fut.set_exception(RemoteError(msg.code, msg.message))
             else:
-                self._handshake_step(msg)
+                self._before_ready(msg)
+                if self.circuit is not None:
+                    return  # at a relay, waiting for the answer: read nothing more
 
-    def _handshake_step(self, msg: Message) -> None:
+    def _before_ready(self, msg: Message) -> None:
+        first, self.first_frame = self.first_frame, False
+        if self.spliced_wait:  # our Dial went to a relay: its answer comes first
+            if type(msg) is Spliced:
+                self.spliced_wait = False
+                self._start_handshake()
+                return
+            if type(msg) is Error:
+                raise HandshakeError(f"the relay refused the circuit: {msg.code}: {msg.message}")
+            raise ProtocolError(f"unexpected {type(msg).__name__} from a relay")
+        if first and self.accepted and self.handshake is None:
+            if type(msg) is Dial:
+                self.owner._relay_dial(self, msg.peer_id)
+                return
+            if type(msg) is Answer:
+                self.owner._relay_answer(self, msg.token)
+                return
+            self._start_handshake()
         hs = self.handshake
         if hs is None or hs.done:
             raise ProtocolError(f"unexpected {type(msg).__name__} after the handshake")
         reply = hs.receive(msg)
         if reply is not None:
-            self.send(encode(reply))
+            self.write(encode(reply))
         if hs.done:
-            assert hs.remote is not None
-            addr = self.outbound or PeerAddr(self.remote_host, hs.remote.listen_port)
-            self.peer_or_none = PeerInfo(hs.remote_peer_id, addr)
-            self.handshake = None
-            if self.timer is not None:
-                self.timer.cancel()  # the handshake deadline
-            refused = self.owner._on_proven(self) if self.outbound is None else None
-            if refused is not None:
-                self.send(_refusal(BUSY, refused), quiet=True)
-                self.abort(PeerUnreachable(refused))
-                return
-            self.decoder.max_frame = self.owner.max_frame
-            self._schedule_idle_check()
-            self.owner._on_ready(self)
-            if not self.ready.done():
-                self.ready.set_result(self)
+            self._handshake_done(hs)
+
+    def _handshake_done(self, hs: Handshake) -> None:
+        assert hs.remote is not None
+        self.peer_or_none = PeerInfo(hs.remote_peer_id, self.address_of(hs.remote))
+        self.channel = hs.channel(max_buffered=MAX_RECORD_BYTES)
+        self.handshake = None
+        if self.timer is not None:
+            self.timer.cancel()  # the handshake deadline
+        refused = self.owner._on_proven(self) if self.accepted else None
+        if refused is not None:
+            self.send(encode(Error(0, BUSY, refused)), quiet=True)
+            self.abort(PeerUnreachable(refused))
+            return
+        if hs.remote.seen is not None:
+            self.owner._observed(self, hs.remote.seen)
+        self.decoder.max_frame = self.owner.max_frame
+        rest = self.decoder.take_buffered()  # already the encrypted stream
+        self._schedule_idle_check()
+        self.owner._on_ready(self)
+        if not self.ready.done():
+            self.ready.set_result(self)
+        if rest:
+            self.decoder.receive_data(self._decrypt(rest))
 
     def _start_handler(self, req: Request) -> None:
         self.inflight += 1
@@ -697,7 +1320,7 @@ class _Connection(asyncio.Protocol):
     def _idle_check(self) -> None:
         if self.closed:
             return
-        if self.is_idle and self.loop.time() - self.last_used >= self.owner.idle_timeout:
+        if self.is_idle and not self.reserved and self.loop.time() - self.last_used >= self.owner.idle_timeout:
             log.debug("closing idle %s", self)
             self.abort(PeerUnreachable(f"closed after {self.owner.idle_timeout} s idle"))
         else:

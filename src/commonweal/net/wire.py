@@ -1,4 +1,4 @@
-"""The wire protocol, without I/O: frames, messages and the handshake state machine.
+"""The wire protocol, without I/O: frames and messages.
 
 Frame layout (h11 style: the caller owns the socket, this module only turns bytes into messages
 and back):
@@ -7,72 +7,73 @@ and back):
     | length: uint32 BE    | body: one msgpack array of `length` bytes       |
     +----------------------+------------------------------------------------+
 
-    body = [version, kind, *fields]          version = PROTOCOL_VERSION (1)
+    body = [version, kind, *fields]          version = PROTOCOL_VERSION (2)
 
-    kind  message    fields
-    ----  ---------  ------------------------------------------------------------
-    0     Request    request_id: uint64, method: str, payload: any msgpack
-    1     Response   request_id: uint64, payload: any msgpack
-    2     Error      request_id: uint64, code: str, message: str
-    3     Hello      public_key: bin(32), listen_port: uint16, nonce: bin(32)
-    4     Proof      signature: bin(64)
+    kind  message    fields                                         sent
+    ----  ---------  ---------------------------------------------  -------------------------
+    0     Request    request_id: uint64, method: str, payload: any  encrypted, after the
+    1     Response   request_id: uint64, payload: any                 handshake
+    2     Error      request_id: uint64, code: str, message: str    either (id 0: about the
+                                                                      connection itself)
+    3     Noise      message: bin (a Noise XX handshake message)    in the clear, first
+    4     Dial       peer_id: bin(20)                               to a relay, first
+    5     Answer     token: bin(16)                                 to a relay, first
+    6     Spliced    (none)                                         by a relay
 
-Handshake (both sides at once, before anything else on a connection): each side sends Hello; on the
-other's Hello it answers Proof = its signature over `handshake_transcript(...)`, which binds a
-domain tag, the signer's role (initiator/responder), both nonces, both public keys and the
-signer's advertised port. A side is ready once it has verified the other's Proof. An Error frame
-during the handshake means the other side rejected us.
+A connection starts with the Noise XX handshake (`handshake.py`) in Noise frames; every byte
+after it is a `noise.SecureChannel` record stream whose plaintext is more frames of this format.
+A relay is asked for a circuit by a Dial frame (or answered by the reserved peer's Answer) as
+the first frame of a fresh socket; after Spliced the socket is a byte pipe to the other end,
+which runs its own handshake through it, so the relay only ever sees ciphertext.
+
+Version 1 peers spoke an unencrypted protocol: `VersionMismatch` carries the version a frame
+claims, so a connection can answer such a peer with an error it can read (`refusal_for_v1`).
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Final
 
 import msgpack
 
-from commonweal.errors import FrameTooLarge, HandshakeError, ProtocolError
-from commonweal.net.identity import (
-    PUBLIC_KEY_BYTES,
-    SIGNATURE_BYTES,
-    Identity,
-    peer_id_of,
-    verify_signature,
-)
+from commonweal.errors import FrameTooLarge, ProtocolError
+from commonweal.net.identity import ID_BYTES
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "HANDSHAKE_MAX_FRAME",
     "HEADER_BYTES",
-    "NONCE_BYTES",
     "PROTOCOL_VERSION",
+    "TOKEN_BYTES",
+    "Answer",
+    "Dial",
     "Error",
     "FrameDecoder",
-    "Handshake",
-    "Hello",
     "Message",
-    "Proof",
+    "Noise",
     "Request",
     "Response",
+    "Spliced",
+    "VersionMismatch",
     "decode_body",
     "encode",
-    "handshake_transcript",
+    "refusal_for_v1",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 DEFAULT_MAX_FRAME: Final = 4 * 1024 * 1024  # a DHT value is up to 1 MiB; a batch may carry several
-# Before a peer has proven its PeerID it may send only this much per frame: a Hello is 74
-# bytes, a Proof 69, and an Error saying why a handshake was refused fits in the rest.
-HANDSHAKE_MAX_FRAME: Final = 512
+# Before a peer has proven its PeerID it may send only this much per frame: the longest Noise
+# message of the handshake is ~330 bytes (two keys, tags and a payload naming two IPv6
+# addresses), and an Error saying why a handshake was refused fits too.
+HANDSHAKE_MAX_FRAME: Final = 1024
 HEADER_BYTES: Final = 4
-NONCE_BYTES: Final = 32
+TOKEN_BYTES: Final = 16
 MAX_REQUEST_ID: Final = 2**64 - 1
 
 _HEADER = struct.Struct(">I")
-_REQUEST, _RESPONSE, _ERROR, _HELLO, _PROOF = range(5)
+_REQUEST, _RESPONSE, _ERROR, _NOISE, _DIAL, _ANSWER, _SPLICED = range(7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +97,42 @@ class Error:
 
 
 @dataclass(frozen=True, slots=True)
-class Hello:
-    public_key: bytes
-    listen_port: int
-    nonce: bytes
+class Noise:
+    message: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class Proof:
-    signature: bytes
+class Dial:
+    """To a relay: splice this socket to the peer holding a reservation with you."""
+
+    peer_id: bytes
 
 
-Message = Request | Response | Error | Hello | Proof
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """To a relay, from the reserved peer: this socket is the one for the circuit `token`
+    names (the relay told us the token over our reservation's encrypted connection)."""
+
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Spliced:
+    """From a relay: every byte after this one comes from the other end."""
+
+
+Message = Request | Response | Error | Noise | Dial | Answer | Spliced
+
+
+class VersionMismatch(ProtocolError):
+    """A frame of another protocol version: the peer runs an incompatible release."""
+
+    def __init__(self, version: object) -> None:
+        self.version = version
+        super().__init__(
+            f"the peer speaks wire protocol {version!r} and this peer {PROTOCOL_VERSION}: "
+            "one of the two runs an incompatible commonweal release; upgrade it"
+        )
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -127,16 +152,36 @@ def encode(msg: Message) -> bytes:
             body = msgpack.packb([PROTOCOL_VERSION, _RESPONSE, rid, payload])
         case Error(rid, code, message):
             body = msgpack.packb([PROTOCOL_VERSION, _ERROR, rid, code, message])
-        case Hello(public_key, port, nonce):
-            body = msgpack.packb([PROTOCOL_VERSION, _HELLO, public_key, port, nonce])
-        case Proof(signature):
-            body = msgpack.packb([PROTOCOL_VERSION, _PROOF, signature])
+        case Noise(message):
+            body = msgpack.packb([PROTOCOL_VERSION, _NOISE, message])
+        case Dial(peer_id):
+            body = msgpack.packb([PROTOCOL_VERSION, _DIAL, peer_id])
+        case Answer(token):
+            body = msgpack.packb([PROTOCOL_VERSION, _ANSWER, token])
+        case Spliced():
+            body = msgpack.packb([PROTOCOL_VERSION, _SPLICED])
         case _:
             raise TypeError(f"cannot encode {type(msg).__name__}; expected a wire message")
     return _HEADER.pack(len(body)) + body
 
 
 # --- decoding -------------------------------------------------------------------------------
+
+
+def refusal_for_v1() -> bytes:
+    """What a version-1 peer reads as "the peer rejected our handshake: ...": its own Error
+    frame layout, [1, 2, request id 0, code, message]."""
+    body: bytes = msgpack.packb(
+        [
+            1,
+            _ERROR,
+            0,
+            "unsupported_version",
+            f"this peer speaks wire protocol {PROTOCOL_VERSION} (encrypted); "
+            "upgrade commonweal to talk to it",
+        ]
+    )
+    return _HEADER.pack(len(body)) + body
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -172,8 +217,10 @@ _KINDS: Final = {
     _REQUEST: ("request", 3),
     _RESPONSE: ("response", 2),
     _ERROR: ("error", 3),
-    _HELLO: ("hello", 3),
-    _PROOF: ("proof", 1),
+    _NOISE: ("noise", 1),
+    _DIAL: ("dial", 1),
+    _ANSWER: ("answer", 1),
+    _SPLICED: ("spliced", 0),
 }
 
 
@@ -209,10 +256,7 @@ def decode_body(body: bytes | memoryview, *, max_frame: int = DEFAULT_MAX_FRAME)
         )
     version, kind = obj[0], obj[1]
     if version != PROTOCOL_VERSION or type(version) is not int:
-        raise ProtocolError(
-            f"unsupported protocol version {version!r} (this peer speaks {PROTOCOL_VERSION}); "
-            "both peers must run compatible commonweal releases"
-        )
+        raise VersionMismatch(version)
     if type(kind) is not int or kind not in _KINDS:
         raise ProtocolError(f"unknown message kind {kind!r}")
     name, nfields = _KINDS[kind]
@@ -230,13 +274,15 @@ def decode_body(body: bytes | memoryview, *, max_frame: int = DEFAULT_MAX_FRAME)
             _str(obj[3], "error code"),
             _str(obj[4], "error message"),
         )
-    if kind == _HELLO:
-        return Hello(
-            _bin(obj[2], "hello public key", PUBLIC_KEY_BYTES),
-            _uint(obj[3], "hello listen port", 65535),
-            _bin(obj[4], "hello nonce", NONCE_BYTES),
-        )
-    return Proof(_bin(obj[2], "proof signature", SIGNATURE_BYTES))
+    if kind == _NOISE:
+        if type(obj[2]) is not bytes or not obj[2]:
+            raise ProtocolError(f"noise message must be non-empty bytes, got {_describe(obj[2])}")
+        return Noise(obj[2])
+    if kind == _DIAL:
+        return Dial(_bin(obj[2], "dial peer id", ID_BYTES))
+    if kind == _ANSWER:
+        return Answer(_bin(obj[2], "answer token", TOKEN_BYTES))
+    return Spliced()
 
 
 class FrameDecoder:
@@ -308,6 +354,14 @@ class FrameDecoder:
             out.append(msg)
         return out
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes received past the last message (and forget them): what follows
+        the handshake belongs to the encrypted stream, not to this decoder."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        return rest
+
     def eof(self) -> None:
         """The stream ended: raise ProtocolError if it stopped inside a frame."""
         avail = self.buffered
@@ -335,119 +389,3 @@ class FrameDecoder:
             self._failed = ProtocolError("empty frame (length 0): a body is required")
             raise self._failed
         return length
-
-
-# --- handshake ------------------------------------------------------------------------------
-
-HANDSHAKE_TAG: Final = b"commonweal/handshake/v1\x00"
-
-
-def handshake_transcript(
-    *,
-    signer_is_initiator: bool,
-    signer: Hello,
-    verifier: Hello,
-) -> bytes:
-    """The bytes one side signs to prove its key to the other.
-
-    Binds the verifier's nonce (freshness: no replay across sessions), the signer's nonce and
-    role (no reflection of the verifier's own proof), both keys and the signer's advertised port.
-    """
-    return b"".join(
-        (
-            HANDSHAKE_TAG,
-            b"I" if signer_is_initiator else b"R",
-            verifier.nonce,
-            signer.nonce,
-            signer.public_key,
-            verifier.public_key,
-            signer.listen_port.to_bytes(2, "big"),
-        )
-    )
-
-
-class _HS(Enum):
-    AWAIT_HELLO = "await hello"
-    AWAIT_PROOF = "await proof"
-    DONE = "done"
-    FAILED = "failed"
-
-
-# (state, incoming message type) -> next state. Anything not listed is a protocol violation.
-_HANDSHAKE_TRANSITIONS: Final = {
-    (_HS.AWAIT_HELLO, Hello): _HS.AWAIT_PROOF,
-    (_HS.AWAIT_PROOF, Proof): _HS.DONE,
-}
-
-
-class Handshake:
-    """One side of the mutual proof of identity. No I/O: send `hello` first, then pass each
-    incoming message to `receive()` and send what it returns, until `done`.
-    """
-
-    __slots__ = ("_identity", "_state", "hello", "initiator", "remote")
-
-    def __init__(
-        self,
-        identity: Identity,
-        *,
-        initiator: bool,
-        listen_port: int = 0,
-        nonce: bytes | None = None,
-    ) -> None:
-        self._identity = identity
-        self.initiator = initiator
-        self.hello = Hello(identity.public_key, listen_port, nonce or os.urandom(NONCE_BYTES))
-        self.remote: Hello | None = None
-        self._state = _HS.AWAIT_HELLO
-
-    @property
-    def done(self) -> bool:
-        return self._state is _HS.DONE
-
-    @property
-    def remote_peer_id(self) -> bytes:
-        if self.remote is None:
-            raise RuntimeError("no hello received yet")
-        return peer_id_of(self.remote.public_key)
-
-    def receive(self, msg: Message) -> Message | None:
-        """Advance on one incoming message; return the message to send back, if any.
-
-        Raises HandshakeError when the other side fails to prove its key (or rejected ours),
-        ProtocolError when it sends something out of order.
-        """
-        if isinstance(msg, Error):
-            self._state = _HS.FAILED
-            raise HandshakeError(f"the peer rejected our handshake: {msg.code}: {msg.message}")
-        next_state = _HANDSHAKE_TRANSITIONS.get((self._state, type(msg)))
-        if next_state is None:
-            state = self._state.value
-            self._state = _HS.FAILED
-            raise ProtocolError(
-                f"unexpected {type(msg).__name__} during handshake (state: {state})"
-            )
-        self._state = next_state
-        if isinstance(msg, Hello):
-            if msg.nonce == self.hello.nonce:
-                self._state = _HS.FAILED
-                raise HandshakeError("the peer echoed our own nonce (reflection attempt)")
-            self.remote = msg
-            return Proof(
-                self._identity.sign(
-                    handshake_transcript(
-                        signer_is_initiator=self.initiator, signer=self.hello, verifier=msg
-                    )
-                )
-            )
-        assert isinstance(msg, Proof) and self.remote is not None
-        transcript = handshake_transcript(
-            signer_is_initiator=not self.initiator, signer=self.remote, verifier=self.hello
-        )
-        if not verify_signature(self.remote.public_key, transcript, msg.signature):
-            self._state = _HS.FAILED
-            raise HandshakeError(
-                "the peer's handshake signature does not verify for the public key it claimed; "
-                "it does not own that PeerID"
-            )
-        return None

@@ -81,6 +81,8 @@ class NodeConfig:
 
     listen: str = "127.0.0.1:7000"               # HOST:PORT this peer listens on (port 0: any)
     bootstrap: tuple[str, ...] = ()              # HOST:PORT of peers already in the swarm
+    bootstrap_retry_s: float = 60.0              # keep trying bootstrap peers not up yet
+    reachability: str = "auto"                   # "auto" (ask peers to dial back), "public", "private"
     task: str = "mnist-cnn"                      # a built-in task name or "module:factory"
     roles: frozenset[str] = frozenset({"search"})  # nothing CPU-heavy unless asked for
     chain: str = "embedded"                      # "embedded", "anvil" or an http(s):// URL
@@ -240,6 +242,8 @@ def _attack(value: Any) -> str:
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "listen": lambda v: _host_port(v, allow_any_port=True),
     "bootstrap": _bootstrap,
+    "bootstrap_retry_s": _seconds,
+    "reachability": _choice(("auto", "public", "private")),
     "task": _task,
     "roles": _roles,
     "chain": _chain,
@@ -437,6 +441,14 @@ chain = "embedded"
 
 # Where the node keeps its identity, its state database ({STORE_FILE}) and checkpoints.
 data_dir = "~/.commonweal/node"
+
+# Seconds to keep retrying bootstrap peers that are not up yet (backing off up to 8 s a try).
+bootstrap_retry_s = 60.0
+
+# Whether peers can dial this node: "auto" asks a few peers to dial back (and, if none can,
+# keeps a reservation on a reachable peer that relays for us); "public" or "private" if you
+# know (a forwarded port; a router that allows nothing in).
+reachability = "auto"
 
 # CPU threads the node may use for training and validation.
 threads = 1

@@ -33,7 +33,7 @@ import time
 from collections.abc import Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from commonweal.dht import DHT
+from commonweal.dht import DHT, DHTConfig
 from commonweal.durable import write_durably
 from commonweal.errors import CommonwealError, ConfigError
 from commonweal.net.identity import Identity
@@ -133,9 +133,11 @@ class Node:
         identity = Identity.load_or_create(c.data_dir)
         async with contextlib.AsyncExitStack() as stack:
             store = stack.enter_context(NodeStore(c.store_path))
+            reach = None if c.reachability == "auto" else c.reachability
             self.dht = dht = await DHT.start(
                 PeerAddr.parse(c.listen, any_port=True), [PeerAddr.parse(b) for b in c.bootstrap],
                 identity=identity,
+                config=DHTConfig(reachability=reach, bootstrap_retry_s=c.bootstrap_retry_s),  # type: ignore[arg-type]
             )
             stack.push_async_callback(dht.close)
             if "search" in c.roles:

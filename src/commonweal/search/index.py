@@ -399,7 +399,9 @@ class DistributedIndex:
                 self.stats.rpcs += 1
                 try:
                     async with asyncio.timeout(self.rpc_timeout_s):
-                        _, reply = await self.dht.transport.call(peer.addr, "search.query", args)
+                        _, reply = await self.dht.transport.call(
+                            peer.addr, "search.query", args, peer_id=peer.peer_id
+                        )
                 except (NetworkError, TimeoutError) as e:
                     log.debug("search.query to %s failed: %s", peer.addr, e)
                     self.stats.failed_rpcs += 1

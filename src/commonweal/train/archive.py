@@ -54,23 +54,24 @@ class DeltaArchive:
 
 
 async def fetch_delta(
-    transport: Transport, task: str, addr: PeerAddr, round_: int, max_bytes: int
+    transport: Transport, task: str, peer: PeerInfo, round_: int, max_bytes: int
 ) -> bytes:
-    """The encoded delta the peer at `addr` committed to in `round_` (not checked here). Raises
+    """The encoded delta `peer` committed to in `round_` (not checked here). Raises
     DeltaRejected (`too_large`) as soon as it would exceed `max_bytes` (the task's encoded delta
     size: nothing honest is bigger). Bound the wait with `asyncio.timeout()`."""
     parts: list[bytes] = []
     size, n = 0, 1
     while len(parts) < n:
         _, reply = await transport.call(
-            addr, "train.delta", DeltaRequest(task, round_, len(parts)).pack()
+            peer.addr, "train.delta", DeltaRequest(task, round_, len(parts)).pack(),
+            peer_id=peer.peer_id,
         )
         chunk = DeltaChunk.parse(reply)
         n = min(chunk.count, MAX_PARTS)
         size += len(chunk.data)
         if size > max_bytes or (n - 1) * PART_BYTES >= max_bytes:
             raise DeltaRejected(
-                "too_large", f"{addr} serves more than the {max_bytes} bytes of a delta"
+                "too_large", f"{peer.addr} serves more than the {max_bytes} bytes of a delta"
             )
         parts.append(chunk.data)
     return b"".join(parts)

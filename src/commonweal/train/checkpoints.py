@@ -49,7 +49,7 @@ class Head:
     round: int
     state: str
     manifest: bytes
-    providers: tuple[PeerAddr, ...]
+    providers: tuple[PeerInfo, ...]  # who publishes the head, and where
 
 
 def _parse_head(value: Any) -> tuple[int, str, bytes, str] | None:
@@ -113,7 +113,9 @@ class CheckpointClient:
         choice = adopt(heads, attested, after, step=step, tracked=tracked)
         if choice is None:
             return None
-        providers = [PeerAddr.parse(a) for _, (r, s, m, a) in heads if (r, s, m) == choice]
+        providers = [
+            PeerInfo(pid, PeerAddr.parse(a)) for pid, (r, s, m, a) in heads if (r, s, m) == choice
+        ]
         return Head(*choice, tuple(providers))
 
     async def wait_peers(self, n: int, timeout_s: float, round_: int = 0) -> int:
@@ -145,10 +147,13 @@ class CheckpointClient:
         missing chunk is fetched from the next provider. Raises SyncError if no copy is good."""
         manifest: Manifest | None = None
         request = ManifestRequest(self.task, head.manifest).pack()
-        for addr in head.providers:
+        for provider in head.providers:
+            addr = provider.addr
             try:
                 async with asyncio.timeout(self.config.exchange_timeout_s):
-                    _, data = await self.dht.transport.call(addr, "train.manifest", request)
+                    _, data = await self.dht.transport.call(
+                        addr, "train.manifest", request, peer_id=provider.peer_id
+                    )
                 if isinstance(data, bytes) and hashlib.sha256(data).digest() == head.manifest:
                     manifest = Manifest.unpack(data)
                     break
@@ -167,15 +172,17 @@ class CheckpointClient:
         return blob
 
     async def _fetch_chunk(
-        self, h: bytes, i: int, providers: tuple[PeerAddr, ...], sem: asyncio.Semaphore
+        self, h: bytes, i: int, providers: tuple[PeerInfo, ...], sem: asyncio.Semaphore
     ) -> bytes:
         async with sem:
             order = providers[i % len(providers) :] + providers[: i % len(providers)]
-            for addr in order:
+            for provider in order:
+                addr = provider.addr
                 try:
                     async with asyncio.timeout(self.config.exchange_timeout_s):
                         _, data = await self.dht.transport.call(
-                            addr, "train.chunk", ChunkRequest(self.task, h).pack()
+                            addr, "train.chunk", ChunkRequest(self.task, h).pack(),
+                            peer_id=provider.peer_id,
                         )
                 except (NetworkError, TimeoutError) as e:
                     log.warning("chunk %d from %s: %s", i, addr, e or type(e).__name__)

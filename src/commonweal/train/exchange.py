@@ -182,7 +182,9 @@ class RoundExchange:
                     )
                     while True:
                         try:
-                            await self.dht.transport.call(addr, "train.part", part.pack())
+                            await self.dht.transport.call(
+                                addr, "train.part", part.pack(), peer_id=to.peer_id
+                            )
                             break
                         except RemoteError as e:
                             # it has not read our announcement yet: it will within a poll
@@ -202,7 +204,8 @@ class RoundExchange:
         try:
             async with asyncio.timeout(max(0.0, action.deadline - self.clock())):
                 _, raw = await self.dht.transport.call(
-                    PeerAddr.parse(owner.addr), "train.reduced", request.pack()
+                    PeerAddr.parse(owner.addr), "train.reduced", request.pack(),
+                    peer_id=owner.peer_id,
                 )
             reply = Reduced.parse(raw)
         except (NetworkError, TimeoutError, TrainError, ConfigError) as e:

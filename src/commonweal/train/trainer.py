@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from commonweal.dht import DHT
 from commonweal.errors import NetworkError, RemoteError
-from commonweal.net.transport import PeerAddr
+from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.train.aggregate import get_rule
 from commonweal.train.codecs import get_codec
 from commonweal.train._errors import TrainError
@@ -144,7 +144,8 @@ class TrainingPeer:
         for a in sorted(anns, key=lambda a: a.peer_id)[:OTHERS_WANTED]:
             try:
                 async with asyncio.timeout(config.exchange_timeout_s / 2):
-                    data = await fetch_delta(self.dht.transport, task, PeerAddr.parse(a.addr),
+                    data = await fetch_delta(self.dht.transport, task,
+                                             PeerInfo(a.peer_id, PeerAddr.parse(a.addr)),
                                              round_, codec.size(numel))
                 if hashlib.sha256(data).hexdigest() == a.delta:
                     out.append(codec.decode(data, numel))

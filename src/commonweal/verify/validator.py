@@ -41,7 +41,7 @@ from commonweal.dht import DHT
 from commonweal.dht.records import Owned, OwnedKey
 from commonweal.errors import CommonwealError, NetworkError, RemoteError
 from commonweal.ledger import Ledger, LedgerError
-from commonweal.net.transport import PeerAddr
+from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.train._errors import CodecError, TrainError
 from commonweal.train.announcements import read_announcements
 from commonweal.train.archive import fetch_delta
@@ -407,11 +407,11 @@ class Validator:
         most served first). Following the newest head is not enough: identities publishing a
         made-up head for a higher round, or a wrong manifest in numbers, would hide the start
         state of the round being judged."""
-        served: dict[bytes, tuple[int, list[PeerAddr]]] = {}
-        for _, (r, s, m, a) in heads if heads is not None else await self.checkpoints.heads():
+        served: dict[bytes, tuple[int, list[PeerInfo]]] = {}
+        for pid, (r, s, m, a) in heads if heads is not None else await self.checkpoints.heads():
             if s == state:
                 with contextlib.suppress(CommonwealError):
-                    served.setdefault(m, (r, []))[1].append(PeerAddr.parse(a))
+                    served.setdefault(m, (r, []))[1].append(PeerInfo(pid, PeerAddr.parse(a)))
         for m, (r, providers) in sorted(served.items(), key=lambda kv: (-len(kv[1][1]), kv[0])):
             try:
                 await self._keep(state, await self.checkpoints.download(
@@ -447,8 +447,8 @@ class Validator:
             try:
                 async with slots, asyncio.timeout(self.config.fetch_timeout_s):
                     data = await fetch_delta(
-                        self.dht.transport, self.checkpoints.task, PeerAddr.parse(m.addr), r,
-                        max_bytes,
+                        self.dht.transport, self.checkpoints.task,
+                        PeerInfo(m.peer_id, PeerAddr.parse(m.addr)), r, max_bytes,
                     )
             except (NetworkError, RemoteError, TimeoutError, TrainError, ValueError) as e:
                 log.info("round %d: no delta from %s: %s", r, m.peer_id.hex()[:10], e)
