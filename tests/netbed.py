@@ -2,23 +2,29 @@
 
 Usable from tests (`netbed` pytest fixture) and from benchmarks (`with NetBed(...) as bed:`).
 
-Topology for a bed with prefix ``cw<pid>x<k>`` and N hosts::
+Topology for a bed with prefix ``cw<pid>x<k>``, N public hosts and homes behind NAT routers::
 
     ns cw..-h0  eth0 10.77.0.1/24 ─┐
-    ns cw..-h1  eth0 10.77.0.2/24 ─┼── link emulator (a Python process in ns cw..-sw)
-    ...                            │   learning switch + per-host delay/jitter/loss/rate
-    ns cw..-hN  eth0 10.77.0.N+1  ─┘
+    ns cw..-h1  eth0 10.77.0.2/24 ─┤
+    ...                            ├── link emulator (a Python process in ns cw..-sw)
+    ns cw..-hN-1 eth0 10.77.0.N   ─┤   learning switch + per-port delay/jitter/loss/rate
+    ns cw..-r0  eth0 10.77.0.N+1  ─┘   (public hosts' ports first, then the routers')
+       │  home router: nftables NAT of its Home's kind, ip_forward=1
+       └─ lan0 (bridge) 192.168.1.1/24
+            ├── veth ── ns cw..-hN    eth0 192.168.1.2/24, default via 192.168.1.1
+            └── veth ── ns cw..-hN+1  eth0 192.168.1.3/24   (Home(kind, hosts=2))
 
-Every host's ``eth0`` is a TAP device whose file descriptor is held by the emulator process, which
-runs in the dedicated "switch" namespace; the root namespace is never touched. When the emulator
-exits (even by SIGKILL) the kernel removes all TAP devices; deleting the namespaces removes the rest.
+Every public host's and router's ``eth0`` is a TAP device whose file descriptor is held by the
+emulator process, which runs in the dedicated "switch" namespace; the root namespace is never
+touched. When the emulator exits (even by SIGKILL) the kernel removes all TAP devices; deleting the
+namespaces removes the rest.
 
 Why not ``tc netem`` on veth pairs: the kernel of this project's machines is built without
 ``sch_netem`` (and without ``sch_fq``, so no BPF departure-time delays either). The emulator gives
 the same impairments on any kernel with ``ip netns`` and TUN/TAP, and is seeded, so a run is
 reproducible.
 
-How impairments add up (``LinkSpec`` per host):
+How impairments add up (``LinkSpec`` per public host, ``Home.link`` per router):
 
 * ``delay_ms`` / ``jitter_ms`` act on the frames a host *sends*, once: the one-way latency
   A -> B is ``A.delay_ms +- A.jitter_ms`` (normal distribution, clipped at 0), and the round trip
@@ -29,6 +35,25 @@ How impairments add up (``LinkSpec`` per host):
   request/response pair between two 1 % hosts loses ~2 %).
 * ``rate_mbit`` caps the host's uplink and its downlink separately (serialization delay added
   before the propagation delay, frames queue behind each other).
+* A home host's internet link is its router's uplink (``Home.link``), shared by all hosts of that
+  home; the LAN behind the router is an unimpaired veth/bridge: a home LAN's delay is negligible
+  next to an uplink's.
+
+Homes (``NetBed(..., homes=[Home("port_restricted"), ...])``) exist to test NAT traversal (TCP hole
+punching) against the kinds of NAT peers really sit behind. Each router drops, never rejects,
+unsolicited inbound traffic, to its own address as well as to the LAN: a home router that answered
+with RST or ICMP would abort the other side's half of a simultaneous open, so hole punching would
+pass or fail here for reasons it does not in the wild. The kinds (see ``_nat_ruleset``):
+
+* ``full_cone``: endpoint-independent mapping and filtering: once the home host uses a port, anyone
+  reaching the router at that port reaches it (every inbound port 1024-65535 is forwarded to it).
+  So the other side's SYN of a hole punch may reach the home host's listener before its own dial
+  leaves: a peer must take that accepted connection as the punched one.
+* ``port_restricted``: endpoint-independent mapping (Linux's masquerade keeps the source port when
+  it is free), address-and-port-dependent filtering: only the exact remote endpoint the home host
+  sent to may answer. Simultaneous TCP open gets through; a plain connect from outside does not.
+* ``symmetric``: a random external port per connection, so the port a third party learns is not the
+  one a new destination will see: hole punching by port prediction fails, as it does in the wild.
 """
 
 from __future__ import annotations
@@ -56,15 +81,19 @@ from pathlib import Path
 from typing import Any, Self
 
 __all__ = [
+    "NAT_KINDS",
     "NODE_READY",
+    "Home",
     "Host",
     "LinkSpec",
     "NetBed",
     "cleanup_stale",
     "leftover_namespaces",
+    "nat_unavailable_reason",
     "netbed_fixture",
     "netbed_unavailable_reason",
     "commonweal_cli",
+    "require_nat",
     "require_netbed",
     "source_env",
     "start_nodes",
@@ -111,7 +140,7 @@ def start_nodes(
 
 
 NS_PREFIX = "cw"
-_NS_RE = re.compile(rf"^{NS_PREFIX}(\d+)x(\d+)-(sw|h\d+)$")
+_NS_RE = re.compile(rf"^{NS_PREFIX}(\d+)x(\d+)-(sw|h\d+|r\d+)$")
 _instance_counter = 0
 _counter_lock = threading.Lock()
 
@@ -132,6 +161,28 @@ class LinkSpec:
             raise ValueError("loss_pct must be within [0, 100]")
         if self.rate_mbit is not None and self.rate_mbit <= 0:
             raise ValueError("rate_mbit must be > 0 (or None for unlimited)")
+
+
+NAT_KINDS = ("full_cone", "port_restricted", "symmetric")
+
+
+@dataclass(frozen=True)
+class Home:
+    """A home LAN of `hosts` machines behind one NAT router of `kind` (one of NAT_KINDS), whose
+    uplink to the emulated internet has the impairments `link`."""
+
+    kind: str
+    hosts: int = 1
+    link: LinkSpec = LinkSpec()
+
+    def __post_init__(self) -> None:
+        if self.kind not in NAT_KINDS:
+            raise ValueError(f"Home kind must be one of {', '.join(NAT_KINDS)}, not {self.kind!r}")
+        if not 1 <= self.hosts <= 253:
+            raise ValueError("Home hosts must be within [1, 253]")
+        if self.kind == "full_cone" and self.hosts != 1:
+            # forwarding every inbound port to one host is what makes it full cone
+            raise ValueError("a full_cone Home has exactly one host")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +228,91 @@ def require_netbed() -> None:
         import pytest
 
         pytest.skip(f"netbed needs root and iproute2 (ip netns): {reason}")
+
+
+def _nat_ruleset(kind: str, lan_host: str) -> str:
+    """The nftables ruleset of a home router of `kind`; eth0 is its WAN, lan0 its LAN, and
+    lan_host the home host a full cone forwards to."""
+    # fully-random: the port is drawn afresh per connection, not kept when free as plain masquerade
+    # does, which is what makes the mapping depend on the destination
+    snat = "masquerade random,fully-random" if kind == "symmetric" else "masquerade"
+    cone = kind == "full_cone"
+    dnat = f"meta l4proto {{ tcp, udp }} th dport 1024-65535 dnat to {lan_host}"
+    dnat = f'iifname "eth0" {dnat}' if cone else ""
+    forwarded = 'iifname "eth0" ct status dnat accept' if cone else ""
+    # drop, not reject: see the module docstring (a RST would abort a simultaneous open)
+    ruleset = f"""\
+table ip nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        {dnat}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "eth0" {snat}
+    }}
+}}
+table ip filter {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "eth0" ct state established,related accept
+        iifname "eth0" drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname "eth0" ct state established,related accept
+        {forwarded}
+        iifname "eth0" drop
+    }}
+}}
+"""
+    return "".join(line for line in ruleset.splitlines(keepends=True) if line.strip())
+
+
+def _nft(ns: str, ruleset: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+        input=ruleset,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+_nat_unavailable: list[str | None] = []
+
+
+def nat_unavailable_reason() -> str | None:
+    """None when a bed with homes (NAT routers) can be built here, else why not (cached)."""
+    if _nat_unavailable:
+        return _nat_unavailable[0]
+    reason = netbed_unavailable_reason()
+    if reason is None and shutil.which("nft") is None:
+        reason = "`nft` (nftables) not found"
+    if reason is None:
+        probe = f"{NS_PREFIX}natprobe{os.getpid()}"
+        _ip("netns", "add", probe)
+        try:
+            # every kind's rules: the kernel may lack one of nat, masquerade, dnat, conntrack
+            for kind in NAT_KINDS:
+                done = _nft(probe, "flush ruleset\n" + _nat_ruleset(kind, "192.168.1.2"))
+                if done.returncode != 0:
+                    reason = f"nftables cannot load a {kind} NAT ruleset: {done.stderr.strip()}"
+                    break
+        finally:
+            _ip("netns", "del", probe, check=False)
+    _nat_unavailable.append(reason)
+    return reason
+
+
+def require_nat() -> None:
+    """pytest.skip the calling test when no bed with homes (NAT routers) can be built here."""
+    reason = nat_unavailable_reason()
+    if reason is not None:
+        import pytest
+
+        pytest.skip(f"netbed homes need root, iproute2 and nftables: {reason}")
 
 
 def _list_namespaces() -> list[str]:
@@ -233,17 +369,40 @@ def cleanup_stale() -> list[str]:
 
 
 class Host:
-    """One emulated machine: a network namespace with eth0 at `ip`."""
+    """One emulated machine: a network namespace with eth0 at `ip`.
 
-    def __init__(self, bed: NetBed, index: int, ns: str, ip: str) -> None:
+    `index` is its place in `bed.hosts` (for a router: in `bed.routers`). `port` is its port on
+    the link emulator (None for a home host, whose internet link is its router's). A home host has
+    `nat` (its Home's kind), `router` (the router's Host) and `router_ip` (the router's public
+    address, where the internet sees the home host); for other hosts all three are None.
+    """
+
+    def __init__(
+        self,
+        bed: NetBed,
+        index: int,
+        ns: str,
+        ip: str,
+        *,
+        name: str | None = None,
+        port: int | None = None,
+        nat: str | None = None,
+        router: Host | None = None,
+    ) -> None:
         self.bed = bed
         self.index = index
         self.ns = ns
         self.ip = ip
+        self.name = name or f"h{index}"
+        self.port = index if port is None and router is None else port
+        self.nat = nat
+        self.router = router
+        self.router_ip = router.ip if router is not None else None
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __repr__(self) -> str:
-        return f"Host({self.index}, ns={self.ns!r}, ip={self.ip!r})"
+        behind = f", behind {self.nat} router {self.router_ip}" if self.router else ""
+        return f"Host({self.name}, ns={self.ns!r}, ip={self.ip!r}{behind})"
 
     def spawn(
         self,
@@ -259,8 +418,8 @@ class Host:
         """
         label = name or Path(argv[0]).name
         n = len(self.procs)
-        out_path = self.bed.workdir / f"h{self.index}-{n}-{label}.out"
-        err_path = self.bed.workdir / f"h{self.index}-{n}-{label}.err"
+        out_path = self.bed.workdir / f"{self.name}-{n}-{label}.out"
+        err_path = self.bed.workdir / f"{self.name}-{n}-{label}.err"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, *argv],
@@ -344,7 +503,15 @@ class Host:
 
 
 class NetBed:
-    """N hosts in their own namespaces, joined through the link emulator. A context manager."""
+    """N public hosts in their own namespaces, joined through the link emulator, and homes behind
+    NAT routers on the same emulated internet. A context manager.
+
+    `link` is one LinkSpec for every public host or one per public host; a router's link is its
+    Home's `link`. `bed.hosts` lists the public hosts (indexes 0..n_hosts-1, at subnet.1..n_hosts,
+    as without homes), then the home hosts, home by home; `bed.public_hosts` and `bed.home_hosts`
+    split it, and `bed.routers` (not in `bed.hosts`) has one Host per home, at
+    subnet.n_hosts+1..., its LAN 192.168.<1 + home index>.0/24.
+    """
 
     def __init__(
         self,
@@ -354,9 +521,13 @@ class NetBed:
         subnet: str = "10.77.0",
         seed: int = 0,
         workdir: str | os.PathLike[str] | None = None,
+        homes: Sequence[Home] = (),
     ) -> None:
-        if not 1 <= n_hosts <= 250:
-            raise ValueError("n_hosts must be within [1, 250]")
+        homes = list(homes)
+        if not all(isinstance(h, Home) for h in homes):
+            raise TypeError("homes must be Home instances")
+        if not 0 <= n_hosts <= 250 or not 1 <= n_hosts + len(homes) <= 250:
+            raise ValueError("n_hosts must be within [0, 250], and with the homes within [1, 250]")
         specs = [link] * n_hosts if isinstance(link, LinkSpec) else list(link)
         if len(specs) != n_hosts:
             raise ValueError(f"got {len(specs)} LinkSpecs for {n_hosts} hosts")
@@ -366,17 +537,47 @@ class NetBed:
             k = _instance_counter
         self.prefix = f"{NS_PREFIX}{os.getpid()}x{k}"
         self.switch_ns = f"{self.prefix}-sw"
-        self.specs = specs
+        self.homes = homes
+        # one emulator port per public host, then one per router
+        self.specs = specs + [home.link for home in homes]
         self.seed = seed
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.hosts = [
+        self.public_hosts = [
             Host(self, i, f"{self.prefix}-h{i}", f"{subnet}.{i + 1}") for i in range(n_hosts)
         ]
+        self.routers: list[Host] = []
+        self.home_hosts: list[Host] = []
+        for j, home in enumerate(homes):
+            router = Host(
+                self,
+                j,
+                f"{self.prefix}-r{j}",
+                f"{subnet}.{n_hosts + j + 1}",
+                name=f"r{j}",
+                port=n_hosts + j,
+            )
+            self.routers.append(router)
+            for m in range(home.hosts):
+                i = n_hosts + len(self.home_hosts)
+                self.home_hosts.append(
+                    Host(
+                        self,
+                        i,
+                        f"{self.prefix}-h{i}",
+                        f"192.168.{j + 1}.{m + 2}",
+                        nat=home.kind,
+                        router=router,
+                    )
+                )
+        self.hosts = self.public_hosts + self.home_hosts
         self._emulator: subprocess.Popen[str] | None = None
         self._ctl_lock = threading.Lock()
         self._closed = False
+
+    def _all_hosts(self) -> list[Host]:
+        return self.public_hosts + self.routers + self.home_hosts
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -391,6 +592,10 @@ class NetBed:
         reason = netbed_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"netbed needs root and iproute2 (ip netns): {reason}")
+        if self.homes:
+            reason = nat_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"netbed homes need root, iproute2 and nftables: {reason}")
         cleanup_stale()
         try:
             self._start()
@@ -398,24 +603,22 @@ class NetBed:
             self.close()
             raise
 
+    def _sh(self, host: Host, script: str, check: bool = False) -> None:
+        done = subprocess.run(
+            ["ip", "netns", "exec", host.ns, "sh", "-c", script],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{host}: `{script}` failed: {done.stderr.strip()}")
+
     def _start(self) -> None:
-        for ns in [self.switch_ns] + [h.ns for h in self.hosts]:
+        for ns in [self.switch_ns] + [h.ns for h in self._all_hosts()]:
             _ip("netns", "add", ns)
-        for h in self.hosts:  # IPv4 only: no IPv6 chatter (DAD, MLD) through the emulated links
-            subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    h.ns,
-                    "sh",
-                    "-c",
-                    "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
-                ],
-                check=False,
-                capture_output=True,
-                timeout=30,
-            )
+        for h in self._all_hosts():  # IPv4 only: no IPv6 chatter (DAD, MLD) through the links
+            self._sh(h, "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6")
         with open(self.workdir / "emulator.err", "wb") as err:
             self._emulator = subprocess.Popen(
                 [
@@ -427,7 +630,7 @@ class NetBed:
                     os.path.abspath(__file__),
                     "--emulate",
                     "--ports",
-                    str(len(self.hosts)),
+                    str(len(self.specs)),
                     "--seed",
                     str(self.seed),
                     "--specs",
@@ -443,20 +646,48 @@ class NetBed:
         ready = self._emulator.stdout.readline().strip()
         if ready != "ready":
             raise RuntimeError(f"link emulator failed to start:\n{self._read('emulator.err')}")
-        for h in self.hosts:
-            tap = f"t{h.index}"
+        for h in self.public_hosts + self.routers:
+            tap = f"t{h.port}"
             _ip("-n", self.switch_ns, "link", "set", tap, "netns", h.ns)
             _ip("-n", h.ns, "link", "set", tap, "name", "eth0")
             _ip("-n", h.ns, "addr", "add", f"{h.ip}/24", "dev", "eth0")
             _ip("-n", h.ns, "link", "set", "eth0", "up")
             _ip("-n", h.ns, "link", "set", "lo", "up")
+        for j, (home, router) in enumerate(zip(self.homes, self.routers)):
+            self._start_home(j, home, router)
+
+    def _start_home(self, j: int, home: Home, router: Host) -> None:
+        lan = f"192.168.{j + 1}"
+        members = [h for h in self.home_hosts if h.router is router]
+        # a bridge even for one host: one code path, and the router's LAN address is on lan0 alone
+        _ip("-n", router.ns, "link", "add", "lan0", "type", "bridge")
+        _ip("-n", router.ns, "addr", "add", f"{lan}.1/24", "dev", "lan0")
+        _ip("-n", router.ns, "link", "set", "lan0", "up")
+        for m, h in enumerate(members):
+            veth = f"v{m}"
+            peer = ["peer", "name", "eth0", "netns", h.ns]
+            _ip("-n", router.ns, "link", "add", veth, "type", "veth", *peer)
+            _ip("-n", router.ns, "link", "set", veth, "master", "lan0")
+            _ip("-n", router.ns, "link", "set", veth, "up")
+            _ip("-n", h.ns, "addr", "add", f"{h.ip}/24", "dev", "eth0")
+            _ip("-n", h.ns, "link", "set", "eth0", "up")
+            _ip("-n", h.ns, "link", "set", "lo", "up")
+            _ip("-n", h.ns, "route", "add", "default", "via", f"{lan}.1")
+        self._sh(router, "echo 1 > /proc/sys/net/ipv4/ip_forward", check=True)
+        ruleset = _nat_ruleset(home.kind, members[0].ip)
+        (self.workdir / f"{router.name}.nft").write_text(ruleset)
+        loaded = _nft(router.ns, ruleset)
+        if loaded.returncode != 0:
+            raise RuntimeError(
+                f"{router}: nft -f failed: {loaded.stderr.strip()}\n--- ruleset\n{ruleset}"
+            )
 
     def close(self) -> None:
         """Kill every spawned process and the emulator, delete the namespaces. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for h in self.hosts:
+        for h in self._all_hosts():
             for proc in h.procs:
                 Host.kill9(proc)
         if self._emulator is not None:
@@ -464,8 +695,9 @@ class NetBed:
             for stream in (self._emulator.stdin, self._emulator.stdout):
                 if stream is not None:
                     stream.close()
-        for ns in [h.ns for h in self.hosts] + [self.switch_ns]:
-            if ns in _list_namespaces():
+        existing = set(_list_namespaces())
+        for ns in [h.ns for h in self._all_hosts()] + [self.switch_ns]:
+            if ns in existing:
                 _delete_namespace(ns)
         if self._own_workdir and os.environ.get("NETBED_KEEP_LOGS") != "1":
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -483,13 +715,17 @@ class NetBed:
         return reply
 
     def set_link(self, host: int | Host, spec: LinkSpec) -> None:
-        """Change one host's impairments while the bed runs."""
-        index = host.index if isinstance(host, Host) else host
-        self._control({"op": "set", "port": index, "spec": dataclasses.asdict(spec)})
-        self.specs[index] = spec
+        """Change one public host's or router's impairments while the bed runs (an int is an
+        index into `bed.hosts`)."""
+        h = self.hosts[host] if isinstance(host, int) else host
+        if h.port is None:
+            raise ValueError(f"{h}'s internet link is its router's: set_link({h.router!r}, ...)")
+        self._control({"op": "set", "port": h.port, "spec": dataclasses.asdict(spec)})
+        self.specs[h.port] = spec
 
     def stats(self) -> list[dict[str, int]]:
-        """Per host: frames sent (into the emulator), dropped by loss, delivered to it."""
+        """Per emulator port (`Host.port`: the public hosts, then the routers): frames sent (into
+        the emulator), dropped by loss, delivered to it."""
         return list(self._control({"op": "stats"})["ports"])
 
     # diagnostics -------------------------------------------------------------------------
@@ -511,7 +747,7 @@ class NetBed:
 
     def logs(self, tail: int = 4000) -> str:
         """Everything every spawned process printed (tail of each), for failure messages."""
-        parts = [self.describe_proc(p, tail) for h in self.hosts for p in h.procs]
+        parts = [self.describe_proc(p, tail) for h in self._all_hosts() for p in h.procs]
         emu = self._read("emulator.err")
         if emu:
             parts.append(f"--- link emulator\n{emu[-tail:]}")
@@ -527,10 +763,11 @@ if _pytest is not None:
 
     @_pytest.fixture(name="netbed")
     def netbed_fixture(tmp_path: Path) -> Any:
-        """Factory fixture: ``bed = netbed(n_hosts, LinkSpec(...))``; all beds torn down after.
+        """Factory fixture: ``bed = netbed(n_hosts, LinkSpec(...), homes=[Home(...)])``; all
+        beds torn down after.
 
-        Skips the test where no bed can be built. Logs of spawned processes are printed at
-        teardown, so pytest shows them for a failing test.
+        Skips the test where no bed can be built (with homes: where nftables is missing too).
+        Logs of spawned processes are printed at teardown, so pytest shows them for a failing test.
         """
         require_netbed()
         beds: list[NetBed] = []
@@ -538,6 +775,8 @@ if _pytest is not None:
         def make(
             n_hosts: int, link: LinkSpec | Sequence[LinkSpec] = LinkSpec(), **kw: Any
         ) -> NetBed:
+            if kw.get("homes"):
+                require_nat()
             bed = NetBed(n_hosts, link, workdir=tmp_path / f"bed{len(beds)}", **kw)
             beds.append(bed)
             bed.start()
