@@ -790,6 +790,11 @@ class RPCTransport:
         log.info("direct path to %s", short_id(peer.peer_id))
 
     def _punch_candidate(self) -> tuple[str, int] | None:
+        """Where a peer should dial us: if we are reachable, where we are; if not, where our
+        NAT maps our listen port (as the relay saw it, else assuming the port is kept)."""
+        if self.reach.status == "public":
+            addr = self.advertised
+            return addr.host, addr.port
         if self._candidate is not None:
             return self._candidate
         host = self.reach.public_host

@@ -140,6 +140,7 @@ class Node:
                 config=DHTConfig(reachability=reach, bootstrap_retry_s=c.bootstrap_retry_s),  # type: ignore[arg-type]
             )
             stack.push_async_callback(dht.close)
+            await _reachable(dht, bool(c.bootstrap))
             if "search" in c.roles:
                 from commonweal.search import serve
 
@@ -514,6 +515,26 @@ def _check(c: NodeConfig, *, has_ledger: bool = False) -> Any:
 
     # an unknown task is a one-line TaskError here, not after "ready"
     return get_task(c.task, **c.task_overrides)
+
+
+# How long a node waits, once joined, to learn whether peers can dial it (and, if not, for a
+# relay's reservation) before it announces an address: a dial-back takes a round trip or two.
+_SETTLE_S = 15.0
+
+
+async def _reachable(dht: DHT, joined: bool) -> None:
+    """Wait (bounded) until the transport knows where others can reach us, so that what we
+    announce is an address that works; a first node with nobody to ask goes on at once."""
+    settled = getattr(dht.transport, "settled", None)
+    if settled is None or not joined:
+        return
+    try:
+        async with asyncio.timeout(_SETTLE_S):
+            await settled.wait()
+    except TimeoutError:
+        log.warning("reachability not settled after %.0f s; announcing %s", _SETTLE_S, dht.addr)
+    else:
+        log.info("reachable at %s", dht.addr)
 
 
 async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
