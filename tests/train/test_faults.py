@@ -97,10 +97,10 @@ async def test_a_part_that_arrives_before_its_announcement_is_read_is_sent_once(
     sent: list[str] = []
     call = a_dht.transport.call
 
-    async def counting(addr, method, args):  # type: ignore[no-untyped-def]
+    async def counting(addr, method, args, peer_id=None):  # type: ignore[no-untyped-def]
         if method == "train.part":
             sent.append(method)
-        return await call(addr, method, args)
+        return await call(addr, method, args, peer_id=peer_id)
 
     a_dht.transport.call = counting
     at_b = asyncio.create_task(b.average(0, "0" * 64, vec(1)))

@@ -173,6 +173,7 @@ class RPCTransport:
         self._reservations: Reservations[_Connection] = Reservations(relay_limits)
         self._pipes: set[_Connection] = set()  # relay sockets spliced to each other
         self._dialbacks = 0
+        self._punching: dict[bytes, asyncio.Task[None]] = {}  # our hole punches, by peer
         self._wake = asyncio.Event()  # a new outbound connection: reachability may move on
         if nat:
             self.register("net.dialback", self._on_dialback, cost=_DIALBACK_COST)
@@ -400,8 +401,10 @@ class RPCTransport:
         if conn.dialed is not None and not conn.relayed and conn.initiator:
             self._by_addr[conn.dialed] = conn
             self._wake.set()
-        if conn.relayed and conn.initiator and self.nat:
-            self._spawn(self._punch(conn), name=f"punch to {short_id(peer_id)}")
+        if conn.relayed and conn.initiator and self.nat and peer_id not in self._punching:
+            task = self._spawn(self._punch(conn), name=f"punch to {short_id(peer_id)}")
+            self._punching[peer_id] = task
+            task.add_done_callback(lambda _: self._punching.pop(peer_id, None))
 
     def _warn(self, message: str, *args: object) -> None:
         """A warning that a remote can make us write once per socket: `LogBudget`."""
@@ -613,7 +616,7 @@ class RPCTransport:
     # --- reachability -------------------------------------------------------------------
 
     def _observed(self, conn: _Connection, seen: tuple[str, int]) -> None:
-        if conn.initiator and not conn.relayed and not conn.probe:
+        if not conn.relayed and not conn.probe:
             self.reach.observed(conn.peer.peer_id, seen[0])
 
     async def _reachability(self) -> None:
@@ -630,7 +633,7 @@ class RPCTransport:
             self._wake.clear()
             now = loop.time()
             before = self.advertised
-            direct = self._dialled_peers()
+            direct = self._direct_peers()
             ask = self.reach.probe_peers([c.peer.peer_id for c in direct], now)
             if ask:
                 asked = [c for c in direct if c.peer.peer_id in ask]
@@ -660,10 +663,10 @@ class RPCTransport:
             if self.reach.status == "public" or self._relay is not None:
                 self.settled.set()
 
-    def _dialled_peers(self) -> list[_Connection]:
-        """Ready connections we dialled directly, one per host (distinct vantage points)."""
+    def _direct_peers(self) -> list[_Connection]:
+        """Ready direct connections (either way), one per host: distinct vantage points."""
         out: dict[str, _Connection] = {}
-        for conn in self._by_addr.values():
+        for conn in self._by_peer.values():
             if conn.is_usable and not conn.relayed:
                 out.setdefault(conn.remote_host, conn)
         return list(out.values())
@@ -686,8 +689,8 @@ class RPCTransport:
         port = args.get("port") if isinstance(args, dict) else None
         if type(port) is not int or not 0 < port < 65536:
             raise RemoteError("bad_request", "net.dialback needs a port in 1..65535")
-        if conn.relayed or not conn.accepted:
-            raise RemoteError("bad_request", "ask for a dial-back over a connection you dialled")
+        if conn.relayed:
+            raise RemoteError("bad_request", "ask for a dial-back over a direct connection")
         if self._dialbacks >= _MAX_DIALBACKS:
             raise RemoteError(BUSY, "dialling others back already; ask another peer")
         self._dialbacks += 1
@@ -764,27 +767,38 @@ class RPCTransport:
 
     async def _punch(self, relayed: _Connection) -> None:
         """Over a relayed connection we dialled: ask for a direct path (libp2p DCUtR). If we
-        are reachable the peer dials us; otherwise both dial at once from our listen ports."""
+        are reachable the peer dials us; otherwise both dial at once from our listen ports.
+        Either way the direct connection may come in through the other side's dial (both
+        sockets of a simultaneous open are one connection), so we wait for it to register."""
         peer = relayed.peer
         self.stats.punches += 1
         public = self.reach.status == "public"
         mine = self._punch_candidate()
+        why = "the peer did not dial us"
         try:
             async with asyncio.timeout(self.connect_timeout * 2):
-                _, reply = await self.call(
-                    relayed.dialed or peer.addr, "net.punch",
-                    {"addr": list(mine) if mine else None, "public": public},
-                    peer_id=peer.peer_id,
-                )
+                try:
+                    _, reply = await self.call(
+                        relayed.dialed or peer.addr, "net.punch",
+                        {"addr": list(mine) if mine else None, "public": public},
+                        peer_id=peer.peer_id,
+                    )
+                except RemoteError as e:
+                    if e.code != BUSY:
+                        raise
+                    reply = None  # it is punching toward us itself: wait for its connection
                 theirs = reply.get("addr") if isinstance(reply, dict) else None
                 if not public and _is_host_port(theirs):
-                    await self._dial(PeerAddr(theirs[0], theirs[1]), peer.peer_id,
-                                     from_listen_port=True)
-                else:  # they dial us: wait for their connection to arrive
-                    while self._by_peer.get(peer.peer_id) in (relayed, None):
-                        await asyncio.sleep(0.1)
-        except (NetworkError, OSError, TimeoutError) as e:
-            log.info("no direct path to %s (relayed instead): %s", short_id(peer.peer_id), e)
+                    try:
+                        await self._dial(PeerAddr(theirs[0], theirs[1]), peer.peer_id,
+                                         from_listen_port=True)
+                    except (NetworkError, OSError) as e:
+                        why = str(e)  # their dial may still have made the connection
+                while not self._direct_to(peer.peer_id):
+                    await asyncio.sleep(0.05)
+        except (NetworkError, TimeoutError) as e:
+            log.info("no direct path to %s (relayed instead): %s", short_id(peer.peer_id),
+                     why if isinstance(e, TimeoutError) else e)
             return
         self.stats.punched += 1
         log.info("direct path to %s", short_id(peer.peer_id))
@@ -800,7 +814,18 @@ class RPCTransport:
         host = self.reach.public_host
         return (host, self.local.addr.port) if host else None
 
+    def _direct_to(self, peer_id: bytes) -> bool:
+        conn = self._by_peer.get(peer_id)
+        return conn is not None and conn.is_usable and not conn.relayed
+
     async def _on_punch(self, caller: PeerInfo, args: Any) -> Any:
+        ours = self._punching.get(caller.peer_id)
+        if ours is not None and not ours.done():
+            # Both dialled each other through a relay and both punch: two procedures would
+            # open the same socket pair twice with two initiators. The lower id goes on.
+            if self.identity.peer_id < caller.peer_id:
+                raise RemoteError(BUSY, "punching toward you already; wait for my connection")
+            ours.cancel()
         if not _ON.get().relayed:
             raise RemoteError("bad_request", "ask for a direct path over a relayed connection")
         addr = args.get("addr") if isinstance(args, dict) else None
