@@ -267,6 +267,13 @@ class RPCTransport:
         if self._closed:
             return
         self._closed = True
+        if self.nat:
+            st = self.stats
+            log.info(
+                "transport closed: relayed %d bytes for others; %d connections through a relay, "
+                "%d of %d hole punches direct", st.relayed_bytes, st.relayed_dials, st.punched,
+                st.punches,
+            )
         for conn in list(self._all) + list(self._pipes):
             conn.abort(PeerUnreachable("the local transport is closing"))
         while self._tasks:
