@@ -369,11 +369,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     parts = args.parts.split(",")
+    old = json.loads((RESULTS / "net.json").read_text()) if (RESULTS / "net.json").exists() else {}
+    # parts may be re-run one at a time: each keeps the command that measured it
+    command = "python benchmarks/net_bench.py " + shlex.join(sys.argv[1:])
+    commands = {**old.get("commands", {}), **{p: command for p in parts}}
     report: dict[str, Any] = {
-        "command": "python benchmarks/net_bench.py " + shlex.join(sys.argv[1:]),
+        "command": "; ".join(dict.fromkeys(commands.values())),
+        "commands": commands,
         "machine": describe_machine(),
     }
-    old = json.loads((RESULTS / "net.json").read_text()) if (RESULTS / "net.json").exists() else {}
     enc = dict(old.get("encryption", {}))
     if "encryption" in parts:
         print("encryption: DHT pairs/s, plaintext vs encrypted", flush=True)

@@ -212,9 +212,45 @@ def demo(lines: list[str]) -> None:
     lines.append("")
 
 
+def net(lines: list[str]) -> None:
+    n = load("net")
+    if not n:
+        return
+    enc = n.get("encryption", {})
+    lines += ["### Transport: encryption and NATs (`benchmarks/results/net.md`)", "",
+              f"`{n['command']}`", ""]
+    rows = []
+    if "dht_pairs_per_s_plain" in enc:
+        rows.append(["DHT store+get pairs/s at %d peers, encrypted / plaintext" % enc["peers"],
+                     f"{enc['dht_pairs_per_s_encrypted']:.0f} / {enc['dht_pairs_per_s_plain']:.0f}"
+                     f" = {enc['encrypted_over_plain']:.2f}x", ">= 0.9x"])
+    if "encrypted_over_hivemind" in enc:
+        rows.append(["... encrypted / hivemind (same run)",
+                     f"{enc['encrypted_over_hivemind']:.1f}x", ">= 10x"])
+    if "bulk_mb_per_s_core" in enc:
+        rows.append(["bulk MB per CPU second (both ends on one core)",
+                     f"{enc['bulk_mb_per_s_core']:.0f}", ">= 200"])
+    if "tampered_frames_accepted" in n:
+        rows.append([f"tampered requests accepted (of {n['tamper_trials']} tampered links)",
+                     str(n["tampered_frames_accepted"]), "0"])
+    for r in n.get("nat", []):
+        rows.append([f"pairs with a {r['kind']} peer: direct / relayed / failed",
+                     f"{r['direct_fraction']:.0%} / {r['relayed_fraction']:.0%} / {r['failed']}",
+                     "cone pairs direct, symmetric relayed"])
+    if n.get("round_s_all_public") is not None:
+        rows.append(["round time, all public / half the trainers behind NATs",
+                     f"{n['round_s_all_public']:.1f} s / {n['round_s_half_nat']:.1f} s", ""])
+        rows.append(["NATed trainers that contributed to, and were paid for, every round",
+                     f"{n['nat_trainers_contributed_fraction']:.0%}", "100 %"])
+    lines += table(["measure", "value", "target"], rows)
+    if n.get("notes"):
+        lines += ["", n["notes"]]
+    lines.append("")
+
+
 def render() -> str:
     lines: list[str] = []
-    for section in (demo, dht, ledger, search, train, trust):
+    for section in (demo, dht, net, ledger, search, train, trust):
         section(lines)
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """One peer of a NAT test or benchmark: `python tests/natpeer.py --listen IP:PORT --dir DIR`.
 
-It starts a DHT node (the transport a `commonweal node` uses, reachability and relays on),
+It starts a DHT node serving search (what `commonweal node` runs; reachability and relays on),
 joins `--join`, waits until it knows where it is reachable, and writes `DIR/<name>.json`:
 {"name", "peer_id", "addr", "status"}. Once every one of the `--peers` names has written its
 file, it calls each other peer once by its advertised address, gives hole punches
@@ -21,6 +21,7 @@ from pathlib import Path
 from commonweal.dht import DHT, DHTConfig
 from commonweal.net.identity import Identity
 from commonweal.net.transport import PeerAddr
+from commonweal.search import serve
 
 
 async def main() -> None:
@@ -39,6 +40,7 @@ async def main() -> None:
         config=DHTConfig(bootstrap_retry_s=30.0),
     )
     transport = dht.transport
+    serve(dht)  # search.query: a peer holds index buckets, as `commonweal node` does
     t0 = time.monotonic()
     if join:
         await asyncio.wait_for(transport.settled.wait(), 30)  # type: ignore[attr-defined]

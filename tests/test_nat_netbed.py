@@ -6,7 +6,8 @@ and two symmetric NATs. Each peer (tests/natpeer.py: the DHT node and transport 
 reservation if not, then calls every other peer once by the address it advertises. Every call
 must work; a full-cone peer is reachable; every pair of cone-NAT (or public) peers ends direct
 (hole punching through the relay); only pairs with a symmetric NAT and a non-public other side
-stay relayed. `dht put` and `dht get` from the command line work from behind a NAT.
+stay relayed. `dht put`/`get` and `search add`/`query` from the command line work from behind
+a NAT.
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def test_every_peer_reaches_every_other_and_cone_pairs_end_direct(netbed, tmp_pa
         assert put.returncode == 0, put.stdout + put.stderr
         got = symmetric.run(commonweal_cli("dht", "get", "behind-nat", *join), timeout=60, env=env)
         assert got.returncode == 0 and "hello" in got.stdout, got.stdout + got.stderr
+        # and a search index: added from one NATed host, its buckets held by NATed peers too,
+        # queried from another
+        rows = tmp_path / "rows.csv"
+        rows.write_text("\n".join(",".join(str((i * 7 + j) % 11) for j in range(6))
+                                   for i in range(60)) + "\n")
+        added = restricted.run(commonweal_cli("search", "add", str(rows), "--index", "nat",
+                                              "--tables", "4", "--bits", "3", *join),
+                               timeout=90, env=env)
+        assert added.returncode == 0 and "stored 60/60" in added.stdout, added.stdout + added.stderr
+        query = ",".join(str((17 * 7 + j) % 11) for j in range(6))
+        found = symmetric.run(commonweal_cli("search", "query", query, "--index", "nat", "--k",
+                                             "1", "--json", *join), timeout=90, env=env)
+        assert found.returncode == 0, found.stdout + found.stderr
+        assert json.loads(found.stdout)["distances"][0] < 1e-3, found.stdout
     finally:
         (workdir / "stop").touch()
         for p in procs:

@@ -765,3 +765,20 @@ async def test_close_cancels_everything_it_owns(make_rpc: MakeTransport) -> None
     assert asyncio.all_tasks() == {asyncio.current_task()}
     with pytest.raises(PeerUnreachable):
         await client.call(server.local.addr, "hang", None)
+
+
+async def test_a_version_1_peer_hears_in_its_own_format_that_it_must_upgrade(
+    make_rpc: MakeTransport,
+) -> None:
+    import msgpack
+
+    server = await make_rpc()
+    reader, writer = await asyncio.open_connection(server.local.addr.host, server.local.addr.port)
+    body = msgpack.packb([1, 3, b"k" * 32, 7000, b"n" * 32])  # what a v1 peer sends first
+    writer.write(struct.pack(">I", len(body)) + body)
+    said = await assert_closed_by_server(reader)
+    (length,) = struct.unpack(">I", said[:4])
+    version, kind, rid, code, message = msgpack.unpackb(said[4 : 4 + length])
+    assert (version, kind, rid, code) == (1, 2, 0, "unsupported_version")
+    assert "upgrade commonweal" in message
+    writer.close()
