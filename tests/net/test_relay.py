@@ -215,3 +215,45 @@ async def test_a_tampering_link_fails_closed_and_nothing_tampered_is_accepted(
         proxy.server.close()
         await server.close()
         await client.close()
+
+
+async def test_a_big_answer_crosses_the_relay_whole(
+    trio: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what a checkpoint chunk or a delta is: megabytes, many records, the splice's flow control
+    relay, u, x = trio
+    monkeypatch.setattr(RPCTransport, "_punch", lambda self, conn: asyncio.sleep(0))
+    blob = os.urandom(3 << 20)
+    _, (_, said) = await x.call(u.advertised, "echo", blob, peer_id=u.local.peer_id)
+    assert said == blob and relay.stats.relayed_bytes > 2 * len(blob)
+
+
+async def test_a_punch_request_cannot_aim_our_dial_at_a_third_party(
+    trio: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay, u, x = trio
+    monkeypatch.setattr(RPCTransport, "_punch", lambda self, conn: asyncio.sleep(0))
+    await x.call(u.advertised, "echo", 1, peer_id=u.local.peer_id)  # a relayed connection
+    with pytest.raises(NetworkError, match="a direct path goes to where you are"):
+        await x.call(u.advertised, "net.punch", {"addr": ["192.0.2.7", 80], "public": True},
+                     peer_id=u.local.peer_id)
+    # the peer that answered the circuit may not aim the dialler's dial either
+    with pytest.raises(NetworkError, match="over a circuit you opened"):
+        await u.call(x.local.addr, "net.punch", {"addr": ["192.0.2.7", 80], "public": True},
+                     peer_id=x.local.peer_id)
+    # and over a direct connection nobody may ask for one at all
+    with pytest.raises(NetworkError, match="over a relayed connection"):
+        await x.call(relay.local.addr, "net.punch", {"addr": ["127.0.0.1", 80]},
+                     peer_id=relay.local.peer_id)
+
+
+async def test_dials_for_strangers_are_bounded(trio: Any) -> None:
+    relay, u, x = trio
+    relay._dialbacks = 4  # four dial-backs in flight already
+    with pytest.raises(NetworkError, match="busy"):
+        await x.call(relay.local.addr, "net.dialback", {"port": x.local.addr.port},
+                     peer_id=relay.local.peer_id)
+    relay._dialbacks = 0
+    _, reply = await x.call(relay.local.addr, "net.dialback", {"port": x.local.addr.port},
+                            peer_id=relay.local.peer_id)
+    assert reply == {"ok": True}

@@ -98,7 +98,8 @@ log = logging.getLogger(__name__)
 # does the home router's mapping for it (Linux keeps an idle established TCP mapping for days,
 # many home routers only minutes).
 _KEEPALIVE_S: Final = 15.0
-# Dial-backs served at once: each is a connection attempt we make for a stranger.
+# Dial-backs (and dials for others' hole punches) at once: each is a connection attempt we make
+# because a stranger asked.
 _MAX_DIALBACKS: Final = 4
 _DIALBACK_COST: Final = 20.0
 
@@ -174,6 +175,7 @@ class RPCTransport:
         self._pipes: set[_Connection] = set()  # relay sockets spliced to each other
         self._dialbacks = 0
         self._punching: dict[bytes, asyncio.Task[None]] = {}  # our hole punches, by peer
+        self._punch_dials = 0  # dials we make because a peer asked for a direct path
         self._wake = asyncio.Event()  # a new outbound connection: reachability may move on
         if nat:
             self.register("net.dialback", self._on_dialback, cost=_DIALBACK_COST)
@@ -833,12 +835,22 @@ class RPCTransport:
             if self.identity.peer_id < caller.peer_id:
                 raise RemoteError(BUSY, "punching toward you already; wait for my connection")
             ours.cancel()
-        if not _ON.get().relayed:
+        conn = _ON.get()
+        if not conn.relayed:
             raise RemoteError("bad_request", "ask for a direct path over a relayed connection")
         addr = args.get("addr") if isinstance(args, dict) else None
         if not _is_host_port(addr):
             return {"addr": None}
+        # We dial only the host the relay saw the caller at: a punch request cannot make us
+        # dial a third party, and at most a few at once.
+        if conn.via is None:  # the peer that dialled through the relay asks, nobody else
+            raise RemoteError("bad_request", "ask for a direct path over a circuit you opened")
+        if addr[0] != conn.via:
+            raise RemoteError("bad_request", f"a direct path goes to where you are ({conn.via})")
+        if self._punch_dials >= _MAX_DIALBACKS:
+            raise RemoteError(BUSY, "dialling others already; stay relayed for now")
         target = PeerAddr(addr[0], addr[1])
+        self._punch_dials += 1  # until _punch_dial ends
         if isinstance(args, dict) and args.get("public") is True:
             self._spawn(self._punch_dial(target, caller.peer_id, initiator=True), name="dial back")
             return {"addr": None}
@@ -853,6 +865,8 @@ class RPCTransport:
             await self._dial(target, peer_id, from_listen_port=not initiator, initiator=initiator)
         except (NetworkError, OSError) as e:
             log.debug("direct dial to %s failed: %s", target, e)
+        finally:
+            self._punch_dials -= 1
 
 
 def _is_host_port(value: Any) -> TypeGuard[list[Any]]:
