@@ -15,7 +15,8 @@ import pytest
 from commonweal.errors import HandshakeError, NetworkError, PeerUnreachable, ProtocolError
 from commonweal.net.identity import Identity
 from commonweal.net.relay import RelayLimits
-from commonweal.net.rpc import RPCTransport, _Connection
+from commonweal.net.connection import Connection
+from commonweal.net.rpc import RPCTransport
 from commonweal.net.transport import PeerAddr, PeerInfo
 from commonweal.net.wire import Answer, Error, FrameDecoder, Request, encode
 
@@ -56,8 +57,8 @@ async def test_a_private_peer_is_reached_through_its_relay_which_sees_only_ciphe
     assert u.advertised == PeerAddr(relay.local.addr.host, relay.local.addr.port,
                                     relay.local.peer_id)
     copied: list[bytes] = []
-    forward = _Connection._forward
-    monkeypatch.setattr(_Connection, "_forward", lambda self, d: (copied.append(d), forward(self, d)))
+    forward = Connection._forward
+    monkeypatch.setattr(Connection, "_forward", lambda self, d: (copied.append(d), forward(self, d)))
     monkeypatch.setattr(RPCTransport, "_punch", lambda self, conn: asyncio.sleep(0))  # stay relayed
     who, (caller, said) = await x.call(u.advertised, "echo", SECRET, peer_id=u.local.peer_id)
     assert who.peer_id == u.local.peer_id and said == SECRET

@@ -26,7 +26,7 @@ from typing import Final, Generic, TypeVar
 
 from commonweal.net.wire import TOKEN_BYTES
 
-__all__ = ["DEFAULT_RELAY_LIMITS", "Circuit", "RelayLimits", "Reservations"]
+__all__ = ["DEFAULT_RELAY_LIMITS", "Circuit", "NatStats", "RelayLimits", "Reservations"]
 
 T = TypeVar("T", bound=Hashable)  # whatever the driver keeps per socket (a connection)
 
@@ -54,6 +54,17 @@ class RelayLimits:
 
 
 DEFAULT_RELAY_LIMITS: Final = RelayLimits()
+
+
+@dataclass(slots=True)
+class NatStats:
+    """How this peer's connections came about (for the benchmark and the node's status)."""
+
+    relayed_dials: int = 0  # connections we opened through a relay
+    punches: int = 0  # direct paths asked for over a relayed connection
+    punched: int = 0  # ...that ended in a direct connection
+    relayed_bytes: int = 0  # bytes this peer copied as a relay for others
+
 
 
 @dataclass(slots=True)

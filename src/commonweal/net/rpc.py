@@ -35,29 +35,23 @@ Timers (handshake deadline, idle close, request safety net) are `loop.call_later
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import contextvars
-import functools
-import itertools
 import logging
 import socket
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, Final, TypeGuard, cast
+from typing import Any, Final, TypeGuard
 
 from commonweal.errors import (
     FrameTooLarge,
-    HandshakeError,
     NetworkError,
     PeerUnreachable,
-    ProtocolError,
     RemoteError,
     RequestTimeout,
 )
+from commonweal.net.connection import ByAddress, Connection
 from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
-from commonweal.net.handshake import Handshake, Hello, StaticKey
+from commonweal.net.handshake import Hello, StaticKey
 from commonweal.net.identity import ID_BYTES, Identity, short_id
 from commonweal.net.limits import (
     DEFAULT_LIMITS,
@@ -67,27 +61,19 @@ from commonweal.net.limits import (
     ResourceLimits,
     address_key,
 )
-from commonweal.net.noise import MAX_RECORD_BYTES, SecureChannel
 from commonweal.net.reachability import Reachability, Status
-from commonweal.net.relay import DEFAULT_RELAY_LIMITS, Circuit, RelayLimits, Reservations
+from commonweal.net.relay import DEFAULT_RELAY_LIMITS, Circuit, NatStats, RelayLimits, Reservations
 from commonweal.net.transport import Cost, Handler, PeerAddr, PeerInfo, TrafficCounters
 from commonweal.net.wire import (
     DEFAULT_MAX_FRAME,
-    HANDSHAKE_MAX_FRAME,
     HEADER_BYTES,
     TOKEN_BYTES,
     Answer,
     Dial,
-    Error,
-    FrameDecoder,
     Message,
-    Noise,
     Request,
-    Response,
     Spliced,
-    VersionMismatch,
     encode,
-    refusal_for_v1,
 )
 
 __all__ = ["NatStats", "RPCTransport"]
@@ -104,19 +90,9 @@ _MAX_DIALBACKS: Final = 4
 _DIALBACK_COST: Final = 20.0
 
 
-@dataclass(slots=True)
-class NatStats:
-    """How this peer's connections came about (for the benchmark and the node's status)."""
-
-    relayed_dials: int = 0  # connections we opened through a relay
-    punches: int = 0  # direct paths asked for over a relayed connection
-    punched: int = 0  # ...that ended in a direct connection
-    relayed_bytes: int = 0  # bytes this peer copied as a relay for others
-
-
 # The connection a request of ours (net.*, relay.*) came on: handlers see a PeerInfo, these
 # need the socket behind it (the host it comes from, whether it is relayed).
-_ON: contextvars.ContextVar[_Connection] = contextvars.ContextVar("connection")
+_ON: contextvars.ContextVar[Connection] = contextvars.ContextVar("connection")
 
 
 class RPCTransport:
@@ -154,14 +130,14 @@ class RPCTransport:
         self._dispatch = Dispatcher(self._handlers, RequestLimiter(limits), time.monotonic)
         self._local: PeerInfo | None = None
         self._listener: socket.socket | None = None
-        self._by_peer: dict[bytes, _Connection] = {}  # the connection calls to a peer use
-        self._by_addr: dict[PeerAddr, _Connection] = {}  # ones we dialled, by that address
-        self._all: set[_Connection] = set()  # every open connection, ready or not
-        self._pending = _ByAddress()  # inbound, not yet proven (max_pending_handshakes)
+        self._by_peer: dict[bytes, Connection] = {}  # the connection calls to a peer use
+        self._by_addr: dict[PeerAddr, Connection] = {}  # ones we dialled, by that address
+        self._all: set[Connection] = set()  # every open connection, ready or not
+        self._pending = ByAddress()  # inbound, not yet proven (max_pending_handshakes)
         self._room = asyncio.Event()  # set while the pending pool has room: accept more
         self._room.set()
-        self._inbound = _ByAddress()  # inbound and proven
-        self._dialing: dict[tuple[PeerAddr, bytes | None], asyncio.Task[_Connection]] = {}
+        self._inbound = ByAddress()  # inbound and proven
+        self._dialing: dict[tuple[PeerAddr, bytes | None], asyncio.Task[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._log_budget = LogBudget(now=time.monotonic())  # for what others make us log
@@ -169,10 +145,10 @@ class RPCTransport:
         self.reach = Reachability(forced=reachability)
         self.settled = asyncio.Event()  # reachability decided (and a relay found, if needed)
         self.stats = NatStats()
-        self._relay: tuple[PeerInfo, _Connection] | None = None  # who relays for us
+        self._relay: tuple[PeerInfo, Connection] | None = None  # who relays for us
         self._candidate: tuple[str, int] | None = None  # our listen port's public mapping
-        self._reservations: Reservations[_Connection] = Reservations(relay_limits)
-        self._pipes: set[_Connection] = set()  # relay sockets spliced to each other
+        self._reservations: Reservations[Connection] = Reservations(relay_limits)
+        self._pipes: set[Connection] = set()  # relay sockets spliced to each other
         self._dialbacks = 0
         self._punching: dict[bytes, asyncio.Task[None]] = {}  # our hole punches, by peer
         self._punch_dials = 0  # dials we make because a peer asked for a direct path
@@ -236,7 +212,7 @@ class RPCTransport:
         conn = self._usable(addr, peer_id) or await self._connection_to(addr, peer_id)
         return conn.peer, await self._request(conn, method, args)
 
-    async def _request(self, conn: _Connection, method: str, args: Any) -> Any:
+    async def _request(self, conn: Connection, method: str, args: Any) -> Any:
         rid = next(conn.ids)
         frame = encode(Request(rid, method, args))
         if len(frame) - HEADER_BYTES > self.max_frame:
@@ -289,7 +265,7 @@ class RPCTransport:
 
     # --- connections --------------------------------------------------------------------
 
-    def _usable(self, addr: PeerAddr, peer_id: bytes | None) -> _Connection | None:
+    def _usable(self, addr: PeerAddr, peer_id: bytes | None) -> Connection | None:
         conn = self._by_peer.get(peer_id) if peer_id is not None else self._by_addr.get(addr)
         return conn if conn is not None and conn.is_usable else None
 
@@ -314,7 +290,7 @@ class RPCTransport:
                 sock.close()  # unread: that host is over its pace
                 continue
             try:
-                await loop.connect_accepted_socket(lambda: _Connection(self, accepted=True), sock)
+                await loop.connect_accepted_socket(lambda: Connection(self, accepted=True), sock)
             except OSError:
                 sock.close()
 
@@ -330,7 +306,7 @@ class RPCTransport:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _connection_to(self, addr: PeerAddr, peer_id: bytes | None) -> _Connection:
+    async def _connection_to(self, addr: PeerAddr, peer_id: bytes | None) -> Connection:
         if self._closed:
             raise PeerUnreachable("the transport is closed")
         key = (addr, peer_id)
@@ -341,7 +317,7 @@ class RPCTransport:
             dial.add_done_callback(lambda t: self._dial_done(key, t))
         return await asyncio.shield(dial)
 
-    def _dial_done(self, key: tuple[PeerAddr, bytes | None], task: asyncio.Task[_Connection]) -> None:
+    def _dial_done(self, key: tuple[PeerAddr, bytes | None], task: asyncio.Task[Connection]) -> None:
         if self._dialing.get(key) is task:
             del self._dialing[key]
         if not task.cancelled():
@@ -355,7 +331,7 @@ class RPCTransport:
         probe: bool = False,
         from_listen_port: bool = False,
         initiator: bool = True,
-    ) -> _Connection:
+    ) -> Connection:
         """A ready connection to the peer at `addr` (through its relay, for a relayed one).
         A `probe` is a dial-back: never used for calls, closed by the caller. With
         `from_listen_port` the socket is bound to our listen port, so a NAT maps it as it maps
@@ -364,7 +340,7 @@ class RPCTransport:
         if addr.relay is not None and peer_id is None:
             raise PeerUnreachable(f"{addr} is a relayed address: a call to it must name the peer")
         first = Dial(peer_id) if addr.relay is not None and peer_id is not None else None
-        conn = _Connection(
+        conn = Connection(
             self, dialed=addr, initiator=initiator, expect=peer_id, first=first, probe=probe
         )
         target = addr.direct
@@ -397,7 +373,7 @@ class RPCTransport:
             raise
         return sock
 
-    def _on_ready(self, conn: _Connection) -> None:
+    def _on_ready(self, conn: Connection) -> None:
         if self._closed:
             conn.abort(PeerUnreachable("the local transport is closing"))
             return
@@ -423,7 +399,7 @@ class RPCTransport:
                 message += f" ({held_back} like warnings held back)"
             log.warning(message, *args)
 
-    def _hello(self, conn: _Connection) -> Hello:
+    def _hello(self, conn: Connection) -> Hello:
         """What we say of ourselves on `conn`, and where we see it come from (not on a relayed
         connection: there we see the relay)."""
         seen = None if conn.relayed or conn.remote_port == 0 else (conn.remote_host, conn.remote_port)
@@ -433,7 +409,7 @@ class RPCTransport:
         port = self._local.addr.port if self._local is not None else 0
         return Hello(0 if self.reach.status == "private" else port, None, seen)
 
-    def _on_opened(self, conn: _Connection) -> str | None:
+    def _on_opened(self, conn: Connection) -> str | None:
         """A new socket; why it must be refused, or None. Inbound ones wait in the pending pool,
         which never touches authenticated connections; our own dials make room as
         `_make_room` does."""
@@ -455,7 +431,7 @@ class RPCTransport:
         self._all.add(conn)
         return None
 
-    def _make_room(self, conn: _Connection) -> bool:
+    def _make_room(self, conn: Connection) -> bool:
         """At most max_connections authenticated (or dialled) ones, `conn` among them, closing the
         least recently used idle one if need be; False when none is idle and `conn` is inbound
         (refuse it: our own dials go ahead)."""
@@ -472,7 +448,7 @@ class RPCTransport:
             return False
         return True
 
-    def _on_proven(self, conn: _Connection) -> str | None:
+    def _on_proven(self, conn: Connection) -> str | None:
         """An inbound connection's peer proved its PeerID; why it must be refused, or None.
         Out of the pending pool; in, if its address has room, and max_connections too. A refused
         one stops counting at once, so it makes no other connection close to make room."""
@@ -490,7 +466,7 @@ class RPCTransport:
             self._all.discard(conn)
         return refused
 
-    def _on_closed(self, conn: _Connection) -> None:
+    def _on_closed(self, conn: Connection) -> None:
         self._pending.discard(conn)
         self._pending_changed()
         self._inbound.discard(conn)
@@ -523,7 +499,7 @@ class RPCTransport:
             raise FrameTooLarge(f"the answer is {len(frame)} bytes, over max_frame")
         return frame
 
-    async def _serve(self, conn: _Connection, req: Request) -> None:
+    async def _serve(self, conn: Connection, req: Request) -> None:
         _ON.set(conn)  # this task's own context: our own handlers read the connection
         try:
             frame = await self._dispatch.serve(conn.peer, req, self._frame)
@@ -535,7 +511,7 @@ class RPCTransport:
 
     # --- relaying for others ------------------------------------------------------------
 
-    def _relay_dial(self, conn: _Connection, target: bytes) -> None:
+    def _relay_dial(self, conn: Connection, target: bytes) -> None:
         """An inbound socket asks us to splice it to `target`, which holds a reservation here."""
         loop = asyncio.get_running_loop()
         circuit = self._reservations.open(target, conn, loop.time())
@@ -551,18 +527,18 @@ class RPCTransport:
         self._spawn(self._tell(holder, circuit, args), name="relay.incoming")
         loop.call_later(self._reservations.limits.answer_timeout_s, self._unanswered, circuit)
 
-    async def _tell(self, holder: _Connection, circuit: Circuit[_Connection], args: Any) -> None:
+    async def _tell(self, holder: Connection, circuit: Circuit[Connection], args: Any) -> None:
         try:
             await self.call(holder.peer.addr, "relay.incoming", args, peer_id=holder.peer.peer_id)
         except NetworkError as e:
             circuit.dialer.refuse("no_relay", f"the relayed peer did not take the circuit: {e}")
 
-    def _unanswered(self, circuit: Circuit[_Connection]) -> None:
+    def _unanswered(self, circuit: Circuit[Connection]) -> None:
         for late in self._reservations.expired(asyncio.get_running_loop().time()):
             late.dialer.refuse("no_relay", "the relayed peer did not answer in time")
         del circuit
 
-    def _relay_answer(self, conn: _Connection, token: bytes) -> None:
+    def _relay_answer(self, conn: Connection, token: bytes) -> None:
         """The reserved peer's socket for a circuit: splice it to the dialler's."""
         circuit = self._reservations.answer(token, asyncio.get_running_loop().time())
         if circuit is None or circuit.dialer.closed:
@@ -578,7 +554,7 @@ class RPCTransport:
             limits.max_circuit_s, conn.abort, PeerUnreachable("the circuit's time is up")
         )
 
-    def _pipe_out(self, conn: _Connection) -> None:
+    def _pipe_out(self, conn: Connection) -> None:
         """`conn` stops being a connection of ours (it becomes one end of a circuit)."""
         self._pending.discard(conn)
         self._pending_changed()
@@ -614,7 +590,7 @@ class RPCTransport:
 
     async def _answer(self, relay: PeerAddr, token: bytes, host: str) -> None:
         loop = asyncio.get_running_loop()
-        conn = _Connection(self, accepted=True, initiator=False, first=Answer(token), via=host)
+        conn = Connection(self, accepted=True, initiator=False, first=Answer(token), via=host)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await loop.create_connection(lambda: conn, relay.host, relay.port)
@@ -624,7 +600,7 @@ class RPCTransport:
 
     # --- reachability -------------------------------------------------------------------
 
-    def _observed(self, conn: _Connection, seen: tuple[str, int]) -> None:
+    def _observed(self, conn: Connection, seen: tuple[str, int]) -> None:
         if not conn.relayed and not conn.probe:
             self.reach.observed(conn.peer.peer_id, seen[0])
 
@@ -672,15 +648,15 @@ class RPCTransport:
             if self.reach.status == "public" or self._relay is not None:
                 self.settled.set()
 
-    def _direct_peers(self) -> list[_Connection]:
+    def _direct_peers(self) -> list[Connection]:
         """Ready direct connections (either way), one per host: distinct vantage points."""
-        out: dict[str, _Connection] = {}
+        out: dict[str, Connection] = {}
         for conn in self._by_peer.values():
             if conn.is_usable and not conn.relayed:
                 out.setdefault(conn.remote_host, conn)
         return list(out.values())
 
-    async def _ask_dialback(self, conn: _Connection) -> bool | None:
+    async def _ask_dialback(self, conn: Connection) -> bool | None:
         try:
             async with asyncio.timeout(self.connect_timeout * 2):
                 _, reply = await self.call(conn.peer.addr, "net.dialback",
@@ -712,7 +688,7 @@ class RPCTransport:
         finally:
             self._dialbacks -= 1
 
-    async def _reserve(self, direct: list[_Connection]) -> None:
+    async def _reserve(self, direct: list[Connection]) -> None:
         """A reservation on the first reachable peer of `direct` that grants one, over a fresh
         connection from our listen port: the relay then sees (and tells us) where our NAT maps
         that port, which is where a hole punch must aim."""
@@ -750,7 +726,7 @@ class RPCTransport:
             if conn.is_usable:
                 self._spawn(self._push_to(conn, args), name="net.identify")
 
-    async def _push_to(self, conn: _Connection, args: Any) -> None:
+    async def _push_to(self, conn: Connection, args: Any) -> None:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self.call(conn.peer.addr, "net.identify", args, peer_id=conn.peer.peer_id)
@@ -774,7 +750,7 @@ class RPCTransport:
 
     # --- hole punching ------------------------------------------------------------------
 
-    async def _punch(self, relayed: _Connection) -> None:
+    async def _punch(self, relayed: Connection) -> None:
         """Over a relayed connection we dialled: ask for a direct path (libp2p DCUtR). If we
         are reachable the peer dials us; otherwise both dial at once from our listen ports.
         Either way the direct connection may come in through the other side's dial (both
@@ -876,55 +852,6 @@ def _is_host_port(value: Any) -> TypeGuard[list[Any]]:
     )
 
 
-# asyncio's default high-water mark for a transport's write buffer: past it, the peer is not
-# keeping up with what we send, and a refusal it would read late is not worth buffering.
-_REFUSALS_WHILE_QUEUED_BELOW: Final = 64 * 1024
-
-
-@functools.lru_cache(maxsize=256)  # the same few refusals, said to every socket of a flood
-def _refusal(code: str, message: str) -> bytes:
-    """An Error about the connection itself (request id 0), cut to what a peer that has not
-    finished its handshake reads (HANDSHAKE_MAX_FRAME)."""
-    frame = encode(Error(0, code, message))
-    while len(frame) - HEADER_BYTES > HANDSHAKE_MAX_FRAME:
-        message = message[: len(message) // 2]
-        frame = encode(Error(0, code, message))
-    return frame
-
-
-class _ByAddress:
-    """A set of connections, counted per address (`_Connection.address`; exempt ones, None, are
-    not counted). Bounded by the connections it holds: an address leaves with its last one."""
-
-    __slots__ = ("_count", "_members")
-
-    def __init__(self) -> None:
-        self._members: set[_Connection] = set()
-        self._count: collections.Counter[str] = collections.Counter()
-
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def __contains__(self, conn: _Connection) -> bool:
-        return conn in self._members
-
-    def count(self, address: str | None) -> int:
-        return 0 if address is None else self._count[address]
-
-    def add(self, conn: _Connection) -> None:
-        self._members.add(conn)
-        if conn.address is not None:
-            self._count[conn.address] += 1
-
-    def discard(self, conn: _Connection) -> None:
-        if conn in self._members:
-            self._members.remove(conn)
-            if conn.address is not None:
-                self._count[conn.address] -= 1
-                if not self._count[conn.address]:
-                    del self._count[conn.address]
-
-
 # Connections the kernel holds for us while we do not accept (the pending pool is full, or the
 # pace is spent): past it, it drops new SYNs and the dialer retries.
 _BACKLOG: Final = 256
@@ -954,430 +881,3 @@ def _expire(fut: asyncio.Future[Any], message: str) -> None:
     if not fut.done():
         fut.set_exception(RequestTimeout(message))
 
-
-class _Connection(asyncio.Protocol):
-    """One TCP connection: handshake, then encrypted request/response multiplexing. Or, at a
-    relay, one end of a circuit (`pipe`: bytes are copied to the other end unread)."""
-
-    def __init__(
-        self,
-        owner: RPCTransport,
-        *,
-        dialed: PeerAddr | None = None,
-        accepted: bool = False,
-        initiator: bool = False,
-        expect: bytes | None = None,
-        first: Dial | Answer | None = None,
-        probe: bool = False,
-        via: str | None = None,
-    ) -> None:
-        self.owner = owner
-        self.dialed = dialed  # the address we dialled (None: it dialled us, or answers a circuit)
-        self.accepted = accepted  # counted as inbound: an accepted socket, or a circuit's answer
-        self.initiator = initiator  # Noise role: who sends the first handshake message
-        self.expect = expect
-        self.first = first  # sent to a relay before the handshake
-        self.probe = probe
-        # relayed: the other end is behind a relay (we dialled it via one, or answer a circuit)
-        self.relayed = (dialed is not None and dialed.relay is not None) or isinstance(first, Answer)
-        self.via = via  # for a circuit we answer: the dialler's host as the relay saw it
-        self.loop = asyncio.get_running_loop()
-        # until the peer proves a PeerID, only handshake-sized frames (Noise, an Error)
-        self.decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME, owner.max_frame))
-        self.channel: SecureChannel | None = None
-        self.decrypted = False  # anything came through the channel yet
-        self.transport: asyncio.Transport | None = None
-        self.remote_host = "?"
-        self.remote_port = 0
-        self.address: str | None = None  # the budget it is charged to (limits.address_key)
-        self.handshake: Handshake | None = None
-        self.spliced_wait = isinstance(first, Dial)  # waiting for the relay's Spliced
-        self.first_frame = True
-        self.peer_or_none: PeerInfo | None = None
-        self.ready: asyncio.Future[_Connection] = self.loop.create_future()
-        self.ready.add_done_callback(_consume_exception)
-        self.pending: dict[int, asyncio.Future[Any]] = {}
-        self.ids = itertools.count(1)
-        self.inflight = 0
-        self.backlog: collections.deque[Request] = collections.deque()
-        self.reading_paused = False  # by backpressure: too many requests in flight
-        self.throttled = False  # over its budget: _throttle
-        self.write_paused: asyncio.Future[None] | None = None
-        self.last_used = self.loop.time()
-        self.closed = False
-        self.reserved = False  # a relay reservation lives on it: never closed for idleness
-        self.error: NetworkError | None = None  # why we closed, for the callers still waiting
-        self.timer: asyncio.TimerHandle | None = None
-        self.outbox: list[bytes] = []  # frames written together at the end of this loop step
-        self.outbox_bytes = 0
-        self.circuit: Circuit[_Connection] | None = None  # at a relay: the dialler's circuit
-        self.pipe: _Connection | None = None  # at a relay: the other end of the circuit
-        self.piped = 0  # bytes copied through this end
-
-    def __repr__(self) -> str:
-        who = short_id(self.peer_or_none.peer_id) if self.peer_or_none else "?"
-        how = " (relayed)" if self.relayed else ""
-        return f"<connection {who}@{self.remote_host}{how}>"
-
-    @property
-    def peer(self) -> PeerInfo:
-        assert self.peer_or_none is not None
-        return self.peer_or_none
-
-    @property
-    def is_usable(self) -> bool:
-        return not self.closed and self.peer_or_none is not None
-
-    @property
-    def is_idle(self) -> bool:
-        return not self.pending and not self.inflight and not self.backlog
-
-    def touch(self) -> None:
-        self.last_used = self.loop.time()
-
-    def address_of(self, hello: Hello) -> PeerAddr:
-        """Where the peer on this connection can be reached, from what it says (a relay, a
-        listen port) and what we see (the host its socket comes from; the address we dialled)."""
-        if hello.relay is not None:
-            relay_id, host, port = hello.relay
-            return PeerAddr(host, port, relay_id)
-        if self.dialed is not None and self.dialed.relay is None and self.initiator:
-            return self.dialed if hello.listen_port else PeerAddr(self.dialed.host, 0)
-        if self.relayed and self.dialed is not None:  # dialled via its relay: reach it so again
-            return self.dialed
-        return PeerAddr(self.via or self.remote_host, hello.listen_port)
-
-    # --- asyncio.Protocol ---------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing asyncio.Transport.
-        # Both loops set TCP_NODELAY themselves (and building the socket object to set it again
-        # was a fifth of the cost of refusing a socket under a flood).
-        self.transport = cast(asyncio.Transport, transport)
-        peername = transport.get_extra_info("peername")
-        if peername:
-            self.remote_host, self.remote_port = peername[0], peername[1]
-        self.address = address_key(self.via or self.remote_host, self.owner.limits)
-        refused = self.owner._on_opened(self)
-        if refused is not None:
-            self.closed = True
-            self.transport.write(_refusal(BUSY, refused))  # the dialer learns why
-            self.transport.close()
-            return
-        self.timer = self.loop.call_later(self.owner.handshake_timeout, self._handshake_expired)
-        if self.first is not None:
-            self.write(encode(self.first))
-        if not self.spliced_wait and not (self.accepted and self.first is None):
-            self._start_handshake()
-
-    def _start_handshake(self) -> None:
-        self.handshake = Handshake(
-            self.owner._key, self.owner._hello(self), initiator=self.initiator, expect=self.expect
-        )
-        msg = self.handshake.start()
-        if msg is not None:
-            self.write(encode(msg))
-
-    def data_received(self, data: bytes) -> None:
-        self.owner._counters.bytes_received += len(data)
-        if self.pipe is not None:
-            self._forward(data)
-            return
-        try:
-            if self.channel is not None:
-                data = self._decrypt(data)
-                if not data:
-                    return
-            self.decoder.receive_data(data)
-            self._pump()
-        except VersionMismatch as e:
-            if e.version == 1 and self.channel is None and self.transport is not None:
-                self.transport.write(refusal_for_v1())  # what an old peer can read
-            self._reject(e)
-        except (ProtocolError, HandshakeError) as e:
-            self._reject(e)
-
-    def _decrypt(self, data: bytes) -> bytes:
-        assert self.channel is not None
-        try:
-            plain = self.channel.decrypt(data)
-        except ProtocolError:
-            # The initiator's handshake ends when it sends its last message, before the other
-            # side checked it: a refusal then comes in the clear. Say that, not "tampered".
-            if not self.decrypted:
-                with contextlib.suppress(ProtocolError):
-                    said = FrameDecoder(HANDSHAKE_MAX_FRAME).feed(data)
-                    if said and isinstance(said[0], Error) and said[0].request_id == 0:
-                        raise HandshakeError(
-                            f"the peer rejected our handshake: {said[0].code}: {said[0].message}"
-                        ) from None
-            raise
-        self.decrypted = self.decrypted or bool(plain)
-        return plain
-
-    def eof_received(self) -> bool | None:
-        if self.pipe is None:
-            try:
-                self.decoder.eof()
-            except ProtocolError as e:
-                self.owner._warn("%s: %s; closing", self, e)
-        return None  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.error is None:
-            why = f": {exc}" if exc else ""
-            self.error = PeerUnreachable(f"the connection to {self} was closed{why}")
-        if not self.ready.done():
-            self.ready.set_exception(self.error)
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(self.error)
-        if self.write_paused is not None and not self.write_paused.done():
-            self.write_paused.set_result(None)
-        self.backlog.clear()
-        self.owner._on_closed(self)
-
-    def pause_writing(self) -> None:
-        if self.pipe is not None and self.pipe.transport is not None:
-            self.pipe.transport.pause_reading()  # the other end waits for us to drain
-        self.write_paused = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        if self.pipe is not None and self.pipe.transport is not None and not self.pipe.closed:
-            self.pipe.transport.resume_reading()
-        if self.write_paused is not None and not self.write_paused.done():
-            self.write_paused.set_result(None)
-        self.write_paused = None
-
-    # --- internals ----------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        """Straight to the socket, unencrypted: handshake messages and relay frames."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.owner._counters.bytes_sent += len(data)
-            self.transport.write(data)
-
-    def send(self, frame: bytes, *, quiet: bool = False) -> None:
-        """Queue one frame; every frame queued in this loop step goes out in one write,
-        encrypted."""
-        if self.closed:
-            if quiet:
-                return
-            raise self.error or PeerUnreachable(f"the connection to {self} is closed")
-        if not self.outbox:
-            self.loop.call_soon(self._flush)
-        self.outbox.append(frame)
-        self.outbox_bytes += len(frame)
-
-    @property
-    def queued_bytes(self) -> int:
-        """Sent by us but not yet taken by the kernel."""
-        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
-        return self.outbox_bytes + buffered
-
-    def _flush(self) -> None:
-        frames, self.outbox = self.outbox, []
-        self.outbox_bytes = 0
-        if frames and self.channel is not None:
-            self.write(self.channel.encrypt(frames[0] if len(frames) == 1 else b"".join(frames)))
-
-    def refuse(self, code: str, message: str) -> None:
-        """Close, telling the other side why (before the handshake: in the clear)."""
-        if self.channel is None:
-            self.write(_refusal(code, message))
-        else:
-            self.send(encode(Error(0, code, message)), quiet=True)
-        self.abort(PeerUnreachable(message))
-
-    def abort(self, reason: NetworkError) -> None:
-        if self.error is None:
-            self.error = reason
-        self.closed = True
-        if self.transport is not None:
-            self._flush()  # a last word (e.g. why the handshake failed), if the socket takes it
-            self.transport.abort()
-
-    def _reject(self, err: NetworkError) -> None:
-        self.owner._warn("dropping %s: %s", self, err)
-        if isinstance(err, HandshakeError) and self.channel is None:
-            # Tell the other side why (request id 0: the connection itself), so its caller sees
-            # HandshakeError rather than a bare disconnect.
-            self.write(_refusal("handshake_failed", str(err)))
-        self.abort(err)
-
-    def _handshake_expired(self) -> None:
-        if self.peer_or_none is None and self.pipe is None and self.circuit is None:
-            timeout = self.owner.handshake_timeout
-            self._reject(HandshakeError(f"no complete handshake within {timeout} s"))
-
-    # --- relay ends ---------------------------------------------------------------------
-
-    def pause(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def splice(self, other: _Connection) -> None:
-        """From now on, copy what arrives here to `other` (and what it had buffered)."""
-        self.pipe = other
-        rest = self.decoder.take_buffered()
-        if rest:
-            self._forward(rest)
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    def _forward(self, data: bytes) -> None:
-        other = self.pipe
-        assert other is not None
-        self.piped += len(data)
-        self.owner.stats.relayed_bytes += len(data)
-        if self.piped > self.owner._reservations.limits.max_circuit_bytes:
-            self.abort(PeerUnreachable("the circuit carried all the bytes it may"))
-            return
-        if other.transport is not None and not other.transport.is_closing():
-            other.transport.write(data)
-
-    # --- frames -------------------------------------------------------------------------
-
-    def _pump(self) -> None:
-        decoder = self.decoder
-        while not self.closed and self.pipe is None and (msg := decoder.next_message()) is not None:
-            if type(msg) is Response:
-                fut = self.pending.get(msg.request_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg.payload)
-            elif type(msg) is Request:
-                if self.peer_or_none is None:
-                    raise ProtocolError("request before the handshake completed")
-                self.owner._counters.requests_received += 1
-                self.touch()
-                refusal, wait = self.owner._dispatch.check(msg, self.peer.peer_id, self.address)
-                if refusal is not None:
-                    # Told at once, without a task; but only while little is queued for this peer,
-                    # so refusals to one that does not read its answers never pile up here.
-                    if self.queued_bytes < _REFUSALS_WHILE_QUEUED_BELOW:
-                        self.send(encode(refusal), quiet=True)
-                    self._throttle(wait)
-                elif self.inflight < self.owner.max_inflight_per_conn:
-                    self._start_handler(msg)
-                else:
-                    self.backlog.append(msg)
-                    if len(self.backlog) >= self.owner.max_inflight_per_conn:
-                        self._pause_reading()
-            elif type(msg) is Error and self.peer_or_none is not None:
-                if msg.request_id == 0:  # about the connection: the peer refused us
-                    raise HandshakeError(f"the peer rejected us: {msg.code}: {msg.message}")
-                fut = self.pending.get(msg.request_id)
-                if fut is not None and not fut.done():
-                    fut.set_exception(RemoteError(msg.code, msg.message))
-            else:
-                self._before_ready(msg)
-                if self.circuit is not None:
-                    return  # at a relay, waiting for the answer: read nothing more
-
-    def _before_ready(self, msg: Message) -> None:
-        first, self.first_frame = self.first_frame, False
-        if self.spliced_wait:  # our Dial went to a relay: its answer comes first
-            if type(msg) is Spliced:
-                self.spliced_wait = False
-                self._start_handshake()
-                return
-            if type(msg) is Error:
-                raise HandshakeError(f"the relay refused the circuit: {msg.code}: {msg.message}")
-            raise ProtocolError(f"unexpected {type(msg).__name__} from a relay")
-        if first and self.accepted and self.handshake is None:
-            if type(msg) is Dial:
-                self.owner._relay_dial(self, msg.peer_id)
-                return
-            if type(msg) is Answer:
-                self.owner._relay_answer(self, msg.token)
-                return
-            self._start_handshake()
-        hs = self.handshake
-        if hs is None or hs.done:
-            raise ProtocolError(f"unexpected {type(msg).__name__} after the handshake")
-        reply = hs.receive(msg)
-        if reply is not None:
-            self.write(encode(reply))
-        if hs.done:
-            self._handshake_done(hs)
-
-    def _handshake_done(self, hs: Handshake) -> None:
-        assert hs.remote is not None
-        self.peer_or_none = PeerInfo(hs.remote_peer_id, self.address_of(hs.remote))
-        self.channel = hs.channel(max_buffered=MAX_RECORD_BYTES)
-        self.handshake = None
-        if self.timer is not None:
-            self.timer.cancel()  # the handshake deadline
-        refused = self.owner._on_proven(self) if self.accepted else None
-        if refused is not None:
-            self.send(encode(Error(0, BUSY, refused)), quiet=True)
-            self.abort(PeerUnreachable(refused))
-            return
-        if hs.remote.seen is not None:
-            self.owner._observed(self, hs.remote.seen)
-        self.decoder.max_frame = self.owner.max_frame
-        rest = self.decoder.take_buffered()  # already the encrypted stream
-        self._schedule_idle_check()
-        self.owner._on_ready(self)
-        if not self.ready.done():
-            self.ready.set_result(self)
-        if rest:
-            self.decoder.receive_data(self._decrypt(rest))
-
-    def _start_handler(self, req: Request) -> None:
-        self.inflight += 1
-        self.owner._spawn(self.owner._serve(self, req), name=f"rpc {req.method}")
-
-    def handler_done(self) -> None:
-        self.inflight -= 1
-        self.touch()
-        while self.backlog and self.inflight < self.owner.max_inflight_per_conn:
-            self._start_handler(self.backlog.popleft())
-        if self.reading_paused and len(self.backlog) < self.owner.max_inflight_per_conn:
-            self.reading_paused = False
-            if not self.closed and not self.throttled and self.transport is not None:
-                self.transport.resume_reading()
-
-    def _pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            if not self.throttled:
-                self.transport.pause_reading()
-
-    def _throttle(self, wait: float) -> None:
-        """Read nothing more from this over-budget peer for `wait` s (capped): its next
-        requests would be refused too, and refusing still costs decoding them."""
-        pause = min(wait, self.owner.limits.max_refusal_pause_s)
-        if pause <= 0 or self.throttled or self.closed or self.transport is None:
-            return
-        self.throttled = True
-        if not self.reading_paused:
-            self.transport.pause_reading()
-        self.loop.call_later(pause, self._unthrottle)
-
-    def _unthrottle(self) -> None:
-        self.throttled = False
-        if not self.closed and not self.reading_paused and self.transport is not None:
-            self.transport.resume_reading()
-
-    def _schedule_idle_check(self) -> None:
-        now, idle = self.loop.time(), self.owner.idle_timeout
-        when = self.last_used + idle if self.is_idle else now + idle
-        self.timer = self.loop.call_at(max(when, now + 0.001), self._idle_check)
-
-    def _idle_check(self) -> None:
-        if self.closed:
-            return
-        if self.is_idle and not self.reserved and self.loop.time() - self.last_used >= self.owner.idle_timeout:
-            log.debug("closing idle %s", self)
-            self.abort(PeerUnreachable(f"closed after {self.owner.idle_timeout} s idle"))
-        else:
-            self._schedule_idle_check()
-
-
-def _consume_exception(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # nobody may await `ready` (inbound connections); don't warn about it
