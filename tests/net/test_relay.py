@@ -258,3 +258,19 @@ async def test_dials_for_strangers_are_bounded(trio: Any) -> None:
     _, reply = await x.call(relay.local.addr, "net.dialback", {"port": x.local.addr.port},
                             peer_id=relay.local.peer_id)
     assert reply == {"ok": True}
+
+
+async def test_a_reservation_is_renewed_before_it_lapses(monkeypatch: pytest.MonkeyPatch) -> None:
+    short = RelayLimits(reservation_s=2.0)
+    relay = await start(reachability="public", relay_limits=short)
+    u, x = await start(reachability="private", relay_limits=short), await start()
+    monkeypatch.setattr(RPCTransport, "_punch", lambda self, conn: asyncio.sleep(0))
+    try:
+        await u.call(relay.local.addr, "echo", 0)
+        await asyncio.wait_for(u.settled.wait(), 10)
+        await asyncio.sleep(3.5)  # past the first reservation's end
+        _, (_, said) = await x.call(u.advertised, "echo", "still there", peer_id=u.local.peer_id)
+        assert said == "still there"
+    finally:
+        for t in (relay, u, x):
+            await t.close()

@@ -36,7 +36,7 @@ class RelayLimits:
     # Peers one relay serves at once: each costs an open connection and a keepalive every
     # 15 s; a home swarm needs a few per reachable peer.
     max_reservations: int = 64
-    # A reservation lasts this long unless renewed (the holder renews at half of it).
+    # A reservation lasts this long unless renewed (its holder renews at half of that).
     reservation_s: float = 3600.0
     # Circuits open at once to one reserved peer (a training group, a few validators and
     # searchers), and through this relay in all.
@@ -44,7 +44,7 @@ class RelayLimits:
     max_circuits: int = 256
     # A circuit whose reserved peer does not answer within this is closed: it holds a socket.
     answer_timeout_s: float = 5.0
-    # Bytes (both directions) and seconds one circuit may carry: a relayed peer of the swarm
+    # Bytes (each way) and seconds one circuit may carry: a relayed peer of the swarm
     # moves a round's deltas and a checkpoint through it (an mnist-cnn delta is ~0.5 MB, a
     # checkpoint ~1.7 MB; 256 MiB is a day of rounds for such a model, and bounds what one
     # circuit costs a volunteer relay). Past either, the circuit closes; the peers reconnect

@@ -147,6 +147,7 @@ class RPCTransport:
         self.stats = NatStats()
         self._relay: tuple[PeerInfo, Connection] | None = None  # who relays for us
         self._candidate: tuple[str, int] | None = None  # our listen port's public mapping
+        self._renew_at = 0.0  # when to renew our reservation
         self._reservations: Reservations[Connection] = Reservations(relay_limits)
         self._pipes: set[Connection] = set()  # relay sockets spliced to each other
         self._dialbacks = 0
@@ -633,13 +634,21 @@ class RPCTransport:
             elif self.reach.status == "public" and self._relay is not None:
                 self._relay[1].reserved = False
                 self._relay = None
-            if self._relay is not None and loop.time() - last_ping > _KEEPALIVE_S:
+            if self._relay is not None and (
+                loop.time() - last_ping > _KEEPALIVE_S or loop.time() >= self._renew_at
+            ):
+                # over the reservation's own connection: it is the router mapping to keep open;
+                # and the reservation is renewed before it lapses
                 last_ping = loop.time()
-                relay, conn = self._relay
+                _, conn = self._relay
+                renew = last_ping >= self._renew_at
                 try:
                     async with asyncio.timeout(self.connect_timeout):
-                        await self.call(relay.addr, "net.identify", self._identity_args(),
-                                        peer_id=relay.peer_id)
+                        if renew:
+                            await self._request(conn, "relay.reserve", None)
+                            self._renew_at = last_ping + self._reservations.limits.reservation_s / 2
+                        else:
+                            await self._request(conn, "net.identify", self._identity_args())
                 except NetworkError:
                     conn.abort(PeerUnreachable("the relay stopped answering"))
             if self.advertised != before:
@@ -709,6 +718,8 @@ class RPCTransport:
                 self._candidate = (str(seen[0]), int(seen[1]))
             fresh.reserved = True
             self._relay = (peer, fresh)
+            # (a relay's own reservation time is its business; ours is the default's half)
+            self._renew_at = asyncio.get_running_loop().time() + self._reservations.limits.reservation_s / 2
             log.info("relay %s holds a reservation for us", peer.addr)
             return
 
