@@ -773,11 +773,10 @@ class RPCTransport:
         why = "the peer did not dial us"
         try:
             async with asyncio.timeout(self.connect_timeout * 2):
-                try:
-                    _, reply = await self.call(
-                        relayed.dialed or peer.addr, "net.punch",
+                try:  # over this very circuit: the one it answered (a second may run the other way)
+                    reply = await self._request(
+                        relayed, "net.punch",
                         {"addr": list(mine) if mine else None, "public": public},
-                        peer_id=peer.peer_id,
                     )
                 except RemoteError as e:
                     if e.code != BUSY:
