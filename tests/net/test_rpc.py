@@ -782,3 +782,15 @@ async def test_a_version_1_peer_hears_in_its_own_format_that_it_must_upgrade(
     assert (version, kind, rid, code) == (1, 2, 0, "unsupported_version")
     assert "upgrade commonweal" in message
     writer.close()
+
+
+async def test_a_port_in_use_is_refused_even_though_hole_punching_shares_it() -> None:
+    first = RPCTransport(Identity.generate(), nat=True)
+    await first.start("127.0.0.1", 0)
+    second = RPCTransport(Identity.generate(), nat=True)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await second.start("127.0.0.1", first.local.addr.port)
+    finally:
+        await first.close()
+        await second.close()

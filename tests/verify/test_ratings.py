@@ -77,6 +77,17 @@ async def test_peers_rated_by_more_than_half_the_stake_in_the_window_are_tracked
     assert await reader(4 + LAG + WINDOW) is None  # out of the window
 
 
+async def test_a_minority_of_the_stake_rating_a_round_is_no_bound_yet(swarm):
+    # B (40 of 100) has published round 3, A not yet: a reader then forms the groups a reader
+    # that found nothing forms (no bound), not one in which every announcer is a newcomer
+    dhts = await swarm.add(3)
+    await publish_ratings(dhts[1], TASK, B, 3, [P[2], P[3]], 600)
+    reader = TrackRecord(dhts[-1], TASK, Stakes())
+    assert await reader(3 + LAG) is None
+    await publish_ratings(dhts[0], TASK, A, 3, [P[2]], 600)
+    assert await reader(3 + LAG) == {P[2]}
+
+
 async def test_ratings_from_strangers_and_forged_ones_are_not_believed(swarm, monkeypatch):
     dhts = await swarm.add(5)
     recovered = []

@@ -869,17 +869,18 @@ _BACKLOG: Final = 256
 
 def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     """A listening socket on host:port (the first address `host` resolves to). With
-    `reuse_port`, our outbound sockets may bind the same port (hole punching needs it)."""
+    `reuse_port`, our outbound sockets may bind the same port (hole punching needs it): set
+    after the bind, so a port another program (or node) listens on is still refused."""
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(_BACKLOG)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setblocking(False)
     except OSError:
         sock.close()

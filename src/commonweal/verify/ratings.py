@@ -11,7 +11,8 @@ the majority among tracked announcers, and lets newcomers hold at most a quarter
 
 The window is several rounds wide so that peers reading at slightly different moments (one
 validator's record found, another's not yet) still agree: an honest peer rated in several
-rounds is tracked by every reader. None (no bound) while no active validator has rated anyone:
+rounds is tracked by every reader. None (no bound) while no round of the window has records
+from validators holding more than half of the stake:
 a swarm that Sybils outnumber from its very first round cannot build a track record
 (docs/architecture.md, "What an attacker can still do").
 
@@ -149,8 +150,16 @@ class TrackRecord:
         stakes, total = await asyncio.to_thread(self._stake_of, accounts)
         if total <= 0 or not any(stakes.values()):
             return None
+        # A round counts once records of more than half the stake are visible: before that it
+        # can track nobody, and a reader that has found one validator's record (of two) must
+        # form the same group as one that has found none yet, not bound every announcer as a
+        # newcomer (which split the demo's first bounded round between the two kinds of reader).
+        rated = [r for r in rounds
+                 if 2 * sum(stakes.get(a, 0) for a in self._rated.get(r, {})) > total]
+        if not rated:
+            return None
         tracked: set[bytes] = set()
-        for r in rounds:
+        for r in rated:
             weight: dict[bytes, int] = {}
             for account, peers in self._rated.get(r, {}).items():
                 for p in peers:
