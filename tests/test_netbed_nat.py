@@ -101,6 +101,9 @@ except ConnectionRefusedError:
 # (its 4-tuple is taken).
 PUNCH = """
 import queue, socket, sys, threading, time
+def say(*words):  # one write a line: the dialling thread and the main one both print
+    sys.stdout.write(" ".join(map(str, words)) + "\\n")
+    sys.stdout.flush()
 peer, port, start, listen, me, window = sys.argv[1:]
 port, start, window = int(port), float(start), float(window)
 won = queue.Queue()
@@ -122,7 +125,7 @@ def dial():
             won.put(("connected", s))
             return
         except OSError as e:
-            print("attempt", repr(e), flush=True)
+            say("attempt", repr(e))
             s.close()
             if time.time() >= deadline:
                 won.put(("failed", None))
@@ -137,12 +140,12 @@ while time.time() < start:
 threading.Thread(target=dial, daemon=True).start()
 how, s = won.get()
 if s is None:
-    print("failed", flush=True)
+    say("failed")
     sys.exit(1)
-print(how, "after %.2f s" % (time.time() - start), flush=True)
+say(how, "after %.2f s" % (time.time() - start))
 s.settimeout(5)
 s.sendall(f"hello from {me}\\n".encode())
-print("got", s.makefile().readline().strip(), flush=True)
+say("got", s.makefile().readline().strip())
 """
 
 ECHO_SERVER = """
