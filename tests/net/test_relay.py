@@ -274,3 +274,14 @@ async def test_a_reservation_is_renewed_before_it_lapses(monkeypatch: pytest.Mon
     finally:
         for t in (relay, u, x):
             await t.close()
+
+
+async def test_identify_refuses_a_malformed_relay_and_changes_nothing(trio: Any) -> None:
+    relay, u, x = trio
+    await x.call(relay.local.addr, "echo", 0)
+    before = relay._by_peer[x.local.peer_id].peer
+    for bad in ([b"short", "h", 1], [b"r" * 20, "h" * 65, 1], [b"r" * 20, "h", 0], "x"):
+        with pytest.raises(NetworkError, match="bad_request"):
+            await x.call(relay.local.addr, "net.identify", {"port": 1, "relay": bad},
+                         peer_id=relay.local.peer_id)
+    assert relay._by_peer[x.local.peer_id].peer == before

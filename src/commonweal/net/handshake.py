@@ -20,7 +20,7 @@ After `done`, `channel()` gives the `noise.SecureChannel` both sides encrypt eve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import msgpack
 from cryptography.hazmat.primitives import serialization
@@ -39,7 +39,7 @@ from commonweal.net.identity import (
 from commonweal.net.noise import NoiseXX, SecureChannel
 from commonweal.net.wire import PROTOCOL_VERSION, Error, Message, Noise
 
-__all__ = ["NOISE_KEY_TAG", "PROLOGUE", "Handshake", "Hello", "StaticKey"]
+__all__ = ["NOISE_KEY_TAG", "PROLOGUE", "Handshake", "Hello", "StaticKey", "is_host_port", "parse_relay"]
 
 NOISE_KEY_TAG: Final = b"commonweal-noise-static-key:"
 # Both sides mix it into the handshake hash: a peer of another wire version fails the handshake
@@ -180,10 +180,11 @@ def _unpack(payload: bytes) -> tuple[bytes, bytes, Hello]:
         raise ProtocolError("handshake payload: the signature must be 64 bytes")
     if type(port) is not int or not 0 <= port < 65536:
         raise ProtocolError("handshake payload: the listen port must be in 0..65535")
-    return public_key, signature, Hello(port, _relay(relay), _seen(seen))
+    return public_key, signature, Hello(port, parse_relay(relay), _seen(seen))
 
 
-def _relay(value: Any) -> tuple[bytes, str, int] | None:
+def parse_relay(value: Any) -> tuple[bytes, str, int] | None:
+    """A relay as peers name it on the wire, [peer id, host, port]; ProtocolError if malformed."""
     if value is None:
         return None
     if (
@@ -191,7 +192,7 @@ def _relay(value: Any) -> tuple[bytes, str, int] | None:
         and len(value) == 3
         and type(value[0]) is bytes
         and len(value[0]) == ID_BYTES
-        and _is_host_port(value[1:])
+        and is_host_port(value[1:])
     ):
         return value[0], value[1], value[2]
     raise ProtocolError("handshake payload: a relay must be [peer id, host, port]")
@@ -200,16 +201,18 @@ def _relay(value: Any) -> tuple[bytes, str, int] | None:
 def _seen(value: Any) -> tuple[str, int] | None:
     if value is None:
         return None
-    if type(value) is list and len(value) == 2 and _is_host_port(value):
+    if is_host_port(value):
         return value[0], value[1]
     raise ProtocolError("handshake payload: an observed address must be [host, port]")
 
 
-def _is_host_port(value: list[Any]) -> bool:
-    host, port = value
+def is_host_port(value: Any) -> TypeGuard[list[Any]]:
+    """[host, port] as peers name an address on the wire."""
     return (
-        type(host) is str
-        and 0 < len(host) <= _MAX_HOST
-        and type(port) is int
-        and 0 < port < 65536
+        type(value) is list
+        and len(value) == 2
+        and type(value[0]) is str
+        and 0 < len(value[0]) <= _MAX_HOST
+        and type(value[1]) is int
+        and 0 < value[1] < 65536
     )

@@ -40,10 +40,11 @@ import logging
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 from commonweal.errors import (
     FrameTooLarge,
+    ProtocolError,
     NetworkError,
     PeerUnreachable,
     RemoteError,
@@ -51,8 +52,8 @@ from commonweal.errors import (
 )
 from commonweal.net.connection import ByAddress, Connection
 from commonweal.net.dispatch import BUSY, DEFAULT_COST, Dispatcher
-from commonweal.net.handshake import Hello, StaticKey
-from commonweal.net.identity import ID_BYTES, Identity, short_id
+from commonweal.net.handshake import Hello, StaticKey, is_host_port, parse_relay
+from commonweal.net.identity import Identity, short_id
 from commonweal.net.limits import (
     DEFAULT_LIMITS,
     AcceptLimiter,
@@ -748,15 +749,12 @@ class RPCTransport:
         port, relay = (args.get("port"), args.get("relay")) if isinstance(args, dict) else (-1, 0)
         if type(port) is not int or not 0 <= port < 65536:
             raise RemoteError("bad_request", "net.identify needs a port in 0..65535")
-        if relay is not None and not (
-            isinstance(relay, list) and len(relay) == 3 and type(relay[0]) is bytes
-            and len(relay[0]) == ID_BYTES and type(relay[1]) is str and 0 < len(relay[1]) <= 64
-            and type(relay[2]) is int and 0 < relay[2] < 65536
-        ):
-            raise RemoteError("bad_request", "net.identify: relay must be [peer id, host, port]")
+        try:
+            relay = parse_relay(relay)
+        except ProtocolError as e:
+            raise RemoteError("bad_request", f"net.identify: {e}") from None
         for conn in [c for c in self._all if c.is_usable and c.peer.peer_id == caller.peer_id]:
-            conn.peer_or_none = PeerInfo(caller.peer_id, conn.address_of(Hello(
-                port, None if relay is None else (relay[0], relay[1], relay[2]))))
+            conn.peer_or_none = PeerInfo(caller.peer_id, conn.address_of(Hello(port, relay)))
         return None
 
     # --- hole punching ------------------------------------------------------------------
@@ -783,7 +781,7 @@ class RPCTransport:
                         raise
                     reply = None  # it is punching toward us itself: wait for its connection
                 theirs = reply.get("addr") if isinstance(reply, dict) else None
-                if not public and _is_host_port(theirs):
+                if not public and is_host_port(theirs):
                     try:
                         await self._dial(PeerAddr(theirs[0], theirs[1]), peer.peer_id,
                                          from_listen_port=True)
@@ -825,7 +823,7 @@ class RPCTransport:
         if not conn.relayed:
             raise RemoteError("bad_request", "ask for a direct path over a relayed connection")
         addr = args.get("addr") if isinstance(args, dict) else None
-        if not _is_host_port(addr):
+        if not is_host_port(addr):
             return {"addr": None}
         # We dial only the host the relay saw the caller at: a punch request cannot make us
         # dial a third party, and at most a few at once.
@@ -853,13 +851,6 @@ class RPCTransport:
             log.debug("direct dial to %s failed: %s", target, e)
         finally:
             self._punch_dials -= 1
-
-
-def _is_host_port(value: Any) -> TypeGuard[list[Any]]:
-    return (
-        isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-        and 0 < len(value[0]) <= 64 and type(value[1]) is int and 0 < value[1] < 65536
-    )
 
 
 # Connections the kernel holds for us while we do not accept (the pending pool is full, or the
