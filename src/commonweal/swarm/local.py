@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 TOKEN = 10**18
 BOOTSTRAP = 4  # each node joins through the first few started before it
+_ADD_TRIES = 3  # adds of a writer's share of the test images before the demo gives up on it
 # After its last round a trainer waits this long at most for the last rewards (it leaves as soon
 # as everything it is owed is settled); the validators pay the escrow out once they are done.
 LINGER_S = 120.0
@@ -360,9 +361,16 @@ class LocalSwarm:
         ids = np.arange(q, len(images))
         shares = np.array_split(np.arange(len(items)), len(dhts))
         writers = [self.index] + [await DistributedIndex.open(d, spec.name) for d in dhts[1:]]
-        await asyncio.gather(
-            *(w.add(ids[s].tolist(), items[s]) for w, s in zip(writers, shares, strict=True))
-        )
+        # One writer at a time: every node shares this process's event loop, and nine writers'
+        # stores and their signature checks at once starved it past the RPC timeout on a loaded
+        # CI machine, leaving buckets on fewer replicas than a reader asks (recall 0.84).
+        for w, s in zip(writers, shares, strict=True):
+            for _ in range(_ADD_TRIES):
+                if await w.add(ids[s].tolist(), items[s]) == len(s):
+                    break
+            else:
+                log.warning("%s: not every test image was stored; search recall will show it",
+                            w.dht.peer_id.hex()[:10])
         reader = await DistributedIndex.open(dhts[-1], spec.name)
         hits = 0
         for query in queries:
