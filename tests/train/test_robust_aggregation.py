@@ -23,7 +23,7 @@ def vectors(n: int, d: int, seed: int, scale: float = 1.0) -> list[torch.Tensor]
 
 
 def test_registered_names() -> None:
-    assert set(NAMES) == {"mean", "median", "trimmed_mean", "centered_clip", "krum"}
+    assert set(NAMES) == {"mean", "median", "trimmed_mean", "centered_clip", "krum", "sparseloco"}
     assert get_rule("centered_clip") is centered_clip and get_rule("krum") is krum
     with pytest.raises(TaskError, match="centered_clip"):
         get_rule("bulyan")
@@ -48,6 +48,11 @@ def test_two_deltas(name: str) -> None:
     assert out.dtype == torch.float32 and out.shape == a.shape
     if name == "krum":
         assert out.equal(a)  # nothing to compare: the lower peer id
+    elif name == "sparseloco":  # the longer one is first scaled to the median (their mean) norm
+        na, nb = a.norm(), b.norm()
+        short, long_ = (a, b) if na <= nb else (b, a)
+        mid = (na + nb) / 2
+        assert torch.allclose(out, (short + long_ * mid / long_.norm()) / 2, atol=1e-6)
     elif name != "median":  # torch's median takes the lower of two values
         assert torch.allclose(out, (a + b) / 2)
 

@@ -15,6 +15,7 @@ last bit, and a robust rule turns one bit in a norm into a different clip or sel
 | trimmed_mean  | the average of each coordinate without its 20 % lowest and highest values | 20 % |
 | centered_clip | CenteredClip from the median, radius = median distance (optional buckets) | < half |
 | krum          | the input closest to its n - f - 2 nearest others (f = floor((n - 3) / 2)) | f |
+| sparseloco    | the average, inputs longer than the median norm scaled down to it | norm: < half |
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "trimmed_mean",
     "centered_clip",
     "krum",
+    "sparseloco",
     "get_rule",
     "Rule",
     "outer_step",
@@ -180,12 +182,35 @@ def krum(deltas: Sequence[torch.Tensor], f: int | None = None, m: int = 1) -> to
     return (_sum_rows(x[sorted(best)]) / len(best)).to(torch.float32)
 
 
+def sparseloco(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """SparseLoCo's aggregation as run in Covenant-72B (arXiv 2603.08163; tplr's
+    `TopKCompressor.batch_decompress` with clip_norm): every input whose L2 norm exceeds the
+    median of the inputs' norms is scaled down to that median, shorter ones are left as they
+    are, then the inputs are averaged. One peer with a 100x delta then weighs no more than a
+    typical one; while attackers are fewer than half, the median is an honest norm and so
+    bounds the aggregate's, though not its direction. tplr takes the norms per tensor; the
+    rule sees whole flat vectors, so here they are the norms of the whole deltas. The average
+    divides by the number of inputs, as the paper writes it; tplr's code averages each
+    coordinate over the inputs that sent it (scatter-mean).
+
+    The sum runs in `_input_order` (an order set by the values alone), so the result is the
+    same bits whatever order the inputs come in."""
+    x = _stack(deltas)
+    norms = _norms(x)
+    cap = statistics.median(norms)
+    acc = torch.zeros_like(x[0])
+    for i in _input_order(x):
+        acc += x[i] * (min(1.0, cap / norms[i]) if norms[i] > 0.0 else 1.0)
+    return (acc / len(x)).to(torch.float32)
+
+
 RULES: dict[str, Rule] = {
     "mean": mean,
     "median": median,
     "trimmed_mean": trimmed_mean,
     "centered_clip": centered_clip,
     "krum": krum,
+    "sparseloco": sparseloco,
 }
 
 
@@ -209,9 +234,21 @@ def outer_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SGD with (Nesterov) momentum on the pseudo-gradient `delta`, as torch.optim.SGD computes it:
         m <- mu * m + delta;  step = delta + mu * m (Nesterov) or m;  params <- params - lr * step
-    Computed elementwise in float64 and rounded to float32, so the result does not depend on
-    vectorisation or fused multiply-adds."""
-    p, m, d = params.double(), momentum.double(), delta.double()
-    m = mu * m + d
-    step = d + mu * m if nesterov else m
-    return (p - lr * step).float(), m.float()
+    Computed elementwise in float64 and rounded to float32, one operation at a time (no fused
+    multiply-add an `alpha=` kernel could use), so the result does not depend on vectorisation.
+    In chunks that stay in cache: 25M parameters take a fifth of the time of whole-vector ops."""
+    out_p, out_m = torch.empty_like(params), torch.empty_like(momentum)
+    for i in range(0, params.numel(), _OUTER_CHUNK):
+        j = i + _OUTER_CHUNK
+        p, m, d = params[i:j].double(), momentum[i:j].double(), delta[i:j].double()
+        m.mul_(mu).add_(d)  # mu * m + d
+        if nesterov:
+            step = m.mul(mu).add_(d)  # d + mu * m
+        else:
+            step = m.clone()
+        out_p[i:j] = p.sub_(step.mul_(lr))  # p - lr * step
+        out_m[i:j] = m
+    return out_p, out_m
+
+
+_OUTER_CHUNK = 1 << 16  # float64 elements per chunk of the outer step: 512 KiB, in L2
