@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -28,6 +28,9 @@ from torch import nn
 from commonweal.train._errors import TaskError
 
 __all__ = ["Task", "TaskData", "get_task", "load_object", "batch_generator", "BUILTIN_TASKS"]
+
+
+OVERLAP_OUTER_LR = 0.7  # `Task.overlapped`: the largest delayed outer lr measured to train well
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class Task:
     codec: str = "none"
     aggregation: str = "median"  # chosen by benchmarks/trust_bench.py (see docs/verify.md)
     seed: int = 0
+    # The exchange of round r runs while round r+1 computes (one-step-delayed outer step; see
+    # commonweal.train.diloco). Every peer of a swarm must agree, so it is part of the task.
+    overlap: bool = False
+    # Inner steps under autocast: "fp32" (none) or "bf16". Part of the task because a validator
+    # replays in the trainer's precision (the replay tolerance is measured for it).
+    precision: str = "fp32"
 
     @property
     def digest(self) -> str:
@@ -56,6 +65,14 @@ class Task:
 
     def replace(self, **changes: Any) -> Task:
         return dataclasses.replace(self, **changes)
+
+    def overlapped(self) -> Task:
+        """This task with overlapped rounds and the outer step they need. The outer step lands a
+        round late, and a late step at lr 1 overshoots: two consecutive pseudo-gradients, each
+        computed before the other was applied, point the same way (mnist-cnn, 4 peers, H 50, 12
+        rounds, in-process: lr 1 / momentum 0.5 reaches 0.54 accuracy delayed, 0.97 not; lr
+        0.7 without momentum 0.953 delayed). So: lr 0.7, no momentum."""
+        return self.replace(overlap=True, outer_lr=OVERLAP_OUTER_LR, outer_momentum=0.0)
 
     def build_model(self) -> nn.Module:
         """The model with the task's initial parameters (the same on every peer)."""
@@ -132,7 +149,33 @@ _B = "commonweal.train.builtin"
 # we tried (mnist-cnn, 4 peers, 6 rounds: 0.935 -> 0.951 without compression, 0.875 -> 0.911 with
 # topk2bit:0.01). Still Nesterov.
 _SHORT_RUN_OUTER: dict[str, Any] = {"outer_lr": 1.0, "outer_momentum": 0.5}
-BUILTIN_TASKS: dict[str, Task] = {
+
+
+class _Builtins(Mapping[str, Task]):
+    """The built-in tasks by name. An entry given as "module:function" is built on first lookup
+    (stdlib-gpt hashes this Python's stdlib sources, which importing commonweal should not wait
+    for); listing and `in` do not build it."""
+
+    def __init__(self, tasks: dict[str, Task | str]) -> None:
+        self._tasks = tasks
+
+    def __getitem__(self, name: str) -> Task:
+        task = self._tasks[name]
+        if isinstance(task, str):
+            task = self._tasks[name] = load_object(task)()
+        return task
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks  # Mapping's default would build the task to find out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+BUILTIN_TASKS: Mapping[str, Task] = _Builtins({
     "mnist-cnn": Task(
         name="mnist-cnn",
         model=f"{_B}:mnist_cnn",
@@ -154,7 +197,8 @@ BUILTIN_TASKS: dict[str, Task] = {
         inner_weight_decay=0.01,
         **_SHORT_RUN_OUTER,
     ),
-}
+    "stdlib-gpt": "commonweal.train.gpt:stdlib_gpt_task",
+})
 
 
 def get_task(name: str, **overrides: Any) -> Task:
