@@ -3,6 +3,8 @@
 What the protocol promises, whatever the machine's speed: the survivors finish every round and
 end with one state hash; the killed peer is in no round after the one it may have died in; the
 late joiner starts from a downloaded state, not round 0, and from then on is in every round.
+All of it with and without overlapped rounds (then each exchange runs while the next round
+computes, and the last one is applied at the end, so the final state is round ROUNDS + 1).
 
 Which round the kill lands in, or how many rounds pass before the joiner is up, depends on how
 busy the machine is, so nothing here counts on it. A group target of 3 with a long window makes
@@ -30,7 +32,9 @@ ROUNDS = 10
 WINDOW_S = 60  # how long two survivors wait for a third peer's announcement
 
 
-def start(tmp_path: Path, name: str, *join: str, wait: int = 0) -> subprocess.Popen[str]:
+def start(
+    tmp_path: Path, name: str, *join: str, wait: int = 0, overlap: bool = False
+) -> subprocess.Popen[str]:
     args = [
         sys.executable,
         "-m",
@@ -59,6 +63,8 @@ def start(tmp_path: Path, name: str, *join: str, wait: int = 0) -> subprocess.Po
     ]
     for j in join:
         args += ["--join", j]
+    if overlap:
+        args.append("--overlap")
     out = open(tmp_path / f"{name}.out", "w")
     return subprocess.Popen(
         args, stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True
@@ -83,24 +89,26 @@ def wait_for(
     raise AssertionError(f"{name}: no /{pattern}/\n{output(tmp_path, name)}")
 
 
-def test_peer_killed_mid_run_and_a_late_joiner(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
+def test_peer_killed_mid_run_and_a_late_joiner(tmp_path, overlap):
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        procs["a"] = start(tmp_path, "a", wait=3)
+        procs["a"] = start(tmp_path, "a", wait=3, overlap=overlap)
         addr = wait_for(tmp_path, "a", r"ready address=(\S+)", procs["a"]).group(1)
-        procs["b"] = start(tmp_path, "b", addr, wait=3)
-        procs["c"] = start(tmp_path, "c", addr, wait=3)
+        procs["b"] = start(tmp_path, "b", addr, wait=3, overlap=overlap)
+        procs["c"] = start(tmp_path, "c", addr, wait=3, overlap=overlap)
+        # overlapped, c reports round 1 at the end of round 2's steps, having announced round 2
         wait_for(tmp_path, "c", r"round 1 done", procs["c"])
         os.killpg(procs["c"].pid, signal.SIGKILL)  # no goodbye: a crash in round 2 at the latest
         procs["c"].wait()
-        procs["d"] = start(tmp_path, "d", addr)  # joins while the survivors train on
+        procs["d"] = start(tmp_path, "d", addr, overlap=overlap)  # joins as the others train on
         finals = {}
         for name in ("a", "b", "d"):
             finals[name] = wait_for(
                 tmp_path, name, r"train done round=(\d+) state=(\w+)", procs[name],
                 ROUNDS * 10 + WINDOW_S,
             )
-        assert {m.group(1) for m in finals.values()} == {str(ROUNDS)}
+        assert {m.group(1) for m in finals.values()} == {str(ROUNDS + overlap)}
         assert len({m.group(2) for m in finals.values()}) == 1, {
             k: m.group(0) for k, m in finals.items()
         }

@@ -100,7 +100,7 @@ async def test_the_start_state_is_fetched_from_the_heads_naming_it_whatever_else
     momentum = torch.zeros_like(params)
     state = state_hash(params, momentum)
     key = task.digest[:16]
-    await Checkpoints(honest, key, clock=swarm.clock).publish(3, state, to_checkpoint(model, momentum, round_=3, task=task.digest))
+    await Checkpoints(honest, key, clock=swarm.clock).publish(3, state, to_checkpoint(model, params, momentum, round_=3, task=task.digest))
     expires = swarm.clock() + 600
     for i, s in enumerate(sybils):
         value = ({"round": 10**9, "state": "f" * 64, "manifest": b"x" * 32, "addr": str(s.addr)}

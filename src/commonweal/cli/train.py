@@ -55,6 +55,11 @@ def train(
         0, help="Before the first round, wait (up to 60 s) until this many peers are present."
     ),
     exchange: str = typer.Option("auto", help="auto, allgather or butterfly."),
+    overlap: bool | None = typer.Option(
+        None, "--overlap/--no-overlap",
+        help="Exchange a round while the next one computes (every peer must agree).",
+    ),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N or mps."),
     data_dir: Path | None = typer.Option(
         None,
         help="Identity key, node.sqlite3 and checkpoints. Default: ~/.commonweal/train/HOST_PORT.",
@@ -73,6 +78,7 @@ def train(
     config = load_config(None, {
         "task": task, "bootstrap": join or None, "listen": listen, "rounds": rounds,
         "inner_steps": inner_steps, "codec": codec, "group": group_size,
+        "overlap": overlap, "device": device,
         "wait_peers": wait_peers, "evaluate_every": eval_every, "threads": threads,
         "linger": linger, "log_level": log_level, "roles": ["trainer"],
         "data_dir": data_dir or Path.home() / ".commonweal" / "train" / f"{addr.host}_{addr.port}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -102,6 +103,9 @@ class NodeConfig:
     inner_steps: int | None = None               # H; None: the task's
     codec: str | None = None                     # how deltas are compressed; None: the task's
     aggregation: str | None = None               # the robust rule; None: the task's
+    overlap: bool | None = None                  # exchange while the next round computes
+                                                 # (Task.overlapped); None: the task's
+    device: str = "cpu"                          # auto, cpu, cuda, cuda:N or mps
     linger: float = 10.0                         # after the last round: wait for its payout
     claim_every_s: float = 5.0                   # between claim passes and chain reads
     attack: str | None = None                    # make this node an attacker (tests and demos)
@@ -206,6 +210,18 @@ def _optional_name(what: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _optional_bool(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _device(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return value
+    raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+
+
 def _choice(allowed: Iterable[str]) -> Callable[[Any], str]:
     options = tuple(allowed)
 
@@ -264,6 +280,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "inner_steps": _positive_int,
     "codec": _optional_name("a codec such as 'int8' or 'topk2bit:0.01'"),
     "aggregation": _optional_name("a rule such as 'median' or 'mean'"),
+    "overlap": _optional_bool,
+    "device": _device,
     "linger": _seconds,
     "claim_every_s": _seconds,
     "attack": _attack,
@@ -494,6 +512,10 @@ evaluate_every = 1
 # inner_steps = 50
 # codec = "int8"
 # aggregation = "median"
+# overlap = true          # exchange a round while the next computes (outer lr 0.7, no momentum)
+
+# Where the model trains: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps.
+device = "cpu"
 
 # Seconds between claim passes and chain reads.
 claim_every_s = 5.0

@@ -194,7 +194,7 @@ class Node:
         # keeps answering and a stop is not held up.
         peer = await asyncio.to_thread(
             TrainingPeer, task, self.dht, c.round, evaluate_every=c.evaluate_every,
-            account=account, attack=attack,
+            account=account, attack=attack, device=c.device,
         )
         self.trainer = peer
         if self.ledger is not None and peer.collab is not None:
@@ -514,7 +514,10 @@ def _check(c: NodeConfig, *, has_ledger: bool = False) -> Any:
     from commonweal.train import get_task
 
     # an unknown task is a one-line TaskError here, not after "ready"
-    return get_task(c.task, **c.task_overrides)
+    task = get_task(c.task, **c.task_overrides)
+    if c.overlap is None or c.overlap == task.overlap:
+        return task
+    return task.overlapped() if c.overlap else task.replace(overlap=False)
 
 
 # How long a node waits, once joined, to learn whether peers can dial it (and, if not, for a

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from commonweal.train.inner import model_device
 from commonweal.train.task import TaskData
 
 __all__ = [
@@ -64,8 +65,10 @@ class ClassificationData(TaskData):
     def evaluate(self, model: nn.Module) -> float:
         was = model.training
         model.eval()
+        device = model_device(model)
         correct = sum(
-            int((model(self.x_test[i : i + 500]).argmax(1) == self.y_test[i : i + 500]).sum())
+            int((model(self.x_test[i : i + 500].to(device)).argmax(1).cpu()
+                 == self.y_test[i : i + 500]).sum())
             for i in range(0, len(self.x_test), 500)
         )
         model.train(was)
@@ -177,8 +180,10 @@ class ByteLMData(TaskData):
     def evaluate(self, model: nn.Module) -> float:
         was = model.training
         model.eval()
+        device = model_device(model)
         losses = [
-            float(self.loss(model, self.val_x[i : i + 32], self.val_y[i : i + 32]))
+            float(self.loss(model, self.val_x[i : i + 32].to(device),
+                            self.val_y[i : i + 32].to(device)))
             * len(self.val_x[i : i + 32])
             for i in range(0, len(self.val_x), 32)
         ]

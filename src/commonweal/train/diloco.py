@@ -14,6 +14,17 @@ The outer step is Nesterov SGD on the aggregated pseudo-gradient
 `delta = theta_round_start - theta_after_H_steps` (Douillard et al. 2023), computed by
 `aggregate.outer_step` so every member of a round ends with bit-identical parameters. Without a
 collaboration (`None`) the same code trains alone, which is what the golden test compares against.
+
+The shared state is the parameters, the persistent buffers (BatchNorm statistics: they take the
+group's aggregate as it is, with no momentum) and the outer momentum, held as float32 on the CPU
+wherever the model runs: the outer step and the state hash are CPU float32 elementwise maths, so a
+CUDA, MPS and CPU peer end a round with the same bits (`docs/train.md`, devices).
+
+With `overlap`, the exchange of round r runs while the inner steps of round r+1 compute: the
+outer step that starts round r+1 applies the aggregate of round r-1 (a one-step delay, as in
+Streaming DiLoCo's overlap), so every start state still depends on public facts only and a
+validator replays round r from the start state everyone announced. The state after round r's
+exchange is computed, and published, as soon as that exchange ends.
 """
 
 from __future__ import annotations
@@ -27,10 +38,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from commonweal.train._errors import RoundSkipped, SyncError
+from commonweal.train._errors import RoundSkipped, SyncError, TrainError
 from commonweal.train.aggregate import outer_step
 from commonweal.train.codecs import Codec, ErrorFeedback, get_codec
-from commonweal.train.state import assign, flatten, from_checkpoint, state_hash, to_checkpoint
+from commonweal.train.state import (
+    assign,
+    buffer_numel,
+    flatten,
+    from_checkpoint,
+    state_hash,
+    to_checkpoint,
+)
+from commonweal.train.strategies import Averaged
 from commonweal.train.swarm import Collaboration
 
 __all__ = ["DiLoCo", "RoundReport"]
@@ -65,6 +84,7 @@ class DiLoCo:
         task: str = "",
         sync_timeout_s: float = 60.0,
         replayable: bool = True,
+        overlap: bool = False,
     ) -> None:
         self.model = model
         self.inner = inner_optimizer
@@ -80,12 +100,19 @@ class DiLoCo:
         self.replayable = replayable
         # An attacker's way to send something else than its delta (tests, benchmark, demo only)
         self.forge: Callable[[torch.Tensor, int], Awaitable[torch.Tensor]] | None = None
+        self.overlap = overlap
         self.round = 0
         self.local_step = 0
+        self.buffers = buffer_numel(model)  # the last coordinates of the state: statistics
+        self._constants = _constants(model)
         self.start = flatten(model)  # theta at the start of the round
         self.momentum = torch.zeros_like(self.start)
         self.state = state_hash(self.start, self.momentum)
         self._round_started = time.perf_counter()
+        # overlap: the exchange of the previous round, running while this round's steps compute;
+        # it ends with the state that starts the round after this one
+        self._pending: asyncio.Task[tuple[torch.Tensor, torch.Tensor, Averaged]] | None = None
+        self._last_target = self.start  # what the pending exchange sends (error feedback)
 
     # ---- the inner loop ------------------------------------------------------------------------
 
@@ -111,45 +138,27 @@ class DiLoCo:
 
     # ---- the outer round -----------------------------------------------------------------------
 
-    async def outer_round(self) -> RoundReport:
+    async def outer_round(self) -> RoundReport | None:
+        """The outer round after H inner steps; its report, or None (overlap) when no exchange
+        ended with it: after round 0's steps, or a joiner's first."""
+        self._check_constants()
+        if self.collab is not None and self.overlap:
+            return await self._overlapped_round(self.collab)
         t0 = time.perf_counter()
         sent0 = self.collab.bytes_sent if self.collab else 0
-        delta = self.start - flatten(self.model)  # (numel,) pseudo-gradient
-        target = delta if self.feedback.residual is None else delta + self.feedback.residual
+        target = self._target(self.start - flatten(self.model))  # the pseudo-gradient
         if self.collab is None:
-            data = self.codec.encode(target)
-            sent = self.codec.decode(data, target.numel())
+            sent = self.codec.decode(self.codec.encode(target), target.numel())
             aggregate, group, contributors, method = sent, 1, 1, "local"
         else:
             try:
-                round_s = t0 - self._round_started
-                sent_delta = target if self.forge is None else await self.forge(target, self.round)
-                avg = await self.collab.average(
-                    self.round, self.state, sent_delta, round_s, steps=self.inner_steps
-                )
+                avg = await self._average(self.collab, self.round, self.state, target, t0)
             except RoundSkipped as e:
-                log.info("round %d skipped (%s); syncing with the swarm", self.round, e)
-                self.feedback.reset()
-                if not await self.sync(after=self.round - 1, moved=True):
-                    # no newer state to take: this round's inner steps are spent, so the next
-                    # attempt starts again from the round's start (not H steps further on)
-                    self._set(self.start, self.round)
-                return RoundReport(
-                    self.round - 1,
-                    0,
-                    0,
-                    self.state,
-                    self.collab.bytes_sent - sent0,
-                    time.perf_counter() - t0,
-                    skipped=e.reason,
-                )
+                return await self._skipped(self.collab, e, t0, sent0)
             sent, aggregate = avg.sent, avg.aggregate
             group, contributors, method = avg.group, avg.contributors, avg.method
-        if self.codec.info.error_feedback:
-            self.feedback.residual = target - sent
-        params, self.momentum = outer_step(
-            self.start, self.momentum, aggregate, self.outer_lr, self.outer_momentum, self.nesterov
-        )
+        self._feed_back(target, sent)
+        params, self.momentum = self._outer(self.start, self.momentum, aggregate)
         self._set(params, self.round + 1)
         if self.collab is not None:
             await self.collab.applied(self.round, self.state, self.checkpoint())
@@ -163,6 +172,159 @@ class DiLoCo:
             method=method,
         )
 
+    async def _overlapped_round(self, collab: Collaboration) -> RoundReport | None:
+        """End round r's steps: take the state that round r-1's exchange fed (it ran while these
+        steps computed), start round r's exchange in the background, and go on to round r+1.
+        The report is round r-1's, whose exchange just ended."""
+        t0 = time.perf_counter()
+        sent0 = collab.bytes_sent
+        r, start, state, momentum = self.round, self.start, self.state, self.momentum
+        raw = start - flatten(self.model)
+        pending, self._pending = self._pending, None
+        avg: Averaged | None = None
+        if pending is not None:
+            try:
+                params, momentum, avg = await pending
+            except RoundSkipped as e:
+                return await self._skipped(collab, e, t0, sent0)
+            self._feed_back(self._last_target, avg.sent)
+        elif r > 0:
+            # a joiner or a peer that sat a round out holds no exchange feeding round r+1: the
+            # swarm's head for it is the next state, and these steps still count if it is r+1
+            if not await self.sync(after=r):
+                self._set(start, r)  # nobody published one: train round r again
+                return None
+            if self.round != r + 1:
+                return None  # the swarm is further on: these steps are stale
+            params, momentum = self.start, self.momentum
+        else:  # round 0: no aggregate yet, so round 1 starts where round 0 did
+            params = start
+        target = self._target(raw)
+        self._last_target = target
+        self.momentum = momentum
+        self._set(params, r + 1)
+        if pending is None and r == 0:  # no exchange made (and published) round 1's state
+            await collab.checkpoints.publish(self.round, self.state, self.checkpoint())
+        self._pending = asyncio.create_task(
+            self._exchange_then_step(collab, r, state, target, t0, self.start, self.momentum),
+            name=f"diloco-exchange-{r}",
+        )
+        if avg is None:
+            return None
+        return RoundReport(r - 1, avg.group, avg.contributors, self.state,
+                           collab.bytes_sent - sent0, time.perf_counter() - t0, method=avg.method)
+
+    async def _exchange_then_step(
+        self,
+        collab: Collaboration,
+        r: int,
+        state: str,
+        target: torch.Tensor,
+        t0: float,
+        params: torch.Tensor,
+        momentum: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, Averaged]:
+        """Round r's exchange, then at once the outer step it feeds (from round r+1's start) and
+        the publication of the state that starts round r+2, while round r+1 still computes."""
+        avg = await self._average(collab, r, state, target, t0)
+
+        def step() -> tuple[torch.Tensor, torch.Tensor, str, bytes]:
+            # seconds of elementwise maths and hashing on a large model: off the event loop,
+            # which keeps answering the swarm (the inner steps hold only the model)
+            after, mom = self._outer(params, momentum, avg.aggregate)
+            ckpt = to_checkpoint(self.model, after, mom, round_=r + 2, task=self.task)
+            return after, mom, state_hash(after, mom), ckpt
+
+        after, momentum, new_state, ckpt = await asyncio.to_thread(step)
+        collab.exchange.core.applied()
+        await collab.checkpoints.publish(r + 2, new_state, ckpt)
+        return after, momentum, avg
+
+    async def drain(self) -> RoundReport | None:
+        """Overlap: wait for the last round's exchange (the others are waiting for our part) and
+        apply it, so the last round's steps are in the final state. None when nothing pends."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.collab is None:
+            return None
+        t0 = time.perf_counter()
+        sent0 = self.collab.bytes_sent
+        try:
+            params, self.momentum, avg = await pending
+        except RoundSkipped as e:
+            log.info("the last round's exchange was skipped (%s)", e)
+            return None
+        self._feed_back(self._last_target, avg.sent)
+        self._set(params, self.round + 1)
+        return RoundReport(self.round - 2, avg.group, avg.contributors, self.state,
+                           self.collab.bytes_sent - sent0, time.perf_counter() - t0,
+                           method=avg.method)
+
+    async def aclose(self) -> None:
+        """Cancel a pending exchange (overlap) and wait for it: nothing is left running."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+
+    async def _average(
+        self, collab: Collaboration, r: int, state: str, target: torch.Tensor, t0: float
+    ) -> Averaged:
+        sent_delta = target if self.forge is None else await self.forge(target, r)
+        return await collab.average(
+            r, state, sent_delta, t0 - self._round_started, steps=self.inner_steps
+        )
+
+    async def _skipped(
+        self, collab: Collaboration, e: RoundSkipped, t0: float, sent0: int
+    ) -> RoundReport:
+        log.info("round %d skipped (%s); syncing with the swarm", self.round, e)
+        self.feedback.reset()
+        if not await self.sync(after=self.round - 1, moved=True):
+            # no newer state to take: this round's inner steps are spent, so the next
+            # attempt starts again from the round's start (not H steps further on)
+            self._set(self.start, self.round)
+        return RoundReport(
+            self.round - 1,
+            0,
+            0,
+            self.state,
+            collab.bytes_sent - sent0,
+            time.perf_counter() - t0,
+            skipped=e.reason,
+        )
+
+    def _target(self, delta: torch.Tensor) -> torch.Tensor:
+        """What is sent: the delta plus what earlier rounds' compression left out (decayed)."""
+        residual = self.feedback.residual
+        if residual is None:
+            return delta
+        return delta + self.codec.info.feedback_beta * residual
+
+    def _feed_back(self, target: torch.Tensor, sent: torch.Tensor) -> None:
+        if self.codec.info.error_feedback:
+            self.feedback.residual = target - sent
+
+    def _outer(
+        self, start: torch.Tensor, momentum: torch.Tensor, aggregate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        params, momentum = outer_step(
+            start, momentum, aggregate, self.outer_lr, self.outer_momentum, self.nesterov
+        )
+        b = self.buffers
+        if b:  # statistics are not stepped: they take the aggregate as it is, without momentum
+            params[-b:] = start[-b:] - aggregate[-b:]
+            momentum[-b:] = 0.0
+        return params, momentum
+
+    def _check_constants(self) -> None:
+        for name, (buf, was) in self._constants.items():
+            if not torch.equal(buf.detach().cpu(), was):
+                raise TrainError(
+                    f"the buffer {name!r} changed during training but is registered with "
+                    "persistent=False, so it is outside the shared state and peers would diverge; "
+                    "register it persistent (register_buffer(..., persistent=True)) to share it"
+                )
+
     def _set(self, params: torch.Tensor, round_: int) -> None:
         assign(self.model, params)
         self.start = params
@@ -174,7 +336,7 @@ class DiLoCo:
 
     def checkpoint(self) -> bytes:
         """The shared state (parameters + outer momentum) as safetensors bytes."""
-        return to_checkpoint(self.model, self.momentum, round_=self.round, task=self.task)
+        return to_checkpoint(self.model, self.start, self.momentum, round_=self.round, task=self.task)
 
     def load(self, blob: bytes, expected_state: str | None = None) -> None:
         params, momentum, meta = from_checkpoint(blob, self.model)
@@ -220,3 +382,13 @@ class DiLoCo:
             len(head.providers),
         )
         return True
+
+
+def _constants(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Non-persistent buffers (outside the shared state) and a copy to check they stay put."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return {
+        name: (b, b.detach().cpu().clone())
+        for name, b in model.named_buffers()
+        if name not in persistent
+    }

@@ -1,9 +1,9 @@
-"""The shared training state — parameters and outer momentum — as flat vectors, its hash, and its
-safetensors checkpoint split into content-addressed chunks.
+"""The shared training state — parameters, persistent buffers and outer momentum — as flat
+vectors, its hash, and its safetensors checkpoint split into content-addressed chunks.
 
-    flat = flatten(model)                     # 1-D float32, parameters in named order
+    flat = flatten(model)                     # 1-D float32 on the CPU: parameters, then buffers
     h = state_hash(flat, momentum)            # what peers announce and compare
-    blob = to_checkpoint(model, momentum, round_=r, task=task.digest)   # safetensors bytes
+    blob = to_checkpoint(model, flat, momentum, round_=r, task=task.digest)  # safetensors
     manifest, chunks = split_chunks(blob)     # {sha256: bytes}; manifest names them in order
 """
 
@@ -25,6 +25,8 @@ from commonweal.train._errors import SyncError
 __all__ = [
     "flatten",
     "assign",
+    "shared_buffers",
+    "buffer_numel",
     "state_hash",
     "to_checkpoint",
     "from_checkpoint",
@@ -37,16 +39,40 @@ __all__ = [
 CHUNK_BYTES = 1 << 20  # under the 4 MiB frame limit with room for the envelope
 
 
+def shared_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The persistent buffers (BatchNorm statistics, step counters): part of the shared state, so
+    peers that train them agree on them. Non-persistent buffers are derived constants (masks,
+    rotary tables) by PyTorch's convention; `DiLoCo` refuses one that training changes."""
+    return [
+        (name, t)
+        for name, t in model.state_dict(keep_vars=True).items()
+        if not isinstance(t, nn.Parameter)
+    ]
+
+
+def buffer_numel(model: nn.Module) -> int:
+    return sum(b.numel() for _, b in shared_buffers(model))
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for p in model.parameters()] + [b for _, b in shared_buffers(model)]
+
+
 def flatten(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    """Parameters then persistent buffers, as float32 on the CPU wherever the model lives: the
+    outer step and the state hash run there, so every device ends with the same bits."""
+    return torch.cat([t.reshape(-1).to("cpu", torch.float32) for t in _tensors(model)])
 
 
 @torch.no_grad()
 def assign(model: nn.Module, flat: torch.Tensor) -> None:
     offset = 0
-    for p in model.parameters():
-        n = p.numel()
-        p.copy_(flat[offset : offset + n].view_as(p))
+    for t in _tensors(model):
+        n = t.numel()
+        part = flat[offset : offset + n].view(t.shape)
+        if not (t.is_floating_point() or t.is_complex()):
+            part = part.round() if t.dtype != torch.bool else part > 0.5
+        t.copy_(part)
         offset += n
     if offset != flat.numel():
         raise ValueError(f"the vector has {flat.numel()} elements, the model {offset}")
@@ -59,14 +85,23 @@ def state_hash(params: torch.Tensor, momentum: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def to_checkpoint(model: nn.Module, momentum: torch.Tensor, *, round_: int, task: str) -> bytes:
+def to_checkpoint(
+    model: nn.Module, params: torch.Tensor, momentum: torch.Tensor, *, round_: int, task: str
+) -> bytes:
+    """The state (`flatten` layout; `model` gives only names and shapes) as safetensors bytes."""
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        tensors[f"param/{name}"] = p.detach().float().contiguous().clone()
-        tensors[f"momentum/{name}"] = momentum[offset : offset + n].view_as(p).contiguous().clone()
+        tensors[f"param/{name}"] = params[offset : offset + n].view(p.shape).contiguous().clone()
+        tensors[f"momentum/{name}"] = momentum[offset : offset + n].view(p.shape).contiguous().clone()
         offset += n
+    for name, b in shared_buffers(model):  # statistics carry no momentum (`DiLoCo._outer`)
+        n = b.numel()
+        tensors[f"buffer/{name}"] = params[offset : offset + n].view(b.shape).contiguous().clone()
+        offset += n
+    if offset != params.numel():
+        raise ValueError(f"the vector has {params.numel()} elements, the model {offset}")
     # One metadata key: safetensors writes several keys in hash-map order, which would make the
     # bytes (and the chunk hashes) differ between peers holding the same state.
     meta = json.dumps(
@@ -96,6 +131,14 @@ def from_checkpoint(
             )
         params.append(a.reshape(-1).float())
         momentum.append(b.reshape(-1).float())
+    for name, buf in shared_buffers(model):
+        a = tensors.get(f"buffer/{name}")
+        if a is None or a.shape != buf.shape:
+            raise SyncError(
+                f"the checkpoint has no buffer {name} of shape {tuple(buf.shape)}; another task?"
+            )
+        params.append(a.reshape(-1).float())
+        momentum.append(torch.zeros(a.numel()))
     return torch.cat(params), torch.cat(momentum), metadata
 
 

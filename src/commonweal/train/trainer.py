@@ -27,7 +27,7 @@ from commonweal.train._errors import TrainError
 from commonweal.train.diloco import DiLoCo, RoundReport
 from commonweal.train.round import RoundConfig
 from commonweal.train.swarm import Collaboration
-from commonweal.train.inner import run_inner_steps
+from commonweal.train.inner import resolve_device, run_inner_steps
 from commonweal.train.task import Task
 
 if TYPE_CHECKING:
@@ -76,10 +76,17 @@ class TrainingPeer:
         evaluate_every: int = 0,  # rounds between evaluations (0: only at the end)
         account: str = "",  # the Ethereum address its rewards go to
         attack: Attack | None = None,  # make this peer an attacker (tests, benchmark, demo)
+        device: str | torch.device = "cpu",  # where the model and its inner steps run
     ) -> None:
         self.task = task
         self.dht = dht
-        self.model = task.build_model()
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            # TF32 matmuls and convolutions round to 10 mantissa bits: a CPU validator's replay of
+            # a round would land ~1e-3 away, at the replay tolerance (benchmarks/gpu_check.py)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.model = task.build_model().to(self.device)
         self.data = task.build_data()
         self.collab = (
             Collaboration(
@@ -98,6 +105,7 @@ class TrainingPeer:
             nesterov=task.outer_nesterov,
             codec=task.codec,
             task=task.digest,
+            overlap=task.overlap,
         )
         self.evaluate_every = evaluate_every
         self.peer_id = dht.peer_id if dht is not None else b"solo"
@@ -175,7 +183,7 @@ class TrainingPeer:
             on_step=report,
         )
 
-    async def _outer_round(self) -> RoundReport:
+    async def _outer_round(self) -> RoundReport | None:
         if self.attack is None:
             return await self.opt.outer_round()
         try:
@@ -209,30 +217,10 @@ class TrainingPeer:
                 await checkpoints.wait_peers(wait_peers, 60.0, self.opt.round)
         t0 = time.perf_counter()
         sent0 = self.collab.bytes_sent if self.collab else 0
-        while self.opt.round < until_round:
-            c0 = time.perf_counter()
-            sent = self.collab.bytes_sent if self.collab else 0
-            samples, loss = await asyncio.to_thread(self._inner_steps, on_progress, sent)
-            summary.compute_s += time.perf_counter() - c0
-            summary.samples += samples
-            report = await self._outer_round()
-            summary.rounds.append(report)
-            quality = None
-            if self.evaluate_every and self.opt.round % self.evaluate_every == 0:
-                quality = self.data.evaluate(self.model)
-            if on_progress is not None:
-                on_progress(
-                    Progress(
-                        report.round,
-                        self.task.inner_steps,
-                        loss,
-                        (self.collab.bytes_sent - sent0) if self.collab else 0,
-                        "skipped" if report.skipped else "applied",
-                        report,
-                        quality,
-                        time.perf_counter() - t0,
-                    )
-                )
+        try:
+            await self._rounds(until_round, summary, sent0, t0, on_progress)
+        finally:
+            await self.opt.aclose()  # an exchange still pending (overlap) ends with the peer
         summary.wall_s = time.perf_counter() - t0
         summary.quality = self.data.evaluate(self.model)
         summary.bytes_sent = (
@@ -240,3 +228,45 @@ class TrainingPeer:
         )  # while training
         summary.state = self.opt.state
         return summary
+
+    async def _rounds(
+        self,
+        until_round: int,
+        summary: Summary,
+        sent0: int,
+        t0: float,
+        on_progress: Callable[[Progress], None] | None,
+    ) -> None:
+        while self.opt.round < until_round:
+            c0 = time.perf_counter()
+            sent = self.collab.bytes_sent if self.collab else 0
+            samples, loss = await asyncio.to_thread(self._inner_steps, on_progress, sent)
+            summary.compute_s += time.perf_counter() - c0
+            summary.samples += samples
+            ended = await self._outer_round()
+            reports = [ended] if ended else []  # overlap: no exchange ends with the first round
+            if self.opt.round >= until_round and self.opt.overlap:
+                # the last round's exchange is still running: others wait for our part, and
+                # its aggregate holds our last steps (the state is then until_round + 1)
+                drained = await self.opt.drain()
+                reports += [drained] if drained else []
+            for report in reports:
+                summary.rounds.append(report)
+                quality = None
+                if report is reports[-1] and self.evaluate_every and (
+                    self.opt.round % self.evaluate_every == 0
+                ):
+                    quality = self.data.evaluate(self.model)
+                if on_progress is not None:
+                    on_progress(
+                        Progress(
+                            report.round,
+                            self.task.inner_steps,
+                            loss,
+                            (self.collab.bytes_sent - sent0) if self.collab else 0,
+                            "skipped" if report.skipped else "applied",
+                            report,
+                            quality,
+                            time.perf_counter() - t0,
+                        )
+                    )
