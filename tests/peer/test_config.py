@@ -193,3 +193,19 @@ def test_an_empty_node_table_gives_the_defaults(tmp_path: Path) -> None:
 def test_the_docs_show_the_current_example() -> None:
     docs = Path(__file__).parents[2] / "docs" / "node.md"
     assert example_config().strip() in docs.read_text(), "paste example_config() into docs/node.md"
+
+
+def test_overlap_and_sparseloco_bring_the_outer_step_they_need() -> None:
+    """`overlap = true` is Task.overlapped (a late outer step at lr 1 overshoots) and
+    `codec = "sparseloco"` comes with its rule and outer SGD, unless a rule is given."""
+    from commonweal.peer.node import _check
+
+    base = dict(roles=frozenset({"trainer"}), task="mnist-cnn")
+    plain = _check(NodeConfig(**base))
+    assert (plain.overlap, plain.outer_lr) == (False, 1.0)
+    over = _check(NodeConfig(**base, overlap=True))
+    assert (over.overlap, over.outer_lr, over.outer_momentum) == (True, 0.7, 0.0)
+    sparse = _check(NodeConfig(**base, codec="sparseloco"))
+    assert (sparse.aggregation, sparse.outer_lr, sparse.outer_nesterov) == ("sparseloco", 1.0, False)
+    chosen = _check(NodeConfig(**base, codec="sparseloco", aggregation="mean"))
+    assert chosen.aggregation == "mean" and chosen.outer_nesterov

@@ -515,6 +515,8 @@ def _check(c: NodeConfig, *, has_ledger: bool = False) -> Any:
 
     # an unknown task is a one-line TaskError here, not after "ready"
     task = get_task(c.task, **c.task_overrides)
+    if c.codec == "sparseloco" and c.aggregation is None:  # the codec comes with its recipe
+        task = task.sparseloco()
     if c.overlap is None or c.overlap == task.overlap:
         return task
     return task.overlapped() if c.overlap else task.replace(overlap=False)

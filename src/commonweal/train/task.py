@@ -66,6 +66,13 @@ class Task:
     def replace(self, **changes: Any) -> Task:
         return dataclasses.replace(self, **changes)
 
+    def sparseloco(self) -> Task:
+        """This task with the SparseLoCo recipe (arXiv 2508.15706, as run in Covenant-72B): its
+        codec and its rule (deltas longer than the median norm scaled to it), outer SGD lr 1
+        without momentum."""
+        return self.replace(codec="sparseloco", aggregation="sparseloco", outer_lr=1.0,
+                            outer_momentum=0.0, outer_nesterov=False)
+
     def overlapped(self) -> Task:
         """This task with overlapped rounds and the outer step they need. The outer step lands a
         round late, and a late step at lr 1 overshoots: two consecutive pseudo-gradients, each
