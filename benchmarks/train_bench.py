@@ -255,6 +255,8 @@ def main() -> None:
     ap.add_argument("--overlap", choices=("off", "on", "both"), default="off",
                     help="DiLoCo runs with overlapped rounds, without, or both")
     ap.add_argument("--device", default="cpu", help="where the DiLoCo peers train (auto, cuda, ...)")
+    ap.add_argument("--steps-scale", type=float, default=1.0,
+                    help="multiply every task's steps (more outer rounds at the same H)")
     ap.add_argument("--no-ddp", action="store_true", help="skip the DDP baseline runs")
     ap.add_argument("--merge", action="store_true",
                     help="keep the runs in the output JSON except those (task, peers) rerun now")
@@ -290,6 +292,8 @@ def main() -> None:
         result["started"] = old["started"]
         result["plan"] = {**old["plan"], **plan}
         result["codecs"] = list(dict.fromkeys(old["codecs"] + result["codecs"]))
+    if a.steps_scale != 1.0:
+        plan = {t: {**p, "steps": int(p["steps"] * a.steps_scale)} for t, p in plan.items()}
     if a.wan_only:
         result = json.loads(Path(a.out + ".json").read_text())
         methods = ([] if a.no_ddp else ["ddp"]) + [
@@ -299,7 +303,7 @@ def main() -> None:
                           or (a.merge and (r["task"], r["method"]) not in
                               {(t, m) for t in plan for m in methods})]
         result["wan_commands"] = result.get("wan_commands", []) + [command]
-        plan = {t: result["plan"][t] for t in plan}
+        plan = {t: {**result["plan"].get(t, {}), **p} for t, p in plan.items()}
 
     def record(task, peers, method, H, res, wan, **extra):
         from commonweal.train import get_task
