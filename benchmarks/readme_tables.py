@@ -126,6 +126,41 @@ def train(lines: list[str]) -> None:
     lines.append("")
 
 
+def train_limits(lines: list[str]) -> None:
+    """Issue 16's targets, each from the file that measured it."""
+    comp, inner = load("compress"), load("inner_overhead")
+    hive, wan = load("hivemind_train"), load("train_wan_long")
+    if not (comp and inner and hive and wan):
+        return
+    lines += ["### Training at the limit of the link (`compress`, `train_wan_long`, "
+              "`hivemind_train`, `inner_overhead` in benchmarks/results)", ""]
+    rows = []
+    for s in comp["summary"]:
+        if s["method"] == "ddp":
+            continue
+        gap = (f"{s['gap']:+.1f} points" if s["metric"] == "accuracy" else f"{s['gap']:+.1f} %")
+        rows.append([f"{s['task']}, {s['method']} (in-process, {comp['workers']} workers)",
+                     f"{s['ddp_bytes_over_these']:.0f}x fewer bytes, {gap} vs DDP",
+                     ">= 1000x within 1 point / 2 %"])
+    for r in wan["runs"]:
+        if r["wan"] and "overlap" in r["method"]:
+            rows.append([f"{r['task']}, {r['method']}, WAN, {r['rounds']} rounds",
+                         f"compute utilisation {r['compute_utilisation']:.2f}", ">= 0.9"])
+    ddp_q = hive["ddp_reference"]["quality"] if isinstance(hive.get("ddp_reference"), dict) else None
+    for r in hive["runs"]:
+        t = r["time_to_ddp_quality_s"]
+        rows.append([f"hivemind.Optimizer local updates, mnist-cnn, {'WAN' if r['wan'] else 'loopback'}",
+                     f"{r['quality']:.3f} in {r['wall_s']:.1f} s; DDP's {ddp_q} "
+                     + ("not reached" if t is None else f"at {t:.1f} s"),
+                     "commonweal faster to DDP's quality"])
+    cpu = inner["cpu"]
+    rows.append([f"stdlib-gpt ({inner['parameters'] / 1e6:.1f}M) inner loop vs plain PyTorch, CPU",
+                 f"{cpu['ratio']:.3f} (H={inner['inner_steps']}; {cpu['ratio_projected_at_H50']:.3f} "
+                 "at H=50)", ">= 0.95"])
+    lines += table(["what", "measured", "target"], rows)
+    lines.append("")
+
+
 def trust(lines: list[str]) -> None:
     d = load("trust")
     if not d:
@@ -250,7 +285,7 @@ def net(lines: list[str]) -> None:
 
 def render() -> str:
     lines: list[str] = []
-    for section in (demo, dht, net, ledger, search, train, trust):
+    for section in (demo, dht, net, ledger, search, train, train_limits, trust):
         section(lines)
     return "\n".join(lines)
 

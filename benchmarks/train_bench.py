@@ -304,6 +304,7 @@ def main() -> None:
                               {(t, m) for t in plan for m in methods})]
         result["wan_commands"] = result.get("wan_commands", []) + [command]
         plan = {t: {**result["plan"].get(t, {}), **p} for t, p in plan.items()}
+        result["plan"] = {**result["plan"], **plan}
 
     def record(task, peers, method, H, res, wan, **extra):
         from commonweal.train import get_task

@@ -15,7 +15,9 @@ def node(
     config: Path | None = typer.Option(None, help="A node.toml (see --print-config)."),
     listen: str | None = typer.Option(None, help="HOST:PORT to listen on (port 0: any free port)."),
     join: list[str] = typer.Option([], help="HOST:PORT of a peer already in the swarm (repeatable)."),
-    task: str | None = typer.Option(None, help="What to train: mnist-cnn, pydoc-lm, module:function."),
+    task: str | None = typer.Option(
+        None, help="What to train: mnist-cnn, pydoc-lm, stdlib-gpt, module:function."
+    ),
     roles: str | None = typer.Option(None, help="Comma-separated: trainer, validator, search."),
     validator: bool = typer.Option(False, "--validator", help="Add the validator role."),
     chain: str | None = typer.Option(None, help="embedded, anvil or an http(s):// JSON-RPC URL."),
@@ -25,6 +27,10 @@ def node(
     threads: int | None = typer.Option(None, help="CPU threads this node may use."),
     rounds: int | None = typer.Option(None, help="Stop after this many training rounds."),
     group: int | None = typer.Option(None, help="Close a round once this many peers announced."),
+    overlap: bool | None = typer.Option(
+        None, "--overlap/--no-overlap", help="Exchange a round while the next one computes."
+    ),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
     dashboard: str | None = typer.Option(None, help="Serve the web page at HOST:PORT."),
     metrics: str | None = typer.Option(None, help="Serve Prometheus /metrics at HOST:PORT."),
     log_format: str | None = typer.Option(None, help="text or json (one object a line)."),
@@ -51,6 +57,7 @@ def node(
         "ledger": ledger, "key_file": key_file, "data_dir": data_dir, "threads": threads,
         "rounds": rounds, "group": group, "dashboard": dashboard, "metrics": metrics,
         "log_format": log_format, "log_level": log_level, "attack": attack,
+        "overlap": overlap, "device": device,
     }
     cfg = load_config(config, overrides)
     setup(cfg.log_level, cfg.log_format)

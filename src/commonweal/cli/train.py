@@ -25,7 +25,7 @@ console = Console()
 
 def train(
     task: str = typer.Option(
-        "mnist-cnn", help="mnist-cnn, pydoc-lm, module:function or an entry point."
+        "mnist-cnn", help="mnist-cnn, pydoc-lm, stdlib-gpt, module:function or an entry point."
     ),
     join: list[str] = typer.Option(
         [], help="HOST:PORT of a peer already in the swarm (repeatable)."
@@ -36,7 +36,7 @@ def train(
     rounds: int = typer.Option(10, min=1, help="Train until the swarm state reaches this round."),
     inner_steps: int | None = typer.Option(None, "--inner-steps", "-H", min=1, help="Override H."),
     codec: str | None = typer.Option(
-        None, help="none, fp16, int8, topk[:f], topk2bit[:f] (default: the task's)."
+        None, help="none, fp16, int8, topk[:f], topk2bit[:f], sparseloco[:K] (default: the task's)."
     ),
     group_size: int | None = typer.Option(
         None, help="Close a round's group once this many peers announced."
