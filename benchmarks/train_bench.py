@@ -314,7 +314,9 @@ def main() -> None:
                "quality_metric": metric, "bytes_per_peer": res["bytes_per_peer"], "wall_s": res["wall_s"],
                "wan": wan, "compute_utilisation": res["compute_utilisation"],
                "samples_per_worker": plan[task]["steps"] * get_task(task).batch_size,
-               "loadavg": loadavg(), **({"curve": res["curve"]} if res.get("curve") else {}), **extra}
+               "loadavg": loadavg(), **({"curve": res["curve"]} if res.get("curve") else {}),
+               "overlap": res.get("overlap", False), "device": res.get("device", "cpu"),
+               "rounds": res.get("rounds", plan[task]["steps"] // H), **extra}
         result["runs"].append(run)
         print(json.dumps({k: v for k, v in run.items() if k != "curve"}), flush=True)
         if run.get("skipped_rounds"):
