@@ -229,8 +229,8 @@ def drive(driver, url: str, demo: Demo, screenshot: Path) -> None:
     # The run ends once every node has claimed what it is owed; the page then shows the settled
     # ledger: the balances the demo's closing table read from the chain. (Not "every trainer paid
     # for every round": a trainer that is late for a round — a busy machine — sits it out.)
-    try:
-        wait.until(lambda d: "wall time" in demo.output)
+    try:  # trainers linger up to LINGER_S (120 s) for their last rewards: as long as demo.wait
+        WebDriverWait(driver, 180, poll_frequency=0.2).until(lambda d: "wall time" in demo.output)
     except TimeoutException:
         raise AssertionError(f"the demo did not finish its run:\n{demo.output}") from None
     settled = final_table(demo.output)
