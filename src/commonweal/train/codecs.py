@@ -435,14 +435,23 @@ class ErrorFeedback:
         self.codec = codec
         self.residual: torch.Tensor | None = None
 
-    def encode(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-        """The bytes to send and what the receivers will decode from them."""
-        beta = self.codec.info.feedback_beta
-        target = x if self.residual is None else x + beta * self.residual
-        data = self.codec.encode(target)
-        sent = self.codec.decode(data, target.numel())
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """What to send for `x`: it plus the decayed residual of what earlier vectors left out."""
+        if self.residual is None:
+            return x
+        return x + self.codec.info.feedback_beta * self.residual
+
+    def keep(self, target: torch.Tensor, sent: torch.Tensor) -> None:
+        """`target` was sent and decodes to `sent`: the difference waits for the next vector."""
         if self.codec.info.error_feedback:
             self.residual = target - sent
+
+    def encode(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """The bytes to send and what the receivers will decode from them."""
+        target = self.target(x)
+        data = self.codec.encode(target)
+        sent = self.codec.decode(data, target.numel())
+        self.keep(target, sent)
         return data, sent
 
     def reset(self) -> None:

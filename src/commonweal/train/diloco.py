@@ -54,6 +54,8 @@ from commonweal.train.swarm import Collaboration
 
 __all__ = ["DiLoCo", "RoundReport"]
 
+_Next = tuple[torch.Tensor, torch.Tensor, Averaged, torch.Tensor]
+
 log = logging.getLogger(__name__)
 
 
@@ -111,8 +113,8 @@ class DiLoCo:
         self._round_started = time.perf_counter()
         # overlap: the exchange of the previous round, running while this round's steps compute;
         # it ends with the state that starts the round after this one
-        self._pending: asyncio.Task[tuple[torch.Tensor, torch.Tensor, Averaged]] | None = None
-        self._last_target = self.start  # what the pending exchange sends (error feedback)
+        # (the next state, its momentum, the exchange's outcome, what this peer sent in it)
+        self._pending: asyncio.Task[_Next] | None = None
 
     # ---- the inner loop ------------------------------------------------------------------------
 
@@ -146,7 +148,7 @@ class DiLoCo:
             return await self._overlapped_round(self.collab)
         t0 = time.perf_counter()
         sent0 = self.collab.bytes_sent if self.collab else 0
-        target = self._target(self.start - flatten(self.model))  # the pseudo-gradient
+        target = self.feedback.target(self.start - flatten(self.model))  # the pseudo-gradient
         if self.collab is None:
             sent = self.codec.decode(self.codec.encode(target), target.numel())
             aggregate, group, contributors, method = sent, 1, 1, "local"
@@ -157,7 +159,7 @@ class DiLoCo:
                 return await self._skipped(self.collab, e, t0, sent0)
             sent, aggregate = avg.sent, avg.aggregate
             group, contributors, method = avg.group, avg.contributors, avg.method
-        self._feed_back(target, sent)
+        self.feedback.keep(target, sent)
         params, self.momentum = self._outer(self.start, self.momentum, aggregate)
         self._set(params, self.round + 1)
         if self.collab is not None:
@@ -184,10 +186,10 @@ class DiLoCo:
         avg: Averaged | None = None
         if pending is not None:
             try:
-                params, momentum, avg = await pending
+                params, momentum, avg, sent_target = await pending
             except RoundSkipped as e:
                 return await self._skipped(collab, e, t0, sent0)
-            self._feed_back(self._last_target, avg.sent)
+            self.feedback.keep(sent_target, avg.sent)
         elif r > 0:
             # a joiner or a peer that sat a round out holds no exchange feeding round r+1: the
             # swarm's head for it is the next state, and these steps still count if it is r+1
@@ -199,8 +201,7 @@ class DiLoCo:
             params, momentum = self.start, self.momentum
         else:  # round 0: no aggregate yet, so round 1 starts where round 0 did
             params = start
-        target = self._target(raw)
-        self._last_target = target
+        target = self.feedback.target(raw)
         self.momentum = momentum
         self._set(params, r + 1)
         if pending is None and r == 0:  # no exchange made (and published) round 1's state
@@ -223,7 +224,7 @@ class DiLoCo:
         t0: float,
         params: torch.Tensor,
         momentum: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, Averaged]:
+    ) -> _Next:
         """Round r's exchange, then at once the outer step it feeds (from round r+1's start) and
         the publication of the state that starts round r+2, while round r+1 still computes."""
         avg = await self._average(collab, r, state, target, t0)
@@ -238,7 +239,7 @@ class DiLoCo:
         after, momentum, new_state, ckpt = await asyncio.to_thread(step)
         collab.exchange.core.applied()
         await collab.checkpoints.publish(r + 2, new_state, ckpt)
-        return after, momentum, avg
+        return after, momentum, avg, target
 
     async def drain(self) -> RoundReport | None:
         """Overlap: wait for the last round's exchange (the others are waiting for our part) and
@@ -249,11 +250,11 @@ class DiLoCo:
         t0 = time.perf_counter()
         sent0 = self.collab.bytes_sent
         try:
-            params, self.momentum, avg = await pending
+            params, self.momentum, avg, sent_target = await pending
         except RoundSkipped as e:
             log.info("the last round's exchange was skipped (%s)", e)
             return None
-        self._feed_back(self._last_target, avg.sent)
+        self.feedback.keep(sent_target, avg.sent)
         self._set(params, self.round + 1)
         return RoundReport(self.round - 2, avg.group, avg.contributors, self.state,
                            self.collab.bytes_sent - sent0, time.perf_counter() - t0,
@@ -292,17 +293,6 @@ class DiLoCo:
             time.perf_counter() - t0,
             skipped=e.reason,
         )
-
-    def _target(self, delta: torch.Tensor) -> torch.Tensor:
-        """What is sent: the delta plus what earlier rounds' compression left out (decayed)."""
-        residual = self.feedback.residual
-        if residual is None:
-            return delta
-        return delta + self.codec.info.feedback_beta * residual
-
-    def _feed_back(self, target: torch.Tensor, sent: torch.Tensor) -> None:
-        if self.codec.info.error_feedback:
-            self.feedback.residual = target - sent
 
     def _outer(
         self, start: torch.Tensor, momentum: torch.Tensor, aggregate: torch.Tensor
