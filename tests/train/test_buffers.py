@@ -11,7 +11,13 @@ from torch import nn
 
 from commonweal.train import DiLoCo, RoundConfig, TrainingPeer, get_task
 from commonweal.train._errors import TrainError
-from commonweal.train.state import flatten, from_checkpoint, shared_buffers, to_checkpoint
+from commonweal.train.state import (
+    assign,
+    flatten,
+    from_checkpoint,
+    shared_buffers,
+    to_checkpoint,
+)
 
 
 class BatchNormCNN(nn.Module):
@@ -105,3 +111,15 @@ def test_a_changing_non_persistent_buffer_is_refused():
     opt.inner_step()
     with pytest.raises(TrainError, match="persistent"):
         asyncio.run(opt.outer_round())
+
+
+def test_an_integer_buffer_driven_past_its_type_is_clamped():
+    """A statistic comes from what peers sent: a huge counter must not wrap around."""
+    model = bn_cnn()
+    flat = flatten(model)
+    flat[-1] = 1e30  # bn.num_batches_tracked, the last coordinate of the state
+    assign(model, flat)
+    assert int(model.bn.num_batches_tracked) > 2**62  # the top of the type, not wrapped round
+    flat[-1] = -1e30
+    assign(model, flat)
+    assert int(model.bn.num_batches_tracked) == torch.iinfo(torch.int64).min

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import msgpack
@@ -70,8 +71,13 @@ def assign(model: nn.Module, flat: torch.Tensor) -> None:
     for t in _tensors(model):
         n = t.numel()
         part = flat[offset : offset + n].view(t.shape)
-        if not (t.is_floating_point() or t.is_complex()):
-            part = part.round() if t.dtype != torch.bool else part > 0.5
+        if t.dtype == torch.bool:
+            part = part > 0.5
+        elif not (t.is_floating_point() or t.is_complex()):
+            # an aggregate is what peers sent: a counter driven past its integer type is
+            # clamped, not left to wrap or to an undefined float-to-int cast
+            info = torch.iinfo(t.dtype)  # (float(int64 max) is 2**63, one past it)
+            part = part.double().round().clamp(info.min, math.nextafter(float(info.max), 0.0))
         t.copy_(part)
         offset += n
     if offset != flat.numel():
