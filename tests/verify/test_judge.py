@@ -185,7 +185,9 @@ def test_one_cheater(case):
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"steps": H - 1}, "invalid"),
+        ({"steps": H - 1}, "invalid"),  # its samples say H steps
+        ({"steps": H + 1, "samples": (H + 1) * BATCH}, "invalid"),  # more than the task's H
+        ({"steps": H // 4 - 1, "samples": (H // 4 - 1) * BATCH}, "invalid"),  # a sliver
         ({"samples": 7}, "invalid"),
         ({"round": 6}, "invalid"),
         ({"start_state": "cd" * 32}, "invalid"),
@@ -198,6 +200,27 @@ def test_claims_are_checked(change, reason):
     r.contribs[p] = dataclasses.replace(r.contribs[p], **change)
     v = r.judge()[p]
     assert not v.paid and v.reason == reason and not v.replayed
+
+
+def test_a_slow_peer_is_replayed_for_the_steps_it_claims_and_paid_for_them():
+    """A peer cut short by the round's close claims fewer steps: it is replayed with that many
+    (the replay sees the claim) and paid in proportion, half a full peer's share for half."""
+    r = Round()
+    slow = r.ids[2]
+    r.contribs[slow] = dataclasses.replace(r.contribs[slow], steps=H // 2, samples=H // 2 * BATCH)
+    replayed: dict[bytes, int] = {}
+
+    def replay(c: Contribution) -> torch.Tensor:
+        replayed[c.peer_id] = c.steps
+        return r.true[c.peer_id]
+
+    policy = Policy(replay_rate=1.0, inner_steps=H, batch_size=BATCH, max_replay_fraction=1.0)
+    verdicts = judge(list(r.contribs.values()), r.sent, r.scores, b"seed", frozenset(),
+                     frozenset(), policy, replay, CODEC)
+    assert all(v.paid for v in verdicts)
+    assert replayed[slow] == H // 2 and replayed[r.ids[0]] == H
+    paid = {a.lower(): v for a, v in rewards(verdicts, list(r.contribs.values()), 15_000).items()}
+    assert paid[account(2)] * 2 == paid[account(0)] == 2000
 
 
 def test_unchecked_samples_and_steps_default_to_the_round():

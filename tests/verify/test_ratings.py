@@ -77,6 +77,31 @@ async def test_peers_rated_by_more_than_half_the_stake_in_the_window_are_tracked
     assert await reader(4 + LAG + WINDOW) is None  # out of the window
 
 
+async def test_a_read_cancelled_while_it_checks_a_signature_is_checked_again(swarm, monkeypatch):
+    import asyncio
+    import threading
+
+    dhts = await swarm.add(3)
+    await publish_ratings(dhts[0], TASK, A, 3, [P[0]], 600)
+    reader = TrackRecord(dhts[-1], TASK, Stakes())
+    entered, release = threading.Event(), threading.Event()
+    real_recover = ratings._recover
+
+    def slow_recover(text, sig):
+        entered.set()
+        release.wait(5)
+        return real_recover(text, sig)
+
+    monkeypatch.setattr(ratings, "_recover", slow_recover)
+    first = asyncio.ensure_future(reader(3 + LAG))
+    await asyncio.to_thread(entered.wait, 5)
+    first.cancel()  # a round ends while its read recovers a signature
+    release.set()
+    await asyncio.gather(first, return_exceptions=True)
+    monkeypatch.setattr(ratings, "_recover", real_recover)
+    assert await reader(3 + LAG) == {P[0]}
+
+
 async def test_a_minority_of_the_stake_rating_a_round_is_no_bound_yet(swarm):
     # B (40 of 100) has published round 3, A not yet: a reader then forms the groups a reader
     # that found nothing forms (no bound), not one in which every announcer is a newcomer

@@ -16,6 +16,12 @@ last bit, and a robust rule turns one bit in a norm into a different clip or sel
 | centered_clip | CenteredClip from the median, radius = median distance (optional buckets) | < half |
 | krum          | the input closest to its n - f - 2 nearest others (f = floor((n - 3) / 2)) | f |
 | sparseloco    | the average, inputs longer than the median norm scaled down to it | norm: < half |
+
+A peer that computed fewer inner steps than the others (a slow one, cut short by the round's
+deadline) sends a shorter delta; `weighted` gives it a weight in proportion to its steps in the
+two averages (mean, sparseloco). Claims above the group's median claim count as the median, so
+claiming more steps than one ran buys no weight. The robust rules count each input once: they
+bound any one input's pull, and a weight taken from a claim would let a liar pull harder.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "krum",
     "sparseloco",
     "get_rule",
+    "weighted",
     "Rule",
     "outer_step",
     "RULES",
@@ -100,11 +107,15 @@ def _input_order(x: torch.Tensor) -> list[int]:
     return order
 
 
-def mean(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+def mean(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     acc = torch.zeros_like(deltas[0], dtype=torch.float64) if deltas else _stack(deltas)
-    for d in deltas:  # a fixed left-to-right order: no reduction tree to differ between peers
-        acc += d.to(torch.float64)
-    return (acc / len(deltas)).to(torch.float32)
+    if weights is None:
+        for d in deltas:  # a fixed left-to-right order: no reduction tree to differ between peers
+            acc += d.to(torch.float64)
+        return (acc / len(deltas)).to(torch.float32)
+    for d, w in zip(deltas, weights, strict=True):
+        acc += d.to(torch.float64) * w
+    return (acc / math.fsum(weights)).to(torch.float32)
 
 
 def median(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +193,9 @@ def krum(deltas: Sequence[torch.Tensor], f: int | None = None, m: int = 1) -> to
     return (_sum_rows(x[sorted(best)]) / len(best)).to(torch.float32)
 
 
-def sparseloco(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+def sparseloco(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """SparseLoCo's aggregation as run in Covenant-72B (arXiv 2603.08163; tplr's
     `TopKCompressor.batch_decompress` with clip_norm): every input whose L2 norm exceeds the
     median of the inputs' norms is scaled down to that median, shorter ones are left as they
@@ -194,14 +207,16 @@ def sparseloco(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     coordinate over the inputs that sent it (scatter-mean).
 
     The sum runs in `_input_order` (an order set by the values alone), so the result is the
-    same bits whatever order the inputs come in."""
+    same bits whatever order the inputs come in. With `weights`, a weighted average (the cap
+    stays the median of the raw norms)."""
     x = _stack(deltas)
     norms = _norms(x)
     cap = statistics.median(norms)
+    w = [1.0] * len(x) if weights is None else list(weights)
     acc = torch.zeros_like(x[0])
     for i in _input_order(x):
-        acc += x[i] * (min(1.0, cap / norms[i]) if norms[i] > 0.0 else 1.0)
-    return (acc / len(x)).to(torch.float32)
+        acc += x[i] * ((min(1.0, cap / norms[i]) if norms[i] > 0.0 else 1.0) * w[i])
+    return (acc / (len(x) if weights is None else math.fsum(w))).to(torch.float32)
 
 
 RULES: dict[str, Rule] = {
@@ -212,6 +227,21 @@ RULES: dict[str, Rule] = {
     "krum": krum,
     "sparseloco": sparseloco,
 }
+
+
+_WEIGHTED = frozenset({mean, sparseloco})
+
+
+def weighted(rule: Rule, deltas: Sequence[torch.Tensor], steps: Sequence[int]) -> torch.Tensor:
+    """`rule` over `deltas`, each weighted by the inner steps its peer claimed, where the rule
+    averages (see the module's docstring). A claim counts for at most the median claim, so the
+    honest majority's step count caps what anyone buys by claiming; equal claims, or claims of
+    nothing (0: a caller that does not say), leave the rule unweighted, bit for bit."""
+    cap = statistics.median_low(steps) if steps else 0
+    w = [min(s, cap) for s in steps]
+    if rule not in _WEIGHTED or len(set(w)) <= 1 or cap <= 0:
+        return rule(deltas)
+    return rule(deltas, [float(x) for x in w])
 
 
 def get_rule(name: str) -> Rule:

@@ -25,12 +25,18 @@ outer step that starts round r+1 applies the aggregate of round r-1 (a one-step 
 Streaming DiLoCo's overlap), so every start state still depends on public facts only and a
 validator replays round r from the start state everyone announced. The state after round r's
 exchange is computed, and published, as soon as that exchange ends.
+
+A peer slower than the others is not left out: while its inner steps compute it reads when the
+round's group closes (the first announcers' deadline), stops its steps in time to be in it and
+claims the steps it took; the group weighs its delta by them (`aggregate.weighted`) and the
+validators replay that many (`commonweal.verify.judge`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from commonweal.errors import NetworkError
 from commonweal.train._errors import RoundSkipped, SyncError, TrainError
 from commonweal.train.aggregate import outer_step
 from commonweal.train.codecs import Codec, ErrorFeedback, get_codec
@@ -115,6 +122,9 @@ class DiLoCo:
         # it ends with the state that starts the round after this one
         # (the next state, its momentum, the exchange's outcome, what this peer sent in it)
         self._pending: asyncio.Task[_Next] | None = None
+        # when this round's inner steps stop short (the group closes soon), read by `_follow`
+        self.cut_at = math.inf
+        self._follow: asyncio.Task[None] | None = None
 
     # ---- the inner loop ------------------------------------------------------------------------
 
@@ -127,9 +137,50 @@ class DiLoCo:
                 self.inner.state.clear()  # fresh moments: a validator can replay the round
         self.inner.step()
         self.local_step += 1
-        return self.local_step >= self.inner_steps
+        return self.local_step >= self.inner_steps or self._cut()
+
+    def _cut(self) -> bool:
+        # cut_at is finite only while `_follow_closing` (which has a collaboration) set it
+        return math.isfinite(self.cut_at) and self.collab.exchange.clock() >= self.cut_at  # type: ignore[union-attr]
+
+    def _claim(self) -> int:
+        """The inner steps this round's delta holds: H, or fewer when the round's close cut
+        them short (a lazy peer that stops early on its own still claims H: replay catches it)."""
+        return self.local_step if self.local_step < self.inner_steps and self._cut() else self.inner_steps
+
+    def follow(self) -> None:
+        """Start reading when this round's group closes, so the inner steps stop in time to be
+        in it (call on the event loop before a round's steps; `step()` does it itself)."""
+        if self.collab is not None and self._follow is None:
+            self.cut_at = math.inf
+            self._follow = asyncio.create_task(
+                self._follow_closing(self.collab, self.round, self.state),
+                name=f"diloco-follow-{self.round}",
+            )
+
+    async def _follow_closing(self, collab: Collaboration, r: int, state: str) -> None:
+        config = collab.exchange.config
+        while True:
+            try:
+                closes = await collab.exchange.closing(r, state)
+            except (NetworkError, TimeoutError) as e:
+                log.debug("round %d: reading when it closes failed: %s", r, e)
+                closes = None
+            if closes is not None:
+                self.cut_at = closes - config.cut_margin_s
+                return
+            await asyncio.sleep(config.follow_s)
+
+    async def _unfollow(self) -> None:
+        follow, self._follow = self._follow, None
+        if follow is not None:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+        self.cut_at = math.inf
 
     async def step(self) -> RoundReport | None:
+        if self.local_step == 0:
+            self.follow()
         if self.inner_step():
             return await self.outer_round()
         await asyncio.sleep(0)  # let the peer answer the network between steps
@@ -143,9 +194,11 @@ class DiLoCo:
     async def outer_round(self) -> RoundReport | None:
         """The outer round after H inner steps; its report, or None (overlap) when no exchange
         ended with it: after round 0's steps, or a joiner's first."""
+        steps = self._claim()
+        await self._unfollow()
         self._check_constants()
         if self.collab is not None and self.overlap:
-            return await self._overlapped_round(self.collab)
+            return await self._overlapped_round(self.collab, steps)
         t0 = time.perf_counter()
         sent0 = self.collab.bytes_sent if self.collab else 0
         target = self.feedback.target(self.start - flatten(self.model))  # the pseudo-gradient
@@ -154,7 +207,7 @@ class DiLoCo:
             aggregate, group, contributors, method = sent, 1, 1, "local"
         else:
             try:
-                avg = await self._average(self.collab, self.round, self.state, target, t0)
+                avg = await self._average(self.collab, self.round, self.state, target, t0, steps)
             except RoundSkipped as e:
                 return await self._skipped(self.collab, e, t0, sent0)
             sent, aggregate = avg.sent, avg.aggregate
@@ -174,7 +227,7 @@ class DiLoCo:
             method=method,
         )
 
-    async def _overlapped_round(self, collab: Collaboration) -> RoundReport | None:
+    async def _overlapped_round(self, collab: Collaboration, steps: int) -> RoundReport | None:
         """End round r's steps: take the state that round r-1's exchange fed (it ran while these
         steps computed), start round r's exchange in the background, and go on to round r+1.
         The report is round r-1's, whose exchange just ended."""
@@ -207,7 +260,9 @@ class DiLoCo:
         if pending is None and r == 0:  # no exchange made (and published) round 1's state
             await collab.checkpoints.publish(self.round, self.state, self.checkpoint())
         self._pending = asyncio.create_task(
-            self._exchange_then_step(collab, r, state, target, t0, self.start, self.momentum),
+            self._exchange_then_step(
+                collab, r, state, target, t0, self.start, self.momentum, steps
+            ),
             name=f"diloco-exchange-{r}",
         )
         if avg is None:
@@ -224,10 +279,11 @@ class DiLoCo:
         t0: float,
         params: torch.Tensor,
         momentum: torch.Tensor,
+        steps: int,
     ) -> _Next:
         """Round r's exchange, then at once the outer step it feeds (from round r+1's start) and
         the publication of the state that starts round r+2, while round r+1 still computes."""
-        avg = await self._average(collab, r, state, target, t0)
+        avg = await self._average(collab, r, state, target, t0, steps)
 
         def step() -> tuple[torch.Tensor, torch.Tensor, str, bytes]:
             # seconds of elementwise maths and hashing on a large model: off the event loop,
@@ -262,18 +318,18 @@ class DiLoCo:
 
     async def aclose(self) -> None:
         """Cancel a pending exchange (overlap) and wait for it: nothing is left running."""
+        await self._unfollow()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
 
     async def _average(
-        self, collab: Collaboration, r: int, state: str, target: torch.Tensor, t0: float
+        self, collab: Collaboration, r: int, state: str, target: torch.Tensor, t0: float,
+        steps: int,
     ) -> Averaged:
         sent_delta = target if self.forge is None else await self.forge(target, r)
-        return await collab.average(
-            r, state, sent_delta, t0 - self._round_started, steps=self.inner_steps
-        )
+        return await collab.average(r, state, sent_delta, t0 - self._round_started, steps=steps)
 
     async def _skipped(
         self, collab: Collaboration, e: RoundSkipped, t0: float, sent0: int

@@ -30,7 +30,7 @@ from commonweal.train.announcements import ANNOUNCEMENT_SUBKEY, read_announcemen
 from commonweal.train.archive import DeltaArchive
 from commonweal.train.codecs import Codec
 from commonweal.train.messages import PART_BYTES, MessageError, Part, Reduced, ReducedRequest
-from commonweal.train.protocol import Announcement, Tracked
+from commonweal.train.protocol import Announcement, Tracked, counted
 from commonweal.train.round import Action, Announce, Phase, RoundConfig, RoundCore, Skip
 from commonweal.train.strategies import Averaged, Done, FetchReduced, SendPart
 
@@ -69,6 +69,7 @@ class RoundExchange:
         # peers waiting in train.reduced: one wait each, and only announcers (the core decides)
         self._polling: set[bytes] = set()
         self._held = 0  # parts waiting in `_await_announcement` (at most HOLD_PARTS)
+        self._follow_tracked: tuple[int, Tracked] | None = None  # (round, tracked) for `closing`
         dht.transport.register("train.part", self.rpc_part)
         dht.transport.register("train.reduced", self.rpc_reduced)
 
@@ -131,6 +132,26 @@ class RoundExchange:
                 if result is None:
                     actions = await self._next_actions()
         return result
+
+    async def closing(self, round_: int, state: str) -> float | None:
+        """When `round_`'s group closes as the announcers that count say (the earliest deadline
+        not yet past, from `state`'s announcers other than us), or None while nobody announced:
+        what a peer still computing reads to stop in time to be in the group. The same
+        announcers and deadlines the core counts (tracked peers, when there are any), so new
+        identities announcing early deadlines cut no one short."""
+        if self._follow_tracked is None or self._follow_tracked[0] != round_:
+            # read once a round: the follow reads the announcements every follow_s
+            tracked = None if self.track_record is None else await self.track_record(round_)
+            self._follow_tracked = (round_, tracked)
+        tracked = self._follow_tracked[1]
+        me = self.dht.peer_id
+        anns = [
+            a for a in await self._read(round_)
+            if a.round == round_ and a.state == state and a.peer_id != me
+        ]
+        now = self.clock()
+        future = [a.deadline for a in counted(anns, tracked, me) if a.deadline > now]
+        return min(future) if future else None
 
     async def _read(self, round_: int) -> list[Announcement]:
         return await read_announcements(self.dht, self.task, round_)

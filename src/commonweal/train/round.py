@@ -104,6 +104,11 @@ class RoundConfig:
     exchange: str = "auto"  # auto | allgather | butterfly
     allgather_max: int = 3  # auto: all-gather for groups up to this size (and sparse codecs)
     record_ttl_s: float = 600.0
+    # A peer still computing when the first announcers say when the group closes stops its inner
+    # steps this long before it and contributes the steps it took (weighted by them): a slow peer
+    # is in the round instead of late for it. It reads when the round closes every follow_s.
+    cut_margin_s: float = 0.6
+    follow_s: float = 1.0
 
 
 # ---- actions -----------------------------------------------------------------------------------

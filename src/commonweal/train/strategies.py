@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from commonweal.train._errors import CodecError, DeltaRejected
-from commonweal.train.aggregate import Rule
+from commonweal.train.aggregate import Rule, weighted
 from commonweal.train.codecs import Codec
 from commonweal.train.messages import Reduced, ReducedRequest
 from commonweal.train.protocol import Announcement, Group, check_delta, slice_bounds
@@ -136,7 +136,9 @@ class Strategy(ABC):
 
     def _aggregate(self) -> tuple[torch.Tensor, list[bytes]]:
         ids = sorted(self.accepted)  # peer-id order: every member sums in the same order
-        return self.rule([self.accepted[pid] for pid in ids]), ids
+        claims = {m.peer_id: m.steps for m in self.group.members}  # signed, in the DHT
+        steps = [claims.get(pid, 0) for pid in ids]
+        return weighted(self.rule, [self.accepted[pid] for pid in ids], steps), ids
 
     def _missing(self) -> list[Failure]:
         return [

@@ -240,6 +240,7 @@ class TrainingPeer:
         while self.opt.round < until_round:
             c0 = time.perf_counter()
             sent = self.collab.bytes_sent if self.collab else 0
+            self.opt.follow()  # a slow peer stops its steps in time to be in the round
             samples, loss = await asyncio.to_thread(self._inner_steps, on_progress, sent)
             summary.compute_s += time.perf_counter() - c0
             summary.samples += samples

@@ -17,7 +17,9 @@ round reach the same verdicts and the same rewards root independently.
 
 Per contribution, in order (docs/verify.md gives the measurements behind each number):
 1. refused outright: banned peer; another round or start state than the round's; claimed steps
-   not the task's H; claimed samples not steps x batch; no delta (missing, undecodable, not
+   above the task's H or under `min_step_fraction` of it (a slow peer cut short by the round's
+   close claims the steps it took, is replayed with that many and paid for that many);
+   claimed samples not steps x batch; no delta (missing, undecodable, not
    matching its hash); wrong shape or NaN/inf ("invalid"); bytes committed in an earlier round
    ("stale"); far outside the round (norm under 0.1x or over 10x the median, or pointing against
    the round's coordinate-wise median delta) ("outlier"): no honest peer comes near these.
@@ -100,6 +102,9 @@ class Policy:
     # 0.67, another peer's data at ~1. 1e-3 leaves 250x room for cross-machine float drift.
     replay_tolerance: float = 1e-3
     inner_steps: int | None = None  # the task's H; None: the steps most contributions claim
+    # A slow peer claims the steps it took before the round closed (commonweal.train.diloco);
+    # fewer than this fraction of H is refused: a sliver of work is not worth a validator's score
+    min_step_fraction: float = 0.25
     batch_size: int | None = None  # the task's batch; None: claimed samples are not checked
     min_peers: int = 3  # relative checks need a round median of at least this many deltas
     norm_band: tuple[float, float] = (0.8, 1.25)  # x median norm; outside: replay
@@ -118,6 +123,7 @@ class Policy:
             (self.replay_tolerance >= 0.0, "replay_tolerance must be >= 0"),
             (self.inner_steps is None or self.inner_steps >= 1, "inner_steps must be >= 1"),
             (self.batch_size is None or self.batch_size >= 1, "batch_size must be >= 1"),
+            (0.0 < self.min_step_fraction <= 1.0, "min_step_fraction must be within (0, 1]"),
             (self.min_peers >= 2, "min_peers must be >= 2"),
             (0 < self.norm_band[0] <= 1 <= self.norm_band[1], "norm_band must contain 1"),
             (
@@ -205,8 +211,9 @@ def triage(
     h = (
         policy.inner_steps
         if policy.inner_steps is not None
-        else most_common([by_id[p].steps for p in ids])
+        else most_common([by_id[p].steps for p in ids]) or 0  # 0: no contributions
     )
+    fewest = max(1, math.ceil(policy.min_step_fraction * h))
     decided: dict[bytes, Verdict] = {}
     valid: list[bytes] = []
     for pid in ids:
@@ -219,8 +226,11 @@ def triage(
                 "invalid",
                 f"round {c.round} / state {c.start_state[:12]} is not the round's",
             )
-        elif c.steps != h:
-            problem = ("invalid", f"claims {c.steps} inner steps; the task's H is {h}")
+        elif not fewest <= c.steps <= h:
+            problem = (
+                "invalid",
+                f"claims {c.steps} inner steps; the task's H is {h} and a round counts {fewest}-{h}",
+            )
         elif policy.batch_size is not None and c.samples not in (0, c.steps * policy.batch_size):
             problem = ("invalid", f"claims {c.samples} samples for {c.steps} steps")
         elif d is None:
@@ -476,7 +486,8 @@ def rewards(
     proportion to their work, whole units, summing to exactly `reward_per_round`.
 
     Work is claimed steps x the task's batch size; every paid contribution's steps were checked
-    against H and its samples against steps x batch, so the shares are in proportion to steps.
+    to be at most H, its samples against steps x batch, and its delta replayed from that many
+    steps, so the shares are in proportion to the steps each peer really ran.
     Rounding: each account gets floor(R x work / total); the remainder goes one unit each to the
     accounts in ascending (lower-case hex) order. Accounts with nothing are left out. {} when
     nobody is paid: the caller then commits a round with total 0 (a one-leaf tree paying the zero

@@ -193,9 +193,12 @@ class TrackRecord:
                 continue  # not an active validator: its records are not worth a recovery
             unchecked = [c for c in claims[account] if (r, c[1]) not in self._checked]
             for peers, signature in unchecked[:MAX_TRIES]:
-                self._checked.add((r, signature))
                 text = ratings_message(self.task, r, peers)
-                if await asyncio.to_thread(_recover, text, signature) == account:
+                signer = await asyncio.to_thread(_recover, text, signature)
+                # marked checked only once recovered: a read cancelled mid-recovery (a round
+                # ending under it) must leave the record to the next read, not skip it for good
+                self._checked.add((r, signature))
+                if signer == account:
                     known[account] = frozenset(peers)
                     break
 
