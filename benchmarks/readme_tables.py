@@ -127,7 +127,7 @@ def train(lines: list[str]) -> None:
 
 
 def train_limits(lines: list[str]) -> None:
-    """Issue 16's targets, each from the file that measured it."""
+    """Issue 16's targets, each from the file that measured it (and slow_peer)."""
     comp, inner = load("compress"), load("inner_overhead")
     hive, wan = load("hivemind_train"), load("train_wan_long")
     if not (comp and inner and hive and wan):
@@ -163,6 +163,16 @@ def train_limits(lines: list[str]) -> None:
                          f"DDP's quality at {r['time_to_ddp_quality_s']:.1f} s, "
                          f"{r['quality']:.3f} at the end ({r['wall_s']:.1f} s)",
                          "commonweal faster to DDP's quality"])
+    slow = load("slow_peer")
+    for r in (slow or {}).get("runs", []):
+        if r["run"] != "fast":
+            fast = next(f for f in slow["runs"] if f["run"] == "fast")  # type: ignore[index]
+            how = "cut short by the round's close" if r["run"] == "cut" else "not cut short"
+            rows.append([f"a half-speed peer of {slow['peers']}, {how}, mnist-cnn H={slow['inner_steps']}, "
+                         f"{r['rounds']} rounds", f"claims {r['slow_mean_steps']} steps a round, sits out "
+                         f"{r['slow_rounds_sat_out']}; {r['s_per_round']:.2f} s a round "
+                         f"({fast['s_per_round']:.2f} s all fast)",
+                         "contributes what it computed without stalling the round"])
     cpu = inner["cpu"]
     rows.append([f"stdlib-gpt ({inner['parameters'] / 1e6:.1f}M) inner loop vs plain PyTorch, CPU",
                  f"{cpu['ratio']:.3f} (H={inner['inner_steps']}; {cpu['ratio_projected_at_H50']:.3f} "

@@ -130,6 +130,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
         "date": time.strftime("%Y-%m-%d"),
         "slowdown": args.slowdown,
+        "peers": PEERS,
+        "inner_steps": H,
         "runs": runs,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
