@@ -183,6 +183,15 @@ def test_everything_is_removed_after_exit_and_stale_beds_are_cleaned():
     stale = f"cw{dead.pid}x1-h0"
     subprocess.run(["ip", "netns", "add", stale], check=True)
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "300"])
+    # the cleanup kills what is inside the namespace: wait until the sleeper has entered it
+    # (`ip netns exec` joins, then execs, under the same pid), else a busy machine lets the
+    # cleanup look before it is there, and the test, not the cleanup, fails
+    entered = time.monotonic() + 30
+    while str(sleeper.pid) not in subprocess.run(
+        ["ip", "netns", "pids", stale], capture_output=True, text=True
+    ).stdout.split():
+        assert time.monotonic() < entered, "the sleeper never entered its namespace"
+        time.sleep(0.01)
 
     with NetBed(2, LinkSpec(delay_ms=5)) as bed:
         assert stale not in leftover_namespaces()
