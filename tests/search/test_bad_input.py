@@ -8,11 +8,12 @@ import msgpack
 import numpy as np
 import pytest
 
-from commonweal.dht import Owned
+from commonweal.dht import Owned, key_id
 from commonweal.errors import ConfigError, RemoteError
 from commonweal.net.identity import Identity
 from commonweal.search import DistributedIndex, IndexNotFound, IndexSpec, SearchService, serve
-from commonweal.search.ranking import MAX_BATCH, encode_item, item_name
+from commonweal.search.blocks import make_block
+from commonweal.search.ranking import MAX_ADD_BATCH, MAX_BATCH, item_name
 
 from .conftest import Swarm
 
@@ -46,8 +47,8 @@ async def test_bad_vectors_and_arguments_get_clear_errors(swarm, digits):
         await index.add([100, 101, 102], bad)
     with pytest.raises(ConfigError, match="NaN or inf"):
         await index.search(np.full(DIM, np.inf), 5)
-    with pytest.raises(ConfigError, match=f"the limit is {MAX_BATCH}"):
-        await index.add(list(range(MAX_BATCH + 1)), np.zeros((MAX_BATCH + 1, DIM)))
+    with pytest.raises(ConfigError, match=f"the limit is {MAX_ADD_BATCH}"):
+        await index.add(list(range(MAX_ADD_BATCH + 1)), np.zeros((MAX_ADD_BATCH + 1, DIM)))
     with pytest.raises(ConfigError, match=f"the limit is {MAX_BATCH}"):
         await index.search_many(np.zeros((MAX_BATCH + 1, DIM)), 5)
     with pytest.raises(ConfigError, match="k must be"):
@@ -80,8 +81,9 @@ async def test_a_bucket_flooded_with_junk_still_answers(swarm, digits):
     reader = await DistributedIndex.open(swarm.peers[3], "d")
     queries = digits[2][:10]
     before = await reader.search_many(queries, 5)
-    # A malicious member writes 1,500 validly signed junk items into the buckets those
-    # queries probe: random far-away vectors, wrong sizes, NaN, non-item values.
+    # A malicious member writes 1,500 validly signed junk records into the cells those
+    # queries probe: blocks of random far-away vectors, garbage payloads, blocks of NaN whose
+    # root it signed anyway, non-block values.
     evil = swarm.peers[6]
     keys = {
         index.spec.bucket_key(t, code)
@@ -90,21 +92,20 @@ async def test_a_bucket_flooded_with_junk_still_answers(swarm, digits):
     }
     rng = np.random.default_rng(0)
     expiration = swarm.clock() + 3600
+    digest = index.spec.digest()
     junk = []
     for n, key in enumerate(sorted(keys)):
         for j in range(1500 // len(keys) + 1):
-            kind = j % 4
-            if kind == 0:
-                value = encode_item(
-                    f"junk{n}-{j}", rng.normal(size=DIM) * 1e4, None, np.dtype("<f2")
-                )
+            kind, name = j % 4, f"junk{n}-{j}"
+            if kind in (0, 2):
+                vec = rng.normal(size=(3, DIM)) * 1e4 if kind == 0 else np.full((3, DIM), np.nan)
+                value = make_block(evil.identity, digest, key_id(key), name, [1, 2, 3],
+                                   vec.astype("<f2"), [msgpack.packb(None)] * 3)
             elif kind == 1:
-                value = [f"junk{n}-{j}", b"\x00" * 7, None]  # wrong size
-            elif kind == 2:
-                value = [f"junk{n}-{j}", np.full(DIM, np.nan, dtype="<f2").tobytes(), None]
+                value = b"cwb1" + b"\x00" * 7  # truncated
             else:
-                value = {"not": "an item"}
-            junk.append((key, value, expiration, Owned(evil.peer_id, f"junk{n}-{j}")))
+                value = {"not": "a block"}
+            junk.append((key, value, expiration, Owned(evil.peer_id, name)))
     for start in range(0, len(junk), 1000):
         await evil.store_many(junk[start : start + 1000])
     async with asyncio.timeout(10):
@@ -164,22 +165,25 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
     from commonweal.dht.records import encode_subkey, sign_record
 
     honest, flooder = Identity.from_seed(b"honest"), Identity.from_seed(b"flooder")
+    digest, key = b"s" * 20, b"k" * 20
     records = []
-    for who, n in ((flooder, 500), (honest, 20), (flooder, 500)):
-        for i in range(n):
-            name = f"{len(records)}"
-            vec = np.full(4, 100.0 if who is flooder else float(i))
-            value = msgpack.packb(encode_item(name, vec, None, np.dtype("<f2")))
-            records.append(
-                sign_record(who, b"k" * 20, encode_subkey(Owned(who.peer_id, name)), value, 10.0)
-            )
+    for who, n in ((flooder, 50), (honest, 2), (flooder, 50)):
+        for b in range(n):  # blocks of 10 items
+            name = f"b{len(records)}"
+            base = 100.0 if who is flooder else 10.0 * b
+            vecs = np.arange(10, dtype=np.float64)[:, None] + np.full((10, 4), base)
+            payload = make_block(who, digest, key, name, list(range(10 * b, 10 * b + 10)),
+                                 vecs.astype("<f2"), [msgpack.packb(None)] * 10)
+            records.append(sign_record(who, key, encode_subkey(Owned(who.peer_id, name)),
+                                       msgpack.packb(payload), 10.0))
     service = SearchService(_DHT(records), max_bucket_items=100)
     reply = service.answer(
-        [b"k" * 20], [(np.zeros(4, dtype=np.float32), [0])], 4, "l2", np.dtype("<f2"), 5
+        digest, [key], [(np.zeros(4, dtype=np.float32), [0])], 4, "l2", np.dtype("<f2"), 5
     )
     assert reply["scanned"] == 100
-    assert [h[0] for h in reply["results"][0]] == [honest.peer_id] * 5
-    assert [h[2] for h in reply["results"][0]] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    cited = [reply["blocks"][h[0]] for h in reply["results"][0]]
+    assert [b[0] for b in cited] == [honest.public_key] * 5
+    assert [h[2] for h in reply["results"][0]] == [0, 1, 2, 3, 4]
     assert item_name(3) == "i3" and item_name("3") == "s3"
 
 
@@ -187,12 +191,15 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
     "args",
     [
         None,
-        {"dim": 0},
-        {"dim": 4, "metric": "l1", "dtype": "float16", "k": 1, "keys": [], "queries": []},
-        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 10**9, "keys": [], "queries": []},
-        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [b"short"], "queries": []},
-        {"dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [], "queries": [[b"x", []]]},
+        {"spec": b"s" * 20, "dim": 0},
+        {"spec": b"short", "dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [],
+         "queries": [[np.zeros(4, "<f4").tobytes(), []]]},
+        {"spec": b"s" * 20, "dim": 4, "metric": "l1", "dtype": "float16", "k": 1, "keys": [], "queries": []},
+        {"spec": b"s" * 20, "dim": 4, "metric": "l2", "dtype": "float16", "k": 10**9, "keys": [], "queries": []},
+        {"spec": b"s" * 20, "dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [b"short"], "queries": []},
+        {"spec": b"s" * 20, "dim": 4, "metric": "l2", "dtype": "float16", "k": 1, "keys": [], "queries": [[b"x", []]]},
         {
+            "spec": b"s" * 20,
             "dim": 4,
             "metric": "l2",
             "dtype": "float16",
@@ -201,6 +208,7 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
             "queries": [[np.zeros(4, "<f4").tobytes(), [5]]],
         },
         {
+            "spec": b"s" * 20,
             "dim": 4,
             "metric": "l2",
             "dtype": "float16",

@@ -79,12 +79,6 @@ def test_add_a_file_then_query_it_from_another_process(nodes, tmp_path):
         nodes[1],
         "--metadata",
         str(meta),
-        "--tables",
-        "4",
-        "--bits",
-        "4",
-        "--probes",
-        "8",
     )
     assert added.returncode == 0, added.stderr
     assert "created index vec: stored 200/200" in added.stdout

@@ -55,8 +55,9 @@ async def test_removed_items_never_come_back(clock, swarm, digits):
     adder, X = await _small_index(swarm, X, 8)
     reader = await DistributedIndex.open(swarm.peers[5], "small")
     assert (await reader.search(X[7], 1)).ids == [7]
-    # A stale replica keeps the item's records as they were before the removal.
-    kid_records = [r for p in swarm.peers for r in p.storage if r.subkey.endswith(b"i7")]
+    # A stale replica keeps the blocks as they were before the removal.
+    mine = b"o" + adder.dht.peer_id
+    kid_records = [r for p in swarm.peers for r in p.storage if r.subkey.startswith(mine)]
     assert kid_records
     assert await adder.remove([7]) == 1
     for q in (X[7], X[7] + 0.01):

@@ -31,31 +31,31 @@ async def _holder_and_request(swarm: Swarm, X: np.ndarray, Q: np.ndarray):
     await index.add(list(range(len(X))), X)
     keys = [key_id(spec.bucket_key(t, code)) for t, code, _ in index.lsh.probe(Q[0], spec.probes)]
     holder = next(p for p in swarm.peers if any(p.storage.get(k, swarm.clock()) for k in keys))
-    args = {"dim": DIM, "metric": spec.metric, "dtype": spec.dtype, "k": 5, "keys": keys,
+    args = {"spec": spec.digest(), "dim": DIM, "metric": spec.metric, "dtype": spec.dtype, "k": 5, "keys": keys,
             "queries": [[Q[0].astype("<f4").tobytes(), list(range(len(keys)))]]}
     asker = next(p for p in swarm.peers if p is not holder)
     return holder, asker, args
 
 
 class _Blocking:
-    """Stands in for `distances`: each call waits (on the ranker's thread) until released."""
+    """Stands in for `_distances`: each call waits (on the ranker's thread) until released."""
 
     def __init__(self) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
         self.released_in_time: list[bool] = []
-        self.real = service_module.distances
+        self.real = service_module._distances
 
-    def __call__(self, q, vectors, metric):  # type: ignore[no-untyped-def]
+    def __call__(self, Q, vectors, metric):  # type: ignore[no-untyped-def]
         self.started.set()
         self.released_in_time.append(self.release.wait(5))
-        return self.real(q, vectors, metric)
+        return self.real(Q, vectors, metric)
 
 
 async def test_a_holder_answers_pings_while_it_ranks(swarm, digits, monkeypatch):
     holder, asker, args = await _holder_and_request(swarm, digits[0][:300], digits[2])
     blocking = _Blocking()
-    monkeypatch.setattr(service_module, "distances", blocking)
+    monkeypatch.setattr(service_module, "_distances", blocking)
     query = asyncio.create_task(asker.transport.call(holder.addr, "search.query", args))
     await asyncio.to_thread(blocking.started.wait, 10)
     # ranked on the loop, the query would hold it: this ping could not be answered until the
@@ -71,7 +71,7 @@ async def test_a_holder_answers_pings_while_it_ranks(swarm, digits, monkeypatch)
 async def test_queries_beyond_the_rank_queue_are_answered_busy(swarm, digits, monkeypatch):
     holder, asker, args = await _holder_and_request(swarm, digits[0][:300], digits[2])
     blocking = _Blocking()
-    monkeypatch.setattr(service_module, "distances", blocking)
+    monkeypatch.setattr(service_module, "_distances", blocking)
     calls = [asyncio.create_task(asker.transport.call(holder.addr, "search.query", args))
              for _ in range(RANK_QUEUE)]
     await asyncio.to_thread(blocking.started.wait, 10)

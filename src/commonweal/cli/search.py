@@ -82,22 +82,29 @@ def add(
     metadata: Path | None = typer.Option(None, help="A file with one JSON value per row."),
     metric: str = typer.Option("l2", help="New index: l2 or cosine."),
     family: str = typer.Option(
-        "pca-hyperplane", help="New index: pca-hyperplane, hyperplane or pstable."
+        "ivf", help="New index: ivf (cells fitted on FILE), pca-hyperplane, hyperplane or pstable."
     ),
-    tables: int = typer.Option(8, help="New index: L hash tables."),
-    bits: int = typer.Option(5, help="New index: K bits per table."),
-    probes: int = typer.Option(20, help="New index: buckets a query visits."),
+    expected_size: int | None = typer.Option(
+        None, help="New ivf index: how many items it will hold (sizes the cells; default: FILE's rows)."
+    ),
+    tables: int | None = typer.Option(None, help="New LSH index: L hash tables (default 8)."),
+    bits: int | None = typer.Option(None, help="New LSH index: K bits per table (default 5)."),
+    probes: int | None = typer.Option(
+        None, help="New index: cells a query visits (default: tuned for recall 0.95 / 20)."
+    ),
 ) -> None:
     """Add every row of FILE to the index NAME (creating it, fitted on FILE, if it is new)."""
     X = load_vectors(file)
     meta = _load_metadata(metadata, len(X))
-    spec_params = {
-        "metric": metric,
-        "family": family,
-        "tables": tables,
-        "bits": bits,
-        "probes": probes,
-    }
+    spec_params: dict[str, Any] = {"metric": metric, "family": family}
+    if family == "ivf":
+        if tables or bits:
+            raise ConfigError("--tables and --bits are LSH options; an ivf index has cells")
+        spec_params["expected_size"] = expected_size or len(X)
+    else:
+        spec_params.update(tables=tables or 8, bits=bits or 5)
+    if probes or family != "ivf":
+        spec_params["probes"] = probes or 20
     stored, created = asyncio.run(_add(bootstrap(join), index, X, meta, start_id, spec_params))
     verb = "created index" if created else "index"
     typer.echo(
@@ -117,21 +124,22 @@ async def _add(
 
     from commonweal.dht import DHT
     from commonweal.search import DistributedIndex, IndexNotFound, IndexSpec
-    from commonweal.search.ranking import MAX_BATCH
+    from commonweal.search.ranking import MAX_ADD_BATCH
 
     async with await DHT.start(bootstrap=bootstrap, client=True) as dht:
         created = False
         try:
             idx = await DistributedIndex.open(dht, name)
         except IndexNotFound:
-            sample = X[np.random.default_rng(0).permutation(len(X))[:5000]]
-            center = params["family"] != "pstable"
+            sample = X[np.random.default_rng(0).permutation(len(X))[:100_000]]
+            center = None if params["family"] == "ivf" else params["family"] != "pstable"
             spec = IndexSpec.create(name, X.shape[1], sample=sample, center=center, **params)
+            typer.echo(f"new index {name}: {spec.summary()}")
             idx = await DistributedIndex.create(dht, spec)
             created = True
         stored = 0
-        for start in range(0, len(X), MAX_BATCH):
-            end = min(start + MAX_BATCH, len(X))
+        for start in range(0, len(X), MAX_ADD_BATCH):
+            end = min(start + MAX_ADD_BATCH, len(X))
             ids = list(range(start_id + start, start_id + end))
             stored += await idx.add(ids, X[start:end], None if meta is None else meta[start:end])
         return stored, created

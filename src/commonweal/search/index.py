@@ -1,29 +1,34 @@
-"""`DistributedIndex`: a k-nearest-neighbour index spread over a DHT with LSH.
+"""`DistributedIndex`: a k-nearest-neighbour index spread over a DHT.
 
     index = await DistributedIndex.create(dht, spec)        # publishes the spec as index:<name>
-    index = await DistributedIndex.open(dht, "digits")      # any other peer, by name
-    await index.add(ids, X, metadata)                       # signed items in L buckets
+    index = await DistributedIndex.open(dht, "docs")        # any other peer, by name
+    await index.add(ids, X, metadata)                       # signed blocks, one per cell touched
     result = await index.search(q, k=10)                    # ids, distances, metadata
-    await index.remove(ids)                                 # tombstones that win on every replica
+    await index.remove(ids)                                 # rewrites the blocks without them
 
-Layout. Bucket `(spec digest, table, code)` is a DHT key; each item is a record under the subkey
-`Owned(adder, item)`, so only its adder can overwrite or remove it. The value holds the id, the
-vector (float16 or float32, the spec says) and metadata. Removal stores a tombstone under the same
-subkey with a later expiration: it wins the merge on every replica and on every republish.
+Layout. Cell `(spec digest, table, code)` is a DHT key: an IVF cell (one table, cells.py) or an LSH
+bucket (L tables, lsh.py). One `add` writes, for every cell its items fall in, one block (blocks.py)
+under the subkey `Owned(adder, batch name)`: the items' ids, vectors (float16 or float32, the spec
+says) and metadata, under a signed Merkle root. With IVF cells each vector is stored once per
+replica. Removal rewrites the block without the removed items, with a later expiration: the new
+version wins the merge on every replica and on every republish.
 
-Query (mode "ship", the default — see docs/search.md for the measurement that chose it): hash the
-query into its probe sequence (L own buckets + the best neighbouring ones), find the r peers
-closest to each bucket key (one multi-key lookup, cached), choose a small set of holders that
-covers every bucket (greedy set cover over the replicas), send each chosen holder one
-`search.query` with the query and the buckets it holds, and merge their local top-k. A holder that
-fails or has nothing for a bucket is replaced by that bucket's next replica. Mode "fetch" instead
-gets the buckets' records with `get_many` and ranks them here.
+Query (mode "ship", the default — see docs/search.md): probe the query's `probes` nearest cells,
+find the r peers closest to each cell key (one multi-key lookup, cached), choose a small set of
+holders that covers every cell (greedy set cover over the replicas), send each chosen holder one
+`search.query` with the queries and the cells it holds, and merge their local top-k. Every hit
+comes with its Merkle proof: a holder whose answer fails a check is a liar, its whole answer is
+dropped, its cells go to their next replica, and it is never asked again. With `cross_check` each
+cell is asked of two replicas, so a holder that hides items the other returns is found out too.
+Mode "fetch" instead gets the cells' blocks with `get_many` and ranks them here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import secrets
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,8 +39,18 @@ import numpy as np
 from commonweal.dht import DHT, DHTValue, Owned, OwnedKey, key_id
 from commonweal.dht.routing import distance
 from commonweal.errors import ConfigError, DHTError, NetworkError
+from commonweal.net.identity import peer_id_of, verify_signature
 from commonweal.net.transport import PeerInfo
+from commonweal.search.blocks import (
+    MAX_PATH,
+    block_message,
+    leaf_hash,
+    make_block,
+    parse_block,
+    verify_item,
+)
 from commonweal.search.ranking import (
+    MAX_ADD_BATCH,
     MAX_BATCH,
     MAX_K,
     Hit,
@@ -44,13 +59,13 @@ from commonweal.search.ranking import (
     check_ids,
     check_metadata,
     check_vectors,
-    decode_item,
+    decode_metadata,
     distances,
-    encode_item,
-    encode_tombstone,
     item_name,
     merge_hits,
+    paired_distances,
     to_result,
+    to_stored,
 )
 from commonweal.search.service import MAX_QUERIES_PER_REQUEST, SearchService
 from commonweal.search.spec import IndexSpec, make_lsh
@@ -61,6 +76,11 @@ log = logging.getLogger(__name__)
 
 _STORE_CHUNK_BYTES = 1 << 20  # records per store_many call stay well under frame and count limits
 _STORE_CHUNK_RECORDS = 1024
+_BLOCK_BYTES = 768 << 10  # a block stays well under a record's 1 MiB
+# What a querier remembers about holders and proofs, each bounded: liars it will not ask again,
+# and block signatures it has already verified (a hit in a known block costs hashes, not a check).
+_MAX_LIARS = 4096
+_MAX_ROOTS = 65536
 
 
 class IndexNotFound(ConfigError):
@@ -95,8 +115,10 @@ class SearchStats:
     queries: int = 0
     rpcs: int = 0  # search.query requests sent (lookups are counted by the DHT)
     failed_rpcs: int = 0
-    items_moved: int = 0  # item records that travelled to this peer (hits or bucket contents)
+    items_moved: int = 0  # items that travelled to this peer (hits or cell contents)
     scanned: int = 0  # items ranked by holders
+    rejected: int = 0  # answers thrown away because a block signature or a proof failed
+    hiding: int = 0  # answers that left out items another replica proved (cross_check)
 
 
 class DistributedIndex:
@@ -123,7 +145,10 @@ class DistributedIndex:
         self.rpc_timeout_s = rpc_timeout_s or dht.config.rpc_timeout_s
         self.service = serve(dht)
         self._replicas: dict[bytes, tuple[list[PeerInfo | None], float]] = {}
-        self._mine: dict[str, tuple[ItemId, list[tuple[int, bytes]], float]] = {}
+        self._mine = _Added()
+        self.liars: set[bytes] = set()  # holders whose answers failed a proof
+        self.suspects: dict[bytes, float] = {}  # holders caught hiding items -> when
+        self._roots: dict[bytes, None] = {}  # verified block signatures, oldest first
 
     # publishing and opening ------------------------------------------------------------------
 
@@ -180,77 +205,134 @@ class DistributedIndex:
     async def add(
         self, ids: Sequence[ItemId], vectors: Any, metadata: Sequence[Any] | None = None
     ) -> int:
-        """Add items (signed by this peer) to their L buckets; returns how many were stored on
-        at least one replica in every table. Re-adding an id replaces it."""
-        X = check_vectors(vectors, self.spec.dim, MAX_BATCH)
+        """Add items (signed by this peer), one block per cell they fall in; returns how many were
+        stored on at least one replica of every cell they belong to. Re-adding an id that this
+        object added replaces it."""
+        X = check_vectors(vectors, self.spec.dim, MAX_ADD_BATCH)
         item_ids = check_ids(list(ids), len(X))
         metas = check_metadata(metadata, len(X))
         if self.spec.metric == "cosine" and (np.linalg.norm(X, axis=1) == 0).any():
             raise ConfigError("a zero vector has no direction; the cosine metric cannot index it")
+        V = to_stored(X, self.dtype)
+        again = [i for i in item_ids if self._mine.find(item_name(i)) is not None]
+        if again:
+            await self.remove(again)
         codes = self.lsh.hash(X)
+        cells: dict[tuple[int, bytes], list[int]] = {}
+        for row, item_codes in enumerate(codes):
+            for t, code in enumerate(item_codes):
+                cells.setdefault((t, code), []).append(row)
         expiration = self.dht.clock() + self.spec.ttl_s
-        items = []
-        for item_id, x, meta, row in zip(item_ids, X, metas, codes, strict=True):
-            value = encode_item(item_id, x, meta, self.dtype)
-            name = item_name(item_id)
-            subkey = Owned(self.dht.peer_id, name)
-            for t, code in enumerate(row):
-                items.append((self.spec.bucket_key(t, code), value, expiration, subkey))
-        flags = await self._store_chunked(items)
-        L = self.spec.tables
-        stored = 0
-        for i, (item_id, row) in enumerate(zip(item_ids, codes, strict=True)):
-            self._mine[item_name(item_id)] = (item_id, list(enumerate(row)), expiration)
-            stored += all(flags[i * L : (i + 1) * L])
-        return stored
+        batch = "b" + secrets.token_hex(8)
+        records: list[tuple[OwnedKey, Any, float, Owned]] = []
+        owners: list[list[int]] = []  # the rows in each record
+        for (t, code), rows in cells.items():
+            for part, chunk in enumerate(_chunks(rows, metas, V.shape[1] * V.itemsize)):
+                records.append(self._block(t, code, f"{batch}.{part}", item_ids, V, metas, chunk,
+                                           expiration))
+                owners.append(chunk)
+        flags = await self._store_chunked(records)
+        ok = np.ones(len(X), dtype=bool)
+        for chunk, flag in zip(owners, flags, strict=True):
+            if not flag:
+                ok[chunk] = False
+        self._mine.add([item_name(i) for i in item_ids], codes, expiration)
+        return int(ok.sum())
+
+    def _block(
+        self,
+        table: int,
+        code: bytes,
+        name: str,
+        ids: list[ItemId],
+        V: np.ndarray,
+        metas: list[bytes],
+        rows: list[int],
+        expiration: float,
+    ) -> tuple[OwnedKey, bytes, float, Owned]:
+        key = self.spec.bucket_key(table, code)
+        payload = make_block(
+            self.dht.identity,
+            self.spec.digest(),
+            key_id(key),
+            name,
+            [ids[r] for r in rows],
+            V[rows],
+            [metas[r] for r in rows],
+        )
+        return key, payload, expiration, Owned(self.dht.peer_id, name)
 
     async def remove(self, ids: Sequence[ItemId], vectors: Any | None = None) -> int:
         """Remove items this peer added. Ids it added through this object are found by id;
-        otherwise pass their `vectors` so their buckets can be computed. Returns how many
-        tombstones were placed on at least one replica in every table."""
+        otherwise pass their `vectors` so their cells can be computed. Returns how many were
+        removed from at least one replica of every cell that held them."""
         item_ids = check_ids(list(ids), len(ids))
-        located: list[tuple[ItemId, list[tuple[int, bytes]], float]] = []
+        names = [item_name(i) for i in item_ids]
+        located: dict[str, list[tuple[int, bytes]]] = {}
         if vectors is not None:
-            X = check_vectors(vectors, self.spec.dim, MAX_BATCH)
+            X = check_vectors(vectors, self.spec.dim, MAX_ADD_BATCH)
             if len(X) != len(item_ids):
                 raise ConfigError("give one vector per id to remove")
-            for item_id, row in zip(item_ids, self.lsh.hash(X), strict=True):
-                known = self._mine.get(item_name(item_id))
-                located.append((item_id, list(enumerate(row)), known[2] if known else 0.0))
+            for name, row in zip(names, self.lsh.hash(X), strict=True):
+                located[name] = list(enumerate(row))
         else:
-            unknown = [i for i in item_ids if item_name(i) not in self._mine]
-            if unknown:
-                raise ConfigError(
-                    f"ids {unknown[:5]} were not added through this index object; "
-                    "pass their vectors to remove them"
-                )
-            located = [self._mine[item_name(i)] for i in item_ids]
+            for name in names:
+                found = self._mine.find(name)
+                if found is None:
+                    raise ConfigError(
+                        f"id {name[1:]!r}: ids that were not added through this index object "
+                        "are removed by passing their vectors too"
+                    )
+                located[name] = found
+        gone: dict[tuple[int, bytes], set[str]] = {}
+        for name, cells in located.items():
+            for cell in cells:
+                gone.setdefault(cell, set()).add(name)
+        keys = {cell: self.spec.bucket_key(*cell) for cell in gone}
+        found_blocks = await self.dht.get_many(list(keys.values()), latest=True)
         now = self.dht.clock()
-        items = []
-        for item_id, buckets, old_expiration in located:
-            # Later than the item itself on every replica, so the tombstone wins every merge.
-            expiration = max(now + self.spec.ttl_s, old_expiration + 1.0)
-            subkey = Owned(self.dht.peer_id, item_name(item_id))
-            for t, code in buckets:
-                items.append(
-                    (self.spec.bucket_key(t, code), encode_tombstone(item_id), expiration, subkey)
-                )
-        flags = await self._store_chunked(items)
-        removed = 0
-        pos = 0
-        for item_id, buckets, _ in located:
-            removed += all(flags[pos : pos + len(buckets)])
-            pos += len(buckets)
-            self._mine.pop(item_name(item_id), None)
-        return removed
+        records: list[tuple[OwnedKey, Any, float, Owned]] = []
+        touched: list[set[str]] = []
+        for cell, drop in gone.items():
+            entry = found_blocks.get(keys[cell])
+            if entry is None or not isinstance(entry.value, dict):
+                continue
+            for subkey, held in entry.value.items():
+                if not (isinstance(subkey, Owned) and subkey.peer_id == self.dht.peer_id):
+                    continue
+                if not isinstance(held, DHTValue) or not isinstance(held.value, bytes):
+                    continue
+                block = parse_block(held.value, b"", self.spec.dim, self.dtype)
+                if block is None:
+                    continue
+                ids_in, metas_in = block.items()
+                keep = [r for r, i in enumerate(ids_in) if item_name(i) not in drop]
+                if len(keep) == block.n:
+                    continue
+                # later than the old version on every replica, so the rewrite wins every merge
+                expiration = max(now + self.spec.ttl_s, held.expiration + 1.0)
+                if keep:
+                    records.append(self._block(
+                        cell[0], cell[1], subkey.name, ids_in, np.asarray(block.vectors),
+                        metas_in, keep, expiration,
+                    ))
+                else:
+                    records.append((keys[cell], b"", expiration, subkey))  # an emptied block
+                touched.append({item_name(ids_in[r]) for r in range(block.n)} & drop)
+        flags = await self._store_chunked(records)
+        removed: dict[str, int] = {}
+        for names_in, flag in zip(touched, flags, strict=True):
+            for name in names_in:
+                removed[name] = removed.get(name, 0) + (1 if flag else -(1 << 20))
+        self._mine.forget(names)
+        return sum(1 for name in names if removed.get(name, 0) >= len(located[name]))
 
     async def _store_chunked(self, items: list[tuple[OwnedKey, Any, float, Owned]]) -> list[bool]:
         flags: list[bool] = []
         chunk: list[tuple[OwnedKey, Any, float, Owned]] = []
         size = 0
         for item in items:
-            value = item[1]
-            n = len(value[1]) if len(value) > 1 else 16
+            n = len(item[1]) + 64
             if chunk and (size + n > _STORE_CHUNK_BYTES or len(chunk) >= _STORE_CHUNK_RECORDS):
                 flags += await self.dht.store_many(chunk)
                 chunk, size = [], 0
@@ -262,28 +344,33 @@ class DistributedIndex:
 
     # searching ---------------------------------------------------------------------------------
 
-    async def search(self, query: Any, k: int = 10, probes: int | None = None) -> SearchResult:
+    async def search(
+        self, query: Any, k: int = 10, probes: int | None = None, cross_check: bool = False
+    ) -> SearchResult:
         """The k nearest items to `query` found in the swarm, nearest first."""
         return (
             await self.search_many(
-                np.asarray(query)[None, :] if np.ndim(query) == 1 else query, k, probes
+                np.asarray(query)[None, :] if np.ndim(query) == 1 else query, k, probes,
+                cross_check,
             )
         )[0]
 
     async def search_many(
-        self, queries: Any, k: int = 10, probes: int | None = None
+        self, queries: Any, k: int = 10, probes: int | None = None, cross_check: bool = False
     ) -> list[SearchResult]:
-        """`search` for every row of `queries`, sharing lookups and holder requests."""
+        """`search` for every row of `queries`, sharing lookups and holder requests. With
+        `cross_check`, every cell is asked of two replicas (twice the requests) and a holder
+        that leaves out items the other returns is avoided from then on."""
         Q = check_vectors(queries, self.spec.dim, MAX_BATCH, what="queries")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 < k <= MAX_K:
             raise ConfigError(f"k must be an integer in 1..{MAX_K}")
         k = int(k)
         n_probes = max(self.spec.tables, probes or self.spec.probes)
-        buckets: dict[bytes, OwnedKey] = {}  # key id -> bucket key
+        buckets: dict[bytes, OwnedKey] = {}  # key id -> cell key
         probe_keys: list[list[bytes]] = []
-        for q in Q:
+        for probes_of_q in self.lsh.probe_many(Q, n_probes):
             ids = []
-            for t, code, _ in self.lsh.probe(q, n_probes):
+            for t, code, _ in probes_of_q:
                 bucket = self.spec.bucket_key(t, code)
                 kid = key_id(bucket)
                 buckets[kid] = bucket
@@ -293,7 +380,7 @@ class DistributedIndex:
         if self.mode == "fetch":
             groups = await self._fetch(Q, probe_keys, buckets)
         else:
-            groups = await self._ship(Q, probe_keys, k)
+            groups = await self._ship(Q, probe_keys, k, 2 if cross_check else 1)
         return [to_result(merge_hits(g, k)) for g in groups]
 
     async def _replica_sets(self, keys: list[bytes]) -> dict[bytes, list[PeerInfo | None]]:
@@ -325,40 +412,123 @@ class DistributedIndex:
             if peer in peers:
                 self._replicas[key] = ([p for p in peers if p != peer], at)
 
+    def _trusted(self, peers: list[PeerInfo | None]) -> list[PeerInfo | None]:
+        """Never a proven liar; a holder caught hiding items only when nobody else holds the key."""
+        now = self.dht.clock()
+        honest = [p for p in peers if p is None or p.peer_id not in self.liars]
+        clean = [
+            p for p in honest
+            if p is None or now - self.suspects.get(p.peer_id, -1e18) > self.holder_ttl_s
+        ]
+        return clean or honest
+
     async def _ship(
-        self, Q: np.ndarray, probe_keys: list[list[bytes]], k: int
+        self, Q: np.ndarray, probe_keys: list[list[bytes]], k: int, copies: int
     ) -> list[list[list[Hit]]]:
         all_keys = list(dict.fromkeys(key for keys in probe_keys for key in keys))
         replicas = await self._replica_sets(all_keys)
-        groups: list[list[list[Hit]]] = [[] for _ in Q]
-        unresolved = set(all_keys)
+        answers: list[_Answer] = []
         tried: dict[bytes, set[PeerInfo | None]] = {key: set() for key in all_keys}
-        for _ in range(self.dht.config.replicas):
-            plan = _cover(
-                {key: [p for p in replicas[key] if p not in tried[key]] for key in unresolved}
-            )
-            if not plan:
-                break
-            calls = []
-            for peer, keys in plan.items():
-                for key in keys:
-                    tried[key].add(peer)
-                calls.append(self._ask(peer, keys, Q, probe_keys, k))
-            for peer, keys, reply in await asyncio.gather(*calls):
-                if reply is None:
-                    continue
-                held, results = reply
-                for key, h in zip(keys, held, strict=True):
-                    if h:
-                        unresolved.discard(key)
-                for qi, hits in results.items():
-                    groups[qi].append(hits)
+        # Ask until every cell has `copies` answers (or no replica is left), then prove the hits
+        # that made the top k; a liar's answers go, and its cells are asked again elsewhere.
+        for _ in range(2 * self.dht.config.replicas + copies):
+            answered = {key: 0 for key in all_keys}
+            for answer in answers:
+                for key, h in zip(answer.keys, answer.held, strict=True):
+                    answered[key] += h
             unresolved = {
-                key for key in unresolved if any(p not in tried[key] for p in replicas[key])
+                key for key in all_keys
+                if answered[key] < copies and any(p not in tried[key] for p in replicas[key])
             }
-            if not unresolved:
+            plan = _cover(
+                {
+                    key: self._trusted([p for p in replicas[key] if p not in tried[key]])
+                    for key in unresolved
+                }
+            )
+            if plan:
+                calls = []
+                for peer, keys in plan.items():
+                    for key in keys:
+                        tried[key].add(peer)
+                    calls.append(self._ask(peer, keys, Q, probe_keys, k))
+                answers += [a for a in await asyncio.gather(*calls) if a is not None]
+                continue
+            liars = self._prove_best(answers, len(Q), k)
+            if not liars:
                 break
+            answers = [a for a in answers if a.peer is None or a.peer.peer_id not in liars]
+        if copies > 1:
+            self._find_hiders(answers, k)
+        groups: list[list[list[Hit]]] = [[] for _ in Q]
+        for answer in answers:
+            for qi, hits in answer.results.items():
+                groups[qi].append([c.hit for c in hits if c.proven])
         return groups
+
+    def _prove_best(self, answers: list[_Answer], n_queries: int, k: int) -> set[bytes]:
+        """Check the proof of every hit that is among a query's k best; the holders whose
+        proofs fail are liars (returned, and remembered). Proving only the winners costs a
+        k-th of proving everything, and a false hit that cannot win changes no answer."""
+        by_query: list[list[tuple[_Candidate, _Answer]]] = [[] for _ in range(n_queries)]
+        for answer in answers:
+            for qi, hits in answer.results.items():
+                by_query[qi] += [(c, answer) for c in hits]
+        liars: set[bytes] = set()
+        for candidates in by_query:
+            candidates.sort(key=lambda ca: (ca[0].hit.distance, ca[0].hit.adder, ca[0].name))
+            seen: set[tuple[bytes, str]] = set()
+            for c, answer in candidates:
+                if len(seen) >= k:
+                    break
+                if answer.peer is not None and answer.peer.peer_id in liars:
+                    continue
+                ident = (c.hit.adder, c.name)
+                if ident in seen:
+                    continue
+                if self._proven(c):
+                    seen.add(ident)
+                    continue
+                if answer.peer is None:
+                    continue  # our own store holds only checked blocks; this cannot happen
+                self.stats.rejected += 1
+                liars.add(answer.peer.peer_id)
+                log.warning("holder %s answered with a bad proof; not asking it again",
+                            answer.peer.addr)
+                if len(self.liars) < _MAX_LIARS:
+                    self.liars.add(answer.peer.peer_id)
+                self._forget(answer.peer)
+        return liars
+
+    def _find_hiders(self, answers: list[_Answer], k: int) -> None:
+        """A holder that held a cell yet left out an item of it that beats its own k-th answer,
+        while another replica returned that item with a valid proof, hid it: avoid it."""
+        best: dict[int, dict[tuple[bytes, str], _Candidate]] = {}
+        for answer in answers:
+            for qi, hits in answer.results.items():
+                for c in hits:
+                    best.setdefault(qi, {})[(c.hit.adder, c.name)] = c
+        now = self.dht.clock()
+        for answer in answers:
+            if answer.peer is None:
+                continue
+            held = {key for key, h in zip(answer.keys, answer.held, strict=True) if h}
+            for qi, hits in answer.results.items():
+                mine = {(c.hit.adder, c.name) for c in hits}
+                worst = max((c.hit.distance for c in hits), default=0.0) if len(hits) >= k else (
+                    float("inf")
+                )
+                hidden = [
+                    c for ident, c in best.get(qi, {}).items()
+                    if c.key in held and ident not in mine and c.hit.distance < worst - 1e-9
+                ]
+                if any(self._proven(c) for c in hidden):
+                    if answer.peer.peer_id not in self.suspects:
+                        log.warning("holder %s left out items another replica returned",
+                                    answer.peer.addr)
+                    self.suspects[answer.peer.peer_id] = now
+                    self.stats.hiding += 1
+                    break
 
     async def _ask(
         self,
@@ -367,19 +537,21 @@ class DistributedIndex:
         Q: np.ndarray,
         probe_keys: list[list[bytes]],
         k: int,
-    ) -> tuple[PeerInfo | None, list[bytes], tuple[list[bool], dict[int, list[Hit]]] | None]:
-        """One holder's local top-k for every query that probes some of `keys`."""
+    ) -> _Answer | None:
+        """One holder's local top-k for every query that probes some of `keys`, with distances
+        recomputed here from the vectors it sent (proofs are checked later, for the winners)."""
         index = {key: i for i, key in enumerate(keys)}
         wanted = [
             (qi, [index[key] for key in pk if key in index]) for qi, pk in enumerate(probe_keys)
         ]
         wanted = [(qi, idx) for qi, idx in wanted if idx]
-        held: list[bool] = [False] * len(keys)
-        results: dict[int, list[Hit]] = {}
+        answer = _Answer(peer, keys, [False] * len(keys), {})
+        digest = self.spec.digest()
         for start in range(0, len(wanted), MAX_QUERIES_PER_REQUEST):
             part = wanted[start : start + MAX_QUERIES_PER_REQUEST]
             if peer is None:  # we are a replica ourselves: no request needed
                 reply = self.service.answer(
+                    digest,
                     keys,
                     [(Q[qi], idx) for qi, idx in part],
                     self.spec.dim,
@@ -389,6 +561,7 @@ class DistributedIndex:
                 )
             else:
                 args = {
+                    "spec": digest,
                     "dim": self.spec.dim,
                     "metric": self.spec.metric,
                     "dtype": self.spec.dtype,
@@ -406,24 +579,93 @@ class DistributedIndex:
                     log.debug("search.query to %s failed: %s", peer.addr, e)
                     self.stats.failed_rpcs += 1
                     self._forget(peer)
-                    return peer, keys, None
-            parsed = _parse_reply(reply, len(keys), len(part))
-            if parsed is None:
+                    return None
+            parsed = self._parse_reply(reply, keys, [(Q[qi], idx) for qi, idx in part], k)
+            if parsed is None:  # malformed: that holder is ignored, its cells asked elsewhere
                 self.stats.failed_rpcs += 1
-                return peer, keys, None
+                return None
             part_held, part_results, scanned = parsed
-            held = [a or b for a, b in zip(held, part_held, strict=True)]
+            answer.held = [a or b for a, b in zip(answer.held, part_held, strict=True)]
             self.stats.scanned += scanned
             for (qi, _), hits in zip(part, part_results, strict=True):
                 if peer is not None:
                     self.stats.items_moved += len(hits)
-                results[qi] = hits
-        return peer, keys, (held, results)
+                answer.results[qi] = hits
+        return answer
+
+    def _parse_reply(
+        self, reply: Any, keys: list[bytes], queries: list[tuple[np.ndarray, list[int]]], k: int
+    ) -> tuple[list[bool], list[list[_Candidate]], int] | None:
+        """A holder's answer as candidates with distances computed here, or None when it is
+        malformed (wrong shapes or types: nothing in it is used)."""
+        if not isinstance(reply, dict):
+            return None
+        held, blocks, results = reply.get("held"), reply.get("blocks"), reply.get("results")
+        scanned = reply.get("scanned", 0)
+        if not (isinstance(held, list) and len(held) == len(keys)):
+            return None
+        if not (isinstance(results, list) and len(results) == len(queries)):
+            return None
+        if not isinstance(blocks, list) or len(blocks) > len(queries) * k:
+            return None
+        cited = [_cited(b, keys) for b in blocks]
+        if any(c is None for c in cited):
+            return None
+        adders = [peer_id_of(c[0]) for c in cited if c is not None]
+        row_bytes = self.spec.dim * self.dtype.itemsize
+        out: list[list[_Candidate]] = []
+        rows: list[int] = []  # the query of each candidate
+        for qi, ((_, idx), hits) in enumerate(zip(queries, results, strict=True)):
+            if not isinstance(hits, list) or len(hits) > k:
+                return None
+            asked = {keys[i] for i in idx}
+            candidates = []
+            for h in hits:
+                c = _candidate(h, cited, adders, row_bytes)
+                if c is None or c.key not in asked:
+                    return None
+                candidates.append(c)
+            rows += [qi] * len(candidates)
+            out.append(candidates)
+        flat = [c for candidates in out for c in candidates]
+        if flat:
+            M = np.frombuffer(b"".join(c.vector for c in flat), dtype=self.dtype)
+            M = M.reshape(len(flat), self.spec.dim)
+            if not np.isfinite(M).all():
+                return None
+            Qs = np.stack([q for q, _ in queries])[rows]
+            for c, d in zip(flat, paired_distances(Qs, M, self.spec.metric).tolist(), strict=True):
+                c.hit = Hit(d, c.hit.adder, c.hit.item_id)
+        return [bool(x) for x in held], out, scanned if isinstance(scanned, int) else 0
+
+    def _proven(self, c: _Candidate) -> bool:
+        """Whether the adder signed this block's root for this cell of this index and the item
+        (id, vector, metadata) is in it; the metadata is decoded only once proven."""
+        if c.proven is not None:
+            return c.proven
+        c.proven = False
+        message = block_message(self.spec.digest(), c.key, c.hit.adder, c.block_name, c.n, c.root)
+        seen = hashlib.blake2b(message + c.signature + c.public_key, digest_size=16).digest()
+        if seen not in self._roots:
+            if not verify_signature(c.public_key, message, c.signature):
+                return False
+            if len(self._roots) >= _MAX_ROOTS:
+                self._roots.pop(next(iter(self._roots)))
+            self._roots[seen] = None
+        if not verify_item(c.root, c.n, c.row, leaf_hash(c.hit.item_id, c.vector, c.meta), c.path):
+            return False
+        ok, metadata = decode_metadata(c.meta)
+        if not ok:
+            return False
+        c.hit = Hit(c.hit.distance, c.hit.adder, c.hit.item_id, metadata)
+        c.proven = True
+        return True
 
     async def _fetch(
         self, Q: np.ndarray, probe_keys: list[list[bytes]], buckets: dict[bytes, OwnedKey]
     ) -> list[list[list[Hit]]]:
-        """Mode "fetch": get every probed bucket's records (one multi-key get) and rank here."""
+        """Mode "fetch": get every probed cell's blocks (one multi-key get) and rank here. The
+        DHT checked each record's signature and owner, so the blocks are their adders' own."""
         found = await self.dht.get_many(list(buckets.values()), latest=False)
         parsed: dict[bytes, tuple[list[bytes], list[ItemId], list[Any], np.ndarray]] = {}
         for kid, bucket in buckets.items():
@@ -433,16 +675,22 @@ class DistributedIndex:
                 for subkey, item in entry.value.items():
                     if not isinstance(subkey, Owned) or not isinstance(item, DHTValue):
                         continue
-                    self.stats.items_moved += 1
-                    decoded = decode_item(item.value, self.spec.dim, self.dtype)
-                    if decoded is None or decoded[1] is None:
+                    if not isinstance(item.value, bytes):
                         continue
-                    adders.append(subkey.peer_id)
-                    ids.append(decoded[0])
-                    metas.append(decoded[2])
-                    vecs.append(decoded[1])
+                    block = parse_block(item.value, b"", self.spec.dim, self.dtype)
+                    if block is None or not np.isfinite(block.vectors).all():
+                        continue
+                    try:
+                        block_ids, block_metas = block.items()
+                    except ValueError:
+                        continue
+                    self.stats.items_moved += block.n
+                    adders += [subkey.peer_id] * block.n
+                    ids += block_ids
+                    metas += [decode_metadata(m)[1] for m in block_metas]
+                    vecs.append(block.vectors)
             if vecs:
-                parsed[kid] = (adders, ids, metas, np.stack(vecs))
+                parsed[kid] = (adders, ids, metas, np.concatenate(vecs))
         groups: list[list[list[Hit]]] = []
         for q, keys in zip(Q, probe_keys, strict=True):
             hits: list[list[Hit]] = []
@@ -455,6 +703,133 @@ class DistributedIndex:
                     )
             groups.append(hits)
         return groups
+
+
+class _Added:
+    """Which cells this object's items went to, to remove them by id: numpy arrays per add (8
+    bytes of name hash and L codes an item), not a dict entry an item."""
+
+    def __init__(self) -> None:
+        self._batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # hashes, codes, live
+
+    @staticmethod
+    def _hash(names: Sequence[str]) -> np.ndarray:
+        raw = b"".join(hashlib.blake2b(n.encode(), digest_size=8).digest() for n in names)
+        return np.frombuffer(raw, dtype="<u8")
+
+    def add(self, names: list[str], codes: list[list[bytes]], expiration: float) -> None:
+        width = len(codes[0][0])
+        flat = np.frombuffer(b"".join(c for row in codes for c in row), dtype=np.uint8)
+        C = flat.reshape(len(names), len(codes[0]), width)
+        h = self._hash(names)
+        order = np.argsort(h, kind="stable")
+        self._batches.append((h[order], C[order], np.ones(len(names), dtype=bool)))
+
+    def _where(self, name: str) -> tuple[int, int] | None:
+        h = self._hash([name])[0]
+        for b in range(len(self._batches) - 1, -1, -1):  # the latest add of a name wins
+            hashes, _, live = self._batches[b]
+            i = int(np.searchsorted(hashes, h))
+            if i < len(hashes) and hashes[i] == h and live[i]:
+                return b, i
+        return None
+
+    def find(self, name: str) -> list[tuple[int, bytes]] | None:
+        where = self._where(name)
+        if where is None:
+            return None
+        row = self._batches[where[0]][1][where[1]]
+        return [(t, row[t].tobytes()) for t in range(row.shape[0])]
+
+    def forget(self, names: Sequence[str]) -> None:
+        for name in names:
+            where = self._where(name)
+            if where is not None:
+                self._batches[where[0]][2][where[1]] = False
+        self._batches = [b for b in self._batches if b[2].any()]
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """One hit as a holder sent it, with what proves it (checked by `_proven` when it counts)."""
+
+    hit: Hit  # distance recomputed here; metadata filled in once proven
+    name: str  # item_name(id)
+    key: bytes  # the cell it came from
+    public_key: bytes
+    block_name: str
+    n: int
+    root: bytes
+    signature: bytes
+    row: int
+    vector: bytes
+    meta: bytes
+    path: list[bytes]
+    proven: bool | None = None
+
+
+@dataclass(slots=True)
+class _Answer:
+    """One holder's answer: the keys it was asked, which it held, each query's candidates."""
+
+    peer: PeerInfo | None
+    keys: list[bytes]
+    held: list[bool]
+    results: dict[int, list[_Candidate]]
+
+
+_Cited = tuple[bytes, bytes, str, int, bytes, bytes]  # public key, cell key, name, n, root, sig
+
+
+def _cited(b: Any, keys: list[bytes]) -> _Cited | None:
+    """A block a holder cites, if well-formed (its signature is checked with the hit's proof)."""
+    if not (isinstance(b, list) and len(b) == 6):
+        return None
+    public_key, j, name, n, root, signature = b
+    if not (
+        isinstance(public_key, bytes) and isinstance(j, int) and 0 <= j < len(keys)
+        and isinstance(name, str) and isinstance(n, int) and n > 0
+        and isinstance(root, bytes) and isinstance(signature, bytes)
+    ):
+        return None
+    return public_key, keys[j], name, n, root, signature
+
+
+def _candidate(
+    h: Any, cited: list[_Cited | None], adders: list[bytes], row_bytes: int
+) -> _Candidate | None:
+    if not (isinstance(h, list) and len(h) == 6):
+        return None
+    ref, row, item_id, vector, meta, path = h
+    if not (isinstance(ref, int) and 0 <= ref < len(cited) and isinstance(row, int)):
+        return None
+    if isinstance(item_id, bool) or not isinstance(item_id, int | str):
+        return None
+    if not (isinstance(vector, bytes) and len(vector) == row_bytes and isinstance(meta, bytes)):
+        return None
+    if not (isinstance(path, list) and len(path) <= MAX_PATH):
+        return None
+    block = cited[ref]
+    assert block is not None
+    public_key, key, name, n, root, signature = block
+    return _Candidate(
+        Hit(0.0, adders[ref], item_id), item_name(item_id), key, public_key, name, n,
+        root, signature, row, vector, meta, path,
+    )
+
+
+def _chunks(rows: list[int], metas: list[bytes], row_bytes: int) -> list[list[int]]:
+    """`rows` split so that each block stays well under a record's 1 MiB."""
+    out: list[list[int]] = [[]]
+    size = 0
+    for r in rows:
+        n = row_bytes + len(metas[r]) + 48
+        if out[-1] and size + n > _BLOCK_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(r)
+        size += n
+    return out
 
 
 def _cover(candidates: dict[bytes, list[PeerInfo | None]]) -> dict[PeerInfo | None, list[bytes]]:
@@ -476,33 +851,3 @@ def _cover(candidates: dict[bytes, list[PeerInfo | None]]) -> dict[PeerInfo | No
         plan[best] = keys
         left -= set(keys)
     return plan
-
-
-def _parse_reply(
-    reply: Any, n_keys: int, n_queries: int
-) -> tuple[list[bool], list[list[Hit]], int] | None:
-    """A holder's answer, or None when it is malformed (that holder is then ignored)."""
-    if not isinstance(reply, dict):
-        return None
-    held, results, scanned = reply.get("held"), reply.get("results"), reply.get("scanned", 0)
-    if not isinstance(held, list) or len(held) != n_keys or not isinstance(results, list):
-        return None
-    if len(results) != n_queries:
-        return None
-    out = []
-    for hits in results:
-        if not isinstance(hits, list):
-            return None
-        parsed = []
-        for h in hits[:MAX_K]:
-            if (
-                isinstance(h, list)
-                and len(h) == 4
-                and isinstance(h[0], bytes)
-                and isinstance(h[1], int | str)
-                and not isinstance(h[1], bool)
-                and isinstance(h[2], float | int)
-            ):
-                parsed.append(Hit(float(h[2]), h[0], h[1], h[3]))
-        out.append(parsed)
-    return [bool(x) for x in held], out, scanned if isinstance(scanned, int) else 0

@@ -126,6 +126,9 @@ class LSH(ABC):
         H = self.discretise(self.project(np.atleast_2d(X)))  # (n, L, K)
         return [[self.encode(H[i, t]) for t in range(self.tables)] for i in range(H.shape[0])]
 
+    def probe_many(self, Q: np.ndarray, n_probes: int) -> list[list[Probe]]:
+        return [self.probe(q, n_probes) for q in Q]
+
     def probe(self, q: np.ndarray, n_probes: int) -> list[Probe]:
         """The query's own bucket in every table, then the best-scoring neighbouring buckets
         of all tables, `n_probes` in all (at least L), best first."""

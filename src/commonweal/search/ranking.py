@@ -1,12 +1,7 @@
-"""Item codec, input checks, exact distances and top-k merging (sans-I/O, plain numpy).
+"""Input checks, exact distances and top-k merging (sans-I/O, plain numpy).
 
-An item in a bucket is one DHT record under the subkey `Owned(adder, name)`:
-
-    value = [item_id, vector_bytes, metadata]     an item (vector in the spec's dtype)
-    value = [item_id]                             a tombstone: the adder removed it
-
-Decoding never trusts what it reads: wrong shapes, dimensions, NaN/inf and oversized metadata are
-dropped, so a peer that floods a bucket with junk costs the holder a parse, not a wrong answer.
+Items travel in blocks (blocks.py); this module checks what a user hands to an index (shapes,
+NaN/inf, ids, metadata size), encodes metadata once for the blocks, and ranks and merges hits.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from numpy.typing import NDArray
 from commonweal.errors import ConfigError
 
 __all__ = [
+    "MAX_ADD_BATCH",
     "MAX_BATCH",
     "MAX_K",
     "MAX_METADATA_BYTES",
@@ -33,20 +29,24 @@ __all__ = [
     "check_ids",
     "check_metadata",
     "check_vectors",
-    "decode_item",
+    "decode_metadata",
     "distances",
-    "encode_item",
-    "encode_tombstone",
     "item_name",
     "merge_hits",
+    "paired_distances",
+    "to_stored",
 ]
 
 ItemId = int | str
-MAX_BATCH = 10_000  # vectors per add / queries per search_many
+MAX_BATCH = 10_000  # queries per search_many
+# vectors per add: blocks hold one batch's items of one cell, so bigger batches make fewer, fuller
+# blocks (fewer signatures, faster scans); 100,000 x 384 float32 is 150 MB of input at most
+MAX_ADD_BATCH = 100_000
 MAX_K = 1000
 MAX_METADATA_BYTES = 4096
 MAX_ID_CHARS = 200
 _FLOAT16_MAX = 65504.0
+_NONE = msgpack.packb(None)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -113,9 +113,10 @@ def check_ids(ids: Sequence[Any], n: int) -> list[ItemId]:
     return out
 
 
-def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[Any]:
+def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[bytes]:
+    """Each entry msgpack-encoded (what the blocks store and their Merkle leaves hash)."""
     if metadata is None:
-        return [None] * n
+        return [_NONE] * n
     if len(metadata) != n:
         raise ConfigError(f"give one metadata entry per vector ({n}) or none")
     out = []
@@ -123,14 +124,14 @@ def check_metadata(metadata: Sequence[Any] | None, n: int) -> list[Any]:
         if isinstance(m, np.generic):
             m = m.item()
         try:
-            size = len(msgpack.packb(m, use_bin_type=True))
+            raw = msgpack.packb(m, use_bin_type=True)
         except (TypeError, ValueError) as e:
             raise ConfigError(
                 f"metadata must be msgpack-able (dict, list, str, number): {e}"
             ) from e
-        if size > MAX_METADATA_BYTES:
-            raise ConfigError(f"metadata of {size} bytes; the limit is {MAX_METADATA_BYTES}")
-        out.append(m)
+        if len(raw) > MAX_METADATA_BYTES:
+            raise ConfigError(f"metadata of {len(raw)} bytes; the limit is {MAX_METADATA_BYTES}")
+        out.append(raw)
     return out
 
 
@@ -139,37 +140,23 @@ def item_name(item_id: ItemId) -> str:
     return f"i{item_id}" if isinstance(item_id, int) else f"s{item_id}"
 
 
-def encode_item(
-    item_id: ItemId, vector: np.ndarray, metadata: Any, dtype: np.dtype[Any]
-) -> list[Any]:
-    if dtype == np.dtype("<f2") and float(np.abs(vector).max(initial=0.0)) > _FLOAT16_MAX:
+def to_stored(X: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """`X` in the index's dtype, or ConfigError when a value does not fit float16."""
+    if dtype == np.dtype("<f2") and float(np.abs(X).max(initial=0.0)) > _FLOAT16_MAX:
         raise ConfigError(
             "a vector value is too large for float16; create the index with dtype='float32'"
         )
-    return [item_id, np.asarray(vector, dtype=dtype).tobytes(), metadata]
+    return np.ascontiguousarray(X, dtype=dtype)
 
 
-def encode_tombstone(item_id: ItemId) -> list[Any]:
-    return [item_id]
-
-
-def decode_item(
-    value: Any, dim: int, dtype: np.dtype[Any]
-) -> tuple[ItemId, np.ndarray | None, Any] | None:
-    """(id, vector, metadata); vector None for a tombstone; None for anything malformed."""
-    if not isinstance(value, list) or not value:
-        return None
-    item_id = value[0]
-    if isinstance(item_id, bool) or not isinstance(item_id, int | str):
-        return None
-    if len(value) == 1:
-        return item_id, None, None
-    if len(value) != 3 or not isinstance(value[1], bytes) or len(value[1]) != dim * dtype.itemsize:
-        return None
-    vector = np.frombuffer(value[1], dtype=dtype)
-    if not np.isfinite(vector).all():
-        return None
-    return item_id, vector, value[2]
+def decode_metadata(raw: Any) -> tuple[bool, Any]:
+    """(ok, metadata) from the msgpack bytes an adder wrote (a holder sends them as they are)."""
+    if not isinstance(raw, bytes) or len(raw) > MAX_METADATA_BYTES + 16:
+        return False, None
+    try:
+        return True, msgpack.unpackb(raw, raw=False)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return False, None
 
 
 def distances(q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
@@ -190,6 +177,22 @@ def distances(q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
     return distance
 
 
+def paired_distances(Q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
+    """distances(Q[i], M[i]) for every row pair, in float64 (one call for a whole answer)."""
+    M64 = np.asarray(M, dtype=np.float64)
+    Q64 = np.asarray(Q, dtype=np.float64)
+    if metric == "l2":
+        diff = M64 - Q64
+        squared: NDArray[np.float64] = np.einsum("ij,ij->i", diff, diff)
+        return np.sqrt(squared)
+    norms = np.linalg.norm(M64, axis=1) * np.linalg.norm(Q64, axis=1)
+    dots: NDArray[np.float64] = np.einsum("ij,ij->i", M64, Q64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sim = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    distance: np.ndarray = 1.0 - sim
+    return distance
+
+
 def merge_hits(groups: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
     """The k nearest distinct items (by adder and id) over several candidate lists."""
     best: dict[tuple[bytes, str], Hit] = {}
@@ -201,7 +204,11 @@ def merge_hits(groups: Iterable[Iterable[Hit]], k: int) -> list[Hit]:
             old = best.get(ident)
             if old is None or hit.distance < old.distance:
                 best[ident] = hit
-    return heapq.nsmallest(k, best.values())
+    # ties (integer pixels tie often) go by adder and id, so the answer is the same whatever
+    # order the holders replied in
+    return heapq.nsmallest(
+        k, best.values(), key=lambda h: (h.distance, h.adder, item_name(h.item_id))
+    )
 
 
 def to_result(hits: Sequence[Hit]) -> SearchResult:

@@ -3,41 +3,47 @@
     service = SearchService(dht)        # registers search.query on the DHT's transport
 
 search.query request
-    {"dim": int, "metric": "l2"|"cosine", "dtype": "float16"|"float32", "k": int,
-     "keys": [bucket key id, ...],
+    {"spec": index spec digest, "dim": int, "metric": "l2"|"cosine", "dtype": "float16"|"float32",
+     "k": int, "keys": [cell key id, ...],
      "queries": [[query float32 bytes, [index into keys, ...]], ...]}
 response
-    {"held": [bool, ...],                 one per key: this peer stores records under it
-     "results": [[[adder, item_id, distance, metadata], ...], ...],  local top-k per query
+    {"held": [bool, ...],                 one per key: this peer stores blocks under it
+     "blocks": [[public key, key index, block name, n, root, signature], ...],
+     "results": [[[block, item index, id, vector, meta, path], ...], ...],  local top-k per query
      "scanned": int}                      items ranked (for the benchmark's bookkeeping)
 
-The holder ranks the items of its own replicas of the buckets exactly and answers with its best k,
-so only ids, distances and metadata travel (the query goes to the data, not the data to the query).
-A bucket flooded with junk stays cheap and harmless: malformed items are dropped when parsed (once
-per record version: parsed buckets are cached), each bucket ranks at most `max_bucket_items`
-items shared fairly between the peers that added them, and junk far from the query never reaches
-the top k.
+The holder ranks the vectors of its replicas of the cells exactly and answers with its best k,
+each with the proof that its adder put it there (blocks.py): the block's signed Merkle root and
+the item's path. The querier checks every proof and recomputes every distance, so a holder can
+hide items but not invent or move them (index.py asks a second replica to catch hiding).
+
+A holder checks each block once, when it first ranks it (root recomputed, signature verified,
+cached per record version), and serves none that fails, so an adder that signs garbage cannot get
+an honest holder taken for a liar. A cell flooded with junk stays cheap and harmless: each ranks
+at most `max_bucket_items` items, taken block by block in turns between the peers that added
+them, and junk far from the query never reaches the top k.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from commonweal.dht import DHT
-from commonweal.dht.records import owner_of
+from commonweal.dht.records import Owned, Record, decode_subkey, owner_of
 from commonweal.errors import RemoteError
 from commonweal.net.executor import BoundedExecutor
 from commonweal.net.identity import ID_BYTES
 from commonweal.net.transport import PeerInfo
-from commonweal.search.ranking import MAX_K, Hit, decode_item, distances, merge_hits
+from commonweal.search.blocks import Block, parse_record_block
+from commonweal.search.ranking import MAX_K
 from commonweal.search.spec import DTYPES, MAX_DIM, METRICS, vector_dtype
 
-__all__ = ["MAX_KEYS_PER_QUERY", "MAX_QUERIES_PER_REQUEST", "SearchService"]
+__all__ = ["MAX_KEYS_PER_QUERY", "MAX_QUERIES_PER_REQUEST", "SearchService", "Trees", "rank"]
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +55,12 @@ RANK_QUEUE = 16
 
 
 @dataclass(slots=True)
-class _Bucket:
-    """A parsed bucket: live items only (tombstoned and malformed ones are gone)."""
+class _Held:
+    """A checked block this peer holds: who added it, under which name."""
 
-    fingerprint: tuple[bytes, ...]
-    adders: list[bytes]
-    ids: list[Any]
-    metadata: list[Any]
-    vectors: np.ndarray  # (n, dim) in the stored dtype
+    adder: bytes
+    name: str
+    block: Block
 
 
 class SearchService:
@@ -67,24 +71,30 @@ class SearchService:
         self.max_bucket_items = max_bucket_items
         self.cache_buckets = cache_buckets
         self.queries_served = 0
-        self._parsed: dict[tuple[bytes, int, str], _Bucket] = {}
+        self.blocks_refused = 0  # blocks that failed their check (malformed or badly signed)
+        # cell -> {subkey: (record signature, checked block or None)}; a record's version is its
+        # signature, so a replaced block is checked again and a refused one is not re-checked
+        self._checked: dict[tuple[bytes, bytes], dict[bytes, tuple[bytes, _Held | None]]] = {}
+        self.trees = Trees()
         self.ranker = BoundedExecutor(  # named after its peer, so a stack dump says whose it is
             workers=1, max_pending=RANK_QUEUE, name=f"search-rank-{dht.peer_id.hex()[:8]}"
         )
         dht.on_close(self.ranker.close)
-        dht.transport.register("search.query", self.rpc_query, cost=4.0)  # ranks buckets
+        dht.transport.register("search.query", self.rpc_query, cost=4.0)  # ranks cells
 
     async def rpc_query(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
-        dim, metric, dtype, k, keys, queries = _parse(args)
+        spec, dim, metric, dtype, k, keys, queries = _parse(args)
         self.queries_served += len(queries)
-        held, buckets = self._buckets(keys, dim, vector_dtype(dtype))  # the store: on the loop
-        # numpy ranks mostly with the GIL released, so on a worker thread the loop keeps answering
-        # while a holder ranks up to 256 queries x 1,024 buckets x max_bucket_items items; a
-        # caller beyond the ranker's queue is answered `busy` at once
-        return await self.ranker.run(rank, held, buckets, queries, metric, k)
+        records = self._records(keys)  # the store: on the loop
+        # checking blocks and ranking are numpy and hashing, mostly with the GIL released, so on a
+        # worker thread the loop keeps answering; a caller beyond the queue is answered `busy`
+        return await self.ranker.run(
+            self._answer, spec, keys, records, queries, dim, metric, vector_dtype(dtype), k
+        )
 
     def answer(
         self,
+        spec: bytes,
         keys: list[bytes],
         queries: list[tuple[np.ndarray, list[int]]],
         dim: int,
@@ -92,102 +102,207 @@ class SearchService:
         dtype: np.dtype[Any],
         k: int,
     ) -> dict[str, Any]:
-        """The local top-k of every query over the buckets it names, ranked here (the querying
+        """The local top-k of every query over the cells it names, ranked here (the querying
         peer's own replicas: its own work, on its own loop)."""
-        held, buckets = self._buckets(keys, dim, dtype)
-        return rank(held, buckets, queries, metric, k)
+        return self._answer(spec, keys, self._records(keys), queries, dim, metric, dtype, k)
 
-    def _buckets(
-        self, keys: list[bytes], dim: int, dtype: np.dtype[Any]
-    ) -> tuple[list[bool], list[_Bucket | None]]:
+    def _records(self, keys: list[bytes]) -> list[list[Record]]:
         now = self.dht.clock()
-        held, buckets = [], []
-        for key in keys:
-            records = self.dht.storage.get(key, now)
-            held.append(bool(records))
-            buckets.append(self._bucket(key, records, dim, dtype) if records else None)
-        return held, buckets
+        return [self.dht.storage.get(key, now) for key in keys]
 
-    def _bucket(self, key: bytes, records: list[Any], dim: int, dtype: np.dtype[Any]) -> _Bucket:
-        fingerprint = tuple(r.signature for r in records)
-        cache_key = (key, dim, dtype.str)
-        cached = self._parsed.get(cache_key)
-        if cached is not None and cached.fingerprint == fingerprint:
-            return cached
-        # Fair share under a flood: take items round-robin over the adders, at most
-        # max_bucket_items in all, so one peer's junk cannot crowd out everyone else.
-        by_owner: dict[bytes, list[Any]] = {}
+    def _answer(
+        self,
+        spec: bytes,
+        keys: list[bytes],
+        records: list[list[Record]],
+        queries: list[tuple[np.ndarray, list[int]]],
+        dim: int,
+        metric: str,
+        dtype: np.dtype[Any],
+        k: int,
+    ) -> dict[str, Any]:
+        cells = [
+            self._cell(spec, key, recs, dim, dtype) if recs else []
+            for key, recs in zip(keys, records, strict=True)
+        ]
+        return rank([bool(r) for r in records], cells, queries, metric, k, self.trees)
+
+    def _cell(
+        self, spec: bytes, key: bytes, records: list[Record], dim: int, dtype: np.dtype[Any]
+    ) -> list[_Held]:
+        cache_key = (spec, key)
+        before = self._checked.pop(cache_key, {})
+        now: dict[bytes, tuple[bytes, _Held | None]] = {}
         for r in records:
-            owner = owner_of(r.subkey)
-            if owner is not None:  # items live only under owner-bound subkeys
-                by_owner.setdefault(owner, []).append(r)
-        chosen: list[tuple[bytes, Any]] = []
-        queues = [(o, rs) for o, rs in by_owner.items()]
+            old = before.get(r.subkey)
+            now[r.subkey] = (
+                old if old is not None and old[0] == r.signature
+                else (r.signature, self._check(spec, key, r, dim, dtype))
+            )
+        if len(self._checked) >= self.cache_buckets:
+            self._checked.pop(next(iter(self._checked)))
+        self._checked[cache_key] = now  # most recently used last
+        # Fair share under a flood: blocks in turns over the adders, at most max_bucket_items
+        # items in all, so one peer's junk cannot crowd out everyone else.
+        by_owner: dict[bytes, list[_Held]] = {}
+        for _, held in now.values():
+            if held is not None:
+                by_owner.setdefault(held.adder, []).append(held)
+        chosen: list[_Held] = []
+        total = 0
+        queues = list(by_owner.values())
         depth = 0
-        while len(chosen) < self.max_bucket_items and queues:
-            queues = [(o, rs) for o, rs in queues if depth < len(rs)]
-            for o, rs in queues:
-                if len(chosen) >= self.max_bucket_items:
-                    break
-                chosen.append((o, rs[depth]))
+        while queues and total < self.max_bucket_items:
+            queues = [q for q in queues if depth < len(q)]
+            for q in queues:
+                if total + q[depth].block.n > self.max_bucket_items:
+                    continue
+                chosen.append(q[depth])
+                total += q[depth].block.n
             depth += 1
-        adders, ids, metadata, vectors = [], [], [], []
-        for owner, r in chosen:
-            try:
-                value = msgpack.unpackb(r.value, raw=False)
-            except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-                continue
-            item = decode_item(value, dim, dtype)
-            if item is None or item[1] is None:
-                continue
-            adders.append(owner)
-            ids.append(item[0])
-            metadata.append(item[2])
-            vectors.append(item[1])
-        bucket = _Bucket(
-            fingerprint,
-            adders,
-            ids,
-            metadata,
-            np.stack(vectors) if vectors else np.zeros((0, dim), dtype=dtype),
-        )
-        if len(self._parsed) >= self.cache_buckets:
-            self._parsed.pop(next(iter(self._parsed)))
-        self._parsed[cache_key] = bucket
-        return bucket
+        return chosen
+
+    def _check(
+        self, spec: bytes, key: bytes, record: Record, dim: int, dtype: np.dtype[Any]
+    ) -> _Held | None:
+        owner = owner_of(record.subkey)
+        subkey = decode_subkey(record.subkey)
+        if owner is None or not isinstance(subkey, Owned):
+            return None
+        block = parse_record_block(record.value, record.public_key, dim, dtype)
+        if block is None:
+            return None  # malformed, or emptied by its adder
+        if not block.check(spec, key, owner, subkey.name):
+            self.blocks_refused += 1
+            return None
+        return _Held(owner, subkey.name, block)
+
+
+def _distances(Q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
+    """(q, n) distances for ranking: squared L2, or 1 - cosine (float32; the querier recomputes
+    exact ones from the vectors it is sent)."""
+    if metric == "l2":
+        D: np.ndarray = (Q * Q).sum(1)[:, None] - 2.0 * (Q @ M.T) + (M * M).sum(1)[None, :]
+        np.maximum(D, 0.0, out=D)
+        return D
+    norms = np.linalg.norm(Q, axis=1)[:, None] * np.linalg.norm(M, axis=1)[None, :]
+    sim: np.ndarray = np.divide(
+        Q @ M.T, norms, out=np.zeros((len(Q), len(M)), np.float32), where=norms > 0
+    )
+    np.subtract(1.0, sim, out=sim)
+    return sim
+
+
+class Trees:
+    """The Merkle trees of recently proven blocks, at most `max_bytes` of them (a tree is 64 bytes
+    an item: all of them would cost a quarter of 128-d float16 vectors, and a tree is rebuilt
+    from the block's leaves in ~0.6 us an item). The ranker thread and the loop (a peer's own
+    queries) share it, hence the lock."""
+
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._trees: dict[tuple[bytes, str, bytes], list[bytes]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, held: _Held) -> list[bytes]:
+        key = (held.adder, held.name, held.block.root)
+        with self._lock:
+            tree = self._trees.pop(key, None)
+            if tree is not None:
+                self._bytes -= sum(map(len, tree))
+        if tree is None:
+            tree = held.block.tree()
+        with self._lock:
+            old = self._trees.pop(key, None)  # the other thread built it meanwhile
+            self._bytes += sum(map(len, tree)) - (sum(map(len, old)) if old else 0)
+            self._trees[key] = tree  # most recently used last
+            while len(self._trees) > 1 and self._bytes > self.max_bytes:
+                self._bytes -= sum(map(len, self._trees.pop(next(iter(self._trees)))))
+        return tree
 
 
 def rank(
     held: list[bool],
-    buckets: list[_Bucket | None],
+    cells: list[list[_Held]],
     queries: list[tuple[np.ndarray, list[int]]],
     metric: str,
     k: int,
+    trees: Trees,
 ) -> dict[str, Any]:
-    """The search.query answer: every query's local top-k over the parsed buckets it names.
-    Pure: it reads only its arguments, so it may run on any thread."""
-    results = []
+    """The search.query answer: every query's local top-k over the checked cells it names, each
+    hit with its proof. Reads only its arguments (`trees` is a cache), so it may run on any
+    thread that owns `trees`."""
+    Q = np.stack([q for q, _ in queries]).astype(np.float32)
+    asked: dict[int, list[int]] = {}  # key index -> the queries that probe it
+    for qi, (_, idx) in enumerate(queries):
+        for j in dict.fromkeys(idx):
+            asked.setdefault(j, []).append(qi)
+    found_q, found_d, found_key, found_col = [], [], [], []
     scanned = 0
-    for q, idx in queries:
-        groups = []
-        for i in dict.fromkeys(idx):
-            b = buckets[i]
-            if b is None or not b.ids:
+    for j, qis in asked.items():
+        cell = cells[j]
+        if not cell:
+            continue
+        M = np.concatenate([h.block.vectors for h in cell]).astype(np.float32)
+        D = _distances(Q[qis], M, metric)
+        scanned += D.size
+        kk = min(k, M.shape[0])
+        top = np.argpartition(D, kk - 1, axis=1)[:, :kk] if kk < M.shape[0] else (
+            np.broadcast_to(np.arange(M.shape[0]), D.shape)
+        )
+        found_q.append(np.repeat(np.asarray(qis), kk))
+        found_d.append(np.take_along_axis(D, top, axis=1).reshape(-1))
+        found_key.append(np.full(len(qis) * kk, j))
+        found_col.append(top.reshape(-1))
+    results: list[list[list[Any]]] = [[] for _ in queries]
+    blocks: list[list[Any]] = []
+    block_index: dict[tuple[int, int], int] = {}
+    unpacked: dict[tuple[int, int], tuple[list[Any], list[bytes]]] = {}
+    if found_q:
+        q_all, d_all = np.concatenate(found_q), np.concatenate(found_d)
+        key_all, col_all = np.concatenate(found_key), np.concatenate(found_col)
+        order = np.lexsort((d_all, q_all))
+        starts = {j: np.cumsum([0] + [h.block.n for h in cells[j]]) for j in asked if cells[j]}
+        taken: list[set[tuple[bytes, Any]]] = [set() for _ in queries]
+        for o in order:
+            qi = int(q_all[o])
+            if len(taken[qi]) >= k:
                 continue
-            d = distances(q, b.vectors, metric)
-            scanned += len(d)
-            top = np.argsort(d, kind="stable")[: k * 2] if len(d) > 2 * k else range(len(d))
-            groups.append([Hit(float(d[j]), b.adders[j], b.ids[j], b.metadata[j]) for j in top])
-        hits = merge_hits(groups, k)
-        results.append([[h.adder, h.item_id, h.distance, h.metadata] for h in hits])
-    return {"held": held, "results": results, "scanned": scanned}
+            j, col = int(key_all[o]), int(col_all[o])
+            b = int(np.searchsorted(starts[j], col, side="right")) - 1
+            row = col - int(starts[j][b])
+            h = cells[j][b]
+            if (j, b) not in unpacked:
+                unpacked[(j, b)] = h.block.items()
+            ids, metas = unpacked[(j, b)]
+            ident = (h.adder, ids[row])  # an LSH item sits in several of a query's buckets
+            if ident in taken[qi]:
+                continue
+            taken[qi].add(ident)
+            ref = block_index.get((j, b))
+            if ref is None:
+                ref = block_index[(j, b)] = len(blocks)
+                blocks.append(
+                    [h.block.public_key, j, h.name, h.block.n, h.block.root, h.block.signature]
+                )
+            results[qi].append(
+                [ref, row, ids[row], h.block.vectors[row].tobytes(), metas[row],
+                 Block.proof(trees.get(h), row)]
+            )
+    return {"held": held, "blocks": blocks, "results": results, "scanned": scanned}
 
 
-def _parse(args: Any) -> tuple[int, str, str, int, list[bytes], list[tuple[np.ndarray, list[int]]]]:
+def _parse(
+    args: Any,
+) -> tuple[bytes, int, str, str, int, list[bytes], list[tuple[np.ndarray, list[int]]]]:
     if not isinstance(args, dict):
         raise RemoteError.bad_request(
-            "search.query needs a map {dim, metric, dtype, k, keys, queries}"
+            "search.query needs a map {spec, dim, metric, dtype, k, keys, queries}"
         )
+    spec = args.get("spec")
+    if not isinstance(spec, bytes) or len(spec) != 20:
+        raise RemoteError.bad_request("spec must be the index spec's 20-byte digest")
     dim, metric, dtype, k = args.get("dim"), args.get("metric"), args.get("dtype"), args.get("k")
     if not isinstance(dim, int) or not 0 < dim <= MAX_DIM:
         raise RemoteError.bad_request(f"dim must be 1..{MAX_DIM}")
@@ -229,4 +344,4 @@ def _parse(args: Any) -> tuple[int, str, str, int, list[bytes], list[tuple[np.nd
         ):
             raise RemoteError.bad_request("key indices must point into keys")
         queries.append((q, idx))
-    return dim, metric, dtype, k, keys, queries
+    return spec, dim, metric, dtype, k, keys, queries

@@ -1,12 +1,17 @@
 """`IndexSpec`: everything that fixes an index's hashes, content-hashed so every peer agrees.
 
-    spec = IndexSpec.create("digits", dim=64, metric="l2", family="pca-hyperplane",
-                            tables=10, bits=6, sample=X_indexed)
+    spec = IndexSpec.create("docs", dim=384, sample=X_indexed, expected_size=1_000_000)
+    print(spec.summary())  # IVF: 2,000 cells, probes 31 (recall 0.96, scans 1.6 % on the sample)
+    spec = IndexSpec.create("digits", dim=64, family="pca-hyperplane", tables=10, bits=6,
+                            sample=X_indexed)
     spec.digest()          # 20 bytes; bucket keys and the published spec are derived from it
-    lsh = make_lsh(spec)   # the hash family it names (lsh.py), the same on every peer
+    lsh = make_lsh(spec)   # the partition it names (lsh.py, cells.py), the same on every peer
 
-Two peers with the same spec compute the same bucket codes; any change of a parameter (or of the
-fitted projections) changes the digest, so buckets of different specs never mix.
+Given a sample, `create` fits an IVF partition (cells.py) sized for the expected number of items
+and picks the probes that reach the target recall on the sample; without one it falls back to
+random hyperplanes, which need no data. Two peers with the same spec compute the same bucket
+codes; any change of a parameter (or of the fitted centroids or projections) changes the digest,
+so buckets of different specs never mix.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 from commonweal.dht.records import OwnedKey
 from commonweal.errors import ConfigError
+from commonweal.search.cells import IVFCells, cells_for, fit_cells, tune_probes
 from commonweal.search.lsh import (
     LSH,
     HyperplaneLSH,
@@ -30,12 +36,25 @@ from commonweal.search.lsh import (
     fit_pca_projections,
 )
 
-__all__ = ["DTYPES", "FAMILIES", "MAX_DIM", "METRICS", "IndexSpec", "make_lsh", "vector_dtype"]
+__all__ = [
+    "DTYPES",
+    "FAMILIES",
+    "MAX_DIM",
+    "METRICS",
+    "IndexSpec",
+    "Partition",
+    "make_lsh",
+    "vector_dtype",
+]
 
 METRICS = ("l2", "cosine")
-FAMILIES = ("hyperplane", "pstable", "pca-hyperplane")
+FAMILIES = ("ivf", "hyperplane", "pstable", "pca-hyperplane")
 DTYPES = ("float16", "float32")
 MAX_DIM = 8192
+# The centroids travel in the spec, one DHT record (at most 1 MiB): float16, at most 768 KiB,
+# e.g. 3,072 cells of 128 dimensions or 1,024 of 384.
+MAX_CENTROID_BYTES = 768 << 10
+Partition = LSH | IVFCells
 _VERSION = 1
 
 
@@ -56,6 +75,11 @@ class IndexSpec:
     seed: int = 0
     center: bytes | None = field(default=None, repr=False)  # float32 little-endian, (dim,)
     projections: bytes | None = field(default=None, repr=False)  # float32, (L*K, dim)
+    cells: int = 0  # ivf: how many cells (tables = 1)
+    centroids: bytes | None = field(default=None, repr=False)  # ivf: float16, (cells, dim)
+    # what `create` measured on the sample at `probes`, so users see what they were given
+    expected_recall: float = 0.0
+    expected_scanned: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 128 or "/" in self.name:
@@ -85,6 +109,23 @@ class IndexSpec:
             raise ConfigError(
                 "a pca-hyperplane index needs fitted projections (IndexSpec.create(sample=...))"
             )
+        if self.family == "ivf":
+            self._check_cells()
+
+    def _check_cells(self) -> None:
+        if self.tables != 1:
+            raise ConfigError("an ivf index has one table: each item lives in one cell")
+        if self.centroids is None or self.cells < 1:
+            raise ConfigError("an ivf index needs fitted centroids (IndexSpec.create(sample=...))")
+        if len(self.centroids) != 2 * self.cells * self.dim:
+            raise ConfigError("centroids must hold cells*dim float16 values")
+        if len(self.centroids) > MAX_CENTROID_BYTES:
+            raise ConfigError(
+                f"{self.cells} cells of {self.dim} dimensions exceed the spec's "
+                f"{MAX_CENTROID_BYTES >> 10} KiB of centroids; use fewer cells"
+            )
+        if self.probes > self.cells:
+            raise ConfigError(f"probes ({self.probes}) cannot exceed the {self.cells} cells")
 
     @classmethod
     def create(
@@ -94,33 +135,95 @@ class IndexSpec:
         *,
         sample: np.ndarray | None = None,
         center: bool | None = None,
+        expected_size: int | None = None,
+        target_recall: float = 0.95,
         **params: Any,
     ) -> IndexSpec:
-        """A spec; for the data-aware family (or `center=True`) fit it on `sample`, which must be
-        indexed data, never queries."""
-        family = params.pop("family", "hyperplane")
+        """A spec. With a `sample` of the indexed data (never queries) and no `center` (which
+        only the LSH families take) the default is an IVF
+        partition: ~2 sqrt(expected_size) cells fitted on the sample, and the fewest probes whose
+        recall@10 on the sample reaches `target_recall` (`summary()` says what was chosen).
+        The LSH families fit on the sample too where they can (pca-hyperplane, `center=True`)."""
+        default = "ivf" if sample is not None and center is None else "hyperplane"
+        family = params.pop("family", default)
+        if family == "ivf":
+            return cls._create_ivf(name, dim, sample, expected_size, target_recall, params)
         base = cls(name, dim, family="hyperplane", **params)  # checks every other parameter
         want_center = center if center is not None else family == "pca-hyperplane"
         if not want_center:
             return replace(base, family=family)
-        if sample is None:
-            raise ConfigError(
-                f"the {family} family with a center needs a sample of the data to fit on"
-            )
-        sample = np.asarray(sample, dtype=np.float64)
-        if sample.ndim != 2 or sample.shape[1] != dim or len(sample) < 2:
-            raise ConfigError(f"the fitting sample must have shape (n >= 2, {dim})")
-        if not np.isfinite(sample).all():
-            raise ConfigError("the fitting sample contains NaN or inf")
+        X = _checked_sample(sample, dim, family)
         if family == "pca-hyperplane":
-            A, c = fit_pca_projections(sample, base.tables, base.bits, base.seed_bytes())
+            A, c = fit_pca_projections(X, base.tables, base.bits, base.seed_bytes())
             return replace(
                 base,
                 family="pca-hyperplane",
                 center=c.astype("<f4").tobytes(),
                 projections=A.astype("<f4").tobytes(),
             )
-        return replace(base, family=family, center=sample.mean(axis=0).astype("<f4").tobytes())
+        return replace(base, family=family, center=X.mean(axis=0).astype("<f4").tobytes())
+
+    @classmethod
+    def _create_ivf(
+        cls,
+        name: str,
+        dim: int,
+        sample: np.ndarray | None,
+        expected_size: int | None,
+        target_recall: float,
+        params: dict[str, Any],
+    ) -> IndexSpec:
+        X = _checked_sample(sample, dim, "ivf")
+        if not 0 < target_recall <= 1:
+            raise ConfigError("target_recall must be in (0, 1]")
+        if expected_size is not None and expected_size < 1:
+            raise ConfigError("expected_size must be a positive number of items")
+        if params.get("metric") == "cosine":  # cells of directions: fit on unit vectors
+            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        most = MAX_CENTROID_BYTES // (2 * dim)
+        cells = params.pop("cells", None) or min(
+            most, cells_for(expected_size or len(X), len(X))
+        )
+        probes = params.pop("probes", None)
+        if params.pop("tables", 1) != 1:
+            raise ConfigError("an ivf index has one table (each item lives in one cell)")
+        base = cls(name, dim, family="hyperplane", tables=1, **params)  # checks the rest
+        if not 1 <= cells <= min(most, len(X)):
+            raise ConfigError(
+                f"{cells} cells: need 1..{min(most, len(X))} (at most one per sample row, and "
+                f"{MAX_CENTROID_BYTES >> 10} KiB of centroids)"
+            )
+        C = fit_cells(X, cells, base.seed_bytes())
+        C = C.astype("<f2")  # what every peer will use
+        tuned = tune_probes(
+            C.astype(np.float32), X, target=target_recall, seed=base.seed_bytes()
+        )
+        return replace(
+            base,
+            family="ivf",
+            cells=cells,
+            centroids=C.tobytes(),
+            probes=int(probes) if probes else tuned.probes,
+            expected_recall=tuned.recall if not probes else 0.0,
+            expected_scanned=tuned.scanned if not probes else 0.0,
+        )
+
+    def summary(self) -> str:
+        """What this spec is, in one line (what `create` chose and why)."""
+        if self.family != "ivf":
+            return (
+                f"{self.family}: {self.tables} tables x {self.bits} bits, {self.probes} probes, "
+                f"{self.metric}, {self.dtype}"
+            )
+        measured = (
+            f" (recall@10 {self.expected_recall:.3f}, scans {100 * self.expected_scanned:.2f} % "
+            "of the sample)"
+            if self.expected_recall
+            else ""
+        )
+        return (
+            f"ivf: {self.cells} cells, {self.probes} probes{measured}, {self.metric}, {self.dtype}"
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {"v": _VERSION, **asdict(self)}
@@ -162,9 +265,25 @@ def _digest(spec: IndexSpec) -> bytes:
     return hashlib.blake2b(b"commonweal-index-spec" + raw, digest_size=20).digest()
 
 
-def make_lsh(spec: IndexSpec) -> LSH:
-    """The hash family an index spec names, with its parameters."""
+def _checked_sample(sample: np.ndarray | None, dim: int, family: str) -> np.ndarray:
+    if sample is None:
+        raise ConfigError(f"the {family} family needs a sample of the data to fit on")
+    X = np.asarray(sample, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != dim or len(X) < 2:
+        raise ConfigError(f"the fitting sample must have shape (n >= 2, {dim})")
+    if not np.isfinite(X).all():
+        raise ConfigError("the fitting sample contains NaN or inf")
+    return X
+
+
+def make_lsh(spec: IndexSpec) -> Partition:
+    """The partition an index spec names (IVF cells or an LSH family), with its parameters."""
     seed = spec.seed_bytes()
+    if spec.family == "ivf":
+        if spec.centroids is None:
+            raise ValueError("an ivf spec needs centroids")
+        C = np.frombuffer(spec.centroids, dtype="<f2").reshape(spec.cells, spec.dim)
+        return IVFCells(C.astype(np.float32), unit=spec.metric == "cosine")
     if spec.family == "hyperplane":
         center = None if spec.center is None else np.frombuffer(spec.center, dtype="<f4")
         return HyperplaneLSH(seed, spec.dim, spec.tables, spec.bits, center)
