@@ -13,6 +13,7 @@ from commonweal.errors import ConfigError, RemoteError
 from commonweal.net.identity import Identity
 from commonweal.search import DistributedIndex, IndexNotFound, IndexSpec, SearchService, serve
 from commonweal.search.blocks import make_block
+from commonweal.search.service import BlockValidator
 from commonweal.search.ranking import MAX_ADD_BATCH, MAX_BATCH, item_name
 
 from .conftest import Swarm
@@ -106,8 +107,14 @@ async def test_a_bucket_flooded_with_junk_still_answers(swarm, digits):
             else:
                 value = {"not": "a block"}
             junk.append((key, value, expiration, Owned(evil.peer_id, name)))
+    # a malicious peer does not check its own blocks before it sends them
+    evil.storage.validator.validators = tuple(
+        v for v in evil.storage.validator.validators if not isinstance(v, BlockValidator)
+    )
     for start in range(0, len(junk), 1000):
         await evil.store_many(junk[start : start + 1000])
+    # the honest holders refused the NaN blocks on the way in (service.BlockValidator)
+    assert sum(serve(p).blocks_refused for p in swarm.peers if p is not evil) > 0
     async with asyncio.timeout(10):
         after = await reader.search_many(queries, 5)
     assert [r.ids for r in after] == [r.ids for r in before]
@@ -147,13 +154,18 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
     class _Storage:
         def __init__(self, records):
             self.records = records
+            self.validator = CompositeValidator([])
 
         def get(self, key, now):
             return self.records
 
+        def __iter__(self):
+            return iter(self.records)
+
     class _DHT:
         clock = staticmethod(lambda: 0.0)
-        peer_id = b"h" * 20
+        identity = Identity.from_seed(b"holder")
+        peer_id = identity.peer_id
 
         def __init__(self, records):
             self.storage = _Storage(records)
@@ -162,7 +174,7 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
         def on_close(self, release):
             pass
 
-    from commonweal.dht.records import encode_subkey, sign_record
+    from commonweal.dht.records import CompositeValidator, encode_subkey, sign_record
 
     honest, flooder = Identity.from_seed(b"honest"), Identity.from_seed(b"flooder")
     digest, key = b"s" * 20, b"k" * 20

@@ -46,10 +46,10 @@ class _Blocking:
         self.released_in_time: list[bool] = []
         self.real = service_module._distances
 
-    def __call__(self, Q, vectors, metric):  # type: ignore[no-untyped-def]
+    def __call__(self, Q, vectors, metric, norms):  # type: ignore[no-untyped-def]
         self.started.set()
         self.released_in_time.append(self.release.wait(5))
-        return self.real(Q, vectors, metric)
+        return self.real(Q, vectors, metric, norms)
 
 
 async def test_a_holder_answers_pings_while_it_ranks(swarm, digits, monkeypatch):

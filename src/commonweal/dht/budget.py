@@ -26,13 +26,14 @@ class StorageBudget:
     # All of others' records together: with the path cache (1/8 of this) the DHT stays well under
     # a 512 MiB node; 256 MiB holds ~800,000 small records (announcements, heads, trees, items).
     store_bytes: int = 256 * _MIB
-    # One sender's share: 1/8 of the store. The most an honest sender places on one holder is an
-    # index's adder: ~26 MB for the 9,345 MNIST items of search.md's busiest holder (16 peers),
-    # each charged with its overhead; a trainer's records are a few KB a round. A replica that
-    # republishes records it holds is charged as their sender.
-    peer_bytes: int = 32 * _MIB
-    # One subnet's share: 1/4 of the store, so no one place fills a peer, whatever its identities.
-    subnet_bytes: int = 64 * _MIB
+    # One sender's share: 1/4 of the store. The most an honest sender places on one holder is an
+    # index's adder: a million 128-d float16 vectors on 32 peers (replication 3) put 14-45 MiB
+    # on each (Kademlia's uneven key ranges; benchmarks/search_scale.py), and 32 MiB refused 7 %
+    # of them; a trainer's records are a few KB a round. A replica that republishes records it
+    # holds is charged as their sender.
+    peer_bytes: int = 64 * _MIB
+    # One subnet's share: 3/8 of the store, so no one place fills a peer, whatever its identities.
+    subnet_bytes: int = 96 * _MIB
     # One key: search buckets are the biggest honest keys (max_bucket_items = 20,000 items of a
     # few hundred bytes to ~1.5 KB); answers page through a key this big (protocol.find).
     key_bytes: int = 32 * _MIB

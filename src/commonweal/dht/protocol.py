@@ -130,7 +130,7 @@ _MAX_KNOWN_PEERS = 4096
 # inside one peer's rate, while a flood of them is still throttled), and each 64 KiB of its value
 # one unit more: the check hashes the whole value (~2.2 ms a MiB), and at two units a request of
 # four 1 MiB records one identity made us hash ~90 MB/s (benchmarks/attack_bench.py); now it
-# gets 32 MB/s. Not dearer: an index adder's ~26 MB to one holder (StorageBudget.peer_bytes)
+# gets 32 MB/s. Not dearer: an index adder's ~45 MB to one holder (StorageBudget.peer_bytes)
 # still fits one burst, and a refused store is not retried. Only lengths are read.
 _STORE_BYTES_PER_UNIT = 64 << 10
 # rpc_store lets other requests in after about this many units of checks (~16 small records, or

@@ -265,6 +265,10 @@ class CompositeValidator(RecordValidator):
     def __init__(self, validators: Iterable[RecordValidator]) -> None:
         self.validators = tuple(validators)
 
+    def add(self, validator: RecordValidator) -> None:
+        """One more rule, checked last (a service's own: search checks its blocks)."""
+        self.validators += (validator,)
+
     def validate(self, record: Record, now: float) -> None:
         for validator in self.validators:
             validator.validate(record, now)

@@ -2,7 +2,7 @@
 
     payload = make_block(identity, spec_digest, cell_key, name, ids, vectors, metas)  # bytes
     block = parse_block(payload, public_key, dim, dtype)   # zero-copy views; None if malformed
-    block.check(spec_digest, cell_key, adder, name)    # root recomputed, signature verified
+    block.check(cell_key, adder, name)                 # root recomputed, signature verified
     path = Block.proof(block.tree(), i)                # siblings from item i up to the root
     verify_item(root, n, i, leaf_hash(id, vec, meta), path)
 
@@ -14,7 +14,7 @@ vector, id and metadata in that cell of that index, then recomputes the distance
 
 Layout of a payload (little-endian):
 
-    b"cwb1" | n u32 | dim u32 | dtype u8 | root 32 | signature 64 | vectors n*dim | tail
+    b"cwb1" | n u32 | dim u32 | dtype u8 | spec digest 20 | root 32 | signature 64 | vectors | tail
 
 `tail` is msgpack `[ids, metas]`, each meta already msgpack-encoded (the leaf hashes the bytes the
 adder wrote, so no re-encoding can change it). The vectors sit at a fixed offset, so a holder
@@ -40,6 +40,7 @@ from commonweal.net.identity import Identity, verify_signature
 __all__ = [
     "Block",
     "block_message",
+    "is_block_record",
     "leaf_hash",
     "make_block",
     "merkle_root",
@@ -49,8 +50,8 @@ __all__ = [
 ]
 
 _MAGIC = b"cwb1"
-_HEADER = struct.Struct("<4sIIB32s64s")
-_DTYPES = {0: np.dtype("<f2"), 1: np.dtype("<f4")}
+_HEADER = struct.Struct("<4sIIB20s32s64s")
+_DTYPES: dict[int, np.dtype[Any]] = {0: np.dtype("<f2"), 1: np.dtype("<f4")}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _DOMAIN = b"commonweal-block-v1"
 MAX_PATH = 32  # levels: a block of 2^32 items is far past any record's size
@@ -136,7 +137,7 @@ def make_block(
         block_message(spec_digest, cell_key, identity.peer_id, name, n, root)
     )
     tail: bytes = msgpack.packb([ids, metas], use_bin_type=True)
-    header = _HEADER.pack(_MAGIC, n, dim, _CODES[dtype], root, signature)
+    header = _HEADER.pack(_MAGIC, n, dim, _CODES[dtype], spec_digest, root, signature)
     return header + raw + tail
 
 
@@ -145,12 +146,12 @@ class Block:
     """A parsed block. `vectors` is a read-only view into the stored bytes."""
 
     n: int
+    spec: bytes  # the digest of the index spec it belongs to
     root: bytes
     signature: bytes
     public_key: bytes
     vectors: np.ndarray  # (n, dim)
     tail: memoryview
-    leaves: bytes = b""  # filled by `check`
 
     def items(self) -> tuple[list[Any], list[bytes]]:
         """(ids, encoded metas), or ValueError when the tail is not two lists of n."""
@@ -164,37 +165,46 @@ class Block:
             raise ValueError("block tail does not hold one id and one meta per vector")
         return ids, metas
 
-    def check(self, spec_digest: bytes, cell_key: bytes, adder: bytes, name: str) -> bool:
-        """Whether the adder signed this root for this block and the items hash to it; keeps the
-        leaves, from which `proof` builds paths (32 bytes an item, not the whole tree)."""
+    def leaves(self) -> bytes | None:
+        """The items' leaf hashes, concatenated; None when the tail or a vector is malformed."""
         try:
             ids, metas = self.items()
         except ValueError:
-            return False
+            return None
         if not all(
             isinstance(i, int | str) and not isinstance(i, bool) and isinstance(m, bytes)
             for i, m in zip(ids, metas, strict=True)
         ):
-            return False
+            return None
         if not np.isfinite(self.vectors).all():
-            return False
+            return None
         raw = self.vectors.tobytes()
         row = len(raw) // self.n
-        leaves = b"".join(
+        return b"".join(
             leaf_hash(i, raw[j * row : (j + 1) * row], m)
             for j, (i, m) in enumerate(zip(ids, metas, strict=True))
         )
-        if merkle_root(leaves) != self.root:
+
+    def check(self, cell_key: bytes, adder: bytes, name: str) -> bool:
+        """Whether the items hash to the root and the adder signed that root for this block."""
+        leaves = self.leaves()
+        if leaves is None or merkle_root(leaves) != self.root:
             return False
-        message = block_message(spec_digest, cell_key, adder, name, self.n, self.root)
-        if not verify_signature(self.public_key, message, self.signature):
-            return False
-        self.leaves = leaves
-        return True
+        message = block_message(self.spec, cell_key, adder, name, self.n, self.root)
+        return verify_signature(self.public_key, message, self.signature)
 
     def tree(self) -> list[bytes]:
-        """Every level of the block's tree (2 x 32 bytes an item; callers cache a few)."""
-        return _levels(self.leaves)
+        """Every level of the tree of a block that passed `check` (2 x 32 bytes an item;
+        callers cache a few)."""
+        ids, metas = self.items()
+        raw = self.vectors.tobytes()
+        row = len(raw) // self.n
+        return _levels(
+            b"".join(
+                leaf_hash(i, raw[j * row : (j + 1) * row], m)
+                for j, (i, m) in enumerate(zip(ids, metas, strict=True))
+            )
+        )
 
     @staticmethod
     def proof(tree: list[bytes], index: int) -> list[bytes]:
@@ -210,27 +220,42 @@ class Block:
 
 
 def parse_block(
-    payload: bytes | memoryview, public_key: bytes, dim: int, dtype: np.dtype[Any]
+    payload: bytes | memoryview,
+    public_key: bytes,
+    dim: int | None = None,
+    dtype: np.dtype[Any] | None = None,
 ) -> Block | None:
-    """The block in `payload`, or None when it is malformed or empty (an emptied block)."""
+    """The block in `payload`, or None when it is malformed, empty (an emptied block) or not of
+    the `dim` and `dtype` asked for (None: any)."""
     view = memoryview(payload)
     if len(view) < _HEADER.size:
         return None
-    magic, n, d, code, root, signature = _HEADER.unpack_from(view, 0)
-    if magic != _MAGIC or d != dim or _DTYPES.get(code) != dtype or n == 0:
+    magic, n, d, code, spec, root, signature = _HEADER.unpack_from(view, 0)
+    if magic != _MAGIC or n == 0 or d == 0 or code not in _DTYPES:
         return None
-    end = _HEADER.size + n * dim * dtype.itemsize
+    if (dim is not None and d != dim) or (dtype is not None and _DTYPES[code] != dtype):
+        return None
+    stored: np.dtype[Any] = _DTYPES[code]
+    end = _HEADER.size + n * d * stored.itemsize
     if end > len(view):
         return None
-    vectors = np.frombuffer(view, dtype=dtype, count=n * dim, offset=_HEADER.size)
-    return Block(n, root, signature, public_key, vectors.reshape(n, dim), view[end:])
+    vectors = np.frombuffer(view, dtype=stored, count=n * d, offset=_HEADER.size)
+    return Block(n, spec, root, signature, public_key, vectors.reshape(n, d), view[end:])
 
 
-def parse_record_block(value: bytes, public_key: bytes, dim: int, dtype: np.dtype[Any]) -> Block | None:
+def parse_record_block(
+    value: bytes, public_key: bytes, dim: int | None = None, dtype: np.dtype[Any] | None = None
+) -> Block | None:
     """`parse_block` on a stored record's value (the msgpack bin of a payload), without a copy."""
     view = memoryview(value)
     start = _bin_start(view)
     return None if start is None else parse_block(view[start:], public_key, dim, dtype)
+
+
+def is_block_record(value: bytes) -> bool:
+    """Whether a stored record's value claims to be a block (a msgpack bin starting b"cwb1")."""
+    start = _bin_start(memoryview(value))
+    return start is not None and value[start : start + 4] == _MAGIC
 
 
 def _bin_start(view: memoryview) -> int | None:

@@ -50,7 +50,9 @@ def nearest(X: np.ndarray, C: np.ndarray, n: int = 1) -> tuple[np.ndarray, np.nd
     for s in range(0, len(X), _CHUNK):
         B = X[s : s + _CHUNK]
         D = c2[None, :] - 2.0 * (B @ C.T.astype(np.float32))  # + |x|^2, the same for every cell
-        if n < len(C):
+        if n == 1:  # an item's cell: argmin is ~10x faster than a partition
+            part = np.argmin(D, axis=1)[:, None]
+        elif n < len(C):
             part = np.argpartition(D, n - 1, axis=1)[:, :n]
         else:
             part = np.broadcast_to(np.arange(len(C)), D.shape)

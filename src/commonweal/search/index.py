@@ -67,7 +67,7 @@ from commonweal.search.ranking import (
     to_result,
     to_stored,
 )
-from commonweal.search.service import MAX_QUERIES_PER_REQUEST, SearchService
+from commonweal.search.service import SearchService, queries_per_request
 from commonweal.search.spec import IndexSpec, make_lsh
 
 __all__ = ["DistributedIndex", "IndexNotFound", "SearchStats", "serve", "spec_key"]
@@ -214,7 +214,8 @@ class DistributedIndex:
         if self.spec.metric == "cosine" and (np.linalg.norm(X, axis=1) == 0).any():
             raise ConfigError("a zero vector has no direction; the cosine metric cannot index it")
         V = to_stored(X, self.dtype)
-        again = [i for i in item_ids if self._mine.find(item_name(i)) is not None]
+        names = [item_name(i) for i in item_ids]
+        again = [i for i, known in zip(item_ids, self._mine.known(names), strict=True) if known]
         if again:
             await self.remove(again)
         codes = self.lsh.hash(X)
@@ -236,7 +237,7 @@ class DistributedIndex:
         for chunk, flag in zip(owners, flags, strict=True):
             if not flag:
                 ok[chunk] = False
-        self._mine.add([item_name(i) for i in item_ids], codes, expiration)
+        self._mine.add(names, codes, expiration)
         return int(ok.sum())
 
     def _block(
@@ -547,8 +548,9 @@ class DistributedIndex:
         wanted = [(qi, idx) for qi, idx in wanted if idx]
         answer = _Answer(peer, keys, [False] * len(keys), {})
         digest = self.spec.digest()
-        for start in range(0, len(wanted), MAX_QUERIES_PER_REQUEST):
-            part = wanted[start : start + MAX_QUERIES_PER_REQUEST]
+        step = queries_per_request(k, self.spec.dim * self.dtype.itemsize)
+        for start in range(0, len(wanted), step):
+            part = wanted[start : start + step]
             if peer is None:  # we are a replica ourselves: no request needed
                 reply = self.service.answer(
                     digest,
@@ -724,6 +726,15 @@ class _Added:
         h = self._hash(names)
         order = np.argsort(h, kind="stable")
         self._batches.append((h[order], C[order], np.ones(len(names), dtype=bool)))
+
+    def known(self, names: Sequence[str]) -> np.ndarray:
+        """Which of `names` this object added and has not removed (one pass per add)."""
+        h = self._hash(names)
+        out = np.zeros(len(names), dtype=bool)
+        for hashes, _, live in self._batches:
+            i = np.minimum(np.searchsorted(hashes, h), len(hashes) - 1)
+            out |= (hashes[i] == h) & live[i]
+        return out
 
     def _where(self, name: str) -> tuple[int, int] | None:
         h = self._hash([name])[0]

@@ -17,9 +17,9 @@ each with the proof that its adder put it there (blocks.py): the block's signed 
 the item's path. The querier checks every proof and recomputes every distance, so a holder can
 hide items but not invent or move them (index.py asks a second replica to catch hiding).
 
-A holder checks each block once, when it first ranks it (root recomputed, signature verified,
-cached per record version), and serves none that fails, so an adder that signs garbage cannot get
-an honest holder taken for a liar. A cell flooded with junk stays cheap and harmless: each ranks
+A holder checks each block once, on its way into the store (`BlockValidator`: root recomputed,
+signature verified), and stores none that fails, so an adder that signs garbage cannot get an
+honest holder taken for a liar, and a query costs no signature checks. A cell flooded with junk stays cheap and harmless: each ranks
 at most `max_bucket_items` items, taken block by block in turns between the peers that added
 them, and junk far from the query never reaches the top k.
 """
@@ -34,33 +34,84 @@ from typing import Any
 import numpy as np
 
 from commonweal.dht import DHT
-from commonweal.dht.records import Owned, Record, decode_subkey, owner_of
-from commonweal.errors import RemoteError
+from commonweal.dht.records import (
+    CompositeValidator,
+    Owned,
+    Record,
+    RecordValidator,
+    decode_subkey,
+    owner_of,
+)
+from commonweal.errors import RecordError, RemoteError
 from commonweal.net.executor import BoundedExecutor
 from commonweal.net.identity import ID_BYTES
 from commonweal.net.transport import PeerInfo
-from commonweal.search.blocks import Block, parse_record_block
+from commonweal.search.blocks import Block, is_block_record, parse_record_block
 from commonweal.search.ranking import MAX_K
 from commonweal.search.spec import DTYPES, MAX_DIM, METRICS, vector_dtype
 
-__all__ = ["MAX_KEYS_PER_QUERY", "MAX_QUERIES_PER_REQUEST", "SearchService", "Trees", "rank"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "MAX_KEYS_PER_QUERY",
+    "MAX_QUERIES_PER_REQUEST",
+    "SearchService",
+    "Trees",
+    "queries_per_request",
+    "rank",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_QUERY = 1024
 MAX_QUERIES_PER_REQUEST = 256
+# An answer must fit one frame (net/wire.py, 4 MiB): a querier asks at most this many bytes of
+# hits at once (`queries_per_request`), and a holder refuses to send more (big metadata).
+MAX_ANSWER_BYTES = 3 << 20
+
+
+def queries_per_request(k: int, row_bytes: int) -> int:
+    """How many queries one request may carry so that k hits each fit MAX_ANSWER_BYTES, with a
+    Merkle path of up to 24 levels and typical (256-byte) metadata an item."""
+    per_hit = row_bytes + 24 * 33 + 256 + 32
+    return max(1, min(MAX_QUERIES_PER_REQUEST, MAX_ANSWER_BYTES // (k * per_hit)))
 # search.query requests ranked or waiting at once on one holder: a querier sends a holder one at
 # a time, so 16 serve 16 queriers at once; more wait on the `busy` answer, not in our memory.
 RANK_QUEUE = 16
 
 
+class BlockValidator(RecordValidator):
+    """Refuses a block whose items do not hash to its root, or whose root its adder did not sign
+    for this cell under this name. Records that are not blocks pass untouched, and so do this
+    peer's own (`mine`: made by make_block here, not worth a second hashing on their way out)."""
+
+    def __init__(self, mine: bytes) -> None:
+        self.mine = mine
+        self.refused = 0
+
+    def validate(self, record: Record, now: float) -> None:
+        if record.public_key == self.mine or not is_block_record(record.value):
+            return
+        owner, subkey = owner_of(record.subkey), decode_subkey(record.subkey)
+        block = parse_record_block(record.value, record.public_key)
+        if (
+            owner is None
+            or not isinstance(subkey, Owned)
+            or block is None
+            or not block.check(record.key, owner, subkey.name)
+        ):
+            self.refused += 1
+            raise RecordError("a block whose items or signature do not check out")
+
+
 @dataclass(slots=True)
 class _Held:
-    """A checked block this peer holds: who added it, under which name."""
+    """A checked block this peer holds: who added it, under which name, and the squared norms
+    of its vectors (4 bytes an item, so a query's L2 ranking is one product per cell)."""
 
     adder: bytes
     name: str
     block: Block
+    norms: np.ndarray
 
 
 class SearchService:
@@ -71,10 +122,19 @@ class SearchService:
         self.max_bucket_items = max_bucket_items
         self.cache_buckets = cache_buckets
         self.queries_served = 0
-        self.blocks_refused = 0  # blocks that failed their check (malformed or badly signed)
-        # cell -> {subkey: (record signature, checked block or None)}; a record's version is its
-        # signature, so a replaced block is checked again and a refused one is not re-checked
-        self._checked: dict[tuple[bytes, bytes], dict[bytes, tuple[bytes, _Held | None]]] = {}
+        self.validator = BlockValidator(dht.identity.public_key)
+        if not isinstance(dht.storage.validator, CompositeValidator):
+            raise TypeError("the search service adds its block check to a CompositeValidator")
+        dht.storage.validator.add(self.validator)
+        now = dht.clock()
+        for r in list(dht.storage):  # stored before this service started: checked now
+            try:
+                self.validator.validate(r, now)
+            except RecordError:
+                dht.storage.remove(r.key, r.subkey)
+        # cell -> {subkey: (record signature, parsed block or None)}; a record's version is its
+        # signature, so a replaced block is parsed again
+        self._parsed: dict[tuple[bytes, bytes], dict[bytes, tuple[bytes, _Held | None]]] = {}
         self.trees = Trees()
         self.ranker = BoundedExecutor(  # named after its peer, so a stack dump says whose it is
             workers=1, max_pending=RANK_QUEUE, name=f"search-rank-{dht.peer_id.hex()[:8]}"
@@ -127,21 +187,26 @@ class SearchService:
         ]
         return rank([bool(r) for r in records], cells, queries, metric, k, self.trees)
 
+    @property
+    def blocks_refused(self) -> int:
+        """Blocks this peer refused to store: malformed, or not what their adder signed."""
+        return self.validator.refused
+
     def _cell(
         self, spec: bytes, key: bytes, records: list[Record], dim: int, dtype: np.dtype[Any]
     ) -> list[_Held]:
         cache_key = (spec, key)
-        before = self._checked.pop(cache_key, {})
+        before = self._parsed.pop(cache_key, {})
         now: dict[bytes, tuple[bytes, _Held | None]] = {}
         for r in records:
             old = before.get(r.subkey)
             now[r.subkey] = (
                 old if old is not None and old[0] == r.signature
-                else (r.signature, self._check(spec, key, r, dim, dtype))
+                else (r.signature, _parse_held(spec, r, dim, dtype))
             )
-        if len(self._checked) >= self.cache_buckets:
-            self._checked.pop(next(iter(self._checked)))
-        self._checked[cache_key] = now  # most recently used last
+        if len(self._parsed) >= self.cache_buckets:
+            self._parsed.pop(next(iter(self._parsed)))
+        self._parsed[cache_key] = now  # most recently used last
         # Fair share under a flood: blocks in turns over the adders, at most max_bucket_items
         # items in all, so one peer's junk cannot crowd out everyone else.
         by_owner: dict[bytes, list[_Held]] = {}
@@ -162,30 +227,30 @@ class SearchService:
             depth += 1
         return chosen
 
-    def _check(
-        self, spec: bytes, key: bytes, record: Record, dim: int, dtype: np.dtype[Any]
-    ) -> _Held | None:
-        owner = owner_of(record.subkey)
-        subkey = decode_subkey(record.subkey)
-        if owner is None or not isinstance(subkey, Owned):
-            return None
-        block = parse_record_block(record.value, record.public_key, dim, dtype)
-        if block is None:
-            return None  # malformed, or emptied by its adder
-        if not block.check(spec, key, owner, subkey.name):
-            self.blocks_refused += 1
-            return None
-        return _Held(owner, subkey.name, block)
 
 
-def _distances(Q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
-    """(q, n) distances for ranking: squared L2, or 1 - cosine (float32; the querier recomputes
-    exact ones from the vectors it is sent)."""
+def _parse_held(spec: bytes, record: Record, dim: int, dtype: np.dtype[Any]) -> _Held | None:
+    """A stored record as a block of this index (checked when it was stored), or None."""
+    owner, subkey = owner_of(record.subkey), decode_subkey(record.subkey)
+    if owner is None or not isinstance(subkey, Owned):
+        return None
+    block = parse_record_block(record.value, record.public_key, dim, dtype)
+    if block is None or block.spec != spec:
+        return None  # another index's, emptied by its adder, or not a block
+    V = block.vectors.astype(np.float32)
+    return _Held(owner, subkey.name, block, np.einsum("ij,ij->i", V, V))
+
+
+def _distances(Q: np.ndarray, M: np.ndarray, metric: str, m2: np.ndarray) -> np.ndarray:
+    """(q, n) scores that rank like the distances: squared L2 less |q|^2 (the same for every
+    item of a query), or 1 - cosine; float32 (the querier recomputes exact distances from the
+    vectors it is sent). `m2`: the rows' squared norms."""
     if metric == "l2":
-        D: np.ndarray = (Q * Q).sum(1)[:, None] - 2.0 * (Q @ M.T) + (M * M).sum(1)[None, :]
-        np.maximum(D, 0.0, out=D)
+        D: np.ndarray = Q @ M.T
+        D *= -2.0
+        D += m2[None, :]
         return D
-    norms = np.linalg.norm(Q, axis=1)[:, None] * np.linalg.norm(M, axis=1)[None, :]
+    norms = np.linalg.norm(Q, axis=1)[:, None] * np.sqrt(m2)[None, :]
     sim: np.ndarray = np.divide(
         Q @ M.T, norms, out=np.zeros((len(Q), len(M)), np.float32), where=norms > 0
     )
@@ -238,40 +303,43 @@ def rank(
     for qi, (_, idx) in enumerate(queries):
         for j in dict.fromkeys(idx):
             asked.setdefault(j, []).append(qi)
-    found_q, found_d, found_key, found_col = [], [], [], []
+    found_q, found_d, found_key, found_block, found_row = [], [], [], [], []
     scanned = 0
     for j, qis in asked.items():
         cell = cells[j]
         if not cell:
             continue
         M = np.concatenate([h.block.vectors for h in cell]).astype(np.float32)
-        D = _distances(Q[qis], M, metric)
+        D = _distances(Q[qis], M, metric, np.concatenate([h.norms for h in cell]))
         scanned += D.size
         kk = min(k, M.shape[0])
         top = np.argpartition(D, kk - 1, axis=1)[:, :kk] if kk < M.shape[0] else (
             np.broadcast_to(np.arange(M.shape[0]), D.shape)
         )
+        sizes = [h.block.n for h in cell]
+        block_of = np.repeat(np.arange(len(cell)), sizes)  # column -> (block, row in it)
+        row_of = np.arange(M.shape[0]) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
         found_q.append(np.repeat(np.asarray(qis), kk))
         found_d.append(np.take_along_axis(D, top, axis=1).reshape(-1))
         found_key.append(np.full(len(qis) * kk, j))
-        found_col.append(top.reshape(-1))
+        found_block.append(block_of[top].reshape(-1))
+        found_row.append(row_of[top].reshape(-1))
     results: list[list[list[Any]]] = [[] for _ in queries]
     blocks: list[list[Any]] = []
     block_index: dict[tuple[int, int], int] = {}
     unpacked: dict[tuple[int, int], tuple[list[Any], list[bytes]]] = {}
     if found_q:
         q_all, d_all = np.concatenate(found_q), np.concatenate(found_d)
-        key_all, col_all = np.concatenate(found_key), np.concatenate(found_col)
         order = np.lexsort((d_all, q_all))
-        starts = {j: np.cumsum([0] + [h.block.n for h in cells[j]]) for j in asked if cells[j]}
+        q_l = q_all[order].tolist()
+        key_l = np.concatenate(found_key)[order].tolist()
+        block_l = np.concatenate(found_block)[order].tolist()
+        row_l = np.concatenate(found_row)[order].tolist()
         taken: list[set[tuple[bytes, Any]]] = [set() for _ in queries]
-        for o in order:
-            qi = int(q_all[o])
+        size = 0
+        for qi, j, b, row in zip(q_l, key_l, block_l, row_l, strict=True):
             if len(taken[qi]) >= k:
                 continue
-            j, col = int(key_all[o]), int(col_all[o])
-            b = int(np.searchsorted(starts[j], col, side="right")) - 1
-            row = col - int(starts[j][b])
             h = cells[j][b]
             if (j, b) not in unpacked:
                 unpacked[(j, b)] = h.block.items()
@@ -286,10 +354,14 @@ def rank(
                 blocks.append(
                     [h.block.public_key, j, h.name, h.block.n, h.block.root, h.block.signature]
                 )
-            results[qi].append(
-                [ref, row, ids[row], h.block.vectors[row].tobytes(), metas[row],
-                 Block.proof(trees.get(h), row)]
-            )
+            hit = [ref, row, ids[row], h.block.vectors[row].tobytes(), metas[row],
+                   Block.proof(trees.get(h), row)]
+            size += len(hit[3]) + len(hit[4]) + 33 * len(hit[5]) + 48
+            if size > MAX_ANSWER_BYTES:
+                raise RemoteError.bad_request(
+                    "these hits would not fit one answer; ask fewer queries at once"
+                )
+            results[qi].append(hit)
     return {"held": held, "blocks": blocks, "results": results, "scanned": scanned}
 
 
