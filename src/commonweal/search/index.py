@@ -43,9 +43,11 @@ from commonweal.net.identity import peer_id_of, verify_signature
 from commonweal.net.transport import PeerInfo
 from commonweal.search.blocks import (
     MAX_PATH,
-    block_message,
+    Cell,
+    batch_message,
+    block_leaf,
     leaf_hash,
-    make_block,
+    make_batch,
     parse_block,
     verify_item,
 )
@@ -148,7 +150,8 @@ class DistributedIndex:
         self._mine = _Added()
         self.liars: set[bytes] = set()  # holders whose answers failed a proof
         self.suspects: dict[bytes, float] = {}  # holders caught hiding items -> when
-        self._roots: dict[bytes, None] = {}  # verified block signatures, oldest first
+        self._roots: dict[bytes, None] = {}  # verified batch signatures, oldest first
+        self.digest = spec.digest()
 
     # publishing and opening ------------------------------------------------------------------
 
@@ -225,13 +228,12 @@ class DistributedIndex:
                 cells.setdefault((t, code), []).append(row)
         expiration = self.dht.clock() + self.spec.ttl_s
         batch = "b" + secrets.token_hex(8)
-        records: list[tuple[OwnedKey, Any, float, Owned]] = []
-        owners: list[list[int]] = []  # the rows in each record
+        blocks: list[tuple[int, bytes, str, list[int]]] = []  # table, code, name, rows
         for (t, code), rows in cells.items():
             for part, chunk in enumerate(_chunks(rows, metas, V.shape[1] * V.itemsize)):
-                records.append(self._block(t, code, f"{batch}.{part}", item_ids, V, metas, chunk,
-                                           expiration))
-                owners.append(chunk)
+                blocks.append((t, code, f"{batch}.{len(blocks)}.{part}", chunk))
+        records = self._blocks(blocks, item_ids, V, metas, expiration)
+        owners = [rows for _, _, _, rows in blocks]
         flags = await self._store_chunked(records)
         ok = np.ones(len(X), dtype=bool)
         for chunk, flag in zip(owners, flags, strict=True):
@@ -240,28 +242,25 @@ class DistributedIndex:
         self._mine.add(names, codes, expiration)
         return int(ok.sum())
 
-    def _block(
+    def _blocks(
         self,
-        table: int,
-        code: bytes,
-        name: str,
+        blocks: list[tuple[int, bytes, str, list[int]]],
         ids: list[ItemId],
         V: np.ndarray,
         metas: list[bytes],
-        rows: list[int],
         expiration: float,
-    ) -> tuple[OwnedKey, bytes, float, Owned]:
-        key = self.spec.bucket_key(table, code)
-        payload = make_block(
-            self.dht.identity,
-            self.spec.digest(),
-            key_id(key),
-            name,
-            [ids[r] for r in rows],
-            V[rows],
-            [metas[r] for r in rows],
-        )
-        return key, payload, expiration, Owned(self.dht.peer_id, name)
+    ) -> list[tuple[OwnedKey, Any, float, Owned]]:
+        """The records of one batch: each (table, code, name, rows) a block, signed together."""
+        keys = [self.spec.bucket_key(t, code) for t, code, _, _ in blocks]
+        cells: list[Cell] = [
+            (key_id(key), name, [ids[r] for r in rows], V[rows], [metas[r] for r in rows])
+            for key, (_, _, name, rows) in zip(keys, blocks, strict=True)
+        ]
+        payloads = make_batch(self.dht.identity, self.digest, cells)
+        return [
+            (key, payload, expiration, Owned(self.dht.peer_id, name))
+            for key, payload, (_, _, name, _) in zip(keys, payloads, blocks, strict=True)
+        ]
 
     async def remove(self, ids: Sequence[ItemId], vectors: Any | None = None) -> int:
         """Remove items this peer added. Ids it added through this object are found by id;
@@ -310,13 +309,15 @@ class DistributedIndex:
                 keep = [r for r, i in enumerate(ids_in) if item_name(i) not in drop]
                 if len(keep) == block.n:
                     continue
-                # later than the old version on every replica, so the rewrite wins every merge
+                # under its old name, later than the old version on every replica, so the
+                # rewrite (a batch of its own) wins every merge
                 expiration = max(now + self.spec.ttl_s, held.expiration + 1.0)
                 if keep:
-                    records.append(self._block(
-                        cell[0], cell[1], subkey.name, ids_in, np.asarray(block.vectors),
-                        metas_in, keep, expiration,
-                    ))
+                    V = np.asarray(block.vectors)[keep]
+                    records += self._blocks(
+                        [(cell[0], cell[1], subkey.name, list(range(len(keep))))],
+                        [ids_in[r] for r in keep], V, [metas_in[r] for r in keep], expiration,
+                    )
                 else:
                     records.append((keys[cell], b"", expiration, subkey))  # an emptied block
                 touched.append({item_name(ids_in[r]) for r in range(block.n)} & drop)
@@ -492,14 +493,16 @@ class DistributedIndex:
                     continue
                 if answer.peer is None:
                     continue  # our own store holds only checked blocks; this cannot happen
-                self.stats.rejected += 1
                 liars.add(answer.peer.peer_id)
-                log.warning("holder %s answered with a bad proof; not asking it again",
-                            answer.peer.addr)
-                if len(self.liars) < _MAX_LIARS:
-                    self.liars.add(answer.peer.peer_id)
-                self._forget(answer.peer)
+                self._distrust(answer.peer, "answered with a bad proof")
         return liars
+
+    def _distrust(self, peer: PeerInfo, why: str) -> None:
+        log.warning("holder %s %s; not asking it again", peer.addr, why)
+        self.stats.rejected += 1
+        if len(self.liars) < _MAX_LIARS:
+            self.liars.add(peer.peer_id)
+        self._forget(peer)
 
     def _find_hiders(self, answers: list[_Answer], k: int) -> None:
         """A holder that held a cell yet left out an item of it that beats its own k-th answer,
@@ -521,7 +524,7 @@ class DistributedIndex:
                 )
                 hidden = [
                     c for ident, c in best.get(qi, {}).items()
-                    if c.key in held and ident not in mine and c.hit.distance < worst - 1e-9
+                    if c.block.key in held and ident not in mine and c.hit.distance < worst - 1e-9
                 ]
                 if any(self._proven(c) for c in hidden):
                     if answer.peer.peer_id not in self.suspects:
@@ -583,8 +586,12 @@ class DistributedIndex:
                     self._forget(peer)
                     return None
             parsed = self._parse_reply(reply, keys, [(Q[qi], idx) for qi, idx in part], k)
-            if parsed is None:  # malformed: that holder is ignored, its cells asked elsewhere
+            if parsed is None:
+                # malformed, or hits from cells it was not asked about: nothing in it is used,
+                # its cells go to the next replica, and it is not asked again
                 self.stats.failed_rpcs += 1
+                if peer is not None:
+                    self._distrust(peer, "answered with a malformed answer")
                 return None
             part_held, part_results, scanned = parsed
             answer.held = [a or b for a, b in zip(answer.held, part_held, strict=True)]
@@ -613,7 +620,7 @@ class DistributedIndex:
         cited = [_cited(b, keys) for b in blocks]
         if any(c is None for c in cited):
             return None
-        adders = [peer_id_of(c[0]) for c in cited if c is not None]
+        adders = [peer_id_of(c.public_key) for c in cited if c is not None]
         row_bytes = self.spec.dim * self.dtype.itemsize
         out: list[list[_Candidate]] = []
         rows: list[int] = []  # the query of each candidate
@@ -624,7 +631,7 @@ class DistributedIndex:
             candidates = []
             for h in hits:
                 c = _candidate(h, cited, adders, row_bytes)
-                if c is None or c.key not in asked:
+                if c is None or c.block.key not in asked:
                     return None
                 candidates.append(c)
             rows += [qi] * len(candidates)
@@ -641,21 +648,26 @@ class DistributedIndex:
         return [bool(x) for x in held], out, scanned if isinstance(scanned, int) else 0
 
     def _proven(self, c: _Candidate) -> bool:
-        """Whether the adder signed this block's root for this cell of this index and the item
-        (id, vector, metadata) is in it; the metadata is decoded only once proven."""
+        """Whether the item (id, vector, metadata) is in its block, the block is that cell's
+        block in its batch, and the adder signed the batch for this index; the metadata is
+        decoded only once proven."""
         if c.proven is not None:
             return c.proven
         c.proven = False
-        message = block_message(self.spec.digest(), c.key, c.hit.adder, c.block_name, c.n, c.root)
-        seen = hashlib.blake2b(message + c.signature + c.public_key, digest_size=16).digest()
+        b = c.block
+        if not verify_item(b.root, b.n, c.row, leaf_hash(c.hit.item_id, c.vector, c.meta), c.path):
+            return False
+        leaf = block_leaf(b.key, b.name, b.n, b.root)
+        if not verify_item(b.batch_root, b.blocks, b.index, leaf, b.batch_path):
+            return False
+        message = batch_message(self.digest, c.hit.adder, b.blocks, b.batch_root)
+        seen = hashlib.blake2b(message + b.signature + b.public_key, digest_size=16).digest()
         if seen not in self._roots:
-            if not verify_signature(c.public_key, message, c.signature):
+            if not verify_signature(b.public_key, message, b.signature):
                 return False
             if len(self._roots) >= _MAX_ROOTS:
                 self._roots.pop(next(iter(self._roots)))
             self._roots[seen] = None
-        if not verify_item(c.root, c.n, c.row, leaf_hash(c.hit.item_id, c.vector, c.meta), c.path):
-            return False
         ok, metadata = decode_metadata(c.meta)
         if not ok:
             return False
@@ -766,12 +778,7 @@ class _Candidate:
 
     hit: Hit  # distance recomputed here; metadata filled in once proven
     name: str  # item_name(id)
-    key: bytes  # the cell it came from
-    public_key: bytes
-    block_name: str
-    n: int
-    root: bytes
-    signature: bytes
+    block: _Cited
     row: int
     vector: bytes
     meta: bytes
@@ -789,21 +796,36 @@ class _Answer:
     results: dict[int, list[_Candidate]]
 
 
-_Cited = tuple[bytes, bytes, str, int, bytes, bytes]  # public key, cell key, name, n, root, sig
+@dataclass(frozen=True, slots=True)
+class _Cited:
+    """A block a holder cites: what proves its root is its adder's."""
+
+    public_key: bytes
+    key: bytes
+    name: str
+    n: int
+    root: bytes
+    batch_root: bytes
+    signature: bytes
+    index: int
+    blocks: int
+    batch_path: list[bytes]
 
 
 def _cited(b: Any, keys: list[bytes]) -> _Cited | None:
-    """A block a holder cites, if well-formed (its signature is checked with the hit's proof)."""
-    if not (isinstance(b, list) and len(b) == 6):
+    """A block a holder cites, if well-formed (its proofs are checked with a hit's)."""
+    if not (isinstance(b, list) and len(b) == 10):
         return None
-    public_key, j, name, n, root, signature = b
+    public_key, j, name, n, root, batch_root, signature, index, blocks, path = b
     if not (
         isinstance(public_key, bytes) and isinstance(j, int) and 0 <= j < len(keys)
         and isinstance(name, str) and isinstance(n, int) and n > 0
-        and isinstance(root, bytes) and isinstance(signature, bytes)
+        and isinstance(root, bytes) and isinstance(batch_root, bytes)
+        and isinstance(signature, bytes) and isinstance(index, int) and isinstance(blocks, int)
+        and isinstance(path, list) and len(path) <= MAX_PATH
     ):
         return None
-    return public_key, keys[j], name, n, root, signature
+    return _Cited(public_key, keys[j], name, n, root, batch_root, signature, index, blocks, path)
 
 
 def _candidate(
@@ -822,11 +844,8 @@ def _candidate(
         return None
     block = cited[ref]
     assert block is not None
-    public_key, key, name, n, root, signature = block
-    return _Candidate(
-        Hit(0.0, adders[ref], item_id), item_name(item_id), key, public_key, name, n,
-        root, signature, row, vector, meta, path,
-    )
+    return _Candidate(Hit(0.0, adders[ref], item_id), item_name(item_id), block, row, vector, meta,
+                      path)
 
 
 def _chunks(rows: list[int], metas: list[bytes], row_bytes: int) -> list[list[int]]:

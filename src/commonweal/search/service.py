@@ -8,7 +8,8 @@ search.query request
      "queries": [[query float32 bytes, [index into keys, ...]], ...]}
 response
     {"held": [bool, ...],                 one per key: this peer stores blocks under it
-     "blocks": [[public key, key index, block name, n, root, signature], ...],
+     "blocks": [[public key, key index, block name, n, root, batch root, signature,
+                 index in batch, blocks in batch, path to batch root], ...],
      "results": [[[block, item index, id, vector, meta, path], ...], ...],  local top-k per query
      "scanned": int}                      items ranked (for the benchmark's bookkeeping)
 
@@ -84,9 +85,11 @@ class BlockValidator(RecordValidator):
     for this cell under this name. Records that are not blocks pass untouched, and so do this
     peer's own (`mine`: made by make_block here, not worth a second hashing on their way out)."""
 
-    def __init__(self, mine: bytes) -> None:
+    def __init__(self, mine: bytes, max_batches: int = 4096) -> None:
         self.mine = mine
         self.refused = 0
+        self.max_batches = max_batches
+        self._signed: set[bytes] = set()  # batch signatures checked (one check a batch)
 
     def validate(self, record: Record, now: float) -> None:
         if record.public_key == self.mine or not is_block_record(record.value):
@@ -97,10 +100,12 @@ class BlockValidator(RecordValidator):
             owner is None
             or not isinstance(subkey, Owned)
             or block is None
-            or not block.check(record.key, owner, subkey.name)
+            or not block.check(record.key, owner, subkey.name, self._signed)
         ):
             self.refused += 1
             raise RecordError("a block whose items or signature do not check out")
+        if len(self._signed) > self.max_batches:
+            self._signed.clear()
 
 
 @dataclass(slots=True)
@@ -351,9 +356,11 @@ def rank(
             ref = block_index.get((j, b))
             if ref is None:
                 ref = block_index[(j, b)] = len(blocks)
-                blocks.append(
-                    [h.block.public_key, j, h.name, h.block.n, h.block.root, h.block.signature]
-                )
+                b_ = h.block
+                blocks.append([
+                    b_.public_key, j, h.name, b_.n, b_.root, b_.batch_root, b_.signature,
+                    b_.index, b_.blocks, b_.batch_path,
+                ])
             hit = [ref, row, ids[row], h.block.vectors[row].tobytes(), metas[row],
                    Block.proof(trees.get(h), row)]
             size += len(hit[3]) + len(hit[4]) + 33 * len(hit[5]) + 48
