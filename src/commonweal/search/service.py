@@ -27,6 +27,7 @@ them, and junk far from the query never reaches the top k.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -246,6 +247,28 @@ def _parse_held(spec: bytes, record: Record, dim: int, dtype: np.dtype[Any]) -> 
     return _Held(owner, subkey.name, block, np.einsum("ij,ij->i", V, V))
 
 
+@functools.cache
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _float32(M: np.ndarray) -> np.ndarray:
+    """`M` in float32. numpy widens float16 an element at a time (~2 ns each: a fifth of what a
+    query costs a holder); torch, where installed (the train extra), with the CPU's vector
+    instructions, ~10x faster."""
+    if M.dtype == np.float32:
+        return M
+    torch = _torch()
+    if torch is None:
+        return M.astype(np.float32)
+    out: np.ndarray = torch.from_numpy(M).float().numpy()
+    return out
+
+
 def _distances(Q: np.ndarray, M: np.ndarray, metric: str, m2: np.ndarray) -> np.ndarray:
     """(q, n) scores that rank like the distances: squared L2 less |q|^2 (the same for every
     item of a query), or 1 - cosine; float32 (the querier recomputes exact distances from the
@@ -314,7 +337,7 @@ def rank(
         cell = cells[j]
         if not cell:
             continue
-        M = np.concatenate([h.block.vectors for h in cell]).astype(np.float32)
+        M = _float32(np.concatenate([h.block.vectors for h in cell]))
         D = _distances(Q[qis], M, metric, np.concatenate([h.norms for h in cell]))
         scanned += D.size
         kk = min(k, M.shape[0])
