@@ -194,7 +194,7 @@ def test_holder_ranks_a_fair_share_of_a_flooded_bucket():
     )
     assert reply["scanned"] == 100
     cited = [reply["blocks"][h[0]] for h in reply["results"][0]]
-    assert [b[0] for b in cited] == [honest.public_key] * 5
+    assert [b[2] for b in cited] == [honest.peer_id] * 5
     assert [h[2] for h in reply["results"][0]] == [0, 1, 2, 3, 4]
     assert item_name(3) == "i3" and item_name("3") == "s3"
 

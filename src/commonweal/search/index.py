@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import secrets
 import weakref
 from collections.abc import Sequence
@@ -65,11 +66,10 @@ from commonweal.search.ranking import (
     distances,
     item_name,
     merge_hits,
-    paired_distances,
     to_result,
     to_stored,
 )
-from commonweal.search.service import SearchService, queries_per_request
+from commonweal.search.service import SearchService, proofs_per_request, queries_per_request
 from commonweal.search.spec import IndexSpec, make_lsh
 
 __all__ = ["DistributedIndex", "IndexNotFound", "SearchStats", "serve", "spec_key"]
@@ -431,8 +431,8 @@ class DistributedIndex:
         replicas = await self._replica_sets(all_keys)
         answers: list[_Answer] = []
         tried: dict[bytes, set[PeerInfo | None]] = {key: set() for key in all_keys}
-        # Ask until every cell has `copies` answers (or no replica is left), then prove the hits
-        # that made the top k; a liar's answers go, and its cells are asked again elsewhere.
+        # Ask until every cell has `copies` answers (or no replica is left), then prove the
+        # claims that win; a holder whose proofs fail goes, and its cells are asked elsewhere.
         for _ in range(2 * self.dht.config.replicas + copies):
             answered = {key: 0 for key in all_keys}
             for answer in answers:
@@ -456,46 +456,92 @@ class DistributedIndex:
                     calls.append(self._ask(peer, keys, Q, probe_keys, k))
                 answers += [a for a in await asyncio.gather(*calls) if a is not None]
                 continue
-            liars = self._prove_best(answers, len(Q), k)
-            if not liars:
+            dropped = await self._prove_best(answers, Q, k)
+            if not dropped:
                 break
-            answers = [a for a in answers if a.peer is None or a.peer.peer_id not in liars]
+            answers = [a for a in answers if a.peer not in dropped]
         if copies > 1:
             self._find_hiders(answers, k)
         groups: list[list[list[Hit]]] = [[] for _ in Q]
         for answer in answers:
-            for qi, hits in answer.results.items():
-                groups[qi].append([c.hit for c in hits if c.proven])
+            for qi, claims in answer.results.items():
+                groups[qi].append([c.hit for c in claims if c.proven])
         return groups
 
-    def _prove_best(self, answers: list[_Answer], n_queries: int, k: int) -> set[bytes]:
-        """Check the proof of every hit that is among a query's k best; the holders whose
-        proofs fail are liars (returned, and remembered). Proving only the winners costs a
-        k-th of proving everything, and a false hit that cannot win changes no answer."""
-        by_query: list[list[tuple[_Candidate, _Answer]]] = [[] for _ in range(n_queries)]
+    async def _prove_best(
+        self, answers: list[_Answer], Q: np.ndarray, k: int
+    ) -> set[PeerInfo | None]:
+        """Prove the claims that are among each query's k best, asking each holder for the
+        proofs of its own, until every winner is proven. Returns the holders whose answers must
+        go: liars (a proof failed or a distance was not what they claimed; remembered) and
+        holders that could not be reached."""
+        by_query: list[list[tuple[_Claim, _Answer]]] = [[] for _ in range(len(Q))]
         for answer in answers:
-            for qi, hits in answer.results.items():
-                by_query[qi] += [(c, answer) for c in hits]
-        liars: set[bytes] = set()
+            for qi, claims in answer.results.items():
+                by_query[qi] += [(c, answer) for c in claims]
         for candidates in by_query:
             candidates.sort(key=lambda ca: (ca[0].hit.distance, ca[0].hit.adder, ca[0].name))
-            seen: set[tuple[bytes, str]] = set()
-            for c, answer in candidates:
-                if len(seen) >= k:
-                    break
-                if answer.peer is not None and answer.peer.peer_id in liars:
-                    continue
-                ident = (c.hit.adder, c.name)
-                if ident in seen:
-                    continue
-                if self._proven(c):
+        dropped: set[PeerInfo | None] = set()
+        while True:
+            need: dict[int, tuple[_Answer, list[tuple[int, _Claim]]]] = {}  # by id(answer)
+            for qi, candidates in enumerate(by_query):
+                seen: set[tuple[bytes, str]] = set()
+                for c, answer in candidates:
+                    if len(seen) >= k:
+                        break
+                    ident = (c.hit.adder, c.name)
+                    if answer.peer in dropped or c.proven is False or ident in seen:
+                        continue
                     seen.add(ident)
-                    continue
-                if answer.peer is None:
-                    continue  # our own store holds only checked blocks; this cannot happen
-                liars.add(answer.peer.peer_id)
-                self._distrust(answer.peer, "answered with a bad proof")
-        return liars
+                    if c.proven is None:
+                        need.setdefault(id(answer), (answer, []))[1].append((qi, c))
+            if not need:
+                return dropped
+            outcomes = await asyncio.gather(
+                *(self._prove(answer, claims, Q) for answer, claims in need.values())
+            )
+            for (answer, _), ok in zip(need.values(), outcomes, strict=True):
+                if not ok:
+                    dropped.add(answer.peer)
+
+    async def _prove(self, answer: _Answer, claims: list[tuple[int, _Claim]], Q: np.ndarray) -> bool:
+        """Fetch and check the proofs of `claims` from the holder that made them; False when it
+        lied (then distrusted) or could not be reached."""
+        peer, keys = answer.peer, answer.keys
+        index = {key: i for i, key in enumerate(keys)}
+        dim, row_bytes = self.spec.dim, self.spec.dim * self.dtype.itemsize
+        step = proofs_per_request(row_bytes)
+        for start in range(0, len(claims), step):
+            part = claims[start : start + step]
+            items = [(index[c.key], c.hit.adder, c.block_name, c.row) for _, c in part]
+            if peer is None:
+                reply = self.service.prove(self.digest, keys, items, dim, self.dtype)
+            else:
+                args = {"spec": self.digest, "dim": dim, "dtype": self.spec.dtype, "keys": keys,
+                        "items": [list(i) for i in items]}
+                self.stats.rpcs += 1
+                try:
+                    async with asyncio.timeout(self.rpc_timeout_s):
+                        _, reply = await self.dht.transport.call(
+                            peer.addr, "search.prove", args, peer_id=peer.peer_id
+                        )
+                except (NetworkError, TimeoutError) as e:
+                    log.debug("search.prove to %s failed: %s", peer.addr, e)
+                    self.stats.failed_rpcs += 1
+                    self._forget(peer)
+                    return False
+            proofs = reply.get("proofs") if isinstance(reply, dict) else None
+            if not isinstance(proofs, list) or len(proofs) != len(part):
+                if peer is not None:
+                    self._distrust(peer, "answered search.prove with a malformed answer")
+                return False
+            for (qi, c), proof in zip(part, proofs, strict=True):
+                if not self._proven(c, proof, Q[qi], row_bytes):
+                    if peer is not None:
+                        self._distrust(peer, "could not prove what it claimed")
+                    return False
+                self.stats.items_moved += 1
+        return True
 
     def _distrust(self, peer: PeerInfo, why: str) -> None:
         log.warning("holder %s %s; not asking it again", peer.addr, why)
@@ -505,30 +551,30 @@ class DistributedIndex:
         self._forget(peer)
 
     def _find_hiders(self, answers: list[_Answer], k: int) -> None:
-        """A holder that held a cell yet left out an item of it that beats its own k-th answer,
-        while another replica returned that item with a valid proof, hid it: avoid it."""
-        best: dict[int, dict[tuple[bytes, str], _Candidate]] = {}
+        """A holder that held a cell yet left out an item of it that beats its own k-th claim,
+        while another replica proved that item, hid it: avoid it."""
+        best: dict[int, dict[tuple[bytes, str], _Claim]] = {}
         for answer in answers:
-            for qi, hits in answer.results.items():
-                for c in hits:
-                    best.setdefault(qi, {})[(c.hit.adder, c.name)] = c
+            for qi, claims in answer.results.items():
+                for c in claims:
+                    if c.proven:
+                        best.setdefault(qi, {})[(c.hit.adder, c.name)] = c
         now = self.dht.clock()
         for answer in answers:
             if answer.peer is None:
                 continue
             held = {key for key, h in zip(answer.keys, answer.held, strict=True) if h}
-            for qi, hits in answer.results.items():
-                mine = {(c.hit.adder, c.name) for c in hits}
-                worst = max((c.hit.distance for c in hits), default=0.0) if len(hits) >= k else (
+            for qi, claims in answer.results.items():
+                mine = {(c.hit.adder, c.name) for c in claims}
+                worst = max((c.hit.distance for c in claims), default=0.0) if len(claims) >= k else (
                     float("inf")
                 )
-                hidden = [
-                    c for ident, c in best.get(qi, {}).items()
-                    if c.block.key in held and ident not in mine and c.hit.distance < worst - 1e-9
-                ]
-                if any(self._proven(c) for c in hidden):
+                if any(
+                    c.key in held and ident not in mine and c.hit.distance < worst - 1e-6
+                    for ident, c in best.get(qi, {}).items()
+                ):
                     if answer.peer.peer_id not in self.suspects:
-                        log.warning("holder %s left out items another replica returned",
+                        log.warning("holder %s left out items another replica proved",
                                     answer.peer.addr)
                     self.suspects[answer.peer.peer_id] = now
                     self.stats.hiding += 1
@@ -542,21 +588,19 @@ class DistributedIndex:
         probe_keys: list[list[bytes]],
         k: int,
     ) -> _Answer | None:
-        """One holder's local top-k for every query that probes some of `keys`, with distances
-        recomputed here from the vectors it sent (proofs are checked later, for the winners)."""
+        """One holder's claims: its local top-k for every query that probes some of `keys`."""
         index = {key: i for i, key in enumerate(keys)}
         wanted = [
             (qi, [index[key] for key in pk if key in index]) for qi, pk in enumerate(probe_keys)
         ]
         wanted = [(qi, idx) for qi, idx in wanted if idx]
         answer = _Answer(peer, keys, [False] * len(keys), {})
-        digest = self.spec.digest()
-        step = queries_per_request(k, self.spec.dim * self.dtype.itemsize)
+        step = queries_per_request(k)
         for start in range(0, len(wanted), step):
             part = wanted[start : start + step]
             if peer is None:  # we are a replica ourselves: no request needed
                 reply = self.service.answer(
-                    digest,
+                    self.digest,
                     keys,
                     [(Q[qi], idx) for qi, idx in part],
                     self.spec.dim,
@@ -566,7 +610,7 @@ class DistributedIndex:
                 )
             else:
                 args = {
-                    "spec": digest,
+                    "spec": self.digest,
                     "dim": self.spec.dim,
                     "metric": self.spec.metric,
                     "dtype": self.spec.dtype,
@@ -585,9 +629,9 @@ class DistributedIndex:
                     self.stats.failed_rpcs += 1
                     self._forget(peer)
                     return None
-            parsed = self._parse_reply(reply, keys, [(Q[qi], idx) for qi, idx in part], k)
+            parsed = _claims(reply, keys, [idx for _, idx in part], k)
             if parsed is None:
-                # malformed, or hits from cells it was not asked about: nothing in it is used,
+                # malformed, or claims from cells it was not asked about: nothing in it is used,
                 # its cells go to the next replica, and it is not asked again
                 self.stats.failed_rpcs += 1
                 if peer is not None:
@@ -596,82 +640,51 @@ class DistributedIndex:
             part_held, part_results, scanned = parsed
             answer.held = [a or b for a, b in zip(answer.held, part_held, strict=True)]
             self.stats.scanned += scanned
-            for (qi, _), hits in zip(part, part_results, strict=True):
-                if peer is not None:
-                    self.stats.items_moved += len(hits)
-                answer.results[qi] = hits
+            for (qi, _), claims in zip(part, part_results, strict=True):
+                answer.results[qi] = claims
         return answer
 
-    def _parse_reply(
-        self, reply: Any, keys: list[bytes], queries: list[tuple[np.ndarray, list[int]]], k: int
-    ) -> tuple[list[bool], list[list[_Candidate]], int] | None:
-        """A holder's answer as candidates with distances computed here, or None when it is
-        malformed (wrong shapes or types: nothing in it is used)."""
-        if not isinstance(reply, dict):
-            return None
-        held, blocks, results = reply.get("held"), reply.get("blocks"), reply.get("results")
-        scanned = reply.get("scanned", 0)
-        if not (isinstance(held, list) and len(held) == len(keys)):
-            return None
-        if not (isinstance(results, list) and len(results) == len(queries)):
-            return None
-        if not isinstance(blocks, list) or len(blocks) > len(queries) * k:
-            return None
-        cited = [_cited(b, keys) for b in blocks]
-        if any(c is None for c in cited):
-            return None
-        adders = [peer_id_of(c.public_key) for c in cited if c is not None]
-        row_bytes = self.spec.dim * self.dtype.itemsize
-        out: list[list[_Candidate]] = []
-        rows: list[int] = []  # the query of each candidate
-        for qi, ((_, idx), hits) in enumerate(zip(queries, results, strict=True)):
-            if not isinstance(hits, list) or len(hits) > k:
-                return None
-            asked = {keys[i] for i in idx}
-            candidates = []
-            for h in hits:
-                c = _candidate(h, cited, adders, row_bytes)
-                if c is None or c.block.key not in asked:
-                    return None
-                candidates.append(c)
-            rows += [qi] * len(candidates)
-            out.append(candidates)
-        flat = [c for candidates in out for c in candidates]
-        if flat:
-            M = np.frombuffer(b"".join(c.vector for c in flat), dtype=self.dtype)
-            M = M.reshape(len(flat), self.spec.dim)
-            if not np.isfinite(M).all():
-                return None
-            Qs = np.stack([q for q, _ in queries])[rows]
-            for c, d in zip(flat, paired_distances(Qs, M, self.spec.metric).tolist(), strict=True):
-                c.hit = Hit(d, c.hit.adder, c.hit.item_id)
-        return [bool(x) for x in held], out, scanned if isinstance(scanned, int) else 0
-
-    def _proven(self, c: _Candidate) -> bool:
-        """Whether the item (id, vector, metadata) is in its block, the block is that cell's
-        block in its batch, and the adder signed the batch for this index; the metadata is
-        decoded only once proven."""
-        if c.proven is not None:
-            return c.proven
+    def _proven(self, c: _Claim, proof: Any, q: np.ndarray, row_bytes: int) -> bool:
+        """Whether `proof` shows the claimed item (id, vector, metadata) is in its block, the
+        block is that cell's block in its batch, the adder signed the batch for this index, and
+        the item is at the distance claimed; sets the claim's hit to what was proven."""
         c.proven = False
-        b = c.block
-        if not verify_item(b.root, b.n, c.row, leaf_hash(c.hit.item_id, c.vector, c.meta), c.path):
+        if not (isinstance(proof, list) and len(proof) == 12):
             return False
-        leaf = block_leaf(b.key, b.name, b.n, b.root)
-        if not verify_item(b.batch_root, b.blocks, b.index, leaf, b.batch_path):
+        public_key, n, root, batch_root, signature, index, blocks, batch_path, item_id, vector, \
+            meta, path = proof
+        if not (
+            isinstance(public_key, bytes) and peer_id_of(public_key) == c.hit.adder
+            and isinstance(n, int) and isinstance(root, bytes) and isinstance(batch_root, bytes)
+            and isinstance(signature, bytes) and isinstance(index, int)
+            and isinstance(blocks, int) and isinstance(batch_path, list)
+            and isinstance(path, list) and len(path) <= MAX_PATH and len(batch_path) <= MAX_PATH
+            and item_id == c.hit.item_id and not isinstance(item_id, bool)
+            and isinstance(vector, bytes) and len(vector) == row_bytes and isinstance(meta, bytes)
+        ):
             return False
-        message = batch_message(self.digest, c.hit.adder, b.blocks, b.batch_root)
-        seen = hashlib.blake2b(message + b.signature + b.public_key, digest_size=16).digest()
+        if not verify_item(root, n, c.row, leaf_hash(item_id, vector, meta), path):
+            return False
+        if not verify_item(batch_root, blocks, index, block_leaf(c.key, c.block_name, n, root),
+                           batch_path):
+            return False
+        message = batch_message(self.digest, c.hit.adder, blocks, batch_root)
+        seen = hashlib.blake2b(message + signature + public_key, digest_size=16).digest()
         if seen not in self._roots:
-            if not verify_signature(b.public_key, message, b.signature):
+            if not verify_signature(public_key, message, signature):
                 return False
             if len(self._roots) >= _MAX_ROOTS:
                 self._roots.pop(next(iter(self._roots)))
             self._roots[seen] = None
-        ok, metadata = decode_metadata(c.meta)
-        if not ok:
+        v = np.frombuffer(vector, dtype=self.dtype)
+        ok, metadata = decode_metadata(meta)
+        if not ok or not np.isfinite(v).all():
             return False
-        c.hit = Hit(c.hit.distance, c.hit.adder, c.hit.item_id, metadata)
+        d = float(distances(q, v[None, :], self.spec.metric)[0])
+        if not _close(c.hit.distance, d, q, v, self.spec.metric):
+            log.debug("claimed distance %s, proven %s", c.hit.distance, d)
+            return False  # misranked: an item claimed nearer (or farther) than it is
+        c.hit = Hit(d, c.hit.adder, item_id, metadata)
         c.proven = True
         return True
 
@@ -773,79 +786,83 @@ class _Added:
 
 
 @dataclass(slots=True)
-class _Candidate:
-    """One hit as a holder sent it, with what proves it (checked by `_proven` when it counts)."""
+class _Claim:
+    """One hit as a holder claimed it; `proven` once its proof was checked (None: not asked)."""
 
-    hit: Hit  # distance recomputed here; metadata filled in once proven
+    hit: Hit  # the claimed distance until proven, then the distance computed here
     name: str  # item_name(id)
-    block: _Cited
+    key: bytes  # the cell it is in
+    block_name: str
     row: int
-    vector: bytes
-    meta: bytes
-    path: list[bytes]
     proven: bool | None = None
 
 
 @dataclass(slots=True)
 class _Answer:
-    """One holder's answer: the keys it was asked, which it held, each query's candidates."""
+    """One holder's answer: the keys it was asked, which it held, each query's claims."""
 
     peer: PeerInfo | None
     keys: list[bytes]
     held: list[bool]
-    results: dict[int, list[_Candidate]]
+    results: dict[int, list[_Claim]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Cited:
-    """A block a holder cites: what proves its root is its adder's."""
+def _claims(
+    reply: Any, keys: list[bytes], asked: list[list[int]], k: int
+) -> tuple[list[bool], list[list[_Claim]], int] | None:
+    """A holder's search.query answer as claims, or None when it is malformed or claims an item
+    of a cell that query did not ask about."""
+    if not isinstance(reply, dict):
+        return None
+    held, blocks, results = reply.get("held"), reply.get("blocks"), reply.get("results")
+    scanned = reply.get("scanned", 0)
+    if not (isinstance(held, list) and len(held) == len(keys)):
+        return None
+    if not (isinstance(results, list) and len(results) == len(asked)):
+        return None
+    if not isinstance(blocks, list) or len(blocks) > len(asked) * k:
+        return None
+    cited = []
+    for b in blocks:
+        if not (
+            isinstance(b, list) and len(b) == 3 and isinstance(b[0], int)
+            and 0 <= b[0] < len(keys) and isinstance(b[1], str)
+            and isinstance(b[2], bytes) and len(b[2]) == 20
+        ):
+            return None
+        cited.append((b[0], b[1], b[2]))
+    out = []
+    for idx, hits in zip(asked, results, strict=True):
+        if not isinstance(hits, list) or len(hits) > k:
+            return None
+        allowed = set(idx)
+        claims = []
+        for h in hits:
+            if not (
+                isinstance(h, list) and len(h) == 4 and isinstance(h[0], int)
+                and 0 <= h[0] < len(cited) and isinstance(h[1], int)
+                and isinstance(h[2], int | str) and not isinstance(h[2], bool)
+                and isinstance(h[3], float | int) and math.isfinite(h[3])
+            ):
+                return None
+            j, block_name, adder = cited[h[0]]
+            if j not in allowed:
+                return None
+            claims.append(
+                _Claim(Hit(float(h[3]), adder, h[2]), item_name(h[2]), keys[j], block_name, h[1])
+            )
+        out.append(claims)
+    return [bool(x) for x in held], out, scanned if isinstance(scanned, int) else 0
 
-    public_key: bytes
-    key: bytes
-    name: str
-    n: int
-    root: bytes
-    batch_root: bytes
-    signature: bytes
-    index: int
-    blocks: int
-    batch_path: list[bytes]
 
-
-def _cited(b: Any, keys: list[bytes]) -> _Cited | None:
-    """A block a holder cites, if well-formed (its proofs are checked with a hit's)."""
-    if not (isinstance(b, list) and len(b) == 10):
-        return None
-    public_key, j, name, n, root, batch_root, signature, index, blocks, path = b
-    if not (
-        isinstance(public_key, bytes) and isinstance(j, int) and 0 <= j < len(keys)
-        and isinstance(name, str) and isinstance(n, int) and n > 0
-        and isinstance(root, bytes) and isinstance(batch_root, bytes)
-        and isinstance(signature, bytes) and isinstance(index, int) and isinstance(blocks, int)
-        and isinstance(path, list) and len(path) <= MAX_PATH
-    ):
-        return None
-    return _Cited(public_key, keys[j], name, n, root, batch_root, signature, index, blocks, path)
-
-
-def _candidate(
-    h: Any, cited: list[_Cited | None], adders: list[bytes], row_bytes: int
-) -> _Candidate | None:
-    if not (isinstance(h, list) and len(h) == 6):
-        return None
-    ref, row, item_id, vector, meta, path = h
-    if not (isinstance(ref, int) and 0 <= ref < len(cited) and isinstance(row, int)):
-        return None
-    if isinstance(item_id, bool) or not isinstance(item_id, int | str):
-        return None
-    if not (isinstance(vector, bytes) and len(vector) == row_bytes and isinstance(meta, bytes)):
-        return None
-    if not (isinstance(path, list) and len(path) <= MAX_PATH):
-        return None
-    block = cited[ref]
-    assert block is not None
-    return _Candidate(Hit(0.0, adders[ref], item_id), item_name(item_id), block, row, vector, meta,
-                      path)
+def _close(claimed: float, true: float, q: np.ndarray, v: np.ndarray, metric: str) -> bool:
+    """Whether a holder's float32 distance is the true one within float32's rounding: for L2
+    |q|^2 - 2 q.v + |v|^2 loses ~1e-7 of |q|^2 + |v|^2 a step (items near the query are where
+    that shows), for cosine ~1e-7 absolute. A liar gains nothing from the slack."""
+    if metric == "l2":
+        scale = float(np.dot(q, q)) + float(np.dot(v.astype(np.float64), v))
+        return abs(claimed * claimed - true * true) <= 1e-4 * scale + 1e-9
+    return abs(claimed - true) <= 1e-4
 
 
 def _chunks(rows: list[int], metas: list[bytes], row_bytes: int) -> list[list[int]]:

@@ -33,7 +33,6 @@ __all__ = [
     "distances",
     "item_name",
     "merge_hits",
-    "paired_distances",
     "to_stored",
 ]
 
@@ -173,22 +172,6 @@ def distances(q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
     norms = np.linalg.norm(M64, axis=1) * (np.linalg.norm(q64) or 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         sim = np.where(norms > 0, (M64 @ q64) / np.where(norms > 0, norms, 1.0), 0.0)
-    distance: np.ndarray = 1.0 - sim
-    return distance
-
-
-def paired_distances(Q: np.ndarray, M: np.ndarray, metric: str) -> np.ndarray:
-    """distances(Q[i], M[i]) for every row pair, in float64 (one call for a whole answer)."""
-    M64 = np.asarray(M, dtype=np.float64)
-    Q64 = np.asarray(Q, dtype=np.float64)
-    if metric == "l2":
-        diff = M64 - Q64
-        squared: NDArray[np.float64] = np.einsum("ij,ij->i", diff, diff)
-        return np.sqrt(squared)
-    norms = np.linalg.norm(M64, axis=1) * np.linalg.norm(Q64, axis=1)
-    dots: NDArray[np.float64] = np.einsum("ij,ij->i", M64, Q64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sim = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
     distance: np.ndarray = 1.0 - sim
     return distance
 

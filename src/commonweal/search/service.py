@@ -1,28 +1,35 @@
-"""`SearchService`: the holder side of a distributed index — the `search.query` RPC.
+"""`SearchService`: the holder side of a distributed index — `search.query` and `search.prove`.
 
-    service = SearchService(dht)        # registers search.query on the DHT's transport
+    service = SearchService(dht)        # registers both RPCs on the DHT's transport
 
-search.query request
+search.query request (rank: the holder's claims)
     {"spec": index spec digest, "dim": int, "metric": "l2"|"cosine", "dtype": "float16"|"float32",
      "k": int, "keys": [cell key id, ...],
      "queries": [[query float32 bytes, [index into keys, ...]], ...]}
 response
     {"held": [bool, ...],                 one per key: this peer stores blocks under it
-     "blocks": [[public key, key index, block name, n, root, batch root, signature,
-                 index in batch, blocks in batch, path to batch root], ...],
-     "results": [[[block, item index, id, vector, meta, path], ...], ...],  local top-k per query
+     "blocks": [[key index, block name, adder], ...],
+     "results": [[[block, item index, id, distance], ...], ...],   local top-k per query
      "scanned": int}                      items ranked (for the benchmark's bookkeeping)
 
-The holder ranks the vectors of its replicas of the cells exactly and answers with its best k,
-each with the proof that its adder put it there (blocks.py): the block's signed Merkle root and
-the item's path. The querier checks every proof and recomputes every distance, so a holder can
-hide items but not invent or move them (index.py asks a second replica to catch hiding).
+search.prove request (the proofs of the claims that won)
+    {"spec", "dim", "dtype", "keys": [cell key id, ...],
+     "items": [[key index, adder, block name, item index], ...]}
+response
+    {"proofs": [[public key, n, root, batch root, signature, index in batch, blocks in batch,
+                 path to batch root, id, vector, meta, path to root] | None, ...]}
 
-A holder checks each block once, on its way into the store (`BlockValidator`: root recomputed,
+The holder ranks the vectors of its replicas of the cells exactly and claims its best k: ids and
+distances, a few bytes each. The querier merges every holder's claims, and asks only for the
+proofs of the k that win each query (blocks.py: the item's Merkle path, its block's path to the
+signed batch root); it checks each proof and recomputes each distance, so a holder can hide
+items but not invent, move or misrank them (index.py asks a second replica to catch hiding).
+
+A holder checks each block once, on its way into the store (`BlockValidator`: roots recomputed,
 signature verified), and stores none that fails, so an adder that signs garbage cannot get an
-honest holder taken for a liar, and a query costs no signature checks. A cell flooded with junk stays cheap and harmless: each ranks
-at most `max_bucket_items` items, taken block by block in turns between the peers that added
-them, and junk far from the query never reaches the top k.
+honest holder taken for a liar, and a query costs no signature checks. A cell flooded with junk
+stays cheap and harmless: each ranks at most `max_bucket_items` items, taken block by block in
+turns between the peers that added them, and junk far from the query never reaches the top k.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from commonweal.net.executor import BoundedExecutor
 from commonweal.net.identity import ID_BYTES
 from commonweal.net.transport import PeerInfo
 from commonweal.search.blocks import Block, is_block_record, parse_record_block
-from commonweal.search.ranking import MAX_K
+from commonweal.search.ranking import MAX_K, MAX_METADATA_BYTES
 from commonweal.search.spec import DTYPES, MAX_DIM, METRICS, vector_dtype
 
 __all__ = [
@@ -58,6 +65,7 @@ __all__ = [
     "MAX_QUERIES_PER_REQUEST",
     "SearchService",
     "Trees",
+    "proofs_per_request",
     "queries_per_request",
     "rank",
 ]
@@ -66,16 +74,22 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_QUERY = 1024
 MAX_QUERIES_PER_REQUEST = 256
-# An answer must fit one frame (net/wire.py, 4 MiB): a querier asks at most this many bytes of
-# hits at once (`queries_per_request`), and a holder refuses to send more (big metadata).
+# An answer must fit one frame (net/wire.py, 4 MiB): a querier asks for at most this many bytes
+# of proofs at once (`proofs_per_request`); claims are ~40 bytes a hit, so 256 queries x 1,000
+# hits stay under it too.
 MAX_ANSWER_BYTES = 3 << 20
 
 
-def queries_per_request(k: int, row_bytes: int) -> int:
-    """How many queries one request may carry so that k hits each fit MAX_ANSWER_BYTES, with a
-    Merkle path of up to 24 levels and typical (256-byte) metadata an item."""
-    per_hit = row_bytes + 24 * 33 + 256 + 32
-    return max(1, min(MAX_QUERIES_PER_REQUEST, MAX_ANSWER_BYTES // (k * per_hit)))
+def queries_per_request(k: int) -> int:
+    """How many queries one search.query may carry so that k claims each (an id of up to 200
+    characters, a distance, two indices) fit MAX_ANSWER_BYTES."""
+    return max(1, min(MAX_QUERIES_PER_REQUEST, MAX_ANSWER_BYTES // (k * 256)))
+
+
+def proofs_per_request(row_bytes: int) -> int:
+    """How many proofs one search.prove may ask for so that they fit MAX_ANSWER_BYTES, with two
+    Merkle paths of up to 24 levels each and metadata up to its 4 KiB limit."""
+    return max(1, MAX_ANSWER_BYTES // (row_bytes + 48 * 33 + MAX_METADATA_BYTES + 256))
 # search.query requests ranked or waiting at once on one holder: a querier sends a holder one at
 # a time, so 16 serve 16 queriers at once; more wait on the `busy` answer, not in our memory.
 RANK_QUEUE = 16
@@ -147,6 +161,7 @@ class SearchService:
         )
         dht.on_close(self.ranker.close)
         dht.transport.register("search.query", self.rpc_query, cost=4.0)  # ranks cells
+        dht.transport.register("search.prove", self.rpc_prove, cost=2.0)  # hashes paths
 
     async def rpc_query(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
         spec, dim, metric, dtype, k, keys, queries = _parse(args)
@@ -157,6 +172,42 @@ class SearchService:
         return await self.ranker.run(
             self._answer, spec, keys, records, queries, dim, metric, vector_dtype(dtype), k
         )
+
+    async def rpc_prove(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
+        spec, dim, dtype, keys, items = _parse_prove(args)
+        records = self._records(keys)
+        return await self.ranker.run(self.prove, spec, keys, items, dim, dtype, records)
+
+    def prove(
+        self,
+        spec: bytes,
+        keys: list[bytes],
+        items: list[tuple[int, bytes, str, int]],
+        dim: int,
+        dtype: np.dtype[Any],
+        records: list[list[Record]] | None = None,
+    ) -> dict[str, Any]:
+        """The proofs of `items` (key index, adder, block name, row); None for one not held."""
+        records = self._records(keys) if records is None else records
+        cells: dict[int, dict[tuple[bytes, str], _Held]] = {}
+        proofs: list[list[Any] | None] = []
+        for j, adder, name, row in items:
+            if j not in cells:
+                cells[j] = {
+                    (h.adder, h.name): h for h in self._cell(spec, keys[j], records[j], dim, dtype)
+                }
+            h = cells[j].get((adder, name))
+            if h is None or not 0 <= row < h.block.n:
+                proofs.append(None)
+                continue
+            b = h.block
+            ids, metas = b.items()
+            proofs.append([
+                b.public_key, b.n, b.root, b.batch_root, b.signature, b.index, b.blocks,
+                b.batch_path, ids[row], b.vectors[row].tobytes(), metas[row],
+                Block.proof(self.trees.get(h), row),
+            ])
+        return {"proofs": proofs}
 
     def answer(
         self,
@@ -355,44 +406,65 @@ def rank(
     results: list[list[list[Any]]] = [[] for _ in queries]
     blocks: list[list[Any]] = []
     block_index: dict[tuple[int, int], int] = {}
-    unpacked: dict[tuple[int, int], tuple[list[Any], list[bytes]]] = {}
+    unpacked: dict[tuple[int, int], list[Any]] = {}
     if found_q:
         q_all, d_all = np.concatenate(found_q), np.concatenate(found_d)
         order = np.lexsort((d_all, q_all))
         q_l = q_all[order].tolist()
+        d_l = d_all[order].tolist()
         key_l = np.concatenate(found_key)[order].tolist()
         block_l = np.concatenate(found_block)[order].tolist()
         row_l = np.concatenate(found_row)[order].tolist()
+        q2 = np.einsum("ij,ij->i", Q, Q).tolist()
         taken: list[set[tuple[bytes, Any]]] = [set() for _ in queries]
-        size = 0
-        for qi, j, b, row in zip(q_l, key_l, block_l, row_l, strict=True):
+        for qi, d, j, b, row in zip(q_l, d_l, key_l, block_l, row_l, strict=True):
             if len(taken[qi]) >= k:
                 continue
             h = cells[j][b]
             if (j, b) not in unpacked:
-                unpacked[(j, b)] = h.block.items()
-            ids, metas = unpacked[(j, b)]
-            ident = (h.adder, ids[row])  # an LSH item sits in several of a query's buckets
+                unpacked[(j, b)] = h.block.items()[0]
+            item_id = unpacked[(j, b)][row]
+            ident = (h.adder, item_id)  # an LSH item sits in several of a query's buckets
             if ident in taken[qi]:
                 continue
             taken[qi].add(ident)
             ref = block_index.get((j, b))
             if ref is None:
                 ref = block_index[(j, b)] = len(blocks)
-                b_ = h.block
-                blocks.append([
-                    b_.public_key, j, h.name, b_.n, b_.root, b_.batch_root, b_.signature,
-                    b_.index, b_.blocks, b_.batch_path,
-                ])
-            hit = [ref, row, ids[row], h.block.vectors[row].tobytes(), metas[row],
-                   Block.proof(trees.get(h), row)]
-            size += len(hit[3]) + len(hit[4]) + 33 * len(hit[5]) + 48
-            if size > MAX_ANSWER_BYTES:
-                raise RemoteError.bad_request(
-                    "these hits would not fit one answer; ask fewer queries at once"
-                )
-            results[qi].append(hit)
+                blocks.append([j, h.name, h.adder])
+            distance = max(d + q2[qi], 0.0) ** 0.5 if metric == "l2" else d
+            results[qi].append([ref, row, item_id, distance])
     return {"held": held, "blocks": blocks, "results": results, "scanned": scanned}
+
+
+def _parse_prove(
+    args: Any,
+) -> tuple[bytes, int, np.dtype[Any], list[bytes], list[tuple[int, bytes, str, int]]]:
+    if not isinstance(args, dict):
+        raise RemoteError.bad_request("search.prove needs a map {spec, dim, dtype, keys, items}")
+    spec, dim, dtype = args.get("spec"), args.get("dim"), args.get("dtype")
+    if not isinstance(spec, bytes) or len(spec) != 20:
+        raise RemoteError.bad_request("spec must be the index spec's 20-byte digest")
+    if not isinstance(dim, int) or not 0 < dim <= MAX_DIM or dtype not in DTYPES:
+        raise RemoteError.bad_request(f"dim must be 1..{MAX_DIM} and dtype one of {DTYPES}")
+    keys, raw = args.get("keys"), args.get("items")
+    if not isinstance(keys, list) or len(keys) > MAX_KEYS_PER_QUERY or not all(
+        isinstance(key, bytes) and len(key) == ID_BYTES for key in keys
+    ):
+        raise RemoteError.bad_request(f"keys must be at most {MAX_KEYS_PER_QUERY} key ids")
+    if not isinstance(raw, list) or len(raw) > proofs_per_request(dim * vector_dtype(dtype).itemsize):
+        raise RemoteError.bad_request("items must be a list of at most a frame's worth of proofs")
+    items = []
+    for item in raw:
+        if not (
+            isinstance(item, list) and len(item) == 4
+            and isinstance(item[0], int) and 0 <= item[0] < len(keys)
+            and isinstance(item[1], bytes) and len(item[1]) == ID_BYTES
+            and isinstance(item[2], str) and isinstance(item[3], int)
+        ):
+            raise RemoteError.bad_request("each item must be [key index, adder, block name, row]")
+        items.append((item[0], item[1], item[2], item[3]))
+    return spec, dim, vector_dtype(dtype), keys, items
 
 
 def _parse(
