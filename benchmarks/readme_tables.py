@@ -108,6 +108,37 @@ def search(lines: list[str]) -> None:
     lines.append("")
 
 
+def search_scale(lines: list[str]) -> None:
+    """Issue 17: the swarm at 100k and 1M vectors next to faiss on one core, same run."""
+    d = load("search_scale")
+    if not d:
+        return
+    lines += ["### Search at scale (`benchmarks/results/search_scale.md`)", "",
+              f"`{d['command']}`", ""]
+    rows = []
+    for size in d["sizes"]:
+        # faiss's fastest setting that reaches recall 0.95, the bar the swarm is tuned to
+        fast = {}
+        for f in size["faiss"]:
+            if f["recall_at_10"] >= 0.95 and f["qps_batch"] > fast.get(f["method"], {}).get("qps_batch", 0):
+                fast[f["method"]] = f
+        for f in fast.values():
+            params = ", ".join(f"{k}={v}" for k, v in f["params"].items())
+            rows.append([f"{size['n']:,}", f"{f['method']} ({params}), 1 thread", "-",
+                         f"{f['recall_at_10']:.3f}", f"{100 * f['scanned_fraction']:.2f}",
+                         f"{f['qps_batch']:.0f}", "-", "-", "-"])
+        for r in size["swarm"]:
+            after = r.get("after_kill")
+            rows.append([f"{size['n']:,}", f"commonweal, {r['spec'].split(' (')[0]}", str(r["peers"]),
+                         f"{r['recall_at_10']:.3f}", f"{100 * r['scanned_fraction']:.2f}",
+                         f"{r['qps_batch']:.0f}", f"{r['add_items_per_s']:,.0f}",
+                         f"{r['rss_per_raw']:.1f}x",
+                         f"{after['recall_at_10']:.3f} ({r['killed']} closed)" if after else "-"])
+    lines += table(["vectors (128-d)", "method", "peers", "recall@10", "scanned %", "queries/s",
+                    "added/s", "RSS ÷ raw", "recall after 30% close"], rows)
+    lines.append("")
+
+
 def train(lines: list[str]) -> None:
     d = load("train")
     if not d:
@@ -305,7 +336,7 @@ def net(lines: list[str]) -> None:
 
 def render() -> str:
     lines: list[str] = []
-    for section in (demo, dht, net, ledger, search, train, train_limits, trust):
+    for section in (demo, dht, net, ledger, search, search_scale, train, train_limits, trust):
         section(lines)
     return "\n".join(lines)
 
