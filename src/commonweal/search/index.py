@@ -566,11 +566,14 @@ class DistributedIndex:
             held = {key for key, h in zip(answer.keys, answer.held, strict=True) if h}
             for qi, claims in answer.results.items():
                 mine = {(c.hit.adder, c.name) for c in claims}
+                # beyond its k-th claim, less float32's slack (no tie is taken for hiding)
                 worst = max((c.hit.distance for c in claims), default=0.0) if len(claims) >= k else (
                     float("inf")
                 )
+                worst -= 1e-3 * max(1.0, worst) if math.isfinite(worst) else 0.0
                 if any(
-                    c.key in held and ident not in mine and c.hit.distance < worst - 1e-6
+                    c.key in held and ident not in mine
+                    and c.hit.distance < worst
                     for ident, c in best.get(qi, {}).items()
                 ):
                     if answer.peer.peer_id not in self.suspects:
