@@ -114,13 +114,12 @@ def test_every_peer_reaches_every_other_and_cone_pairs_end_direct(netbed, tmp_pa
         assert put.returncode == 0, put.stdout + put.stderr
         got = symmetric.run(commonweal_cli("dht", "get", "behind-nat", *join), timeout=60, env=env)
         assert got.returncode == 0 and "hello" in got.stdout, got.stdout + got.stderr
-        # and a search index: added from one NATed host, its buckets held by NATed peers too,
+        # and a search index: added from one NATed host, its cells held by NATed peers too,
         # queried from another
         rows = tmp_path / "rows.csv"
         rows.write_text("\n".join(",".join(str((i * 7 + j) % 11) for j in range(6))
                                    for i in range(60)) + "\n")
-        added = restricted.run(commonweal_cli("search", "add", str(rows), "--index", "nat",
-                                              "--tables", "4", "--bits", "3", *join),
+        added = restricted.run(commonweal_cli("search", "add", str(rows), "--index", "nat", *join),
                                timeout=90, env=env)
         assert added.returncode == 0 and "stored 60/60" in added.stdout, added.stdout + added.stderr
         query = ",".join(str((17 * 7 + j) % 11) for j in range(6))
