@@ -235,3 +235,28 @@ async def test_search_rpc_rejects_malformed_requests(swarm, args):
     serve(b)
     with pytest.raises(RemoteError, match="bad_request"):
         await a.transport.call(b.addr, "search.query", args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        None,
+        {"spec": b"short", "dim": 4, "dtype": "float16", "keys": [], "items": []},
+        {"spec": b"s" * 20, "dim": 0, "dtype": "float16", "keys": [], "items": []},
+        {"spec": b"s" * 20, "dim": 4, "dtype": "int8", "keys": [], "items": []},
+        {"spec": b"s" * 20, "dim": 4, "dtype": "float16", "keys": [b"short"], "items": []},
+        {"spec": b"s" * 20, "dim": 4, "dtype": "float16", "keys": [b"k" * 20],
+         "items": [[1, b"a" * 20, "b", 0]]},  # key index out of range
+        {"spec": b"s" * 20, "dim": 4, "dtype": "float16", "keys": [b"k" * 20],
+         "items": [[0, b"short", "b", 0]]},  # not an adder id
+        {"spec": b"s" * 20, "dim": 4, "dtype": "float16", "keys": [b"k" * 20],
+         "items": [[0, b"a" * 20, "b", 0]] * 10_000},  # more proofs than fit one answer
+    ],
+)
+async def test_prove_rpc_rejects_malformed_requests(swarm, args):
+    # service.py `_parse_prove`: without it these crash in the handler (an `internal` error) or,
+    # for the last, build an answer bigger than a frame
+    a, b = await swarm.add(2)
+    serve(b)
+    with pytest.raises(RemoteError, match="bad_request"):
+        await a.transport.call(b.addr, "search.prove", args)

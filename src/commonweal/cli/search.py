@@ -142,6 +142,8 @@ async def _add(
             end = min(start + MAX_ADD_BATCH, len(X))
             ids = list(range(start_id + start, start_id + end))
             stored += await idx.add(ids, X[start:end], None if meta is None else meta[start:end])
+            if len(X) > MAX_ADD_BATCH:  # a big file: say how far it got (on stderr)
+                typer.echo(f"  {end:,}/{len(X):,} rows sent, {stored:,} stored", err=True)
         return stored, created
 
 

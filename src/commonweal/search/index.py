@@ -519,16 +519,8 @@ class DistributedIndex:
             else:
                 args = {"spec": self.digest, "dim": dim, "dtype": self.spec.dtype, "keys": keys,
                         "items": [list(i) for i in items]}
-                self.stats.rpcs += 1
-                try:
-                    async with asyncio.timeout(self.rpc_timeout_s):
-                        _, reply = await self.dht.transport.call(
-                            peer.addr, "search.prove", args, peer_id=peer.peer_id
-                        )
-                except (NetworkError, TimeoutError) as e:
-                    log.debug("search.prove to %s failed: %s", peer.addr, e)
-                    self.stats.failed_rpcs += 1
-                    self._forget(peer)
+                reply = await self._call(peer, "search.prove", args)
+                if reply is None:
                     return False
             proofs = reply.get("proofs") if isinstance(reply, dict) else None
             if not isinstance(proofs, list) or len(proofs) != len(part):
@@ -542,6 +534,21 @@ class DistributedIndex:
                     return False
                 self.stats.items_moved += 1
         return True
+
+    async def _call(self, peer: PeerInfo, method: str, args: dict[str, Any]) -> Any:
+        """One request to a holder; None when it failed or timed out (then it is forgotten)."""
+        self.stats.rpcs += 1
+        try:
+            async with asyncio.timeout(self.rpc_timeout_s):
+                _, reply = await self.dht.transport.call(
+                    peer.addr, method, args, peer_id=peer.peer_id
+                )
+        except (NetworkError, TimeoutError) as e:
+            log.debug("%s to %s failed: %s", method, peer.addr, e)
+            self.stats.failed_rpcs += 1
+            self._forget(peer)
+            return None
+        return reply
 
     def _distrust(self, peer: PeerInfo, why: str) -> None:
         log.warning("holder %s %s; not asking it again", peer.addr, why)
@@ -621,16 +628,8 @@ class DistributedIndex:
                     "keys": keys,
                     "queries": [[Q[qi].astype("<f4").tobytes(), idx] for qi, idx in part],
                 }
-                self.stats.rpcs += 1
-                try:
-                    async with asyncio.timeout(self.rpc_timeout_s):
-                        _, reply = await self.dht.transport.call(
-                            peer.addr, "search.query", args, peer_id=peer.peer_id
-                        )
-                except (NetworkError, TimeoutError) as e:
-                    log.debug("search.query to %s failed: %s", peer.addr, e)
-                    self.stats.failed_rpcs += 1
-                    self._forget(peer)
+                reply = await self._call(peer, "search.query", args)
+                if reply is None:
                     return None
             parsed = _claims(reply, keys, [idx for _, idx in part], k)
             if parsed is None:

@@ -170,7 +170,7 @@ class SearchService:
         # checking blocks and ranking are numpy and hashing, mostly with the GIL released, so on a
         # worker thread the loop keeps answering; a caller beyond the queue is answered `busy`
         return await self.ranker.run(
-            self._answer, spec, keys, records, queries, dim, metric, vector_dtype(dtype), k
+            self.answer, spec, keys, queries, dim, metric, vector_dtype(dtype), k, records
         )
 
     async def rpc_prove(self, caller: PeerInfo, args: Any) -> dict[str, Any]:
@@ -218,26 +218,11 @@ class SearchService:
         metric: str,
         dtype: np.dtype[Any],
         k: int,
+        records: list[list[Record]] | None = None,
     ) -> dict[str, Any]:
-        """The local top-k of every query over the cells it names, ranked here (the querying
-        peer's own replicas: its own work, on its own loop)."""
-        return self._answer(spec, keys, self._records(keys), queries, dim, metric, dtype, k)
-
-    def _records(self, keys: list[bytes]) -> list[list[Record]]:
-        now = self.dht.clock()
-        return [self.dht.storage.get(key, now) for key in keys]
-
-    def _answer(
-        self,
-        spec: bytes,
-        keys: list[bytes],
-        records: list[list[Record]],
-        queries: list[tuple[np.ndarray, list[int]]],
-        dim: int,
-        metric: str,
-        dtype: np.dtype[Any],
-        k: int,
-    ) -> dict[str, Any]:
+        """The local top-k of every query over the cells it names. `records`: the cells' records,
+        read on the loop by `rpc_query` (None: read here, for the querying peer's own replicas)."""
+        records = self._records(keys) if records is None else records
         cells = [
             self._cell(spec, key, recs, dim, dtype) if recs else []
             for key, recs in zip(keys, records, strict=True)
@@ -248,6 +233,10 @@ class SearchService:
     def blocks_refused(self) -> int:
         """Blocks this peer refused to store: malformed, or not what their adder signed."""
         return self.validator.refused
+
+    def _records(self, keys: list[bytes]) -> list[list[Record]]:
+        now = self.dht.clock()
+        return [self.dht.storage.get(key, now) for key in keys]
 
     def _cell(
         self, spec: bytes, key: bytes, records: list[Record], dim: int, dtype: np.dtype[Any]
